@@ -1,0 +1,154 @@
+"""Artifact manifests: the JSON files that travel beside every ONNX model and index folder.
+
+A model `NAME.onnx` has `NAME.json`; an index folder has `manifest.json`. The teacher id ties them together:
+a teacher's manifest carries its own id, a student's the id of the teacher it was trained against, and an
+index the id of the teacher that embedded it. A student may query an index only when the two ids agree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from asymsearch.core.errors import ManifestError, PairingError
+
+MODEL_FORMAT = 1
+INDEX_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How pixels are prepared: shorter side resized to `resize`, centre crop `crop`, then (x/255 - mean) / std."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        return cls(resize=int(d["resize"]), crop=int(d["crop"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   interpolation=d.get("interpolation", "bilinear"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelManifest:
+    """What `asymsearch export` writes beside `NAME.onnx` as `NAME.json`."""
+
+    role: str  # "teacher" or "student"
+    architecture: dict[str, Any]  # backbone, head, dim, ... as the checkpoint recorded them
+    dim: int
+    input_size: int
+    preprocessing: Preprocessing
+    opset: int
+    sha256: str
+    teacher_id: str  # a teacher's own id, or the id of the teacher a student was trained against
+    model_id: str  # this model's own id (equal to teacher_id for a teacher)
+    input_name: str = "images"
+    output_name: str = "embeddings"
+    format: int = MODEL_FORMAT
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.role not in ("teacher", "student"):
+            raise ManifestError(f"manifest role must be 'teacher' or 'student', not {self.role!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["preprocessing"] = self.preprocessing.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelManifest":
+        d = dict(d)
+        d["preprocessing"] = Preprocessing.from_dict(d["preprocessing"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ModelManifest":
+        return cls.from_dict(read_json(path, "model manifest"))
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexManifest:
+    """What `asymsearch index build` writes as `INDEX_DIR/manifest.json`."""
+
+    teacher_id: str
+    dim: int
+    metric: str  # "inner_product"
+    factory: str  # faiss index_factory string, e.g. "Flat"
+    count: int
+    teacher_model: dict[str, Any]  # path and sha256 of the teacher ONNX that embedded the database
+    build: dict[str, Any]  # the build's configuration and its skipped files
+    search_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    format: int = INDEX_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IndexManifest":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "IndexManifest":
+        return cls.from_dict(read_json(path, "index manifest"))
+
+
+def manifest_path_for(onnx_path: str | os.PathLike) -> Path:
+    """`student.onnx` -> `student.json`."""
+    return Path(onnx_path).with_suffix(".json")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_pairing(student: ModelManifest, index: IndexManifest) -> None:
+    """Raise `PairingError` unless the student was trained against the teacher that embedded the index."""
+    if student.teacher_id != index.teacher_id:
+        raise PairingError(
+            f"student belongs to teacher {student.teacher_id} but the index was embedded by teacher "
+            f"{index.teacher_id}; train the student against that teacher or rebuild the index with its teacher")
+    if student.dim != index.dim:
+        raise PairingError(f"student embeds into {student.dim} dimensions but the index holds {index.dim}")
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ManifestError(f"{what} not found: {path}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ManifestError(f"cannot read {what} {path}: {e}") from None
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
