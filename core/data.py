@@ -62,3 +62,23 @@ def split_classes(root: str | os.PathLike) -> tuple[list[str], list[str]]:
         raise UserError(f"{root} needs at least two class folders to split into training and evaluation")
     half = len(names) // 2
     return names[:half], names[half:]
+
+
+CLASS_SPECS = ("all", "first-half", "second-half")
+
+
+def select_classes(root: str | os.PathLike, spec: str = "all") -> list[str]:
+    """Class folders of `root` chosen by `spec`: 'all', 'first-half', 'second-half' (the project's split,
+    see `split_classes`), or a comma-separated list of folder names."""
+    if spec == "all":
+        return class_names(root)
+    if spec in ("first-half", "second-half"):
+        first, second = split_classes(root)
+        return first if spec == "first-half" else second
+    wanted = [c.strip() for c in spec.split(",") if c.strip()]
+    have = set(class_names(root))
+    missing = [c for c in wanted if c not in have]
+    if missing or not wanted:
+        raise UserError(f"unknown class folder(s) {', '.join(missing) or spec!r} in {root}; "
+                        f"use one of {', '.join(CLASS_SPECS)} or a comma-separated list of class folders")
+    return wanted

@@ -116,3 +116,12 @@ def test_split_classes_takes_first_half_for_training(image_folder):
     assert train == [f"class_{i:02d}" for i in range(4)]
     assert evaluation == [f"class_{i:02d}" for i in range(4, 8)]
     assert {i.label for i in list_image_folder(image_folder, evaluation)} == set(evaluation)
+
+
+def test_select_classes(image_folder):
+    from asymsearch.core.data import select_classes
+    from asymsearch.core.errors import UserError
+    assert select_classes(image_folder, "second-half") == split_classes(image_folder)[1]
+    assert select_classes(image_folder, "class_03,class_01") == ["class_03", "class_01"]
+    with pytest.raises(UserError, match="unknown class folder"):
+        select_classes(image_folder, "nope")
