@@ -1,0 +1,96 @@
+"""The export stage: a training checkpoint -> `NAME.onnx` plus its manifest `NAME.json`.
+
+The ONNX model takes "images" (batch, 3, height, width) float32, already preprocessed as the manifest says,
+and returns "embeddings" (batch, dim) unit-norm float32; batch, height and width are dynamic. Before the file
+is published it must pass the ONNX checker and agree with torch on fresh random inputs.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from asymsearch.core.errors import UserError
+from asymsearch.core.manifest import ModelManifest, Preprocessing, manifest_path_for, sha256_file
+from asymsearch.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "embeddings"
+
+
+class ExportMismatch(UserError):
+    """onnxruntime's output differs from torch's by more than the tolerance."""
+
+
+def _export_onnx(model: torch.nn.Module, path: Path, crop: int, opset: int) -> None:
+    dummy = torch.randn(2, 3, crop, crop)
+    with warnings.catch_warnings():
+        # the legacy (TorchScript) exporter is deprecated in favour of dynamo; it is the one that handles
+        # dynamic height/width for these models without guards, so it is used on purpose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(
+            model, (dummy,), str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}})
+
+
+def max_abs_difference(model: torch.nn.Module, onnx_path: Path, crop: int, samples: int, seed: int = 0) -> float:
+    """Largest |torch - onnxruntime| over `samples` random inputs (batch 2 and 3 alternating, crop x crop)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for i in range(samples):
+        x = torch.randn(2 + i % 2, 3, crop, crop, generator=generator)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        if got.shape != expected.shape:
+            raise ExportMismatch(f"onnxruntime returned shape {got.shape}, torch {expected.shape}")
+        worst = max(worst, float(np.max(np.abs(got - expected))))
+    return worst
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, opset: int = 17,
+                      tolerance: float = 1e-4, samples: int = 3) -> ModelManifest:
+    """Export `checkpoint` to the ONNX file `out` and write its manifest at `manifest_path_for(out)`.
+
+    The ONNX is written under a temporary name, checked (`onnx.checker`, full check) and compared with torch
+    on `samples` random inputs; it is renamed to `out` only when the largest absolute difference is within
+    `tolerance` (otherwise `ExportMismatch`, and nothing is left behind). Returns the manifest.
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    if manifest_path_for(out) == out:
+        raise UserError(f"the ONNX output {out} would be overwritten by its own manifest; name it NAME.onnx")
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt).cpu()
+    spec = Preprocessing.from_dict(ckpt["preprocessing"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        _export_onnx(model, tmp, spec.crop, opset)
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise UserError(f"the exported model fails the ONNX checker: {str(e).strip().splitlines()[0]}") from None
+        diff = max_abs_difference(model, tmp, spec.crop, samples)
+        if not diff <= tolerance:
+            raise ExportMismatch(f"onnxruntime differs from torch by up to {diff:.3g} (tolerance {tolerance:g}) "
+                                 f"exporting {checkpoint}; try another opset")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    manifest = ModelManifest(
+        role=ckpt["role"], architecture=dict(ckpt["arch"]), dim=int(ckpt["arch"]["dim"]), input_size=spec.crop,
+        preprocessing=spec, opset=opset, sha256=sha256_file(out), teacher_id=ckpt["teacher_id"],
+        model_id=ckpt["model_id"], input_name=INPUT_NAME, output_name=OUTPUT_NAME,
+        extra={"checkpoint": str(checkpoint), "max_abs_diff": diff})
+    manifest.save(manifest_path_for(out))
+    return manifest

@@ -1,0 +1,124 @@
+"""The read side of an index folder: search the faiss index, look ids up in the metadata. Used by the server and
+by evaluation; safe to share between threads."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+
+from asymsearch.core.errors import ManifestError, UserError
+from asymsearch.core.manifest import IndexManifest
+
+INDEX_FILE = "index.faiss"  # the faiss index, always a CPU index
+META_FILE = "meta.sqlite"  # items(id INTEGER PRIMARY KEY, path TEXT NOT NULL, label TEXT NOT NULL)
+MANIFEST_FILE = "manifest.json"  # IndexManifest
+
+
+class SearchIndex:
+    """An opened index folder. `search` returns inner-product scores and ids (best first); `lookup` turns ids into
+    (path, label). An approximate index may return fewer than k real hits for a query: the rest are id -1."""
+
+    def __init__(self, folder: Path, manifest: IndexManifest, index: faiss.Index, db: sqlite3.Connection) -> None:
+        self.folder = folder
+        self.manifest = manifest
+        self._index = index
+        self._db = db
+        self._db_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> "SearchIndex":
+        folder = Path(folder).resolve()
+        if not folder.is_dir():
+            raise UserError(f"index folder not found: {folder}")
+        for name in (MANIFEST_FILE, INDEX_FILE, META_FILE):
+            if not (folder / name).is_file():
+                raise UserError(f"index folder {folder} is incomplete: {folder / name} is missing")
+        manifest = IndexManifest.load(folder / MANIFEST_FILE)
+        try:
+            index = faiss.read_index(str(folder / INDEX_FILE))
+        except RuntimeError as e:
+            raise ManifestError(f"cannot read faiss index {folder / INDEX_FILE}: {e}") from None
+        if index.d != manifest.dim or index.ntotal != manifest.count:
+            raise ManifestError(f"{folder / INDEX_FILE} holds {index.ntotal} vectors of dimension {index.d} but "
+                                f"its manifest says {manifest.count} of dimension {manifest.dim}; rebuild the index")
+        for name, value in manifest.search_params.items():
+            try:
+                faiss.ParameterSpace().set_index_parameter(index, name, float(value))
+            except RuntimeError as e:
+                raise ManifestError(f"search parameter {name}={value} in {folder / MANIFEST_FILE} does not apply "
+                                    f"to a {manifest.factory!r} index: {e}") from None
+        db = sqlite3.connect(f"file:{folder / META_FILE}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            rows = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            db.close()
+            raise ManifestError(f"cannot read metadata {folder / META_FILE}: {e}") from None
+        if rows != manifest.count:
+            db.close()
+            raise ManifestError(f"{folder / META_FILE} lists {rows} images but the index holds {manifest.count}; "
+                                f"rebuild the index")
+        return cls(folder, manifest, index, db)
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def count(self) -> int:
+        return self.manifest.count
+
+    @property
+    def teacher_id(self) -> str:
+        return self.manifest.teacher_id
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Query vectors (Q, dim) -> scores (Q, k') float32 and ids (Q, k') int64, k' = min(k, count)."""
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"query vectors must have shape (Q, {self.dim}) for this index, got {vectors.shape}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, not {k}")
+        if self._index is None:
+            raise ValueError(f"index {self.folder} is closed")
+        scores, ids = self._index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(int(k), self.count))
+        return scores, ids
+
+    def lookup(self, ids: Sequence[int]) -> list[tuple[str, str]]:
+        """(path, label) for each id, in the given order; `KeyError` for an id the index does not hold."""
+        wanted = [int(i) for i in ids]
+        if not wanted:
+            return []
+        with self._db_lock:
+            if self._db is None:
+                raise ValueError(f"index {self.folder} is closed")
+            # one query whatever the number of ids: they travel as one JSON array, not as SQL variables
+            rows = self._db.execute("SELECT id, path, label FROM items WHERE id IN (SELECT value FROM json_each(?))",
+                                    (json.dumps(sorted(set(wanted))),)).fetchall()
+        found = {i: (path, label) for i, path, label in rows}
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise KeyError(f"ids not in index {self.folder}: {missing[:10]}")
+        return [found[i] for i in wanted]
+
+    def close(self) -> None:
+        with self._db_lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        self._index = None
+
+    def __enter__(self) -> "SearchIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"SearchIndex({str(self.folder)!r}, factory={self.manifest.factory!r}, count={self.count}, "
+                f"dim={self.dim}, teacher_id={self.teacher_id!r})")

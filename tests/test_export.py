@@ -1,0 +1,116 @@
+"""Export: ONNX against torch on fresh random inputs, the manifest, and the OnnxEmbedder round trip."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from asymsearch.core.data import list_image_folder
+from asymsearch.core.errors import UserError
+from asymsearch.core.manifest import ModelManifest, Preprocessing, manifest_path_for, sha256_file
+from asymsearch.core.ort import OnnxEmbedder
+from asymsearch.core.preprocess import decode_image
+from asymsearch.export.onnx_export import ExportMismatch, export_checkpoint
+from asymsearch.training.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from asymsearch.training.data import eval_transform
+from asymsearch.training.models import BACKBONES, build_model
+from asymsearch.training.train import StudentConfig, TeacherConfig, train_student, train_teacher
+
+
+@pytest.fixture(scope="module")
+def checkpoints(image_folder, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("ckpt")
+    teacher = train_teacher(TeacherConfig(data=str(image_folder), out=str(out / "teacher.pt"), backbone="tiny_cnn",
+                                          dim=24, image_size=32, resize=36, epochs=1, workers=0))
+    student = train_student(StudentConfig(data=str(image_folder), teacher=str(teacher), out=str(out / "student.pt"),
+                                          backbone="tiny_cnn_narrow", epochs=1, batch_size=16, workers=0))
+    return {"teacher": teacher, "student": student}
+
+
+def torch_embed(ckpt: dict, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model_from_checkpoint(ckpt)(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_export_round_trip(checkpoints, image_folder, tmp_path, role):
+    ckpt = load_checkpoint(checkpoints[role])
+    out = tmp_path / "models" / f"{role}.onnx"
+    manifest = export_checkpoint(checkpoints[role], out)
+
+    assert out.is_file() and not list(out.parent.glob(".*tmp"))
+    assert ModelManifest.load(manifest_path_for(out)) == manifest
+    assert manifest.role == role and manifest.dim == 24 and manifest.input_size == 32
+    assert manifest.architecture == ckpt["arch"]
+    assert manifest.preprocessing == Preprocessing(resize=36, crop=32)
+    assert manifest.opset == 17 and manifest.sha256 == sha256_file(out)
+    assert manifest.model_id == ckpt["model_id"] and manifest.teacher_id == ckpt["teacher_id"]
+    assert manifest.extra["checkpoint"] == str(checkpoints[role])
+    assert 0.0 <= manifest.extra["max_abs_diff"] <= 1e-4
+    graph = onnx.load(out).graph
+    assert [i.name for i in graph.input] == ["images"] and [o.name for o in graph.output] == ["embeddings"]
+
+    embedder = OnnxEmbedder(out, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(123)
+    for shape in [(1, 3, 32, 32), (4, 3, 32, 32), (2, 3, 48, 40)]:
+        x = rng.normal(size=shape).astype(np.float32)
+        got = embedder.embed_arrays(x)
+        assert got.shape == (shape[0], 24)
+        np.testing.assert_allclose(got, torch_embed(ckpt, x), atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    # real images through the serving preprocessing equal torch on the evaluation transform
+    items = list_image_folder(image_folder)[:3]
+    images = [decode_image(it.path) for it in items]
+    pixels = torch.stack([eval_transform(manifest.preprocessing)(im) for im in images]).numpy()
+    np.testing.assert_allclose(embedder.embed_images(images), torch_embed(ckpt, pixels), atol=1e-5)
+
+
+def test_student_and_teacher_manifests_pair(checkpoints, tmp_path):
+    t = export_checkpoint(checkpoints["teacher"], tmp_path / "t.onnx")
+    s = export_checkpoint(checkpoints["student"], tmp_path / "s.onnx")
+    assert s.teacher_id == t.teacher_id == t.model_id != s.model_id
+    assert s.dim == t.dim and s.preprocessing == t.preprocessing
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_exports_and_matches_onnxruntime(name, tmp_path):
+    torch.manual_seed(0)
+    arch = {"backbone": name, "head": "gem", "dim": 8, "pretrained": None}
+    ckpt = make_checkpoint(build_model(arch).eval(), role="teacher", arch=arch,
+                           preprocessing=Preprocessing(resize=32, crop=32))
+    path = save_checkpoint(ckpt, tmp_path / "m.pt")
+    manifest = export_checkpoint(path, tmp_path / "m.onnx", samples=2)
+    assert manifest.extra["max_abs_diff"] <= 1e-4
+    x = np.random.default_rng(0).normal(size=(3, 3, 40, 48)).astype(np.float32)  # another size than exported
+    got = OnnxEmbedder(tmp_path / "m.onnx", providers=["CPUExecutionProvider"]).embed_arrays(x)
+    np.testing.assert_allclose(got, torch_embed(ckpt, x), atol=1e-4)
+
+
+def test_mismatch_leaves_nothing_behind(checkpoints, tmp_path):
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(ExportMismatch, match="differs from torch"):
+        export_checkpoint(checkpoints["teacher"], out, tolerance=-1.0)  # any difference exceeds it
+    assert list(tmp_path.iterdir()) == []
+    assert issubclass(ExportMismatch, UserError)
+
+
+def test_export_errors(checkpoints, tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        export_checkpoint(tmp_path / "missing.pt", tmp_path / "m.onnx")
+    (tmp_path / "corrupt.pt").write_bytes(checkpoints["teacher"].read_bytes()[:1000])
+    with pytest.raises(UserError, match="cannot read"):
+        export_checkpoint(tmp_path / "corrupt.pt", tmp_path / "m.onnx")
+    with pytest.raises(UserError, match="NAME.onnx"):
+        export_checkpoint(checkpoints["teacher"], tmp_path / "m.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.pt"]
+
+
+def test_manifest_is_plain_json(checkpoints, tmp_path):
+    export_checkpoint(checkpoints["student"], tmp_path / "s.onnx")
+    data = json.loads(manifest_path_for(tmp_path / "s.onnx").read_text())
+    assert data["role"] == "student" and data["input_name"] == "images" and data["output_name"] == "embeddings"
+    assert isinstance(data["extra"]["max_abs_diff"], float)

@@ -1,0 +1,122 @@
+"""Training checkpoints: the file contract between training, export and the command line.
+
+A checkpoint is a `torch.save`d dict (loadable with `weights_only=True`):
+
+    {"format": 1, "role": "teacher" | "student",
+     "arch": {"backbone", "head", "dim", "pretrained"},
+     "preprocessing": Preprocessing.to_dict(),
+     "state_dict": model.state_dict(),
+     "model_id": 16 hex chars, the content id of the state dict (`state_dict_id`),
+     "teacher_id": a teacher's own model_id, or the model_id of the teacher a student was trained against,
+     "config": the training configuration, "history": [{"epoch", "loss", "val_recall@1"}, ...]}
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from asymsearch.core.errors import UserError
+from asymsearch.core.manifest import Preprocessing
+from asymsearch.training.models import EmbeddingNet, build_model
+
+CHECKPOINT_FORMAT = 1
+ROLES = ("teacher", "student")
+REQUIRED_KEYS = ("format", "role", "arch", "preprocessing", "state_dict", "model_id", "teacher_id", "config",
+                 "history")
+
+
+def state_dict_id(state_dict: dict[str, torch.Tensor]) -> str:
+    """Content id: sha256 over (key, dtype, shape, raw bytes) of every tensor in sorted key order; 16 hex chars."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    """Config values as types `torch.load(weights_only=True)` accepts (paths become strings)."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def make_checkpoint(model: EmbeddingNet, *, role: str, arch: dict, preprocessing: Preprocessing,
+                    teacher_id: str | None = None, config: dict | None = None,
+                    history: list[dict] | None = None) -> dict:
+    """The checkpoint dict for `model`. A teacher's teacher_id is its own model_id (pass None)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be 'teacher' or 'student', not {role!r}")
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    model_id = state_dict_id(state)
+    if role == "teacher":
+        teacher_id = model_id
+    elif not teacher_id:
+        raise ValueError("a student checkpoint needs its teacher's id")
+    return {"format": CHECKPOINT_FORMAT, "role": role,
+            "arch": {"backbone": arch["backbone"], "head": arch["head"], "dim": int(arch["dim"]),
+                     "pretrained": arch.get("pretrained")},
+            "preprocessing": preprocessing.to_dict(), "state_dict": state, "model_id": model_id,
+            "teacher_id": teacher_id, "config": _plain(config or {}), "history": list(history or [])}
+
+
+def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> Path:
+    """torch.save through a temporary file and a rename; parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read and check a checkpoint; `UserError` if it is missing, unreadable or not an asymsearch checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
+        raise UserError(f"cannot read checkpoint {path}: {e.__class__.__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else 'damaged file'}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        missing = [k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        raise UserError(f"{path} is not an asymsearch checkpoint (missing {', '.join(missing)})")
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} has checkpoint format {ckpt['format']}; this version reads {CHECKPOINT_FORMAT}")
+    if ckpt["role"] not in ROLES:
+        raise UserError(f"{path} has unknown role {ckpt['role']!r}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> EmbeddingNet:
+    """The checkpoint's model, weights loaded, in eval mode (never downloads: `pretrained` is not applied)."""
+    model = build_model({**ckpt["arch"], "pretrained": None})
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])
+        raise UserError(f"checkpoint weights do not fit {ckpt['arch']}: {detail}") from None
+    return model.eval()
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: the teacher during student training."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
