@@ -56,7 +56,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from asymsearch.server.engine import QueryEngine
     from asymsearch.server.service import create_server
     from asymsearch.training.config import StudentConfig, TeacherConfig
-    from asymsearch.training.train import train_student, train_teacher
+    from asymsearch.training.student import train_student
+    from asymsearch.training.teacher import train_teacher
 
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)

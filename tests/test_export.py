@@ -18,7 +18,9 @@ from asymsearch.export.onnx_export import ExportMismatch, export_checkpoint
 from asymsearch.training.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from asymsearch.training.data import eval_transform
 from asymsearch.training.models import BACKBONES, build_model
-from asymsearch.training.train import StudentConfig, TeacherConfig, train_student, train_teacher
+from asymsearch.training.config import StudentConfig, TeacherConfig
+from asymsearch.training.student import train_student
+from asymsearch.training.teacher import train_teacher
 
 
 @pytest.fixture(scope="module")

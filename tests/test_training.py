@@ -18,8 +18,11 @@ from asymsearch.training.checkpoint import REQUIRED_KEYS, state_dict_id
 from asymsearch.training.data import ImageDataset, MPerClassSampler, eval_transform, train_transform
 from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner, RegressionLoss
 from asymsearch.training.models import BACKBONES, GeM, build_model, create_backbone, create_head
-from asymsearch.training.train import (StudentConfig, TeacherConfig, load_checkpoint, model_from_checkpoint,
-                                       split_train_val, train_student, train_teacher)
+from asymsearch.training.checkpoint import load_checkpoint, model_from_checkpoint
+from asymsearch.training.common import split_train_val
+from asymsearch.training.config import StudentConfig, TeacherConfig
+from asymsearch.training.student import train_student
+from asymsearch.training.teacher import train_teacher
 
 
 def unit(n: int, d: int, seed: int) -> torch.Tensor:

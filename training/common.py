@@ -1,0 +1,99 @@
+"""What teacher and student training share: seeding, devices, data splits, loaders, embedding, epoch logs."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from asymsearch.core.data import ImageItem, list_image_folder, select_classes
+from asymsearch.core.errors import UserError
+from asymsearch.training.data import ImageDataset
+from asymsearch.training.models import EmbeddingNet
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def output_path(out: str | os.PathLike, role: str) -> Path:
+    path = Path(out)
+    return path / f"{role}.pt" if path.is_dir() else path
+
+
+def split_train_val(classes: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Hold out round(val_fraction * n) classes (at least 2), evenly spaced through the sorted list."""
+    classes = list(classes)
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction must be in [0, 1), not {val_fraction}")
+    if val_fraction == 0:
+        return classes, []
+    n = len(classes)
+    n_val = max(2, round(val_fraction * n))
+    if n - n_val < 2:
+        raise UserError(f"{n} classes are too few to hold out {val_fraction:.0%} for validation "
+                        f"(need 2 to train and 2 to validate); set val_fraction=0")
+    val_idx = {int((i + 0.5) * n / n_val) for i in range(n_val)}
+    return [c for i, c in enumerate(classes) if i not in val_idx], [c for i, c in enumerate(classes) if i in val_idx]
+
+
+def prepare_data(data: str, classes: str, val_fraction: float) -> tuple[list[ImageItem], list[ImageItem],
+                                                                        dict[str, int]]:
+    if not Path(data).is_dir():
+        raise UserError(f"data folder not found: {data}")
+    selected = select_classes(data, classes)
+    train_classes, val_classes = split_train_val(selected, val_fraction)
+    train_items = list_image_folder(data, train_classes)
+    val_items = list_image_folder(data, val_classes) if val_classes else []
+    class_to_idx = {c: i for i, c in enumerate(selected)}
+    return train_items, val_items, class_to_idx
+
+
+def loader_kwargs(workers: int, seed: int, device: torch.device) -> dict:
+    return {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
+            "generator": torch.Generator().manual_seed(seed)}
+
+
+@torch.no_grad()
+def embed_dataset(model: EmbeddingNet, dataset: ImageDataset, device: torch.device, workers: int,
+                  batch_size: int = 64) -> np.ndarray:
+    """Embeddings (N, dim) float32 of a dataset, in order, with the model in eval mode (its mode is restored)."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    try:
+        out = [model(x.to(device)).float().cpu().numpy() for x, _ in loader]
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, model.dim), np.float32)
+
+
+def check_history_entry(epoch: int, loss: float, recall: float | None) -> dict:
+    if not np.isfinite(loss):
+        raise UserError(f"training diverged at epoch {epoch} (loss {loss}); lower the learning rate")
+    return {"epoch": epoch, "loss": loss, "val_recall@1": recall}
+
+
+def report_epoch(role: str, entry: dict, epochs: int) -> None:
+    recall = entry["val_recall@1"]
+    shown = "n/a" if recall is None else f"{recall:.4f}"
+    tqdm.write(f"{role} epoch {entry['epoch']}/{epochs}: loss {entry['loss']:.4f}  val Recall@1 {shown}")
