@@ -13,7 +13,7 @@ def register(commands: Commands) -> None:
     add_config_options(p, TeacherConfig, required=("data", "out"))
     p.set_defaults(func=run_teacher)
     p = commands.add("student", group="train",
-                     help="asymmetric: regress the frozen teacher's embeddings (AML Reg)")
+                     help="asymmetric metric learning against the frozen teacher (--loss reg by default; see docs/losses.md)")
     add_config_options(p, StudentConfig, required=("data", "teacher", "out"))
     p.set_defaults(func=run_student)
 

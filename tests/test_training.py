@@ -127,10 +127,11 @@ def test_contrastive_gradient_flows_to_anchors_only_through_the_loss():
 
 def test_regression_matches_loop():
     s, t = unit(7, 5, 9), unit(7, 5, 10)
-    got = RegressionLoss()(s, t, torch.arange(7))
+    labels = torch.arange(7)
+    got = RegressionLoss()(s, labels, None, t, labels, self_idx=labels)  # tests/test_losses.py has every loss
     want = sum(-dot(s[i], t[i]) for i in range(7)) / 7
     assert math.isclose(float(got), want, rel_tol=1e-9)
-    assert float(RegressionLoss()(s, s)) == pytest.approx(-1.0)
+    assert float(RegressionLoss()(s, labels, None, s, labels, self_idx=labels)) == pytest.approx(-1.0)
 
 
 # -------------------------------------------------------------------------------------- backbones and heads
@@ -138,7 +139,8 @@ def test_regression_matches_loop():
 
 KNOWN_CHANNELS = {"tiny_cnn": 256, "tiny_cnn_narrow": 128, "resnet18": 512, "resnet34": 512, "resnet50": 2048,
                   "resnet101": 2048, "mobilenet_v3_small": 576, "mobilenet_v3_large": 960, "efficientnet_b0": 1280,
-                  "efficientnet_b1": 1280, "efficientnet_b2": 1408, "efficientnet_b3": 1536}
+                  "efficientnet_b1": 1280, "efficientnet_b2": 1408, "efficientnet_b3": 1536, "efficientnet_lite0": 1280,
+                  "efficientnet_lite1": 1280, "efficientnet_lite2": 1280}
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

@@ -13,22 +13,30 @@ class TeacherConfig:
     data: str
     out: str
     backbone: str = "resnet50"
-    head: str = "gem"
+    head: str = "gem"  # a head spec: name[:key=value,...], e.g. diablo:words=8 (training.models)
     dim: int = 512
-    pretrained: str | None = None
-    image_size: int = 224
+    pretrained: str | None = None  # None, "imagenet", a torchvision weights name, or a .pth path
+    image_size: int | None = None  # None -> the backbone's own (backbone_preprocessing); else this square crop
     resize: int | None = None  # None -> image_size: shorter side resized to this, then centre crop image_size
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = ()  # () -> the backbone's own normalisation (backbone_preprocessing)
+    std: tuple = ()
     classes: str = "all"  # core.data.select_classes
     epochs: int = 10
     classes_per_batch: int = 8
     per_class: int = 4
-    lr: float = 1e-4
+    lr: float = 1e-4  # the new layers' (head's) learning rate
+    backbone_lr: float | None = None  # None -> lr / 10 with pretrained weights, lr without; 0 freezes the backbone
     weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0  # linear warm-up, then cosine decay to 0 (schedule="cosine")
+    schedule: str = "cosine"  # cosine | constant
     margin: float = 0.5
     num_negatives: int = 5
+    xbm: int = 0  # cross-batch memory: recent embeddings kept to mine negatives from (0 disables)
+    xbm_weight: float = 1.0
     val_fraction: float = 0.2  # every k-th selected class held out for per-epoch validation Recall@1; 0 disables
+    resume: str | None = None  # training state (OUT.state.pt) to continue from
+    amp: bool = True  # mixed precision (float16 autocast) when training on CUDA; ignored on CPU
+    max_steps_per_epoch: int = 0  # 0: full epochs; N: stop each epoch after N batches (timing, smoke runs)
     seed: int = 0
     workers: int = 2
     device: str = "auto"  # auto -> cuda if available else cpu
@@ -42,6 +50,20 @@ class StudentConfig:
     backbone: str = "mobilenet_v3_small"
     head: str = "gem"
     pretrained: str | None = None
+    dim: int | None = None  # None: the teacher's; anything else must equal it (a clear error otherwise)
+    image_size: int | None = None  # None: the teacher's preprocessing; else the student's own square input size
+    loss: str = "reg"  # training.losses.LOSSES: reg, contr, contr+, triplet, ms, rkd, darkrank
+    asymmetric: bool = True  # compare student anchors with teacher embeddings (AML); False: student-student
+    margin: float = 0.5  # contr, contr+ (m); triplet uses its own margin below
+    triplet_margin: float = 0.1
+    ms_alpha: float = 2.0
+    ms_beta: float = 50.0
+    rkd_distance_weight: float = 1.0
+    rkd_angle_weight: float = 2.0
+    darkrank_scale: float = 10.0
+    num_negatives: int = 5  # hard negatives per anchor, mined among the teacher's training-set embeddings
+    per_class: int = 4  # images per class in a batch of batch_size (class-balanced batches)
+    cache_dir: str | None = None  # teacher-embedding cache; None: teacher-cache/ beside the output checkpoint
     classes: str = "all"
     epochs: int = 10
     batch_size: int = 32

@@ -1,112 +1,322 @@
-"""Losses of seed 001 (asymmetric metric learning), each a small `nn.Module`, and hard-negative mining.
+"""The losses of seed 001 (AML, Budnik & Avrithis, CVPR 2021), each a small `nn.Module` with one signature.
 
-Notation (f_θ the network being trained, g the frozen teacher, all embeddings unit norm, so the similarity
-s(a, x) is an inner product = cosine):
+Notation (f_θ the network being trained, g the frozen teacher, embeddings unit norm, so a similarity is an inner
+product = cosine):
 
-- symmetric:  s_θ(a, x) = sim(f_θ(a), f_θ(x))       -- `reference=None`: the batch itself
-- asymmetric: s_θ(a, x) = sim(f_θ(a), g(x))         -- `reference` = teacher embeddings (AML)
+- symmetric:  s_θ(a, x) = s_θ^sym(a, x) = sim(f_θ(a), f_θ(x))   -- `reference=None`: the batch itself
+- asymmetric: s_θ(a, x) = s_θ^asym(a, x) = sim(f_θ(a), g(x))    -- `reference` = teacher embeddings (AML)
 
-Mining is a separate object (`HardNegativeMiner`) whose output, N(a), the contrastive loss takes.
+Every loss is called the same way::
+
+    loss(anchors, labels, negatives_idx=None, reference=None, reference_labels=None, *,
+         self_idx=None, teacher_anchors=None, teacher_reference=None) -> scalar
+
+- anchors (N, d): f_θ(a), with gradient; labels (N,).
+- negatives_idx (N, k): N(a) as indices into the reference, rows padded with -1 (a miner's output, see
+  `training.mining`); None: every reference item of another label is a negative.
+- reference (M, d), reference_labels (M,): what the anchors are compared with. None: the anchors themselves.
+- self_idx (N,): the row of the reference that holds the anchor's own image (g(a) in the asymmetric case), -1
+  where absent. Symmetric: always the anchor's own row. The anchor's own image is never in P(a) or U(a).
+- teacher_anchors (N, d) / teacher_reference (M, d): g(a) and g(x), for the losses that match the teacher's
+  relations (RKD, DarkRank). Asymmetric default: reference[self_idx] and reference.
+
+The loss is the mean over anchors of the per-anchor ℓ(a; θ) the docstrings give (each a sum, as in the seed).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asymsearch.training.mining import HardNegativeMiner  # noqa: F401 - re-exported (teacher training imports it here)
 
-def _reference(embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None,
-               reference_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if reference is None:
+__all__ = ["LOSSES", "AMLLoss", "ContrastiveLoss", "ContrastivePlusLoss", "DarkRankLoss", "HardNegativeMiner",
+           "MultiSimilarityLoss", "RKDLoss", "RegressionLoss", "TripletLoss", "create_loss"]
+
+
+@dataclass
+class Pairs:
+    """Everything a loss needs about one batch, resolved once: similarities and the P(a) / N(a) / U(a) masks."""
+
+    sims: torch.Tensor  # (N, M) s_θ(a, x)
+    positive: torch.Tensor  # (N, M) bool, P(a): same label, not the anchor's own image
+    negative: torch.Tensor  # (N, M) bool, N(a): the mined negatives (or every other-label item)
+    others: torch.Tensor  # (N, M) bool, U(a): every reference item but the anchor's own image
+    self_idx: torch.Tensor  # (N,) long, -1 where the anchor's own image is not in the reference
+    reference: torch.Tensor  # (M, d)
+    symmetric: bool
+
+
+def resolve_pairs(anchors: torch.Tensor, labels: torch.Tensor, negatives_idx: torch.Tensor | None = None,
+                  reference: torch.Tensor | None = None, reference_labels: torch.Tensor | None = None,
+                  self_idx: torch.Tensor | None = None) -> Pairs:
+    labels = torch.as_tensor(labels, device=anchors.device)
+    n = anchors.shape[0]
+    if labels.shape != (n,):
+        raise ValueError(f"{n} anchors but labels of shape {tuple(labels.shape)}")
+    symmetric = reference is None
+    if symmetric:
         if reference_labels is not None:
             raise ValueError("reference_labels given without reference")
-        return embeddings, labels
-    if reference_labels is None:
-        raise ValueError("reference given without reference_labels")
-    if reference.shape[0] != reference_labels.shape[0]:
-        raise ValueError(f"{reference.shape[0]} reference embeddings but {reference_labels.shape[0]} labels")
-    return reference, torch.as_tensor(reference_labels, device=reference.device)
+        if self_idx is not None:
+            raise ValueError("self_idx is implied (each anchor's own row) when reference is None")
+        reference, reference_labels = anchors, labels
+        self_idx = torch.arange(n, device=anchors.device)
+    else:
+        if reference_labels is None:
+            raise ValueError("reference given without reference_labels")
+        reference_labels = torch.as_tensor(reference_labels, device=anchors.device)
+        if reference.shape[0] != reference_labels.shape[0]:
+            raise ValueError(f"{reference.shape[0]} reference embeddings but {reference_labels.shape[0]} labels")
+        if reference.shape[1] != anchors.shape[1]:
+            raise ValueError(f"anchors have dimension {anchors.shape[1]} but the reference {reference.shape[1]}")
+        if self_idx is None:
+            self_idx = torch.full((n,), -1, dtype=torch.long, device=anchors.device)
+        self_idx = torch.as_tensor(self_idx, dtype=torch.long, device=anchors.device)
+        if self_idx.shape != (n,) or (self_idx >= reference.shape[0]).any() or (self_idx < -1).any():
+            raise ValueError("self_idx must hold one reference row (or -1) per anchor")
+    m = reference.shape[0]
+    sims = anchors @ reference.T
+    is_self = torch.zeros((n, m), dtype=torch.bool, device=anchors.device)
+    has_self = self_idx >= 0
+    is_self[has_self.nonzero().squeeze(1), self_idx[has_self]] = True
+    same = labels[:, None] == reference_labels[None, :]
+    positive = same & ~is_self
+    if negatives_idx is None:
+        negative = ~same
+    else:
+        negatives_idx = torch.as_tensor(negatives_idx, device=anchors.device)
+        if negatives_idx.ndim != 2 or negatives_idx.shape[0] != n:
+            raise ValueError(f"negatives_idx must be (N, k) for N={n} anchors, not {tuple(negatives_idx.shape)}")
+        if (negatives_idx >= m).any():
+            raise ValueError("negatives_idx points past the reference")
+        negative = torch.zeros((n, m), dtype=torch.bool, device=anchors.device)
+        valid = negatives_idx >= 0
+        rows = torch.arange(n, device=anchors.device)[:, None].expand_as(negatives_idx)
+        negative[rows[valid], negatives_idx[valid]] = True
+        negative &= ~same  # a mined "negative" of the anchor's own label would contradict P(a)
+    return Pairs(sims, positive, negative, ~is_self, self_idx, reference, symmetric)
 
 
-class HardNegativeMiner:
-    """N(a): the `num_negatives` reference items most similar to anchor a among those with a different label.
+class AMLLoss(nn.Module):
+    """Base: `forward` resolves the pairs once and hands them to `compute(pairs, ...)`."""
 
-    `__call__(embeddings, labels, reference=None, reference_labels=None) -> LongTensor (N, k)`: row a holds
-    indices into `reference` (the batch itself when None), most similar first. A row with fewer than k
-    negatives is padded with -1, which `ContrastiveLoss` ignores. Mined without gradient.
+    def forward(self, anchors: torch.Tensor, labels: torch.Tensor, negatives_idx: torch.Tensor | None = None,
+                reference: torch.Tensor | None = None, reference_labels: torch.Tensor | None = None, *,
+                self_idx: torch.Tensor | None = None, teacher_anchors: torch.Tensor | None = None,
+                teacher_reference: torch.Tensor | None = None) -> torch.Tensor:
+        pairs = resolve_pairs(anchors, labels, negatives_idx, reference, reference_labels, self_idx)
+        return self.compute(anchors, pairs, teacher_anchors, teacher_reference)
+
+    def compute(self, anchors: torch.Tensor, pairs: Pairs, teacher_anchors: torch.Tensor | None,
+                teacher_reference: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _self_similarity(pairs: Pairs, name: str) -> torch.Tensor:
+    """s_θ^asym(a, a) = sim(f_θ(a), g(a)) for every anchor: needs g(a) in the reference (self_idx)."""
+    if pairs.symmetric:
+        raise ValueError(f"{name} is asymmetric only: pass the teacher embeddings as reference")
+    if (pairs.self_idx < 0).any():
+        raise ValueError(f"{name} needs self_idx: the reference row holding g(a) for every anchor")
+    return pairs.sims.gather(1, pairs.self_idx[:, None]).squeeze(1)
+
+
+class RegressionLoss(AMLLoss):
+    """Reg, seed 001: ℓ_R(a; θ) = −s_θ^asym(a, a) = −sim(f_θ(a), g(a)).
+
+    The student's embedding of an image pulled onto the frozen teacher's embedding of the same image; labels
+    and negatives are not used. Asymmetric only (g(a) is reference row self_idx[a]).
     """
 
-    def __init__(self, num_negatives: int) -> None:
-        if num_negatives < 1:
-            raise ValueError(f"num_negatives must be at least 1, not {num_negatives}")
-        self.num_negatives = num_negatives
-
-    @torch.no_grad()
-    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None = None,
-                 reference_labels: torch.Tensor | None = None) -> torch.Tensor:
-        labels = torch.as_tensor(labels, device=embeddings.device)
-        ref, ref_labels = _reference(embeddings, labels, reference, reference_labels)
-        sims = embeddings.detach() @ ref.detach().T
-        sims = sims.masked_fill(labels[:, None] == ref_labels[None, :], float("-inf"))
-        k = min(self.num_negatives, ref.shape[0])
-        values, idx = sims.topk(k, dim=1)
-        idx = idx.masked_fill(torch.isinf(values), -1)
-        if k < self.num_negatives:
-            pad = idx.new_full((idx.shape[0], self.num_negatives - k), -1)
-            idx = torch.cat([idx, pad], dim=1)
-        return idx
+    def compute(self, anchors, pairs, teacher_anchors, teacher_reference):
+        return -_self_similarity(pairs, "the regression loss").mean()
 
 
-class ContrastiveLoss(nn.Module):
-    """Seed 001's contrastive loss, mean over anchors a of
+class ContrastiveLoss(AMLLoss):
+    """Contr, seed 001: ℓ_C(a; θ) = Σ_{n ∈ N(a)} [s_θ(a, n) − m]_+ − Σ_{p ∈ P(a)} s_θ(a, p).
 
-        ℓ_C(a; θ) = Σ_{p ∈ P(a)} −s_θ(a, p) + Σ_{n ∈ N(a)} [s_θ(a, n) − m]_+
-
-    with s_θ the inner product of unit vectors, P(a) the reference items sharing a's label and N(a) the mined
-    negatives (`negatives_idx`, rows padded with -1).
-
-    - Symmetric (teacher training): `reference=None`, the batch is the reference and the anchor itself is left
-      out of P(a).
-    - Asymmetric (AML, s_θ(a, x) = sim(f_θ(a), g(x))): `reference` = teacher embeddings. By default every
-      same-label reference item is a positive: when the reference is g of the same batch, that includes
-      g(a) and the loss is Contr⁺, ℓ_C(a) − s_θ(a, a). Pass `exclude_self=True` (reference row i = anchor i)
-      to leave g(a) out and get plain asymmetric Contr.
+    Symmetric: the teacher's training loss. Asymmetric: AML's Contr (P(a) leaves out g(a) itself when
+    `self_idx` says where it is). The legacy keyword `exclude_self=True` means self_idx = arange(N) (reference row
+    i holds g(a_i)); without either, every same-label reference item is a positive.
     """
 
     def __init__(self, margin: float = 0.5) -> None:
         super().__init__()
         self.margin = margin
 
-    def forward(self, anchors: torch.Tensor, labels: torch.Tensor, negatives_idx: torch.Tensor,
-                reference: torch.Tensor | None = None, reference_labels: torch.Tensor | None = None, *,
-                exclude_self: bool | None = None) -> torch.Tensor:
-        labels = torch.as_tensor(labels, device=anchors.device)
-        if exclude_self is None:
-            exclude_self = reference is None
-        ref, ref_labels = _reference(anchors, labels, reference, reference_labels)
-        sims = anchors @ ref.T  # (N, M)
-        positive = labels[:, None] == ref_labels[None, :]
-        if exclude_self:
-            if ref.shape[0] != anchors.shape[0]:
+    def forward(self, anchors, labels, negatives_idx=None, reference=None, reference_labels=None, *,
+                self_idx=None, teacher_anchors=None, teacher_reference=None, exclude_self: bool | None = None):
+        if exclude_self and reference is not None:
+            if reference.shape[0] != anchors.shape[0]:
                 raise ValueError("exclude_self needs reference row i to be anchor i")
-            positive &= ~torch.eye(anchors.shape[0], dtype=torch.bool, device=anchors.device)
-        attract = -(sims * positive).sum(dim=1)
-        valid = negatives_idx >= 0
-        neg_sims = sims.gather(1, negatives_idx.clamp(min=0))
-        repel = (F.relu(neg_sims - self.margin) * valid).sum(dim=1)
-        return (attract + repel).mean()
+            self_idx = torch.arange(anchors.shape[0], device=anchors.device)
+        elif exclude_self is False and reference is None:
+            raise ValueError("the symmetric loss always leaves the anchor out of its own positives")
+        return super().forward(anchors, labels, negatives_idx, reference, reference_labels, self_idx=self_idx,
+                               teacher_anchors=teacher_anchors, teacher_reference=teacher_reference)
+
+    def compute(self, anchors, pairs, teacher_anchors, teacher_reference):
+        return _contrastive(pairs, self.margin).mean()
 
 
-class RegressionLoss(nn.Module):
-    """Seed 001's regression loss, mean over the batch of
+def _contrastive(pairs: Pairs, margin: float) -> torch.Tensor:
+    attract = -(pairs.sims * pairs.positive).sum(dim=1)
+    repel = (F.relu(pairs.sims - margin) * pairs.negative).sum(dim=1)
+    return attract + repel
 
-        ℓ_R(a; θ) = −s_θ^asym(a, a) = −sim(f_θ(a), g(a))
 
-    the student's embedding of an image pulled onto the frozen teacher's embedding of the same image (inner
-    product of unit vectors). Labels are not used.
+class ContrastivePlusLoss(AMLLoss):
+    """Contr⁺, seed 001: ℓ_C⁺(a; θ) = Σ_{n ∈ N(a)} [s_θ(a, n) − m]_+ − Σ_{p ∈ P(a)} s_θ(a, p) − s_θ(a, a):
+    asymmetric contrastive plus the regression term (g(a) at reference row self_idx[a])."""
+
+    def __init__(self, margin: float = 0.5) -> None:
+        super().__init__()
+        self.margin = margin
+
+    def compute(self, anchors, pairs, teacher_anchors, teacher_reference):
+        return (_contrastive(pairs, self.margin) - _self_similarity(pairs, "Contr⁺")).mean()
+
+
+class TripletLoss(AMLLoss):
+    """Triplet, seed 001: ℓ_T(a; θ) = Σ_{(p, n) ∈ L(a)} [s_θ(a, n) − s_θ(a, p) + m]_+, L(a) = P(a) × N(a)."""
+
+    def __init__(self, margin: float = 0.1) -> None:
+        super().__init__()
+        self.margin = margin
+
+    def compute(self, anchors, pairs, teacher_anchors, teacher_reference):
+        s = pairs.sims
+        hinge = F.relu(s[:, None, :] - s[:, :, None] + self.margin)  # [a, p, n] = s(a,n) − s(a,p) + m
+        mask = pairs.positive[:, :, None] & pairs.negative[:, None, :]
+        return (hinge * mask).sum(dim=(1, 2)).mean()
+
+
+class MultiSimilarityLoss(AMLLoss):
+    """MS, seed 001: ℓ_MS(a; θ) = (1/α) log(1 + Σ_{p ∈ P(a)} e^{−α(s_θ(a,p) − m)})
+                                 + (1/β) log(1 + Σ_{n ∈ N(a)} e^{β(s_θ(a,n) − m)})."""
+
+    def __init__(self, alpha: float = 2.0, beta: float = 50.0, margin: float = 0.5) -> None:
+        super().__init__()
+        self.alpha, self.beta, self.margin = alpha, beta, margin
+
+    def compute(self, anchors, pairs, teacher_anchors, teacher_reference):
+        s = pairs.sims
+        return (_log1p_sum_exp(-self.alpha * (s - self.margin), pairs.positive) / self.alpha
+                + _log1p_sum_exp(self.beta * (s - self.margin), pairs.negative) / self.beta).mean()
+
+
+def _log1p_sum_exp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log(1 + Σ_{mask} e^x) per row, stably: logsumexp over the masked entries and a zero."""
+    x = x.masked_fill(~mask, float("-inf"))
+    return torch.logsumexp(torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1), dim=1)
+
+
+def _teacher_views(pairs: Pairs, teacher_anchors, teacher_reference, name: str):
+    """g(a) (N, d) and g(x) (M, d) for a loss that matches the teacher's relations."""
+    if pairs.symmetric:
+        if teacher_anchors is None:
+            raise ValueError(f"{name} needs teacher_anchors: the teacher's embeddings of the batch")
+        return teacher_anchors.detach(), (teacher_anchors if teacher_reference is None else teacher_reference).detach()
+    if teacher_anchors is None:
+        if (pairs.self_idx < 0).any():
+            raise ValueError(f"{name} needs teacher_anchors, or self_idx pointing at g(a) in the reference")
+        teacher_anchors = pairs.reference[pairs.self_idx]
+    if teacher_reference is None:
+        teacher_reference = pairs.reference
+    return teacher_anchors.detach(), teacher_reference.detach()
+
+
+class RKDLoss(AMLLoss):
+    """RKD, seed 001 (relational knowledge distillation, Park et al. 2019):
+    ℓ_RKD(a; θ) = Σ_{(x, …) ∈ U(a)^n} −sim(ψ(f_θ(a), r(x), …), ψ(g(a), g(x), …)), over the random pool U(a) (the
+    reference without a), with r = f_θ (symmetric) or g (asymmetric), and two measurements:
+
+    - distance ψ(a, x) = ‖a − x‖, each space's distances divided by their mean over the batch;
+    - angle ψ(a, x, y) = sim(a − x, a − y) (cosine, vertex at the anchor), over pairs x ≠ y.
+
+    "−sim" of two scalars is realised as RKD does, by the Huber (smooth L1) loss between them; the per-anchor
+    sums are averaged over the pairs (triples) so the weights do not depend on the batch size:
+    ℓ = w_d · mean Huber(d_student, d_teacher) + w_a · mean Huber(angle_student, angle_teacher).
     """
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if student.shape != teacher.shape:
-            raise ValueError(f"student embeddings {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
-        return -(student * teacher.detach()).sum(dim=1).mean()
+    def __init__(self, distance_weight: float = 1.0, angle_weight: float = 2.0) -> None:
+        super().__init__()
+        self.distance_weight, self.angle_weight = distance_weight, angle_weight
+
+    def compute(self, anchors, pairs, teacher_anchors, teacher_reference):
+        ga, gx = _teacher_views(pairs, teacher_anchors, teacher_reference, "RKD")
+        loss = anchors.new_zeros(())
+        mask = pairs.others
+        if self.distance_weight:
+            ds, dt = _distances(anchors, pairs.reference), _distances(ga, gx)
+            ds, dt = ds / ds[mask].mean().clamp(min=1e-12), dt / dt[mask].mean().clamp(min=1e-12)
+            loss = loss + self.distance_weight * F.smooth_l1_loss(ds[mask], dt[mask])
+        if self.angle_weight:
+            angle_mask = mask[:, :, None] & mask[:, None, :] & ~torch.eye(mask.shape[1], dtype=torch.bool,
+                                                                          device=mask.device)
+            if angle_mask.any():
+                loss = loss + self.angle_weight * F.smooth_l1_loss(_angles(anchors, pairs.reference)[angle_mask],
+                                                                   _angles(ga, gx)[angle_mask])
+        return loss
+
+
+def _distances(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(N, M) ‖a − x‖, with a gradient that stays finite where a = x."""
+    return ((a[:, None, :] - x[None, :, :]).pow(2).sum(-1) + 1e-12).sqrt()
+
+
+def _angles(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(N, M, M) [a, x, y] = sim(a − x, a − y), the cosine of the angle at a."""
+    e = F.normalize(a[:, None, :] - x[None, :, :], p=2, dim=2, eps=1e-12)
+    return e @ e.transpose(1, 2)
+
+
+class DarkRankLoss(AMLLoss):
+    """DarkRank, seed 001 (Chen et al. 2018, listwise): with U(a) the random pool (the reference without a),
+
+        ℓ_DR(a; θ) = −Σ_{x ∈ U(a)} ( σ s_θ(a, x) − log Σ_{y ∈ V(a, x)} e^{σ s_θ(a, y)} )
+
+    V(a, x) = the items of U(a) the **teacher** ranks no closer to a than x (x itself included, as in ListMLE;
+    ties broken by reference order): the student is trained to reproduce the teacher's ranking. s_θ is s^sym
+    (seed) or s^asym; σ = `scale` sharpens the softmax of unit-vector similarities in [−1, 1].
+    """
+
+    def __init__(self, scale: float = 10.0) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def compute(self, anchors, pairs, teacher_anchors, teacher_reference):
+        ga, gx = _teacher_views(pairs, teacher_anchors, teacher_reference, "DarkRank")
+        teacher_sims = (ga @ gx.T).masked_fill(~pairs.others, float("-inf"))
+        order = torch.sort(teacher_sims, dim=1, descending=True, stable=True).indices
+        s = (self.scale * pairs.sims).gather(1, order)
+        valid = pairs.others.gather(1, order)  # the anchor's own row sorts last; drop it
+        s = s.masked_fill(~valid, -1e4)  # exp(-1e4 - ·) = 0 with finite gradients (-inf would give NaN)
+        # log Σ_{y ranked at or after x}: reverse cumulative logsumexp
+        tail = torch.logcumsumexp(s.flip(1), dim=1).flip(1)
+        terms = torch.where(valid, s - tail, torch.zeros_like(s))
+        return -terms.sum(dim=1).mean()
+
+
+# name -> factory(**hyper-parameters); the names are those of seed 001's tables
+LOSSES: dict[str, type[AMLLoss]] = {
+    "reg": RegressionLoss, "contr": ContrastiveLoss, "contr+": ContrastivePlusLoss, "triplet": TripletLoss,
+    "ms": MultiSimilarityLoss, "rkd": RKDLoss, "darkrank": DarkRankLoss,
+}
+# which losses use labels with mined hard negatives, which use a random pool and the teacher's relations
+MINED_LOSSES = ("contr", "contr+", "triplet", "ms")
+RELATIONAL_LOSSES = ("rkd", "darkrank")
+ASYMMETRIC_ONLY = ("reg", "contr+")
+
+
+def create_loss(name: str, **kwargs) -> AMLLoss:
+    """`LOSSES[name](**kwargs)`; an unknown name raises `UserError` listing the valid ones."""
+    from asymsearch.core.errors import UserError
+    try:
+        cls = LOSSES[name]
+    except KeyError:
+        raise UserError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}") from None
+    return cls(**kwargs)

@@ -1,6 +1,20 @@
-"""Student training (asymmetric metric learning), seed 001: with the teacher g frozen, the student f_θ is trained
-by the regression loss ℓ_R(a) = −sim(f_θ(a), g(a)), so student queries land in the teacher's space and can search
-a database the teacher embedded.
+"""Student training (asymmetric metric learning, seed 001): the teacher g is frozen, the student f_θ trains with one
+of the AML losses (`training.losses.LOSSES`) so that its queries land in the teacher's space and search a database
+the teacher embedded.
+
+One training step (`StudentObjective`), for a class-balanced batch B of training images:
+
+- asymmetric (AML, the default): anchors f_θ(a), a ∈ B; the reference is g(B) (the anchors' own teacher
+  embeddings, so Reg / Contr⁺ find g(a)) followed by the hard negatives mined for each anchor among the teacher
+  embeddings of the **whole training set** (k nearest of non-matching classes, at most one per class, by
+  f_θ(a)·g(x): `training.mining.mine_hard_negatives`, re-mined at every step with the current student). RKD and
+  DarkRank compare with the random pool g(B).
+- symmetric: anchors and reference are f_θ(B) (labels only, in-batch hard negatives, one per class); RKD and
+  DarkRank match the teacher's relations g(B) inside the student's space, as the seed trains them.
+
+The teacher's embeddings of the training set come from `training.teacher_cache` (computed once, on disk, keyed
+by the teacher id). So that they are exactly the targets of what the student sees, the student trains on the
+serving preprocessing of each image (no random augmentation), at its own input size.
 """
 from __future__ import annotations
 
@@ -9,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from asymsearch.core.errors import UserError
@@ -19,16 +33,91 @@ from asymsearch.training.checkpoint import freeze, load_checkpoint, make_checkpo
 from asymsearch.training.common import (check_history_entry, embed_dataset, loader_kwargs, output_path, prepare_data,
                                         report_epoch, resolve_device, seed_everything)
 from asymsearch.training.config import StudentConfig
-from asymsearch.training.data import ImageDataset, eval_transform, train_transform
-from asymsearch.training.losses import RegressionLoss
+from asymsearch.training.data import ImageDataset, MPerClassSampler, eval_transform
+from asymsearch.training.losses import (ASYMMETRIC_ONLY, LOSSES, MINED_LOSSES, RELATIONAL_LOSSES, AMLLoss,
+                                        create_loss)
+from asymsearch.training.mining import HardNegativeMiner, mine_hard_negatives
 from asymsearch.training.models import build_model
+from asymsearch.training.teacher_cache import teacher_embeddings
+
+
+def loss_kwargs(cfg: StudentConfig) -> dict:
+    """The hyper-parameters of `cfg.loss` taken from the config."""
+    return {"reg": {}, "contr": {"margin": cfg.margin}, "contr+": {"margin": cfg.margin},
+            "triplet": {"margin": cfg.triplet_margin},
+            "ms": {"alpha": cfg.ms_alpha, "beta": cfg.ms_beta, "margin": cfg.margin},
+            "rkd": {"distance_weight": cfg.rkd_distance_weight, "angle_weight": cfg.rkd_angle_weight},
+            "darkrank": {"scale": cfg.darkrank_scale}}.get(cfg.loss, {})
+
+
+class StudentObjective:
+    """The loss of one batch: builds the reference (teacher or student embeddings), mines, calls the loss.
+
+    `__call__(anchors, labels, idx, teacher_pool, pool_labels)`: anchors = f_θ of the batch (B, d); idx (B,) the
+    batch's rows in the training set; teacher_pool (M, d) = g of the whole training set, pool_labels (M,).
+    """
+
+    def __init__(self, name: str, loss: AMLLoss, *, asymmetric: bool, num_negatives: int) -> None:
+        if name not in LOSSES:
+            raise UserError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+        if name in ASYMMETRIC_ONLY and not asymmetric:
+            raise UserError(f"the {name} loss compares the student with the teacher's embedding of the same image; "
+                            f"it has no symmetric form (use --asymmetric)")
+        if num_negatives < 1:
+            raise UserError(f"num_negatives must be at least 1, not {num_negatives}")
+        self.name, self.loss, self.asymmetric, self.k = name, loss, asymmetric, num_negatives
+
+    def __call__(self, anchors: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, teacher_pool: torch.Tensor,
+                 pool_labels: torch.Tensor) -> torch.Tensor:
+        b = anchors.shape[0]
+        own = teacher_pool[idx]  # g(a) for the batch, from the cache
+        if not self.asymmetric:
+            if self.name in MINED_LOSSES:
+                negatives = HardNegativeMiner(self.k, one_per_class=True)(anchors, labels)
+                return self.loss(anchors, labels, negatives)
+            return self.loss(anchors, labels, teacher_anchors=own)
+        self_idx = torch.arange(b, device=anchors.device)
+        if self.name not in MINED_LOSSES:
+            return self.loss(anchors, labels, None, own, labels, self_idx=self_idx)
+        mined = mine_hard_negatives(anchors, labels, teacher_pool, pool_labels, self.k, one_per_class=True)
+        flat = mined.reshape(-1)
+        reference = torch.cat([own, teacher_pool[flat.clamp(min=0)]])
+        reference_labels = torch.cat([labels, pool_labels[flat.clamp(min=0)]])
+        negatives = torch.arange(b, b + flat.numel(), device=anchors.device).reshape(b, self.k)
+        negatives = negatives.masked_fill(mined < 0, -1)
+        return self.loss(anchors, labels, negatives, reference, reference_labels, self_idx=self_idx)
+
+
+class _Indexed(Dataset):
+    """(image, label, index) so a batch can fetch its rows of the cached teacher embeddings."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label = self.dataset[i]
+        return image, label, i
+
+
+def student_preprocessing(teacher_spec: Preprocessing, image_size: int | None) -> Preprocessing:
+    """The teacher's preprocessing, or the same at the student's own (square) input size."""
+    if image_size is None:
+        return teacher_spec
+    if image_size < 16:
+        raise UserError(f"image_size must be at least 16 pixels, not {image_size}")
+    resize = round(teacher_spec.resize * image_size / teacher_spec.crop)
+    return dataclasses.replace(teacher_spec, resize=resize, crop=image_size)
 
 
 def train_student(cfg: StudentConfig) -> Path:
-    """Train a student onto a frozen teacher with ℓ_R (seed 001 regression); return the checkpoint.
+    """Train a student onto a frozen teacher with the AML loss `cfg.loss`; return the checkpoint.
 
-    The student inherits the teacher's embedding dimension and preprocessing. Validation: asymmetric
-    Recall@1 of student-embedded held-out images against the teacher-embedded same images (self excluded).
+    The student's embedding dimension is the teacher's (asking for another is an error); its checkpoint records
+    the teacher's id. Validation: asymmetric Recall@1 of student-embedded held-out images against the
+    teacher-embedded same images (self excluded).
     """
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -36,37 +125,51 @@ def train_student(cfg: StudentConfig) -> Path:
     teacher_ckpt = load_checkpoint(cfg.teacher)
     if teacher_ckpt["role"] != "teacher":
         raise UserError(f"{cfg.teacher} is a {teacher_ckpt['role']} checkpoint; a student trains against a teacher")
+    teacher_dim, teacher_id = int(teacher_ckpt["arch"]["dim"]), teacher_ckpt["model_id"]
+    if cfg.dim is not None and cfg.dim != teacher_dim:
+        raise UserError(f"a student embeds into its teacher's space: dim must be {teacher_dim} (the teacher's), "
+                        f"not {cfg.dim}")
+    objective = StudentObjective(cfg.loss, create_loss(cfg.loss, **loss_kwargs(cfg)), asymmetric=cfg.asymmetric,
+                                 num_negatives=cfg.num_negatives)
+    if cfg.batch_size < 2 * cfg.per_class or cfg.per_class < 1:
+        raise UserError(f"batch_size ({cfg.batch_size}) must hold at least two classes of per_class "
+                        f"({cfg.per_class}) images")
     train_items, val_items, class_to_idx = prepare_data(cfg.data, cfg.classes, cfg.val_fraction)
     if len(train_items) < 2:
         raise UserError(f"a student needs at least 2 training images, found {len(train_items)}")
     teacher = freeze(model_from_checkpoint(teacher_ckpt)).to(device)
-    spec = Preprocessing.from_dict(teacher_ckpt["preprocessing"])
-    arch = {"backbone": cfg.backbone, "head": cfg.head, "dim": int(teacher_ckpt["arch"]["dim"]),
-            "pretrained": cfg.pretrained}
+    teacher_spec = Preprocessing.from_dict(teacher_ckpt["preprocessing"])
+    spec = student_preprocessing(teacher_spec, cfg.image_size)
+    arch = {"backbone": cfg.backbone, "head": cfg.head, "dim": teacher_dim, "pretrained": cfg.pretrained}
     student = build_model(arch).to(device)
 
-    train_set = ImageDataset(train_items, class_to_idx, train_transform(spec))
-    # drop a last partial batch whenever there is a full one (BatchNorm cannot train on a single image)
-    drop_last = len(train_set) > cfg.batch_size
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=drop_last,
-                        **loader_kwargs(cfg.workers, cfg.seed, device))
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / "teacher-cache"
+    log = tqdm.write
+    teacher_pool = torch.from_numpy(teacher_embeddings(
+        teacher, teacher_id, teacher_spec, train_items, ImageDataset(train_items, class_to_idx,
+                                                                     eval_transform(teacher_spec)),
+        cache_dir, device, workers=cfg.workers, log=log)).to(device)
+    train_set = ImageDataset(train_items, class_to_idx, eval_transform(spec))
+    pool_labels = torch.as_tensor(train_set.labels, device=device)
+    sampler = MPerClassSampler(train_set.labels, cfg.per_class, max(2, cfg.batch_size // cfg.per_class), seed=cfg.seed)
+    loader = DataLoader(_Indexed(train_set), batch_sampler=sampler, **loader_kwargs(cfg.workers, cfg.seed, device))
     val_set, val_teacher = None, None
     if val_items:
         val_set = ImageDataset(val_items, class_to_idx, eval_transform(spec))
-        val_teacher = embed_dataset(teacher, val_set, device, cfg.workers)
+        val_teacher = teacher_embeddings(teacher, teacher_id, teacher_spec, val_items,
+                                         ImageDataset(val_items, class_to_idx, eval_transform(teacher_spec)),
+                                         cache_dir, device, workers=cfg.workers, log=log)
 
-    criterion = RegressionLoss()
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = []
     for epoch in range(1, cfg.epochs + 1):
-        student.train()  # the teacher stays in eval mode throughout
+        sampler.set_epoch(epoch)
+        student.train()  # the teacher stays in eval mode throughout, and is not run: its embeddings are cached
         losses = []
         bar = tqdm(loader, desc=f"student {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True)
-        for images, _ in bar:
-            images = images.to(device, non_blocking=True)
-            with torch.no_grad():
-                target = teacher(images)
-            loss = criterion(student(images), target)
+        for images, labels, idx in bar:
+            images, labels, idx = images.to(device, non_blocking=True), labels.to(device), idx.to(device)
+            loss = objective(student(images), labels, idx, teacher_pool, pool_labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -81,6 +184,9 @@ def train_student(cfg: StudentConfig) -> Path:
         report_epoch("student", history[-1], cfg.epochs)
 
     student.eval()
-    ckpt = make_checkpoint(student, role="student", arch=arch, preprocessing=spec,
-                           teacher_id=teacher_ckpt["model_id"], config=dataclasses.asdict(cfg), history=history)
+    ckpt = make_checkpoint(student, role="student", arch=arch, preprocessing=spec, teacher_id=teacher_id,
+                           config=dataclasses.asdict(cfg), history=history)
     return save_checkpoint(ckpt, out)
+
+
+__all__ = ["RELATIONAL_LOSSES", "StudentObjective", "loss_kwargs", "student_preprocessing", "train_student"]

@@ -1,9 +1,21 @@
 """Teacher training (symmetric metric learning), seed 001: the teacher g is trained with the contrastive loss
-ℓ_C(a) = Σ_{p∈P(a)} −s(a,p) + Σ_{n∈N(a)} [s(a,n) − m]_+ on m-per-class batches with in-batch hard negatives.
+ℓ_C(a) = Σ_{n∈N(a)} [s(a,n) − m]_+ − Σ_{p∈P(a)} s(a,p) on m-per-class batches with in-batch hard negatives,
+optionally plus the same loss against a cross-batch memory of recent embeddings (XBM).
+
+What a run does: m-per-class batches; AdamW with two parameter groups (the new head at `lr`, the pretrained
+backbone at `backbone_lr`); linear warm-up then cosine decay per step; float16 autocast + gradient scaling on
+CUDA; after every epoch, validation Recall@1 on held-out training classes, a line in `OUT.log.jsonl` and the
+full training state in `OUT.state.pt` (model, optimiser, scheduler, scaler, memory, RNG, history), from which
+`resume=OUT.state.pt` continues exactly. The checkpoint written to OUT holds the weights of the epoch with the
+best validation Recall@1 (the last epoch when validation is disabled). `epochs=0` writes the model untrained:
+with `head=gap` and ImageNet weights, the zero-shot baseline for `asymsearch export` / `asymsearch eval`.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import Preprocessing
 from asymsearch.core.metrics import retrieval_metrics
 from asymsearch.training.checkpoint import make_checkpoint, save_checkpoint
@@ -19,50 +32,178 @@ from asymsearch.training.common import (check_history_entry, embed_dataset, load
 from asymsearch.training.config import TeacherConfig
 from asymsearch.training.data import ImageDataset, MPerClassSampler, eval_transform, train_transform
 from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner
-from asymsearch.training.models import build_model
+from asymsearch.training.models import backbone_preprocessing, build_model
+from asymsearch.training.schedule import make_scheduler, parameter_groups
+from asymsearch.training.xbm import CrossBatchMemory, xbm_loss
+
+STATE_FORMAT = 1
+
+
+def teacher_preprocessing(cfg: TeacherConfig) -> Preprocessing:
+    """The config's size and normalisation, each defaulting to the backbone's own (`backbone_preprocessing`)."""
+    own = backbone_preprocessing(cfg.backbone)
+    size = int(cfg.image_size or own["image_size"])
+    if size < 16:
+        raise UserError(f"image_size must be at least 16 pixels, not {size}")
+    mean, std = tuple(cfg.mean) or tuple(own["mean"]), tuple(cfg.std) or tuple(own["std"])
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise UserError(f"mean and std need three values each, std positive (got {mean}, {std})")
+    return Preprocessing(resize=cfg.resize or size, crop=size, mean=mean, std=std)
+
+
+def state_path(out: Path) -> Path:
+    return out.with_name(out.name + ".state.pt") if out.suffix != ".pt" else out.with_suffix(".state.pt")
+
+
+def log_path(out: Path) -> Path:
+    return out.with_suffix(".log.jsonl")
+
+
+def _check(cfg: TeacherConfig) -> None:
+    if cfg.schedule not in ("cosine", "constant"):
+        raise UserError(f"schedule must be cosine or constant, not {cfg.schedule!r}")
+    if cfg.epochs < 0 or cfg.lr <= 0 or (cfg.backbone_lr is not None and cfg.backbone_lr < 0):
+        raise UserError("epochs must be >= 0 (0 writes the untrained model), lr positive, backbone_lr >= 0")
+    if cfg.xbm < 0 or cfg.warmup_epochs < 0 or cfg.max_steps_per_epoch < 0:
+        raise UserError("xbm, warmup_epochs and max_steps_per_epoch must be >= 0")
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def train_teacher(cfg: TeacherConfig) -> Path:
     """Train a teacher with ℓ_C (seed 001, symmetric contrastive, in-batch hard negatives); return the checkpoint."""
+    _check(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     out = output_path(cfg.out, "teacher")
+    spec = teacher_preprocessing(cfg)
     train_items, val_items, class_to_idx = prepare_data(cfg.data, cfg.classes, cfg.val_fraction)
     arch = {"backbone": cfg.backbone, "head": cfg.head, "dim": cfg.dim, "pretrained": cfg.pretrained}
     model = build_model(arch).to(device)
-    spec = Preprocessing(resize=cfg.resize or cfg.image_size, crop=cfg.image_size, mean=tuple(cfg.mean),
-                         std=tuple(cfg.std))
 
     train_set = ImageDataset(train_items, class_to_idx, train_transform(spec))
     sampler = MPerClassSampler(train_set.labels, cfg.per_class, cfg.classes_per_batch, seed=cfg.seed)
     loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs(cfg.workers, cfg.seed, device))
     val_set = ImageDataset(val_items, class_to_idx, eval_transform(spec)) if val_items else None
 
+    backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else (cfg.lr / 10 if cfg.pretrained else cfg.lr)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.lr, backbone_lr, cfg.weight_decay),
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = min(len(sampler), cfg.max_steps_per_epoch or len(sampler))
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = make_scheduler(optimizer, total, warmup) if cfg.schedule == "cosine" else \
+        make_scheduler(optimizer, 10 ** 12, warmup)  # constant after warm-up (the cosine never starts to fall)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     miner, criterion = HardNegativeMiner(cfg.num_negatives), ContrastiveLoss(cfg.margin)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
+    memory = CrossBatchMemory(cfg.xbm, cfg.dim, device)
+
+    history: list[dict] = []
+    best_recall, best_state, start_epoch = -1.0, None, 1
+    if cfg.resume:
+        start_epoch, history, best_recall, best_state = _resume(cfg, model, optimizer, scheduler, scaler, memory)
+    logfile = log_path(out)
+    if start_epoch == 1:
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        logfile.write_text("")
+    for epoch in range(start_epoch, cfg.epochs + 1):
         sampler.set_epoch(epoch)
         model.train()
-        losses = []
-        bar = tqdm(loader, desc=f"teacher {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True)
-        for images, labels in bar:
+        if backbone_lr == 0:
+            model.backbone.eval()  # frozen: batch-norm statistics stay the pretrained ones too
+        losses, seen, t0 = [], 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"teacher {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                   total=steps_per_epoch)
+        for step, (images, labels) in enumerate(bar):
+            if step >= steps_per_epoch:
+                break
             images, labels = images.to(device, non_blocking=True), labels.to(device)
-            emb = model(images)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                emb = model(images)
+            emb = emb.float()
             loss = criterion(emb, labels, miner(emb, labels))
+            if cfg.xbm:
+                loss = loss + cfg.xbm_weight * xbm_loss(criterion, miner, emb, labels, memory)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            memory.enqueue(emb, labels)
             losses.append(loss.item())
+            seen += len(images)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        seconds = time.perf_counter() - t0
         recall = None
         if val_set is not None:
-            emb = embed_dataset(model, val_set, device, cfg.workers)
-            recall = retrieval_metrics(emb, val_set.labels, emb, val_set.labels, exclude_self=True)["recall@1"]
-        history.append(check_history_entry(epoch, float(np.mean(losses)), recall))
-        report_epoch("teacher", history[-1], cfg.epochs)
+            emb_val = embed_dataset(model, val_set, device, cfg.workers)
+            recall = retrieval_metrics(emb_val, val_set.labels, emb_val, val_set.labels,
+                                       exclude_self=True)["recall@1"]
+        entry = check_history_entry(epoch, float(np.mean(losses)), recall)
+        entry.update(seconds=seconds, images_per_s=seen / seconds if seconds > 0 else None,
+                     lr=[g["lr"] for g in optimizer.param_groups])
+        history.append(entry)
+        report_epoch("teacher", entry, cfg.epochs)
+        score = recall if recall is not None else float(epoch)
+        if best_state is None or score > best_recall:
+            best_recall = score
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            entry["best"] = True
+        with logfile.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best_recall, best_state)
 
+    if best_state is not None:  # epochs=0: the untrained (e.g. ImageNet, zero-shot) model as it is
+        model.load_state_dict(best_state)
     model.eval()
-    ckpt = make_checkpoint(model, role="teacher", arch=arch, preprocessing=spec, config=dataclasses.asdict(cfg),
-                           history=history)
+    config = dataclasses.asdict(cfg)
+    config["best_epoch"] = next((h["epoch"] for h in reversed(history) if h.get("best")), None)
+    ckpt = make_checkpoint(model, role="teacher", arch=arch, preprocessing=spec, config=config, history=history)
     return save_checkpoint(ckpt, out)
+
+
+def _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best_recall, best_state):
+    state = {"format": STATE_FORMAT, "kind": "asymsearch-teacher-state", "epoch": epoch,
+             "config": dataclasses.asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "memory": memory.state_dict(),
+             "history": history, "best_recall": best_recall, "best_state": best_state, "rng": _rng_state()}
+    save_checkpoint(state, state_path(out))
+
+
+# what may differ between the interrupted run and the resumed one
+_RESUMABLE_CHANGES = {"resume", "epochs", "workers", "device", "out"}
+
+
+def _resume(cfg, model, optimizer, scheduler, scaler, memory):
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise UserError(f"resume state not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - an unreadable file is the user's to fix
+        raise UserError(f"cannot read resume state {path}: {e.__class__.__name__}") from None
+    if not isinstance(state, dict) or state.get("kind") != "asymsearch-teacher-state":
+        raise UserError(f"{path} is not a teacher training state (OUT.state.pt)")
+    changed = sorted(k for k, v in dataclasses.asdict(cfg).items()
+                     if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v)
+    if changed:
+        raise UserError(f"cannot resume {path}: the config differs in {', '.join(changed)}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    memory.load_state_dict(state["memory"])
+    _set_rng_state(state["rng"])
+    return state["epoch"] + 1, list(state["history"]), state["best_recall"], state["best_state"]

@@ -1,0 +1,72 @@
+"""`asymsearch experiment heads`: train every pooling head on one frozen pretrained backbone over several seeds
+and write a Markdown + JSON table into docs/results/."""
+from __future__ import annotations
+
+import argparse
+
+from asymsearch.cli.options import Commands
+from asymsearch.core.errors import UserError
+
+# = training.experiments.heads.DEFAULT_HEADS (repeated here so that --help does not import numpy)
+_DEFAULT_HEADS = ("gem", "glam:channels=256", "glam:channels=256,global=false", "glam:channels=256,local=false",
+                  "glap", "diablo:channels=256", "diablo:channels=256,select=feature,attention=post")
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, not {text!r}") from None
+
+
+def register(commands: Commands) -> None:
+    p = commands.add("heads", group="experiment",
+                     help="compare the pooling heads (gem, glam, glap, diablo) on a frozen pretrained backbone",
+                     description="Compare pooling heads on one frozen pretrained backbone: its feature maps are "
+                                 "computed once and cached, each head trains on them for every seed, and the "
+                                 "zero-shot (GAP) figures are measured in the same run. Writes OUT.md and OUT.json.")
+    p.add_argument("--data", help="image folder with one subfolder per class (first half trains, "
+                                                  "second half evaluates)")
+    p.add_argument("--out", default="docs/results/heads", help="results path without suffix (default: %(default)s)")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="backbone name (default: %(default)s)")
+    p.add_argument("--pretrained", default="imagenet", help="backbone weights (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: the backbone's own)")
+    p.add_argument("--head", dest="heads", action="append", default=None,
+                   help="a head spec such as glam:channels=512,local=false; repeat for several "
+                        f"(default: {' '.join(_DEFAULT_HEADS)})")
+    p.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--dim", type=int, default=512, help="embedding dimension (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per head and seed (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--xbm", type=int, default=0, help="cross-batch memory size, 0 disables (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="training classes held out to pick the best epoch (default: %(default)s)")
+    p.add_argument("--cache-dir", default="~/.cache/asymsearch/featmaps",
+                   help="feature-map cache folder (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per job (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="(head, seed) runs trained in parallel processes (default: %(default)s)")
+    p.add_argument("--recost", action="store_true",
+                   help="only re-measure the cost columns (params, GFLOPs, images/s) of the results at --out, side "
+                        "by side, and rewrite them (no training; --data is then not needed)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from asymsearch.training.experiments.heads import HeadsExperimentConfig, main_from_cli, recost
+
+    if args.recost:
+        recost(args.out, args.threads)
+        print(f"rewrote {args.out}.md and {args.out}.json")
+        return 0
+    if not args.data:
+        raise UserError("--data is required (except with --recost)")
+
+    cfg = HeadsExperimentConfig(data=args.data, out=args.out, backbone=args.backbone, pretrained=args.pretrained,
+                                image_size=args.image_size, heads=tuple(args.heads or _DEFAULT_HEADS),
+                                seeds=args.seeds, dim=args.dim, epochs=args.epochs, lr=args.lr, xbm=args.xbm,
+                                val_fraction=args.val_fraction, cache_dir=args.cache_dir, threads=args.threads,
+                                jobs=args.jobs)
+    result = main_from_cli(cfg)
+    print(f"wrote {cfg.out}.md and {cfg.out}.json ({len(result['rows'])} rows)")
+    return 0

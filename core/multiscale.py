@@ -1,0 +1,101 @@
+"""Multi-scale descriptors at inference, torch-free (onnxruntime only), for index build and eval.
+
+An image is embedded at scales 1, 1/√2 and 1/2 of the model's input size (the same view: resize and crop are
+both scaled), the embeddings are averaged and the mean is L2-normalised again. This needs a model exported with
+dynamic spatial axes (every asymsearch export has them; every head accepts any size).
+
+Use `MultiScaleEmbedder(OnnxEmbedder(path))` wherever an `OnnxEmbedder` is used: it has the same
+`embed_images`, `embed_arrays`, `dim`, `manifest`, `teacher_id`. `embed_images` and `embed_scaled` prepare the
+pixels of every scale from the image (exact); `embed_arrays` resamples pixels already prepared at scale 1
+(close, not identical: resampling after the crop is not resizing before it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from asymsearch.core.errors import UserError
+from asymsearch.core.manifest import Preprocessing
+from asymsearch.core.preprocess import preprocess_batch
+
+MULTISCALE_SCALES = (1.0, 1 / math.sqrt(2), 0.5)
+MIN_SIZE = 16  # pixels: no scale goes below this
+
+
+def scaled_preprocessing(spec: Preprocessing, scale: float) -> Preprocessing:
+    """The same view at `scale`: resize and crop both multiplied (rounded), at least MIN_SIZE pixels."""
+    if scale <= 0:
+        raise UserError(f"scales must be positive, not {scale}")
+    crop = max(MIN_SIZE, round(spec.crop * scale))
+    resize = max(crop, round(spec.resize * scale))
+    return dataclasses.replace(spec, resize=resize, crop=crop)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _resize_arrays(batch: np.ndarray, size: int) -> np.ndarray:
+    """(N,3,H,W) float32 -> (N,3,size,size) by bilinear resampling of each channel (PIL mode "F")."""
+    n, c = batch.shape[:2]
+    out = np.empty((n, c, size, size), np.float32)
+    for i in range(n):
+        for j in range(c):
+            img = Image.fromarray(np.ascontiguousarray(batch[i, j], np.float32), mode="F")
+            out[i, j] = np.asarray(img.resize((size, size), Image.BILINEAR), np.float32)
+    return out
+
+
+class MultiScaleEmbedder:
+    """Wraps an embedder (`OnnxEmbedder`): embeddings are the re-normalised mean over `scales`."""
+
+    def __init__(self, embedder, scales: Sequence[float] = MULTISCALE_SCALES) -> None:
+        if not scales:
+            raise UserError("give at least one scale")
+        self.embedder = embedder
+        self.scales = tuple(float(s) for s in scales)
+        self.specs = [scaled_preprocessing(embedder.manifest.preprocessing, s) for s in self.scales]
+
+    @property
+    def dim(self) -> int:
+        return self.embedder.dim
+
+    @property
+    def manifest(self):
+        return self.embedder.manifest
+
+    @property
+    def teacher_id(self) -> str:
+        return self.embedder.teacher_id
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Each scale prepares its pixels from the original image (resize + centre crop at that scale)."""
+        images = list(images)
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        total = sum(self.embedder.embed_arrays(preprocess_batch(images, spec)) for spec in self.specs)
+        return _normalise(total)
+
+    def embed_scaled(self, batches: Sequence[np.ndarray]) -> np.ndarray:
+        """One pixel batch per scale, batch i prepared with `self.specs[i]` (`preprocess_batch`): the exact
+        multi-scale descriptor for pipelines that prepare pixels themselves."""
+        if len(batches) != len(self.specs):
+            raise ValueError(f"need {len(self.specs)} batches (one per scale), got {len(batches)}")
+        if batches[0].shape[0] == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return _normalise(sum(self.embedder.embed_arrays(b) for b in batches))
+
+    def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """Already preprocessed pixels (N,3,S,S) at the model's size: the smaller scales resample them."""
+        if batch.shape[0] == 0:
+            return np.zeros((0, self.dim), np.float32)
+        total = 0
+        for spec, scale in zip(self.specs, self.scales):
+            size = spec.crop if scale != 1.0 else batch.shape[-1]
+            arr = batch if size == batch.shape[-1] else _resize_arrays(batch, size)
+            total = total + self.embedder.embed_arrays(arr)
+        return _normalise(total)

@@ -1,0 +1,356 @@
+"""`asymsearch experiment heads`: every pooling head on the same frozen pretrained backbone, over several seeds.
+
+Protocol (stated in the table it writes):
+- data: class folders sorted; the first half trains, the second half is the evaluation set (each image queries
+  all the others, itself excluded). Of the training classes, `val_fraction` are held out (evenly spaced) to
+  pick each run's best epoch by validation Recall@1; the evaluation classes are never seen before the end.
+- backbone: pretrained and *frozen*; its feature map of every image (serving preprocessing, centre crop) is
+  computed once and cached (`featcache`), so a head trains for many epochs in minutes on a CPU. The only
+  augmentation is a random horizontal flip of the cached map.
+- zero-shot: global average pooling of the same cached maps, no training (the ImageNet bar).
+- each head: m-per-class batches, contrastive loss with in-batch hard negatives (+ cross-batch memory when
+  `xbm > 0`), AdamW, warm-up + cosine schedule; evaluated with the best-validation epoch's weights.
+- cost columns: head parameters; GFLOPs of backbone + head on one image at the experiment's size
+  (torch.utils.flop_counter, multiply-adds x 2); images/s of backbone + head in eval mode on CPU, batch 16,
+  measured side by side in this run (ratios between rows are meaningful, absolute values depend on the load).
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from asymsearch.core.errors import UserError
+
+DEFAULT_HEADS = ("gem", "glam:channels=256", "glam:channels=256,global=false", "glam:channels=256,local=false",
+                 "glap", "diablo:channels=256", "diablo:channels=256,select=feature,attention=post")
+
+
+@dataclass
+class HeadsExperimentConfig:
+    data: str
+    out: str = "docs/results/heads"  # writes OUT.md and OUT.json
+    backbone: str = "efficientnet_lite0"
+    pretrained: str = "imagenet"
+    image_size: int | None = None  # None: the backbone's own size
+    heads: tuple = DEFAULT_HEADS
+    seeds: tuple = (0, 1, 2)
+    dim: int = 512
+    epochs: int = 4
+    classes_per_batch: int = 8
+    per_class: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    margin: float = 0.5
+    num_negatives: int = 5
+    xbm: int = 0  # cross-batch memory size (0: off)
+    xbm_weight: float = 1.0
+    val_fraction: float = 0.2
+    flip: bool = True
+    cache_dir: str = "~/.cache/asymsearch/featmaps"
+    threads: int = 1  # torch threads per job
+    jobs: int = 1  # (head, seed) runs trained in parallel processes
+    command: str = ""
+    results: list = field(default_factory=list)
+
+
+def _metrics(emb: np.ndarray, labels: list) -> dict:
+    from asymsearch.core.metrics import retrieval_metrics
+    m = retrieval_metrics(emb, labels, emb, labels, exclude_self=True)
+    return {k: float(m[k]) for k in ("recall@1", "recall@2", "recall@4", "recall@8", "map")}
+
+
+def _embed(head, maps: np.ndarray, batch: int = 128) -> np.ndarray:
+    import torch
+    head.eval()
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(maps), batch):
+            out.append(head(torch.from_numpy(np.asarray(maps[lo:lo + batch], np.float32))).numpy())
+    return np.concatenate(out)
+
+
+def train_head_on_maps(spec: str, cfg: HeadsExperimentConfig, channels: int, train_maps: np.ndarray,
+                       train_labels: list[int], val_maps: np.ndarray, val_labels: list[int], seed: int,
+                       log=print) -> tuple[object, list[dict]]:
+    """Train head `spec` on cached maps; return (head with the best-validation weights, per-epoch history)."""
+    import torch
+
+    from asymsearch.training.common import seed_everything
+    from asymsearch.training.data import MPerClassSampler
+    from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner
+    from asymsearch.training.models import create_head
+    from asymsearch.training.schedule import make_scheduler
+    from asymsearch.training.xbm import CrossBatchMemory, xbm_loss
+
+    seed_everything(seed)
+    head = create_head(spec, channels, cfg.dim).train()
+    sampler = MPerClassSampler(train_labels, cfg.per_class, cfg.classes_per_batch, seed=seed)
+    steps = cfg.epochs * len(sampler)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = make_scheduler(opt, steps, int(cfg.warmup_epochs * len(sampler)))
+    miner, criterion = HardNegativeMiner(cfg.num_negatives), ContrastiveLoss(cfg.margin)
+    memory = CrossBatchMemory(cfg.xbm, cfg.dim)
+    labels_t = torch.as_tensor(train_labels)
+    gen = torch.Generator().manual_seed(seed)
+    best, best_state, history = -1.0, None, []
+    for epoch in range(1, cfg.epochs + 1):
+        sampler.set_epoch(epoch)
+        head.train()
+        losses, start = [], time.perf_counter()
+        for batch in sampler:
+            x = torch.from_numpy(np.asarray(train_maps[np.sort(batch)], np.float32))
+            order = np.argsort(np.argsort(batch))  # rows back in the sampler's order
+            x = x[torch.as_tensor(order)]
+            if cfg.flip:
+                flip = torch.rand(len(x), generator=gen) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            y = labels_t[torch.as_tensor(batch)]
+            emb = head(x)
+            loss = criterion(emb, y, miner(emb, y))
+            if cfg.xbm:
+                loss = loss + cfg.xbm_weight * xbm_loss(criterion, miner, emb, y, memory)
+                memory.enqueue(emb, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        if not math.isfinite(float(np.mean(losses))):
+            raise UserError(f"head {spec} diverged at epoch {epoch}; lower --lr")
+        val = _metrics(_embed(head, val_maps), val_labels)["recall@1"] if len(val_maps) else None
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_recall@1": val,
+                        "seconds": time.perf_counter() - start})
+        log(f"  {spec} seed {seed} epoch {epoch}/{cfg.epochs}: loss {history[-1]['loss']:.4f} "
+            f"val R@1 {val if val is None else round(val, 4)} ({history[-1]['seconds']:.0f} s)")
+        score = -epoch if val is None else val  # without validation: the last epoch
+        if val is None or score > best:
+            best, best_state = score, {k: v.detach().clone() for k, v in head.state_dict().items()}
+    head.load_state_dict(best_state)
+    return head.eval(), history
+
+
+_SHARED: tuple | None = None  # the data of the current experiment, inherited by forked job processes
+
+
+def _run_one(task: tuple[str, int]) -> dict:
+    import torch
+
+    spec, seed = task
+    cfg, channels, fit_maps, fit_labels, val_maps, val_labels, eval_maps, eval_labels = _SHARED
+    torch.set_num_threads(max(1, cfg.threads))
+    start = time.perf_counter()
+    head, history = train_head_on_maps(spec, cfg, channels, fit_maps, fit_labels, val_maps, val_labels, seed,
+                                       log=lambda msg: print(msg, flush=True))
+    metrics = _metrics(_embed(head, eval_maps), eval_labels)
+    print(f"{spec} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+    return {"seed": seed, "metrics": metrics, "history": history, "train_seconds": time.perf_counter() - start}
+
+
+def measure_costs(cfg: HeadsExperimentConfig, specs: list[str], size: int, channels: int,
+                  rounds: int = 3, batch: int = 16) -> list[dict]:
+    """Parameters, GFLOPs and CPU images/s of backbone + head for every spec, eval mode, random weights (speed
+    does not depend on them). Timing is side by side: `rounds` rounds, each timing one batch of every model in
+    turn, and each model keeps its fastest round, so that load changes during the run hit every row alike."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from asymsearch.training.models import build_model
+
+    models, out = [], []
+    x = torch.randn(batch, 3, size, size)
+    with torch.no_grad():
+        for spec in specs:
+            model = build_model({"backbone": cfg.backbone, "head": spec, "pretrained": None,
+                                 "dim": channels if spec == "gap" else cfg.dim}).eval()
+            counter = FlopCounterMode(display=False)
+            with counter:
+                model(x[:1])
+            model(x)  # warm-up
+            models.append(model)
+            out.append({"head_params": sum(p.numel() for p in model.head.parameters()),
+                        "gflops": counter.get_total_flops() / 1e9, "images_per_s": 0.0})
+        for _ in range(rounds):
+            for model, row in zip(models, out):
+                start = time.perf_counter()
+                model(x)
+                row["images_per_s"] = max(row["images_per_s"], batch / (time.perf_counter() - start))
+    return out
+
+
+def _summary(runs: list[dict]) -> dict:
+    out = {}
+    for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map"):
+        vals = [r["metrics"][key] for r in runs]
+        out[key] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
+    return out
+
+
+def run_heads_experiment(cfg: HeadsExperimentConfig, log=print) -> dict:
+    import torch
+
+    from asymsearch.core.data import list_image_folder, select_classes
+    from asymsearch.core.manifest import Preprocessing
+    from asymsearch.training.common import split_train_val
+    from asymsearch.training.experiments.featcache import feature_maps
+    from asymsearch.training.models import backbone_preprocessing, create_head, parse_head_spec
+
+    torch.set_num_threads(max(1, cfg.threads))
+    if not Path(cfg.data).is_dir():
+        raise UserError(f"data folder not found: {cfg.data}")
+    if not cfg.heads or not cfg.seeds:
+        raise UserError("give at least one head and one seed")
+    for spec in cfg.heads:  # fail before any computation
+        create_head(spec, 16, 1280 if parse_head_spec(spec)[0] == "gap" else cfg.dim)
+    pre = backbone_preprocessing(cfg.backbone)
+    size = cfg.image_size or pre["image_size"]
+    spec_pre = Preprocessing(resize=size, crop=size, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+    train_classes, eval_classes = select_classes(cfg.data, "first-half"), select_classes(cfg.data, "second-half")
+    fit_classes, val_classes = split_train_val(train_classes, cfg.val_fraction)
+    items = list_image_folder(cfg.data, train_classes + eval_classes)
+    t0 = time.perf_counter()
+    pretrained = None if str(cfg.pretrained).lower() in ("", "none") else cfg.pretrained
+    fm = feature_maps(items, cfg.backbone, pretrained, spec_pre, cfg.cache_dir, log=log)
+    maps = fm.maps
+    channels = maps.shape[1]
+    cls_index = {c: i for i, c in enumerate(train_classes + eval_classes)}
+    labels = np.array([cls_index[it.label] for it in items])
+
+    def subset(classes):
+        keep = set(cls_index[c] for c in classes)
+        idx = np.array([i for i in range(len(items)) if labels[i] in keep])
+        return np.asarray(maps[idx]) if len(idx) else maps[:0], labels[idx].tolist()
+
+    fit_maps, fit_labels = subset(fit_classes)
+    val_maps, val_labels = subset(val_classes)
+    eval_maps, eval_labels = subset(eval_classes)
+    log(f"maps {tuple(maps.shape[1:])}: train {len(fit_labels)} / val {len(val_labels)} / eval {len(eval_labels)}")
+    global _SHARED
+    _SHARED = (cfg, channels, fit_maps, fit_labels, val_maps, val_labels, eval_maps, eval_labels)
+
+    zero = create_head("gap", channels, channels)
+    zero_metrics = _metrics(_embed(zero, eval_maps), eval_labels)
+    log(f"zero-shot GAP: {zero_metrics}")
+    rows = [{"head": "gap (zero-shot, no training)", "spec": "gap", "runs": [{"seed": None, "metrics": zero_metrics}],
+             "summary": _summary([{"metrics": zero_metrics}])}]
+    tasks = [(spec, seed) for spec in cfg.heads for seed in cfg.seeds]
+    if cfg.jobs > 1:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(min(cfg.jobs, len(tasks))) as pool:
+            done = pool.map(_run_one, tasks, chunksize=1)
+    else:
+        done = [_run_one(t) for t in tasks]
+    by_task = dict(zip(tasks, done))
+    for spec in cfg.heads:
+        runs = [by_task[(spec, seed)] for seed in cfg.seeds]
+        rows.append({"head": spec, "spec": spec, "runs": runs, "summary": _summary(runs)})
+    for row, cost in zip(rows, measure_costs(cfg, [r["spec"] for r in rows], size, channels)):
+        row.update(cost)
+    result = {"config": {k: v for k, v in asdict(cfg).items() if k != "results"}, "image_size": size,
+              "preprocessing": spec_pre.to_dict(), "feature_map": list(maps.shape[1:]),
+              "split": {"train": len(fit_labels), "val": len(val_labels), "eval": len(eval_labels),
+                        "train_classes": len(fit_classes), "val_classes": len(val_classes),
+                        "eval_classes": len(eval_classes)},
+              "backbone_images_per_s_caching": fm.images_per_s, "seconds": time.perf_counter() - t0,
+              "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}, "
+                         f"{cfg.threads} thread(s)", "rows": rows}
+    write_results(result, Path(cfg.out))
+    return result
+
+
+def _fmt(s: dict) -> str:
+    return f"{s['mean']:.3f} ± {s['std']:.3f}"
+
+
+def write_results(result: dict, out: Path) -> tuple[Path, Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    js, md = out.with_suffix(".json"), out.with_suffix(".md")
+    js.write_text(json.dumps(result, indent=1) + "\n")
+    cfg = result["config"]
+    sp = result["split"]
+    lines = [
+        f"# Pooling heads on a frozen pretrained backbone ({cfg['data']})", "",
+        f"Command: `{cfg['command']}`", "",
+        f"Protocol: backbone `{cfg['backbone']}` with `{cfg['pretrained']}` weights, **frozen**; "
+        f"{result['image_size']} px centre crop, mean/std {result['preprocessing']['mean']}/"
+        f"{result['preprocessing']['std']}; feature map {result['feature_map']} computed once and cached. "
+        f"Train on the first {sp['train_classes'] + sp['val_classes']} classes ({sp['train']} images; "
+        f"{sp['val_classes']} of them, {sp['val']} images, held out to pick the best epoch by validation "
+        f"Recall@1), evaluate on the last {sp['eval_classes']} classes ({sp['eval']} images, each querying all "
+        f"others). Heads: {cfg['epochs']} epochs, batches of {cfg['classes_per_batch']} classes x "
+        f"{cfg['per_class']}, contrastive loss (margin {cfg['margin']}) with {cfg['num_negatives']} in-batch hard "
+        f"negatives{', cross-batch memory ' + str(cfg['xbm']) if cfg['xbm'] else ''}, AdamW lr {cfg['lr']}, "
+        f"warm-up {cfg['warmup_epochs']} epoch + cosine, dim {cfg['dim']}, "
+        f"{'random horizontal flip of the cached map' if cfg['flip'] else 'no augmentation'}. "
+        f"Mean ± std over seeds {', '.join(map(str, cfg['seeds']))}. The zero-shot row pools the same cached "
+        "maps with global average pooling, no training.", "",
+        "GFLOPs (one image) and images/s (batches of 16) are for backbone + head at the experiment's size, eval "
+        f"mode, CPU ({result['machine']}), measured side by side after training (3 rounds over all rows, best "
+        "round each): compare rows, not machines. Head parameters exclude the backbone.", "",
+        "| head | R@1 | R@2 | R@4 | R@8 | mAP | head params | GFLOPs | images/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        s = row["summary"]
+        lines.append(f"| `{row['head']}` | {_fmt(s['recall@1'])} | {_fmt(s['recall@2'])} | {_fmt(s['recall@4'])} | "
+                     f"{_fmt(s['recall@8'])} | {_fmt(s['map'])} | {row['head_params'] / 1e6:.2f} M | "
+                     f"{row['gflops']:.2f} | {row['images_per_s']:.1f} |")
+    lines += ["", f"Total time {result['seconds'] / 60:.1f} min. Per-seed numbers and per-epoch logs: "
+              f"`{js.name}`."]
+    if result.get("recost_command"):
+        lines += ["", f"The cost columns were re-measured, side by side, by `{result['recost_command']}`."]
+    lines.append("")
+    md.write_text("\n".join(lines))
+    return md, js
+
+
+def recost(out: str | Path, threads: int = 1, log=print) -> dict:
+    """Re-measure the cost columns (parameters, GFLOPs, images/s) of the results at OUT.json side by side, keep
+    every accuracy figure, and rewrite OUT.md / OUT.json (which record that the costs were re-measured)."""
+    import torch
+
+    out = Path(out)
+    path = out.with_suffix(".json")
+    if not path.is_file():
+        raise UserError(f"no results to re-measure: {path} not found")
+    result = json.loads(path.read_text())
+    torch.set_num_threads(max(1, threads))
+    fields = {f for f in HeadsExperimentConfig.__dataclass_fields__}
+    cfg = HeadsExperimentConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                                   for k, v in result["config"].items() if k in fields})
+    channels = result["feature_map"][0]
+    log(f"re-measuring the costs of {len(result['rows'])} rows side by side")
+    for row, cost in zip(result["rows"], measure_costs(cfg, [r["spec"] for r in result["rows"]],
+                                                       result["image_size"], channels)):
+        row.update(cost)
+    result["machine"] = result["machine"].rsplit(",", 1)[0] + f", {threads} thread(s)"
+    result["recost_command"] = f"asymsearch experiment heads --recost --out {out} --threads {threads}"
+    write_results(result, out)
+    return result
+
+
+def canonical_command(cfg: HeadsExperimentConfig) -> str:
+    """The full command line that reproduces `cfg` (every option spelled out)."""
+    import shlex
+    parts = ["asymsearch", "experiment", "heads", "--data", cfg.data, "--out", cfg.out, "--backbone", cfg.backbone,
+             "--pretrained", str(cfg.pretrained)]
+    if cfg.image_size:
+        parts += ["--image-size", str(cfg.image_size)]
+    for spec in cfg.heads:
+        parts += ["--head", spec]
+    parts += ["--seeds", ",".join(map(str, cfg.seeds)), "--dim", str(cfg.dim), "--epochs", str(cfg.epochs),
+              "--lr", str(cfg.lr), "--xbm", str(cfg.xbm), "--val-fraction", str(cfg.val_fraction),
+              "--cache-dir", cfg.cache_dir, "--threads", str(cfg.threads), "--jobs", str(cfg.jobs)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def main_from_cli(cfg: HeadsExperimentConfig) -> dict:
+    cfg.command = cfg.command or canonical_command(cfg)
+    return run_heads_experiment(cfg)

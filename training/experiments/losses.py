@@ -1,0 +1,359 @@
+"""`asymsearch experiment losses`: one student per AML loss of seed 001 against the same teacher, tested
+symmetrically (student queries, student database) and asymmetrically (student queries, teacher database).
+
+Protocol (CPU-sized; the table states it):
+
+- data: class folders sorted by name; the first half trains (minus every 5th class, held out to pick the best
+  epoch), the second half is the test set: every test image queries all the other test images.
+- teacher: a pretrained backbone (ImageNet weights), **frozen**, plus a GeM head trained with the symmetric
+  contrastive loss (in-batch hard negatives) on its cached feature maps. Its id is the content hash of its weights.
+- students: a cheaper pretrained backbone (fewer FLOPs: smaller network and/or input), **frozen**, its feature
+  maps cached; only the student's GeM head (dimension = the teacher's) trains, once per loss, with
+  `training.student.StudentObjective`, i.e. the same mining and loss code as `asymsearch train student`. The
+  teacher's embeddings of the training images are computed once and cached on disk under the teacher's id.
+- epoch selection: the validation classes' Recall@1 in the setting the student trained for (asymmetric for AML
+  losses, symmetric otherwise); the test classes are never looked at before the end.
+- cost: GFLOPs (torch.utils.flop_counter, multiply-adds x 2) and parameters of backbone + head for one image at
+  each model's input size.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from asymsearch.core.errors import UserError
+
+# (row name, loss, trained asymmetrically, uses the teacher): the rows of seed 001's table, plus the asymmetric
+# forms of RKD and DarkRank, and the student trained alone (no teacher) as the symmetric baseline
+VARIANTS = (
+    ("Contr (student alone)", "contr", False),
+    ("Contr+", "contr+", True),
+    ("Contr", "contr", True),
+    ("Triplet", "triplet", True),
+    ("MS", "ms", True),
+    ("Reg", "reg", True),
+    ("RKD", "rkd", False),
+    ("DarkRank", "darkrank", False),
+    ("RKD (asym)", "rkd", True),
+    ("DarkRank (asym)", "darkrank", True),
+)
+METRIC_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "map", "map@r")
+
+
+@dataclass
+class LossesExperimentConfig:
+    data: str
+    out: str = "docs/results/losses"  # writes OUT.md and OUT.json
+    teacher_backbone: str = "efficientnet_lite0"
+    teacher_size: int | None = None  # None: the backbone's native size (224 for Lite0)
+    student_backbone: str = "efficientnet_lite0"
+    student_size: int | None = 128  # Lite0 at 128 px: 3.05x fewer FLOPs than at 224
+    pretrained: str = "imagenet"
+    dim: int = 512
+    teacher_epochs: int = 5
+    student_epochs: int = 10
+    classes_per_batch: int = 8
+    per_class: int = 4
+    teacher_lr: float = 1e-4  # the teacher head overfits the training classes at 1e-3 (worse than zero-shot)
+    lr: float = 1e-3  # the student heads
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    margin: float = 0.5
+    num_negatives: int = 5
+    val_fraction: float = 0.2
+    variants: tuple = tuple(v[0] for v in VARIANTS)
+    seed: int = 0
+    cache_dir: str = "~/.cache/asymsearch/featmaps"
+    workdir: str = "~/.cache/asymsearch/experiment-losses"  # the teacher checkpoint and its cached embeddings
+    threads: int = 1
+    command: str = ""
+    results: list = field(default_factory=list)
+
+
+def _embed(head, maps: np.ndarray, batch: int = 256) -> np.ndarray:
+    import torch
+    head.eval()
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(maps), batch):
+            out.append(head(torch.from_numpy(np.asarray(maps[lo:lo + batch], np.float32))).numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def _metrics(queries: np.ndarray, database: np.ndarray, labels) -> dict:
+    from asymsearch.core.metrics import retrieval_metrics
+    m = retrieval_metrics(queries, labels, database, labels, exclude_self=True)
+    return {k: float(m[k]) for k in METRIC_KEYS}
+
+
+def _batches(sampler, maps: np.ndarray):
+    import torch
+    for batch in sampler:
+        batch = np.asarray(batch)
+        order = np.argsort(batch, kind="stable")
+        rows = np.empty_like(order)
+        rows[order] = np.arange(len(batch))
+        x = torch.from_numpy(np.asarray(maps[batch[order]], np.float32))[torch.as_tensor(rows)]
+        yield x, torch.as_tensor(batch)
+
+
+def train_head(cfg: LossesExperimentConfig, channels: int, maps: np.ndarray, labels: list[int], step_loss,
+               validate, epochs: int, name: str, seed: int, lr: float, log=print):
+    """A GeM head trained on cached maps with `step_loss(emb, labels, idx)`; the epoch with the best
+    `validate(head)` is kept. Returns (head, history).
+
+    The teacher's and the students' heads must start from *different* random weights (different seeds): with
+    the same initial projection of channel-aligned features (one backbone at two resolutions) a student would
+    share the teacher's space before any training, and even a student trained alone would look asymmetric-ready.
+    """
+    import torch
+
+    from asymsearch.training.common import seed_everything
+    from asymsearch.training.data import MPerClassSampler
+    from asymsearch.training.models import create_head
+    from asymsearch.training.schedule import make_scheduler
+
+    seed_everything(seed)
+    head = create_head("gem", channels, cfg.dim)
+    sampler = MPerClassSampler(labels, cfg.per_class, cfg.classes_per_batch, seed=seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    sched = make_scheduler(opt, epochs * len(sampler), int(cfg.warmup_epochs * len(sampler)))
+    labels_t = torch.as_tensor(labels)
+    best, best_state, history = -math.inf, None, []
+    for epoch in range(1, epochs + 1):
+        sampler.set_epoch(epoch)
+        head.train()
+        losses, start = [], time.perf_counter()
+        for x, idx in _batches(sampler, maps):
+            loss = step_loss(head(x), labels_t[idx], idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        if not math.isfinite(float(np.mean(losses))):
+            raise UserError(f"{name} diverged at epoch {epoch}; lower --lr")
+        val = validate(head)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_recall@1": val,
+                        "seconds": time.perf_counter() - start})
+        log(f"  {name} epoch {epoch}/{epochs}: loss {history[-1]['loss']:.4f} val R@1 {val:.4f} "
+            f"({history[-1]['seconds']:.1f} s)")
+        if val > best:
+            best, best_state = val, {k: v.detach().clone() for k, v in head.state_dict().items()}
+    head.load_state_dict(best_state)
+    return head.eval(), history
+
+
+def backbone_spec(name: str, image_size: int | None = None):
+    """The serving preprocessing for backbone `name` at `image_size` (default: its native size), with the
+    normalisation its weights were trained with."""
+    from asymsearch.core.manifest import Preprocessing
+    from asymsearch.training.models import backbone_preprocessing
+    pre = backbone_preprocessing(name)
+    size = int(image_size or pre["image_size"])
+    return Preprocessing(resize=size, crop=size, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+
+
+def model_cost(backbone: str, size: int, dim: int) -> dict:
+    """GFLOPs (multiply-adds x 2, one image) and parameters of backbone + GeM head."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from asymsearch.training.models import build_model
+    model = build_model({"backbone": backbone, "head": "gem", "dim": dim, "pretrained": None}).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, size, size))
+    return {"gflops": counter.get_total_flops() / 1e9, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def run_losses_experiment(cfg: LossesExperimentConfig, log=print) -> dict:
+    import torch
+
+    from asymsearch.core.data import list_image_folder, select_classes
+    from asymsearch.training.checkpoint import make_checkpoint, save_checkpoint
+    from asymsearch.training.common import split_train_val
+    from asymsearch.training.experiments.featcache import feature_maps
+    from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner, create_loss
+    from asymsearch.training.models import EmbeddingNet, create_backbone
+    from asymsearch.training.student import StudentObjective
+    from asymsearch.training.teacher_cache import cached_array, items_fingerprint
+
+    torch.set_num_threads(max(1, cfg.threads))
+    t0 = time.perf_counter()
+    if not Path(cfg.data).is_dir():
+        raise UserError(f"data folder not found: {cfg.data}")
+    unknown = [v for v in cfg.variants if v not in {name for name, _, _ in VARIANTS}]
+    if unknown:
+        raise UserError(f"unknown variant(s) {', '.join(unknown)}; choose from: {', '.join(v[0] for v in VARIANTS)}")
+    train_classes, val_classes = split_train_val(select_classes(cfg.data, "first-half"), cfg.val_fraction)
+    test_classes = select_classes(cfg.data, "second-half")
+    classes = select_classes(cfg.data, "all")
+    items = list_image_folder(cfg.data, classes)
+    class_idx = {c: i for i, c in enumerate(classes)}
+    labels = np.asarray([class_idx[it.label] for it in items])
+    split = {name: np.flatnonzero(np.isin([it.label for it in items], cs))
+             for name, cs in (("train", train_classes), ("val", val_classes), ("test", test_classes))}
+
+    t_spec, s_spec = backbone_spec(cfg.teacher_backbone, cfg.teacher_size), backbone_spec(cfg.student_backbone,
+                                                                                          cfg.student_size)
+    t_maps = feature_maps(items, cfg.teacher_backbone, cfg.pretrained, t_spec, cfg.cache_dir, log=log).maps
+    s_maps = feature_maps(items, cfg.student_backbone, cfg.pretrained, s_spec, cfg.cache_dir, log=log).maps
+    t_cost, s_cost = model_cost(cfg.teacher_backbone, t_spec.crop, cfg.dim), model_cost(cfg.student_backbone,
+                                                                                      s_spec.crop, cfg.dim)
+    if s_cost["gflops"] * 3 > t_cost["gflops"]:
+        log(f"warning: the student is only {t_cost['gflops'] / s_cost['gflops']:.2f}x cheaper than the teacher")
+
+    # ---- the teacher: frozen backbone + GeM head, symmetric contrastive loss on its cached maps
+    def maps_subset(maps, rows):
+        return np.asarray(maps[rows], np.float16)
+
+    t_train, t_val, t_test = (maps_subset(t_maps, split[n]) for n in ("train", "val", "test"))
+    y_train, y_val, y_test = (labels[split[n]].tolist() for n in ("train", "val", "test"))
+    miner, contrastive = HardNegativeMiner(cfg.num_negatives), ContrastiveLoss(cfg.margin)
+    log(f"teacher: {cfg.teacher_backbone}@{t_spec.crop} frozen + GeM head, {len(y_train)} training images")
+    teacher_head, teacher_history = train_head(
+        cfg, t_maps.shape[1], t_train, y_train, lambda e, y, i: contrastive(e, y, miner(e, y)),
+        lambda h: _metrics(_embed(h, t_val), _embed(h, t_val), y_val)["recall@1"], cfg.teacher_epochs, "teacher",
+        cfg.seed, cfg.teacher_lr, log)
+    backbone, _ = create_backbone(cfg.teacher_backbone, cfg.pretrained)
+    teacher = EmbeddingNet(backbone, teacher_head, cfg.dim).eval()
+    ckpt = make_checkpoint(teacher, role="teacher", arch={"backbone": cfg.teacher_backbone, "head": "gem",
+                                                          "dim": cfg.dim, "pretrained": cfg.pretrained},
+                           preprocessing=t_spec, config={"experiment": "losses", **_plain_config(cfg)},
+                           history=teacher_history)
+    teacher_id = ckpt["model_id"]
+    workdir = Path(cfg.workdir).expanduser()
+    save_checkpoint(ckpt, workdir / f"teacher-{teacher_id}.pt")
+    key = {"kind": "teacher-embeddings", "teacher_id": teacher_id, "preprocessing": t_spec.to_dict(),
+           "augmentation": "none", "items": items_fingerprint(items), "count": len(items)}
+    t_all = cached_array(workdir, f"teacher-{teacher_id}", key, lambda: _embed(teacher_head, t_maps), log=log)
+    pool, pool_labels = torch.from_numpy(t_all[split["train"]]), torch.as_tensor(y_train)
+    g_val, g_test = t_all[split["val"]], t_all[split["test"]]
+    teacher_metrics = _metrics(g_test, g_test, y_test)
+    zero_shot = {}  # no training at all: global average pooling of each backbone's maps (its own space)
+    for role, maps in (("teacher", t_maps), ("student", s_maps)):
+        gap = np.asarray(maps[split["test"]], np.float32).mean(axis=(2, 3))
+        gap /= np.linalg.norm(gap, axis=1, keepdims=True).clip(min=1e-12)
+        zero_shot[role] = _metrics(gap, gap, y_test)
+    log(f"teacher {teacher_id}: test {_fmt(teacher_metrics)}")
+
+    # ---- one student head per variant
+    s_train, s_val, s_test = (maps_subset(s_maps, split[n]) for n in ("train", "val", "test"))
+    rows = []
+    for name, loss_name, asymmetric in VARIANTS:
+        if name not in cfg.variants:
+            continue
+        loss_kw = {"contr": {"margin": cfg.margin}, "contr+": {"margin": cfg.margin},
+                   "ms": {"margin": cfg.margin}}.get(loss_name, {})
+        objective = StudentObjective(loss_name, create_loss(loss_name, **loss_kw), asymmetric=asymmetric,
+                                     num_negatives=cfg.num_negatives)
+
+        def validate(head, asymmetric=asymmetric):
+            f = _embed(head, s_val)
+            return _metrics(f, g_val if asymmetric else f, y_val)["recall@1"]
+        start = time.perf_counter()
+        head, history = train_head(cfg, s_maps.shape[1], s_train, y_train,
+                                   lambda e, y, i, o=objective: o(e, y, i, pool, pool_labels), validate,
+                                   cfg.student_epochs, name, cfg.seed + 1, cfg.lr, log)  # not the teacher's init
+        f_test = _embed(head, s_test)
+        row = {"variant": name, "loss": loss_name, "trained_asymmetric": asymmetric,
+               "symmetric": _metrics(f_test, f_test, y_test), "asymmetric": _metrics(f_test, g_test, y_test),
+               "best_epoch": int(np.argmax([h["val_recall@1"] for h in history])) + 1,
+               "train_seconds": time.perf_counter() - start}
+        log(f"{name}: sym {_fmt(row['symmetric'])} | asym {_fmt(row['asymmetric'])}")
+        rows.append(row)
+
+    return {"config": _plain_config(cfg), "teacher_id": teacher_id,
+            "teacher": {"backbone": cfg.teacher_backbone, "image_size": t_spec.crop, **t_cost,
+                        "metrics": teacher_metrics, "history": teacher_history},
+            "student": {"backbone": cfg.student_backbone, "image_size": s_spec.crop, **s_cost,
+                        "relative_gflops": s_cost["gflops"] / t_cost["gflops"],
+                        "relative_params": s_cost["params_m"] / t_cost["params_m"]},
+            "zero_shot": zero_shot,
+            "split": {"train": {"classes": len(train_classes), "images": int(len(split["train"]))},
+                      "val": {"classes": len(val_classes), "images": int(len(split["val"]))},
+                      "test": {"classes": len(test_classes), "images": int(len(split["test"]))}},
+            "data": "/".join(Path(cfg.data).resolve().parts[-2:]),  # e.g. cub100/images
+            "rows": rows, "seconds": time.perf_counter() - t0}
+
+
+def _plain_config(cfg: LossesExperimentConfig) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "results"}
+
+
+def _fmt(m: dict) -> str:
+    return " ".join(f"{k.replace('recall@', 'R@')} {m[k]:.4f}" for k in ("recall@1", "recall@8", "map"))
+
+
+def render_markdown(result: dict) -> str:
+    t, s, cfg, sp = result["teacher"], result["student"], result["config"], result["split"]
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    lines = [
+        f"# AML losses: one student per loss against the same teacher ({result['data']})", "",
+        f"Command: `{cfg['command'] or 'asymsearch experiment losses --data DATA'}`", "",
+        f"Protocol. Data: the class folders sorted by name; the first half trains ({sp['train']['classes']} "
+        f"classes, {sp['train']['images']} images; {sp['val']['classes']} more classes, {sp['val']['images']} "
+        f"images, evenly spaced through the first half, are held out to pick each model's best epoch), the "
+        f"second half is the test set ({sp['test']['classes']} classes, {sp['test']['images']} images), where "
+        "every image queries all the other test images. "
+        f"Teacher: `{t['backbone']}` at {t['image_size']} px with {cfg['pretrained']} weights, **frozen**, plus a "
+        f"GeM head (d = {cfg['dim']}) trained with the symmetric contrastive loss (margin {cfg['margin']}, "
+        f"{cfg['num_negatives']} in-batch hard negatives, AdamW lr {cfg['teacher_lr']}) for up to "
+        f"{cfg['teacher_epochs']} epochs. "
+        f"Students: `{s['backbone']}` at {s['image_size']} px with {cfg['pretrained']} weights, **frozen**; "
+        f"only the student's GeM head (d = {cfg['dim']}, the teacher's) trains, up to {cfg['student_epochs']} "
+        f"epochs per loss, batches of {cfg['classes_per_batch']} classes x {cfg['per_class']} images, AdamW lr "
+        f"{cfg['lr']}, warm-up + cosine. Both backbones' feature maps (centre crop, serving preprocessing, no "
+        "augmentation) and the teacher's training-set embeddings (keyed by its id) are computed once and cached. "
+        "AML losses (asym. training): anchors f(a) against teacher embeddings; Contr/Contr+/Triplet/MS negatives "
+        f"are the {cfg['num_negatives']} nearest teacher embeddings of other classes in the whole training set, "
+        "at most one per class, re-mined every step with the current student; Reg compares f(a) with g(a) only; "
+        "RKD/DarkRank use the batch as their random pool. Symmetric training: student-student similarities (RKD and DarkRank matching the "
+        "teacher's relations, as seed 001 trains them). Each student keeps the epoch with the best validation "
+        "Recall@1 in the setting it trained for. "
+        "Testing: **sym** = student queries against student-embedded test images; **asym** = student queries "
+        "against the teacher-embedded test images (the query itself excluded). The *GAP, no training* rows "
+        "pool each frozen backbone's own feature maps (1280-d, its own space): what the features give before "
+        "any head is trained. Figures are percentages.", "",
+        f"Cost (one image, backbone + head, torch.utils.flop_counter, multiply-adds x 2): teacher "
+        f"{t['gflops']:.3f} GFLOPs, {t['params_m']:.2f} M parameters; student {s['gflops']:.3f} GFLOPs "
+        f"({s['relative_gflops']:.2f}x the teacher's, i.e. {1 / s['relative_gflops']:.2f}x cheaper), "
+        f"{s['params_m']:.2f} M parameters ({s['relative_params']:.2f}x).", "",
+        "| model | loss | trained | sym R@1 | R@2 | R@4 | R@8 | mAP | MAP@R | asym R@1 | R@2 | R@4 | R@8 | mAP | "
+        "MAP@R | asym R@1 / teacher | asym mAP / teacher |",
+        "|---|---|---|" + "---:|" * 14,
+    ]
+    tm = result["teacher"]["metrics"]
+    lines.append(f"| teacher {t['backbone']}@{t['image_size']} | Contr | sym | "
+                 + " | ".join(pct(tm[k]) for k in METRIC_KEYS) + " | – | – | – | – | – | – | 1.00 | 1.00 |")
+    for role, spec in (("teacher", t), ("student", s)):
+        if role in result.get("zero_shot", {}):
+            zs = result["zero_shot"][role]
+            lines.append(f"| {role} backbone {spec['backbone']}@{spec['image_size']}, GAP, no training | – | – | "
+                         + " | ".join(pct(zs[k]) for k in METRIC_KEYS) + " | – | – | – | – | – | – | – | – |")
+    for row in result["rows"]:
+        sym, asym = row["symmetric"], row["asymmetric"]
+        lines.append(f"| student {s['backbone']}@{s['image_size']} | {row['variant']} | "
+                     f"{'asym' if row['trained_asymmetric'] else 'sym'} | "
+                     + " | ".join(pct(sym[k]) for k in METRIC_KEYS) + " | "
+                     + " | ".join(pct(asym[k]) for k in METRIC_KEYS)
+                     + f" | {asym['recall@1'] / tm['recall@1']:.2f} | {asym['map'] / tm['map']:.2f} |")
+    chance = 100 / sp["test"]["classes"]
+    lines += ["", f"Chance level: with {sp['test']['classes']} test classes of similar size, a random ranking "
+              f"scores R@1 ≈ mAP ≈ {chance:.0f}%.",
+              f"Teacher id `{result['teacher_id']}`; total run time {result['seconds'] / 60:.1f} min on CPU."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict, out: str) -> tuple[Path, Path]:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md, js = out.with_suffix(".md"), out.with_suffix(".json")
+    md.write_text(render_markdown(result))
+    js.write_text(json.dumps(result, indent=1) + "\n")
+    return md, js
