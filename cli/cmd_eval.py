@@ -1,4 +1,5 @@
-"""`asymsearch eval`: Recall@K and mAP in the three settings."""
+"""`asymsearch eval`: Recall@K, mAP, precision@1 and MAP@R in the three settings, for any (query model, database
+model) pair, or on the revisited Oxford/Paris protocol."""
 from __future__ import annotations
 
 import argparse
@@ -8,21 +9,48 @@ from asymsearch.cli.options import CONFIG_HELP, Commands, existing_path
 
 
 def register(commands: Commands) -> None:
-    p = commands.add("eval", help="Recall@K and mAP: teacher-teacher, student-student, student-teacher")
-    p.add_argument("--data", required=True, type=existing_path("image folder"), help="labelled image folder")
-    p.add_argument("--teacher", required=True, type=existing_path("teacher ONNX model"))
-    p.add_argument("--student", required=True, type=existing_path("student ONNX model"))
+    p = commands.add("eval", help="Recall@K, mAP, P@1, MAP@R: teacher-teacher, student-student, student-teacher",
+                     description="Leave-one-out retrieval metrics on a labelled image folder. With --teacher and "
+                                 "--student: the three settings. With --query-model and --database-model: that "
+                                 "one pair. With --revisited GND.pkl (and the two models): the revisited "
+                                 "Oxford/Paris easy/medium/hard protocol on the data set's images in --data.")
+    p.add_argument("--data", required=True, type=existing_path("image folder"),
+                   help="labelled image folder (with --revisited: the folder of the data set's .jpg files)")
+    p.add_argument("--teacher", type=existing_path("teacher ONNX model"))
+    p.add_argument("--student", type=existing_path("student ONNX model"))
+    p.add_argument("--query-model", type=existing_path("query ONNX model"),
+                   help="embeds the queries (any model of the teacher's space)")
+    p.add_argument("--database-model", type=existing_path("database ONNX model"),
+                   help="embeds the database (any model of the same space)")
+    p.add_argument("--revisited", type=existing_path("ground-truth file"),
+                   help="a revisited Oxford/Paris gnd_*.pkl: evaluate the query/database pair on that protocol")
     p.add_argument("--index", type=existing_path("index folder"),
                    help="query this built index for the asymmetric setting instead of an in-memory database")
     p.add_argument("--classes", default="all", help=CONFIG_HELP["classes"] + " (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from asymsearch.index.evaluate import evaluate, format_table
-    result = evaluate(args.data, args.teacher, args.student, index=args.index, classes=args.classes,
-                      batch_size=args.batch_size, progress=not args.json)
+    from asymsearch.index.evaluate import evaluate, evaluate_pair, evaluate_revisited, format_table
+    pair = args.query_model is not None or args.database_model is not None
+    if pair or args.revisited is not None:
+        if args.query_model is None or args.database_model is None:
+            args.parser.error("--query-model and --database-model go together (and --revisited needs both)")
+        if args.teacher is not None or args.student is not None or args.index is not None:
+            args.parser.error("use either --teacher/--student [--index] or --query-model/--database-model")
+        if args.revisited is not None:
+            result = evaluate_revisited(args.data, args.revisited, args.query_model, args.database_model,
+                                        batch_size=args.batch_size, progress=not args.json)
+        else:
+            result = {"query_database": evaluate_pair(args.data, args.query_model, args.database_model,
+                                                      classes=args.classes, batch_size=args.batch_size,
+                                                      progress=not args.json)}
+    else:
+        if args.teacher is None or args.student is None:
+            args.parser.error("give --teacher and --student, or --query-model and --database-model")
+        result = evaluate(args.data, args.teacher, args.student, index=args.index, classes=args.classes,
+                          batch_size=args.batch_size, progress=not args.json)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

@@ -1,4 +1,4 @@
-"""Retrieval metrics: Recall@K and mean average precision over full rankings."""
+"""Retrieval metrics: Recall@K, precision@1, mean average precision and MAP@R over full rankings."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -14,7 +14,10 @@ def ranking_metrics(relevant: np.ndarray, num_relevant: np.ndarray, ks: Sequence
     relevant: (Q, N) bool, row q says which ranked database items (best first) share the query's label.
     num_relevant: (Q,) how many relevant items the database holds for each query (for AP's denominator; may
     exceed what the ranking shows when the ranking was truncated).
-    Returns {"recall@K": fraction of queries with a relevant item among the top K, "map": mean AP}.
+    Returns {"recall@K": fraction of queries with a relevant item among the top K, "map": mean AP,
+    "precision@1": fraction of queries whose first item is relevant (equal to recall@1 here),
+    "map@r": MAP@R (Musgrave et al., "A metric learning reality check", 2020): with R the query's number of
+    relevant items, (1/R) Σ_{i ≤ R} P(i)·rel(i), i.e. AP truncated at rank R, so a perfect ranking scores 1}.
     Queries with no relevant item at all are left out, as is usual.
     """
     relevant = np.asarray(relevant, dtype=bool)
@@ -28,6 +31,9 @@ def ranking_metrics(relevant: np.ndarray, num_relevant: np.ndarray, ks: Sequence
     ranks = np.arange(1, relevant.shape[1] + 1)
     precision_at_hits = np.where(relevant, hits / ranks, 0.0)
     out["map"] = float((precision_at_hits.sum(axis=1) / num_relevant).mean())
+    out["precision@1"] = float(relevant[:, 0].mean()) if relevant.shape[1] else 0.0
+    within_r = ranks[None, :] <= num_relevant[:, None]
+    out["map@r"] = float((np.where(within_r, precision_at_hits, 0.0).sum(axis=1) / num_relevant).mean())
     return out
 
 

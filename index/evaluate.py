@@ -1,4 +1,6 @@
-"""Retrieval quality of a teacher/student pair on labelled images, leave-one-out.
+"""Retrieval quality of a teacher/student pair on labelled images, leave-one-out (Recall@K, mAP, precision@1,
+MAP@R); of any (query model, database model) pair (`evaluate_pair`); and the revisited Oxford/Paris protocol
+(`evaluate_revisited`).
 
 Every image queries all the others. Three settings: the teacher alone (the ceiling), the student alone
 (symmetric), and student queries against the teacher-embedded database (the asymmetric setting the server
@@ -61,14 +63,86 @@ def evaluate(data: str | os.PathLike, teacher: str | os.PathLike, student: str |
             store.close()
 
 
+def evaluate_pair(data: str | os.PathLike, query_model: str | os.PathLike, database_model: str | os.PathLike, *,
+                  classes: str = "all", batch_size: int = 64, ks: Sequence[int] = DEFAULT_KS,
+                  progress: bool = True) -> dict[str, float]:
+    """Leave-one-out metrics (Recall@K, mAP, precision@1, MAP@R) of any (query model, database model) pair on the
+    labelled images of `data`: every image embedded by the query model searches every other image embedded by
+    the database model. The two must live in one space: the same teacher id and dimension (a teacher with
+    itself, a student with its teacher, two students of one teacher)."""
+    ks = tuple(int(k) for k in ks)
+    data = Path(data).resolve()
+    query, database = OnnxEmbedder(query_model), OnnxEmbedder(database_model)
+    if query.teacher_id != database.teacher_id:
+        raise PairingError(f"{query_model} belongs to teacher {query.teacher_id} but {database_model} to teacher "
+                           f"{database.teacher_id}: their embeddings are not comparable")
+    if query.dim != database.dim:
+        raise PairingError(f"{query_model} embeds into {query.dim} dimensions but {database_model} into "
+                           f"{database.dim}")
+    same = Path(query_model).resolve() == Path(database_model).resolve()
+    items = list_image_folder(data, select_classes(data, classes))
+    embedded = embed_items(items, [query] if same else [query, database], batch_size=batch_size, progress=progress,
+                           desc="embedding images")
+    report_skipped(embedded.skipped)
+    labels = [item.label for item in embedded.items]
+    if not any(n > 1 for n in Counter(labels).values()):
+        raise UserError(f"{data} needs at least two readable images in some class folder to evaluate retrieval")
+    q = embedded.vectors[0]
+    db = q if same else embedded.vectors[1]
+    return retrieval_metrics(q, labels, db, labels, exclude_self=True, ks=ks)
+
+
+def evaluate_revisited(images: str | os.PathLike, ground_truth: str | os.PathLike, query_model: str | os.PathLike,
+                       database_model: str | os.PathLike, *, batch_size: int = 32,
+                       progress: bool = True) -> dict[str, dict[str, float]]:
+    """The revisited Oxford / Paris protocol (`core.roxford`): easy / medium / hard mAP and mP@1,5,10.
+
+    `ground_truth` is the data set's `gnd_<name>.pkl`; `images` the folder of its `<name>.jpg` files. Queries
+    are cropped to their bounding box (`bbx`) as the protocol prescribes, embedded by the query model; the
+    database is embedded by the database model (a student against its teacher: the asymmetric setting)."""
+    from asymsearch.core.preprocess import decode_image
+    from asymsearch.core.roxford import evaluate_embeddings, load_ground_truth
+
+    images = Path(images)
+    cfg = load_ground_truth(ground_truth)
+    query, database = OnnxEmbedder(query_model), OnnxEmbedder(database_model)
+    if query.teacher_id != database.teacher_id or query.dim != database.dim:
+        raise PairingError(f"{query_model} and {database_model} do not embed into one space (teacher "
+                           f"{query.teacher_id} / {database.teacher_id}, dim {query.dim} / {database.dim})")
+
+    def load(name: str):
+        path = images / f"{name}.jpg"
+        if not path.is_file():
+            raise UserError(f"image {path} listed by {ground_truth} not found")
+        return decode_image(path)
+
+    def embed(model: OnnxEmbedder, names: Sequence[str], boxes=None) -> np.ndarray:
+        out = []
+        for start in range(0, len(names), batch_size):
+            batch = [load(n) for n in names[start:start + batch_size]]
+            if boxes is not None:
+                batch = [img.crop(tuple(int(round(v)) for v in box))
+                         for img, box in zip(batch, boxes[start:start + batch_size])]
+            out.append(model.embed_images(batch))
+        return np.concatenate(out) if out else np.zeros((0, model.dim), np.float32)
+
+    boxes = [g["bbx"] for g in cfg["gnd"]] if all("bbx" in g for g in cfg["gnd"]) else None
+    q = embed(query, cfg["qimlist"], boxes)
+    db = embed(database, cfg["imlist"])
+    return evaluate_embeddings(q, db, cfg["gnd"])
+
+
 def index_metrics(store: SearchIndex, queries: np.ndarray, items: Sequence[ImageItem], *,
                   ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """Score `queries` (labelled by `items`) against the whole ranking `store` returns; a query that is itself in
     the index (same absolute path) is removed from its own ranking. Ids an approximate index leaves out (-1)
     count as misses: the denominator of AP comes from the metadata, not from what the search returned."""
-    meta = store.lookup(range(store.count))
-    db_labels = np.asarray([label for _, label in meta])
-    position = {path: i for i, (path, _) in enumerate(meta)}
+    all_ids = store.ids()  # ascending; gaps once images have been removed
+    meta = store.lookup(all_ids)
+    row_of = np.zeros(int(all_ids.max()) + 1 if len(all_ids) else 1, dtype=np.int64)
+    row_of[all_ids] = np.arange(len(all_ids))
+    db_labels = np.asarray([label for _, label in meta])[row_of]  # indexed by id
+    position = {path: int(i) for i, (path, _) in zip(all_ids, meta)}
     query_labels = np.asarray([item.label for item in items])
     self_ids = np.asarray([position.get(item.path, -2) for item in items], dtype=np.int64)  # -2: not in the index
 
@@ -81,7 +155,8 @@ def index_metrics(store: SearchIndex, queries: np.ndarray, items: Sequence[Image
         ids, keep = np.take_along_axis(ids, order, axis=1), np.take_along_axis(keep, order, axis=1)
         relevant.append(keep & (db_labels[np.where(keep, ids, 0)] == query_labels[start:stop, None]))
     relevant = np.concatenate(relevant)
-    num_relevant = (db_labels[None, :] == query_labels[:, None]).sum(axis=1) - (self_ids >= 0)
+    held_labels = db_labels[all_ids]
+    num_relevant = (held_labels[None, :] == query_labels[:, None]).sum(axis=1) - (self_ids >= 0)
     if not num_relevant.any():
         raise UserError(f"no query label appears in index {store.folder}: evaluate on images of the classes it holds")
     return ranking_metrics(relevant, num_relevant, ks)
@@ -92,7 +167,8 @@ def format_table(result: dict[str, dict[str, float]]) -> str:
     if not result:
         return ""
     columns = list(next(iter(result.values())))
-    headers = ["mAP" if c == "map" else c.replace("recall@", "R@") for c in columns]
+    names = {"map": "mAP", "map@r": "MAP@R", "precision@1": "P@1"}
+    headers = [names.get(c, c.replace("recall@", "R@")) for c in columns]
     width = max(len("setting"), *(len(name) for name in result))
     cell = max(6, *(len(h) for h in headers))
     lines = [f"{'setting':<{width}}  " + "  ".join(f"{h:>{cell}}" for h in headers)]

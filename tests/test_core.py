@@ -50,7 +50,7 @@ def test_retrieval_metrics_match_a_plain_loop(exclude_self):
         q, ql = rng.normal(size=(12, 5)).astype(np.float32), rng.integers(0, 4, size=12)
     got = retrieval_metrics(q, ql, db, dl, exclude_self=exclude_self)
     want = loop_metrics(q, ql, db, dl, exclude_self)
-    assert got.keys() == want.keys()
+    assert want.keys() <= got.keys()  # tests/test_metrics.py covers the added keys (precision@1, map@r)
     for key in want:
         assert got[key] == pytest.approx(want[key], abs=1e-9), key
 

@@ -50,7 +50,7 @@ def test_eval_json_is_exactly_one_object(pipeline, image_folder, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"teacher_teacher", "student_student", "student_teacher"}
     for setting in result.values():
-        assert set(setting) == {"recall@1", "recall@2", "recall@4", "recall@8", "map"}
+        assert {"recall@1", "recall@2", "recall@4", "recall@8", "map"} <= set(setting)
         assert all(0.0 <= v <= 1.0 for v in setting.values())
         assert setting["recall@1"] <= setting["recall@2"] <= setting["recall@4"] <= setting["recall@8"]
 
