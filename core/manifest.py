@@ -18,6 +18,9 @@ from asymsearch.core.errors import ManifestError, PairingError
 MODEL_FORMAT = 1
 INDEX_FORMAT = 1
 
+# What a model file is, relative to the fp32 export of the same checkpoint (the "parent" of every other variant).
+VARIANTS = ("fp32", "optimized", "fp16", "int8-dynamic", "int8-static", "ort")
+
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
@@ -56,10 +59,18 @@ class ModelManifest:
     output_name: str = "embeddings"
     format: int = MODEL_FORMAT
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # "fp32" for the plain export; a variant derived from it ("fp16", "int8-static", ...) records the sha256 of
+    # the fp32 file it was made from. Manifests written before variants existed read as fp32 with no parent.
+    variant: str = "fp32"
+    parent_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ("teacher", "student"):
             raise ManifestError(f"manifest role must be 'teacher' or 'student', not {self.role!r}")
+        if self.variant not in VARIANTS:
+            raise ManifestError(f"manifest variant must be one of {', '.join(VARIANTS)}, not {self.variant!r}")
+        if self.role == "student" and not self.teacher_id:
+            raise ManifestError("a student manifest needs teacher_id, the id of the teacher it was trained against")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -78,7 +89,22 @@ class ModelManifest:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelManifest":
-        return cls.from_dict(read_json(path, "model manifest"))
+        """Read a manifest; unknown keys are ignored and keys added later take their defaults, so older files
+        load. A missing required key or a malformed value raises `ManifestError` naming the file."""
+        data = read_json(path, "model manifest")
+        if not isinstance(data, dict):
+            raise ManifestError(f"model manifest {path} is not a JSON object")
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in data and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ManifestError(f"model manifest {path} lacks {', '.join(missing)}")
+        try:
+            return cls.from_dict(data)
+        except ManifestError as e:
+            raise ManifestError(f"model manifest {path}: {e}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"model manifest {path} is malformed ({e.__class__.__name__}: {e})") from None
 
 
 @dataclasses.dataclass(frozen=True)

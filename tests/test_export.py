@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +19,19 @@ from asymsearch.core.preprocess import decode_image
 from asymsearch.export.onnx_export import ExportMismatch, export_checkpoint
 from asymsearch.training.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from asymsearch.training.data import eval_transform
-from asymsearch.training.models import BACKBONES, build_model
+from asymsearch.training.models import BACKBONES, HEADS, build_model
 from asymsearch.training.config import StudentConfig, TeacherConfig
 from asymsearch.training.student import train_student
 from asymsearch.training.teacher import train_teacher
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: a second torch thread buys nothing and, on a busy machine, costs seconds per test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +63,7 @@ def test_export_round_trip(checkpoints, image_folder, tmp_path, role):
     assert manifest.opset == 17 and manifest.sha256 == sha256_file(out)
     assert manifest.model_id == ckpt["model_id"] and manifest.teacher_id == ckpt["teacher_id"]
     assert manifest.extra["checkpoint"] == str(checkpoints[role])
+    assert manifest.variant == "fp32" and manifest.parent_sha256 is None
     assert 0.0 <= manifest.extra["max_abs_diff"] <= 1e-4
     graph = onnx.load(out).graph
     assert [i.name for i in graph.input] == ["images"] and [o.name for o in graph.output] == ["embeddings"]
@@ -78,7 +90,27 @@ def test_student_and_teacher_manifests_pair(checkpoints, tmp_path):
     assert s.dim == t.dim and s.preprocessing == t.preprocessing
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
+SMALLEST_OF_FAMILY = ("resnet18", "efficientnet_b0", "efficientnet_lite0", "mobilenet_v3_small")
+
+
+def _family(name: str) -> str:
+    return re.sub(r"(\d+|small|large)$", "", name)
+
+
+def backbones_to_export() -> list[str]:
+    """Every backbone when ASYMSEARCH_EXPORT_EVERY_BACKBONE=1; otherwise one per family (the smallest; a family
+    added later is covered by its first name), since a family's members share their code and differ in width and
+    depth, and exporting all of them takes minutes on 2 cores."""
+    names = sorted(BACKBONES)
+    if os.environ.get("ASYMSEARCH_EXPORT_EVERY_BACKBONE") == "1":
+        return names
+    chosen = {_family(n): n for n in SMALLEST_OF_FAMILY if n in BACKBONES}
+    for n in names:
+        chosen.setdefault(_family(n), n)
+    return sorted(chosen.values())
+
+
+@pytest.mark.parametrize("name", backbones_to_export())
 def test_every_backbone_exports_and_matches_onnxruntime(name, tmp_path):
     torch.manual_seed(0)
     arch = {"backbone": name, "head": "gem", "dim": 8, "pretrained": None}
@@ -88,6 +120,19 @@ def test_every_backbone_exports_and_matches_onnxruntime(name, tmp_path):
     manifest = export_checkpoint(path, tmp_path / "m.onnx", samples=2)
     assert manifest.extra["max_abs_diff"] <= 1e-4
     x = np.random.default_rng(0).normal(size=(3, 3, 40, 48)).astype(np.float32)  # another size than exported
+    got = OnnxEmbedder(tmp_path / "m.onnx", providers=["CPUExecutionProvider"]).embed_arrays(x)
+    np.testing.assert_allclose(got, torch_embed(ckpt, x), atol=1e-4)
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_every_head_exports_through_export_checkpoint(head, tmp_path):
+    torch.manual_seed(0)
+    arch = {"backbone": "tiny_cnn_narrow", "head": head, "dim": 128, "pretrained": None}  # gap: dim = channels
+    ckpt = make_checkpoint(build_model(arch).eval(), role="teacher", arch=arch,
+                           preprocessing=Preprocessing(resize=32, crop=32))
+    manifest = export_checkpoint(save_checkpoint(ckpt, tmp_path / "m.pt"), tmp_path / "m.onnx", samples=1)
+    assert manifest.architecture["head"] == head
+    x = np.random.default_rng().normal(size=(2, 3, 48, 40)).astype(np.float32)  # fresh, another size
     got = OnnxEmbedder(tmp_path / "m.onnx", providers=["CPUExecutionProvider"]).embed_arrays(x)
     np.testing.assert_allclose(got, torch_embed(ckpt, x), atol=1e-4)
 
