@@ -2,22 +2,103 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from asymsearch.cli.options import Commands, existing_path
+from asymsearch.core.errors import UserError
 
 
 def register(commands: Commands) -> None:
-    p = commands.add("serve", help="answer gRPC queries with the student against the index")
-    p.add_argument("--index", required=True, type=existing_path("index folder"), help="index folder")
+    p = commands.add("serve", help="answer gRPC queries with the student against the index",
+                     description="Serve the index (a folder, or a versioned root whose CURRENT names the live "
+                                 "version) over gRPC: Search (image, vector, batch, stream, Info), health, "
+                                 "reflection, optional Admin and Prometheus metrics. See docs/server.md.")
+    p.add_argument("--index", required=True, type=existing_path("index folder"), help="index folder or root")
     p.add_argument("--student", required=True, type=existing_path("student ONNX model"),
                    help="student .onnx (with its .json)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=50051, help="port (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=8, help="request threads (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=64, help="RPC threads (default: %(default)s)")
+    g = p.add_argument_group("batching and limits")
+    g.add_argument("--batch-max-size", type=int, default=32,
+                   help="most queries per student / faiss batch (default: %(default)s)")
+    g.add_argument("--embed-max-batch", type=int, default=None,
+                   help="most images per student call (default: --batch-max-size)")
+    g.add_argument("--embed-threads", type=int, default=1,
+                   help="onnxruntime threads of the student; 0: all cores (default: %(default)s)")
+    g.add_argument("--search-threads", type=int, default=1,
+                   help="faiss OpenMP threads; 0: faiss's default (default: %(default)s)")
+    g.add_argument("--batch-max-delay-ms", type=float, default=1.0,
+                   help="longest wait for a batch to fill, ms (default: %(default)s)")
+    g.add_argument("--queue-size", type=int, default=256,
+                   help="most queries in progress; more get RESOURCE_EXHAUSTED (default: %(default)s)")
+    g.add_argument("--decode-workers", type=int, default=2, help="image decoding threads (default: %(default)s)")
+    g.add_argument("--max-pixels", type=int, default=None,
+                   help="largest query image, in pixels (default: 40,000,000)")
+    g.add_argument("--max-k", type=int, default=1000, help="largest k a query may ask (default: %(default)s)")
+    g.add_argument("--default-k", type=int, default=10, help="k of a query that asks 0 (default: %(default)s)")
+    g.add_argument("--max-message-mb", type=float, default=16.0,
+                   help="largest request or reply, MiB (default: %(default)s)")
+    g.add_argument("--max-batch-queries", type=int, default=1024,
+                   help="most queries in one BatchSearch call (default: %(default)s)")
+    s = p.add_argument_group("security")
+    s.add_argument("--tls-cert", type=existing_path("TLS certificate"), help="server certificate (PEM)")
+    s.add_argument("--tls-key", type=existing_path("TLS private key"), help="server private key (PEM)")
+    s.add_argument("--tls-client-ca", type=existing_path("client CA certificate"),
+                   help="require client certificates signed by this CA (PEM)")
+    s.add_argument("--token-file", type=existing_path("token file"),
+                   help="file holding the bearer token (Admin always requires it)")
+    s.add_argument("--search-requires-token", action="store_true", help="require the token for Search too")
+    s.add_argument("--admin", action="store_true", help="enable the Admin service (needs --token-file)")
+    s.add_argument("--teacher", type=existing_path("teacher ONNX model"),
+                   help="teacher .onnx, for the Admin service's AddImages")
+    s.add_argument("--keep", type=int, default=None, help="index versions kept by Admin updates (default: all)")
+    o = p.add_argument_group("operations")
+    o.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus /metrics on this port (0: any free port; default: off)")
+    o.add_argument("--metrics-host", default="127.0.0.1", help="address for /metrics (default: %(default)s)")
+    o.add_argument("--follow-current", action="store_true",
+                   help="reload when the index root's CURRENT names a new version (hot swap)")
+    o.add_argument("--poll-s", type=float, default=1.0, help="how often to look at CURRENT (default: %(default)s)")
+    o.add_argument("--drain-s", type=float, default=5.0,
+                   help="seconds in-flight requests get on SIGTERM (default: %(default)s)")
+    o.add_argument("--drain-announce-s", type=float, default=0.0,
+                   help="on SIGTERM, seconds health says NOT_SERVING before new requests are refused "
+                        "(default: %(default)s)")
+    o.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines (default: %(default)s)")
+    o.add_argument("--log-level", default="INFO", help="DEBUG logs every RPC (default: %(default)s)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from asymsearch.server.service import serve
-    serve(args.index, args.student, host=args.host, port=args.port, max_workers=args.workers)
+    from asymsearch.server.admin import TeacherUpdater
+    from asymsearch.server.batching import BatchingConfig
+    from asymsearch.server.logs import configure_logging
+    from asymsearch.server.service import ServeOptions, serve
+
+    token = None
+    if args.token_file:
+        token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        if not token:
+            raise UserError(f"the token file {args.token_file} is empty")
+    try:
+        batching = BatchingConfig(max_batch=args.batch_max_size, max_delay_ms=args.batch_max_delay_ms,
+                                  max_queue=args.queue_size, decode_workers=args.decode_workers,
+                                  max_embed_batch=args.embed_max_batch, search_threads=args.search_threads)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    options = ServeOptions(
+        host=args.host, port=args.port, max_workers=args.workers,
+        max_message_bytes=int(args.max_message_mb * 1024 * 1024), batching=batching,
+        max_batch_queries=args.max_batch_queries, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, token=token, search_requires_token=args.search_requires_token,
+        admin=args.admin, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+        follow_current=args.follow_current, poll_s=args.poll_s, drain_s=args.drain_s,
+        drain_announce_s=args.drain_announce_s, embed_threads=args.embed_threads)
+    configure_logging(args.log_format, args.log_level)
+    engine_kw = {"max_k": args.max_k, "default_k": args.default_k}
+    if args.max_pixels is not None:
+        engine_kw["max_pixels"] = args.max_pixels
+    updater = TeacherUpdater(args.teacher, keep=args.keep) if args.admin else None
+    serve(args.index, args.student, host=args.host, port=args.port, options=options, updater=updater, **engine_kw)
     return 0

@@ -5,16 +5,24 @@
         hits = client.search_image("query.jpg", k=5)          # the server embeds the image with its student
         hits = client.search_on_device(OnDeviceEmbedder("student.onnx"), "query.jpg", k=5)  # only a vector leaves
 
+    with SearchClient("search.example.org:443", tls=TlsOptions(root_ca="ca.pem"), token="...") as client:
+        results = client.batch_search(["a.jpg", "b.jpg", vector], k=5)  # one call, one result per query
+        for tag, hits in client.stream_search(many_images, k=5): ...    # pipelined: results as they are ready
+        client.reload()                                                   # Admin service (needs the token)
+
 gRPC failures surface as `SearchError` subclasses carrying the server's message; a local file that cannot be
-read is a `UserError`. No torch here: onnxruntime, grpcio, numpy and Pillow only.
+read is a `UserError`. UNAVAILABLE (the server restarting, a connection lost) is retried `retries` times with
+exponential back-off and jitter; every other failure is raised at once. No torch here: onnxruntime, grpcio,
+numpy and Pillow only.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -45,12 +53,36 @@ class ServerUnavailable(SearchError):
     """The server cannot be reached or did not answer in time (UNAVAILABLE, DEADLINE_EXCEEDED)."""
 
 
+class ServerBusy(SearchError):
+    """The server's queue is full (RESOURCE_EXHAUSTED): retry later, or elsewhere."""
+
+
+class NotAuthorised(SearchError):
+    """A missing or wrong bearer token or client certificate (UNAUTHENTICATED, PERMISSION_DENIED)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsOptions:
+    """TLS for the channel: `root_ca` verifies the server (None: the system's roots); `cert` + `key` are the
+    client's own certificate when the server asks for one. Paths to PEM files, or the PEM bytes."""
+
+    root_ca: str | os.PathLike | bytes | None = None
+    cert: str | os.PathLike | bytes | None = None
+    key: str | os.PathLike | bytes | None = None
+    server_name: str | None = None  # check the server's certificate for this name instead of the host's
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=_pem(self.root_ca), private_key=_pem(self.key),
+                                            certificate_chain=_pem(self.cert))
+
+
 @dataclasses.dataclass(frozen=True)
 class Hit:
     id: int
     score: float  # cosine similarity of the query and the database image
     path: str
     label: str
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 ImageSource = str | os.PathLike | bytes
@@ -81,15 +113,33 @@ class OnDeviceEmbedder:
 
 
 class SearchClient:
-    """A connection to a query server at `address` ("host:port"); `timeout` is the deadline of each call, seconds."""
+    """A connection to a query server at `address` ("host:port"); `timeout` is the deadline of each call, seconds.
 
-    def __init__(self, address: str, *, timeout: float = 10.0) -> None:
+    `token` is sent as `authorization: Bearer TOKEN` (the Admin service always needs it); `tls` turns TLS on.
+    UNAVAILABLE is retried `retries` times, waiting `backoff` s, then twice that, ... (at most `max_backoff` s),
+    each wait with +-50% jitter so that many clients do not come back at the same instant.
+    """
+
+    def __init__(self, address: str, *, timeout: float = 10.0, token: str | None = None,
+                 tls: TlsOptions | None = None, retries: int = 3, backoff: float = 0.1,
+                 max_backoff: float = 2.0) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.attempts = 0  # calls sent, retries included (for tests and diagnostics)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if tls is not None:
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.secure_channel(address, tls.credentials(), options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._stub = search_pb2_grpc.SearchStub(self._channel)
+        self._admin = search_pb2_grpc.AdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._server_info: dict[str, Any] | None = None
 
@@ -100,10 +150,7 @@ class SearchClient:
 
     def search_vector(self, vector: Sequence[float] | np.ndarray, k: int = 10) -> list[Hit]:
         """Send a student embedding of the server's dimension (see `info()["dim"]`); the server normalises it."""
-        v = np.asarray(vector, dtype=np.float32)
-        if v.ndim != 1:
-            raise UserError(f"a query vector must be one-dimensional, got shape {v.shape}")
-        return _hits(self._call(self._stub.SearchVector, search_pb2.VectorQuery(vector=v.tolist(), k=k)))
+        return _hits(self._call(self._stub.SearchVector, search_pb2.VectorQuery(vector=_vector(vector), k=k)))
 
     def search_on_device(self, embedder: OnDeviceEmbedder, image: ImageSource, k: int = 10) -> list[Hit]:
         """Embed `image` locally with `embedder` and send only the vector.
@@ -119,10 +166,51 @@ class SearchClient:
                                f"{self.address} searches an index embedded by teacher {served}")
         return self.search_vector(embedder.embed(image), k)
 
+    def batch_search(self, queries: Sequence[ImageSource | Sequence[float] | np.ndarray], k: int = 10
+                     ) -> list[list[Hit] | SearchError]:
+        """Many queries in one call: images (paths or bytes) and/or vectors. One entry per query, in order: its
+        hits, or the `SearchError` (e.g. `InvalidRequest`) that query alone failed with."""
+        request = search_pb2.BatchSearchRequest(queries=[_query(q, k, tag) for tag, q in enumerate(queries)])
+        reply = self._call(self._stub.BatchSearch, request)
+        return [_result(r, self.address) for r in reply.results]
+
+    def stream_search(self, queries: Iterable[ImageSource | Sequence[float] | np.ndarray], k: int = 10
+                      ) -> Iterator[tuple[int, list[Hit] | SearchError]]:
+        """Pipeline `queries` over one stream; yield (position, hits or error) as results arrive (any order).
+
+        Not retried: a broken stream raises `ServerUnavailable`; resend what had no result yet."""
+        requests = (_query(q, k, tag) for tag, q in enumerate(queries))
+        try:
+            for r in self._stub.SearchStream(requests, timeout=None, metadata=self._metadata):
+                yield r.tag, _result(r, self.address)
+        except grpc.RpcError as e:
+            raise _translate(e, self.address) from None
+
     def info(self) -> dict[str, Any]:
-        """What the server serves: teacher_id, student_id, dim, count, factory, metric, max_k, default_k."""
+        """What the server serves: teacher_id, student_id, dim, count, factory, metric, max_k, default_k,
+        index_version, search_params, limits and batching settings."""
         reply = self._call(self._stub.Info, search_pb2.InfoRequest())
-        return {field.name: getattr(reply, field.name) for field in reply.DESCRIPTOR.fields}
+        out = {}
+        for field in reply.DESCRIPTOR.fields:
+            value = getattr(reply, field.name)
+            out[field.name] = dict(value) if field.message_type is not None else value
+        return out
+
+    # -- the Admin service (needs the token) ----------------------------------------------------------------
+
+    def reload(self, path: str = "") -> dict[str, Any]:
+        """Ask the server to serve its index root's CURRENT version (or `path`): {index_version, count, changed}."""
+        return _update(self._call(self._admin.Reload, search_pb2.ReloadRequest(path=str(path))))
+
+    def add_images(self, folder: str | os.PathLike, metadata_csv: str | os.PathLike | None = None
+                   ) -> dict[str, Any]:
+        """Add the images below `folder` (a folder on the server's disk; labels: parent folder names) to the
+        index as a new version, which the server then serves."""
+        return _update(self._call(self._admin.AddImages, search_pb2.AddImagesRequest(
+            folder=str(folder), metadata_csv=str(metadata_csv or ""))))
+
+    def remove_images(self, ids: Sequence[int]) -> dict[str, Any]:
+        return _update(self._call(self._admin.RemoveImages, search_pb2.RemoveImagesRequest(ids=list(ids))))
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the server's health service reports the Search service SERVING; else `ServerUnavailable`."""
@@ -153,10 +241,17 @@ class SearchClient:
         self.close()
 
     def _call(self, method: Callable[..., Any], request: Any) -> Any:
-        try:
-            return method(request, timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise _translate(e, self.address) from None
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            self.attempts += 1
+            try:
+                return method(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise _translate(e, self.address) from None
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, self.max_backoff)
+        raise AssertionError("unreachable")
 
 
 def _translate(e: grpc.RpcError, address: str) -> SearchError:
@@ -165,6 +260,10 @@ def _translate(e: grpc.RpcError, address: str) -> SearchError:
         return InvalidRequest(details, code)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return ServerUnavailable(f"server at {address} unavailable ({code.name}): {details}", code)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ServerBusy(f"server at {address} busy: {details}", code)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return NotAuthorised(f"server at {address} refused ({code.name}): {details}", code)
     return SearchError(f"server at {address} failed ({code.name}): {details}", code)
 
 
@@ -178,4 +277,42 @@ def _read_file(path: Path) -> bytes:
 
 
 def _hits(reply: search_pb2.SearchReply) -> list[Hit]:
-    return [Hit(h.id, h.score, h.path, h.label) for h in reply.hits]
+    return [Hit(h.id, h.score, h.path, h.label, dict(h.metadata)) for h in reply.hits]
+
+
+def _vector(vector: Sequence[float] | np.ndarray) -> list[float]:
+    v = np.asarray(vector, dtype=np.float32)
+    if v.ndim != 1:
+        raise UserError(f"a query vector must be one-dimensional, got shape {v.shape}")
+    return v.tolist()
+
+
+def _query(q: ImageSource | Sequence[float] | np.ndarray, k: int, tag: int) -> search_pb2.Query:
+    if isinstance(q, bytes):
+        return search_pb2.Query(image=q, k=k, tag=tag)
+    if isinstance(q, (str, os.PathLike)):
+        return search_pb2.Query(image=_read_file(Path(q)), k=k, tag=tag)
+    return search_pb2.Query(vector=search_pb2.FloatVector(values=_vector(q)), k=k, tag=tag)
+
+
+def _result(r: search_pb2.QueryResult, address: str) -> list[Hit] | SearchError:
+    if r.code == 0:
+        return _hits(r.reply)
+    code = next((c for c in grpc.StatusCode if c.value[0] == r.code), grpc.StatusCode.UNKNOWN)
+    cls = {grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest, grpc.StatusCode.RESOURCE_EXHAUSTED: ServerBusy,
+           grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailable}.get(code, SearchError)
+    return cls(r.message, code)
+
+
+def _update(reply: search_pb2.UpdateReply) -> dict[str, Any]:
+    return {"index_version": reply.index_version, "count": reply.count, "changed": reply.changed,
+            "message": reply.message}
+
+
+def _pem(value: str | os.PathLike | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {value}: {e.strerror or e}") from None

@@ -3,26 +3,49 @@
 A query (an encoded image, or a vector the student already computed elsewhere) is validated, embedded with the
 student when it is an image, L2-normalised, and searched in the teacher's index. Anything wrong with a query
 raises `InvalidQuery` with a message that names the problem; the gRPC layer turns that into a status.
+
+The engine works on batches (`prepare_image` -> `embed_prepared` -> `search_batch`) so that the dynamic batcher
+(`asymsearch.server.batching`) can run one model call and one faiss call for many concurrent queries; the
+single-query `search_image` / `search_vector` are the same steps with a batch of one.
+
+Hot swap: the served index is a `ServedIndex` (an opened version and a count of the batches using it).
+`reload()` opens the new version beside the old one, checks that the student pairs with it, switches the
+reference atomically, and closes the old one once the last batch using it has finished (drain). A new version
+whose teacher differs from the student's is refused with `PairingError` and the old one keeps serving.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import logging
 import math
 import os
+import threading
 import time
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from asymsearch.core.errors import InvalidImage, UserError
+from asymsearch.core.errors import InvalidImage, PairingError, UserError
 from asymsearch.core.manifest import check_pairing
 from asymsearch.core.ort import OnnxEmbedder
-from asymsearch.core.preprocess import DEFAULT_MAX_PIXELS, decode_image
+from asymsearch.core.preprocess import DEFAULT_MAX_PIXELS, decode_image, preprocess
 from asymsearch.index.store import SearchIndex
+
+log = logging.getLogger(__name__)
+
+CURRENT_FILE = "CURRENT"  # index root layout (see asymsearch.index.versions): ROOT/CURRENT names ROOT/versions/<v>/
+VERSIONS_DIR = "versions"
 
 
 class InvalidQuery(UserError):
     """A query the engine refuses: an empty or undecodable image, a malformed vector, or a k out of range."""
+
+
+class NoIndex(UserError):
+    """The engine has no index to search (closed)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +54,7 @@ class Hit:
     score: float  # inner product of the normalised query and the database embedding
     path: str
     label: str
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +62,69 @@ class SearchResult:
     hits: list[Hit]
     embed_ms: float  # decoding and embedding the image; 0 for a vector query
     search_ms: float  # the index search and the lookup of paths and labels
+    index_version: str = ""
+    queue_ms: float = 0.0
+    decode_ms: float = 0.0
+    batch_size: int = 1
+
+
+def resolve_index_folder(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """(folder to open, version name) for an index root with `CURRENT` + `versions/`, or (folder, None) for a
+    plain index folder. Uses `asymsearch.index.versions.resolve_index_folder` when that module exists."""
+    try:
+        from asymsearch.index.versions import resolve_index_folder as resolve  # the index stage's own reader
+    except ImportError:
+        resolve = None
+    if resolve is not None:
+        folder, version = resolve(path)
+        return Path(folder), version
+    root = Path(path)
+    current = root / CURRENT_FILE
+    if current.is_file():
+        name = current.read_text(encoding="utf-8").strip()
+        if not name or "/" in name or name in (".", ".."):
+            raise UserError(f"{current} does not name a version folder (it holds {name!r})")
+        folder = root / VERSIONS_DIR / name
+        if not folder.is_dir():
+            raise UserError(f"{current} names version {name!r} but {folder} does not exist")
+        return folder, name
+    return root, None
+
+
+class ServedIndex:
+    """One opened index version and the number of batches using it; closed once retired and unused."""
+
+    def __init__(self, index: SearchIndex, version: str | None) -> None:
+        self.index = index
+        self.version = version or ""
+        self._users = 0
+        self._retired = False
+        self._lock = threading.Lock()
+        self.drained = threading.Event()
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            close = self._retired and self._users == 0
+        if close:
+            self._close()
+
+    def retire(self) -> None:
+        """No new users will come; close now if none is left, else when the last one releases."""
+        with self._lock:
+            self._retired = True
+            close = self._users == 0
+        if close:
+            self._close()
+
+    def _close(self) -> None:
+        self.index.close()
+        self.drained.set()
+        log.info("closed index version %r", self.version, extra={"event": "index_closed", "version": self.version})
 
 
 class QueryEngine:
@@ -45,77 +132,119 @@ class QueryEngine:
 
     The student must belong to the teacher that embedded the index (same teacher id and dimension), else
     `PairingError`. A teacher model may serve as the query model too (symmetric search) on the same terms.
+    `source` is where `reload()` looks for new versions (an index root with CURRENT, or a folder).
     """
 
     def __init__(self, index: SearchIndex, student: OnnxEmbedder, *, default_k: int = 10, max_k: int = 1000,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, version: str | None = None,
+                 source: str | os.PathLike | None = None) -> None:
         check_pairing(student.manifest, index.manifest)
         if not 1 <= default_k <= max_k:
             raise UserError(f"need 1 <= default_k <= max_k, got default_k={default_k}, max_k={max_k}")
         if max_pixels < 1:
             raise UserError(f"max_pixels must be positive, got {max_pixels}")
-        self.index = index
         self.student = student
         self.default_k = default_k
         self.max_k = max_k
         self.max_pixels = max_pixels
+        self.source = Path(source) if source is not None else Path(index.folder)
+        self._served = ServedIndex(index, version)
+        self._swap_lock = threading.Lock()  # one reload at a time
+        self._ref_lock = threading.Lock()  # guards the switch of `_served` against `using_index`
 
     @classmethod
-    def open(cls, index_dir: str | os.PathLike, student_onnx: str | os.PathLike, **kw: Any) -> "QueryEngine":
-        """Open the index folder and the student ONNX (with its manifest) and check that they pair.
+    def open(cls, index_dir: str | os.PathLike, student_onnx: str | os.PathLike, *, intra_op_threads: int = 0,
+             **kw: Any) -> "QueryEngine":
+        """Open the index (a folder, or a root whose CURRENT names the version) and the student ONNX (with its
+        manifest) and check that they pair.
 
-        Keyword arguments go to the constructor. Raises `PairingError` naming both teacher ids on a mismatch.
+        `intra_op_threads` goes to onnxruntime (0: its default, all cores); other keyword arguments go to the
+        constructor. Raises `PairingError` naming both teacher ids on a mismatch.
         """
-        student = OnnxEmbedder(student_onnx)
-        index = SearchIndex.open(index_dir)
+        student = OnnxEmbedder(student_onnx, intra_op_threads=intra_op_threads)
+        folder, version = resolve_index_folder(index_dir)
+        index = SearchIndex.open(folder)
         try:
-            return cls(index, student, **kw)
+            return cls(index, student, version=version, source=index_dir, **kw)
         except BaseException:
             index.close()
             raise
 
+    # -- what is served -------------------------------------------------------------------------------------
+
+    @property
+    def index(self) -> SearchIndex:
+        return self._served.index
+
+    @property
+    def index_version(self) -> str:
+        return self._served.version
+
     @property
     def dim(self) -> int:
-        return self.index.dim
+        return self.student.dim
 
-    def search_image(self, data: bytes, k: int) -> SearchResult:
-        """Decode `data`, embed it with the student and search. `k == 0` means `default_k`."""
-        k = self._resolve_k(k)
-        if not data:
-            raise InvalidQuery("empty image: the query carries no image bytes")
-        start = time.perf_counter()
+    @contextlib.contextmanager
+    def using_index(self) -> Iterator[ServedIndex]:
+        """The served index, kept open (not closed by a concurrent swap) until the block ends."""
+        with self._ref_lock:
+            served = self._served
+            served.acquire()
         try:
-            image = decode_image(bytes(data), self.max_pixels)
-        except InvalidImage as e:
-            raise InvalidQuery(str(e)) from None
-        vector = self.student.embed_images([image])[0]
-        embed_ms = (time.perf_counter() - start) * 1e3
-        return self._search(self._normalise(vector), k, embed_ms)
+            yield served
+        finally:
+            served.release()
 
-    def search_vector(self, vector: Sequence[float] | np.ndarray, k: int) -> SearchResult:
-        """Search with a vector the student computed elsewhere (e.g. on the user's device).
+    def reload(self, path: str | os.PathLike | None = None, *, drain_timeout: float | None = None
+               ) -> tuple[bool, str]:
+        """Serve the version `path` (default: `source`) resolves to; return (changed, version).
 
-        The vector must have the index's dimension and finite values; the engine L2-normalises it before the
-        search, so scores are cosine similarities whatever scale the sender used.
+        The new index is opened and checked beside the served one; on any failure (a missing file, a student of
+        another teacher) the old one keeps serving and the error propagates. `drain_timeout` > 0 waits that long
+        for the batches still on the old version; it is closed when they finish either way.
         """
-        k = self._resolve_k(k)
-        v = np.asarray(vector, dtype=np.float32)
-        if v.ndim != 1:
-            raise InvalidQuery(f"the vector must be one-dimensional, got shape {v.shape}")
-        if v.shape[0] != self.dim:
-            raise InvalidQuery(f"the vector has {v.shape[0]} values; expected dim {self.dim}")
-        if not np.isfinite(v).all():
-            raise InvalidQuery("the vector contains NaN or infinite values")
-        return self._search(self._normalise(v), k, 0.0)
+        with self._swap_lock:
+            source = Path(path) if path is not None else self.source
+            folder, version = resolve_index_folder(source)
+            current = self._served
+            if folder.resolve() == Path(current.index.folder).resolve() and (version or "") == current.version:
+                return False, current.version
+            start = time.perf_counter()
+            new_index = SearchIndex.open(folder)
+            try:
+                check_pairing(self.student.manifest, new_index.manifest)
+                if new_index.count:  # warm the new index before it takes traffic
+                    new_index.search(np.zeros((1, new_index.dim), np.float32) + 1.0 / math.sqrt(new_index.dim), 1)
+            except BaseException:
+                new_index.close()
+                raise
+            new = ServedIndex(new_index, version)
+            with self._ref_lock:
+                old, self._served = self._served, new
+            if path is not None:
+                self.source = source
+            log.info("now serving index version %r (%d items) from %s; loaded in %.0f ms, draining %r",
+                     new.version, new_index.count, folder, (time.perf_counter() - start) * 1e3, old.version,
+                     extra={"event": "index_swapped", "version": new.version, "previous": old.version,
+                            "count": new_index.count})
+            old.retire()
+            if drain_timeout:
+                old.drained.wait(drain_timeout)
+            return True, new.version
 
     def info(self) -> dict[str, Any]:
-        m = self.index.manifest
-        return {"teacher_id": self.index.teacher_id, "student_id": self.student.manifest.model_id,
-                "dim": self.dim, "count": self.index.count, "factory": m.factory, "metric": m.metric,
-                "max_k": self.max_k, "default_k": self.default_k}
+        with self.using_index() as served:
+            m = served.index.manifest
+            return {"teacher_id": served.index.teacher_id, "student_id": self.student.manifest.model_id,
+                    "dim": served.index.dim, "count": served.index.count, "factory": m.factory, "metric": m.metric,
+                    "max_k": self.max_k, "default_k": self.default_k, "index_version": served.version,
+                    "search_params": {str(k): str(v) for k, v in m.search_params.items()},
+                    "student_architecture": json.dumps(self.student.manifest.architecture, sort_keys=True),
+                    "max_pixels": self.max_pixels}
 
     def close(self) -> None:
-        self.index.close()
+        with self._ref_lock:
+            self._served.retire()
 
     def __enter__(self) -> "QueryEngine":
         return self
@@ -123,25 +252,113 @@ class QueryEngine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _resolve_k(self, k: int) -> int:
+    # -- the batch steps ------------------------------------------------------------------------------------
+
+    def resolve_k(self, k: int) -> int:
         if k < 0:
             raise InvalidQuery(f"k must be positive (or 0 for the default of {self.default_k}), got {k}")
         if k > self.max_k:
             raise InvalidQuery(f"k={k} exceeds this server's max_k of {self.max_k}")
         return k or self.default_k
 
+    def prepare_image(self, data: bytes) -> np.ndarray:
+        """Encoded image -> the student's input (3, crop, crop) float32; `InvalidQuery` when it is not an image
+        or has more than `max_pixels` pixels (checked from the header, before decoding)."""
+        if not data:
+            raise InvalidQuery("empty image: the query carries no image bytes")
+        try:
+            image = decode_image(bytes(data), self.max_pixels)
+        except InvalidImage as e:
+            raise InvalidQuery(str(e)) from None
+        return preprocess(image, self.student.manifest.preprocessing)
+
+    def embed_prepared(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) -> (N, dim) raw student embeddings (normalise each with `normalise`)."""
+        return self.student.embed_arrays(pixels)
+
+    def check_vector(self, vector: Sequence[float] | np.ndarray) -> np.ndarray:
+        """A vector the student computed elsewhere -> normalised float32 (dim,); `InvalidQuery` when it has the
+        wrong size, non-finite values or zero length. Scores are cosine similarities whatever its scale."""
+        v = np.asarray(vector, dtype=np.float32)
+        if v.ndim != 1:
+            raise InvalidQuery(f"the vector must be one-dimensional, got shape {v.shape}")
+        if v.shape[0] != self.dim:
+            raise InvalidQuery(f"the vector has {v.shape[0]} values; expected dim {self.dim}")
+        if not np.isfinite(v).all():
+            raise InvalidQuery("the vector contains NaN or infinite values")
+        return self.normalise(v)
+
     @staticmethod
-    def _normalise(v: np.ndarray) -> np.ndarray:
+    def normalise(v: np.ndarray) -> np.ndarray:
         norm = float(np.linalg.norm(v.astype(np.float64)))
         if norm == 0.0 or not math.isfinite(norm):
             raise InvalidQuery("the vector has zero length and cannot be normalised")
         return (v / norm).astype(np.float32)
 
-    def _search(self, v: np.ndarray, k: int, embed_ms: float) -> SearchResult:
+    def search_batch(self, vectors: np.ndarray, ks: Sequence[int]) -> tuple[list[list[Hit]], str]:
+        """Normalised vectors (Q, dim) and a k per query -> the hits of each query and the version that answered.
+
+        One faiss call with the largest k, then one metadata lookup for all the ids of the batch.
+        """
+        with self.using_index() as served:
+            index = served.index
+            if index.count == 0:
+                return [[] for _ in ks], served.version
+            scores, ids = index.search(vectors, max(ks))
+            wanted = [(row, ids[row, :k][ids[row, :k] >= 0], scores[row, :k][ids[row, :k] >= 0])
+                      for row, k in enumerate(ks)]  # approximate indexes pad with -1 when they find fewer than k
+            unique = sorted({int(i) for _, row_ids, _ in wanted for i in row_ids})
+            records = _lookup(index, unique)
+        out = []
+        for _, row_ids, row_scores in wanted:
+            hits = []
+            for i, s in zip(row_ids.tolist(), row_scores.tolist()):
+                path, label, meta = records[i]
+                hits.append(Hit(int(i), float(s), path, label, meta))
+            out.append(hits)
+        return out, served.version
+
+    # -- one query at a time (no batching) ------------------------------------------------------------------
+
+    def search_image(self, data: bytes, k: int) -> SearchResult:
+        """Decode `data`, embed it with the student and search. `k == 0` means `default_k`."""
+        k = self.resolve_k(k)
         start = time.perf_counter()
-        scores, ids = self.index.search(v[None, :], k)
-        keep = ids[0] >= 0  # approximate indexes pad with -1 when they find fewer than k
-        ids_kept, scores_kept = ids[0][keep], scores[0][keep]
-        entries = self.index.lookup(ids_kept) if len(ids_kept) else []
-        hits = [Hit(int(i), float(s), path, label) for i, s, (path, label) in zip(ids_kept, scores_kept, entries)]
-        return SearchResult(hits, embed_ms, (time.perf_counter() - start) * 1e3)
+        pixels = self.prepare_image(data)
+        vector = self.normalise(self.embed_prepared(pixels[None])[0])
+        embed_ms = (time.perf_counter() - start) * 1e3
+        return self._search_one(vector, k, embed_ms)
+
+    def search_vector(self, vector: Sequence[float] | np.ndarray, k: int) -> SearchResult:
+        """Search with a vector the student computed elsewhere (e.g. on the user's device).
+
+        The vector must have the index's dimension and finite values; the engine L2-normalises it before the
+        search, so scores are cosine similarities whatever scale the sender used.
+        """
+        k = self.resolve_k(k)
+        return self._search_one(self.check_vector(vector), k, 0.0)
+
+    def _search_one(self, v: np.ndarray, k: int, embed_ms: float) -> SearchResult:
+        start = time.perf_counter()
+        (hits,), version = self.search_batch(v[None, :], [k])
+        return SearchResult(hits, embed_ms, (time.perf_counter() - start) * 1e3, version)
+
+
+def _lookup(index: SearchIndex, ids: list[int]) -> dict[int, tuple[str, str, dict[str, str]]]:
+    """id -> (path, label, other metadata columns as text), with `lookup_records` when the index has it."""
+    if not ids:
+        return {}
+    records = getattr(index, "lookup_records", None)
+    if records is not None:
+        out = {}
+        for rec in records(ids):
+            rec = dict(rec)
+            i = int(rec.pop("id"))
+            path, label = str(rec.pop("path")), str(rec.pop("label"))
+            out[i] = (path, label, {str(k): "" if v is None else str(v) for k, v in rec.items()})
+        return out
+    return {i: (path, label, {}) for i, (path, label) in zip(ids, index.lookup(ids))}
+
+
+__all__ = ["CURRENT_FILE", "Hit", "InvalidQuery", "NoIndex", "PairingError", "QueryEngine", "SearchResult",
+           "ServedIndex", "resolve_index_folder"]

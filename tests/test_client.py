@@ -67,8 +67,12 @@ def test_on_device_with_foreign_student_is_refused(client, items, tiny_models):
 
 def test_info(client):
     info = client.info()
-    assert info == {"teacher_id": "teacher-a", "student_id": "student-of-teacher-a", "dim": 16, "count": 80,
-                    "factory": "Flat", "metric": "inner_product", "max_k": 100, "default_k": 10}
+    assert {k: info[k] for k in ("teacher_id", "student_id", "dim", "count", "factory", "metric", "max_k",
+                                 "default_k")} == {
+        "teacher_id": "teacher-a", "student_id": "student-of-teacher-a", "dim": 16, "count": 80,
+        "factory": "Flat", "metric": "inner_product", "max_k": 100, "default_k": 10}
+    assert info["index_version"] == "" and info["search_params"] == {} and info["admin_enabled"] is False
+    assert '"tiny_linear"' in info["student_architecture"] and info["max_message_bytes"] == 16 * 1024 * 1024
 
 
 def test_invalid_requests_raise_invalid_request_with_the_server_message(client, items):
@@ -101,3 +105,26 @@ def test_server_down_is_unavailable():
             client.info()
         with pytest.raises(ServerUnavailable, match="not ready"):
             client.wait_ready(0.5)
+
+
+def test_batch_search_and_stream_search(client, items):
+    """One entry per query, in order (batch) or tagged (stream); equal to the single-query answers; a bad query
+    comes back as its own error."""
+    paths = [items[i].path for i in (0, 17, 42)]
+    singles = [client.search_image(p, k=4) for p in paths]
+    vector = [0.25] * 16
+    queries = [paths[0], Path(paths[1]).read_bytes(), vector, b"no image here", paths[2]]
+    batch = client.batch_search(queries, k=4)
+    assert batch[0] == singles[0] and batch[1] == singles[1] and batch[4] == singles[2]
+    assert batch[2] == client.search_vector(vector, k=4)
+    assert isinstance(batch[3], InvalidRequest) and "not a readable image" in str(batch[3])
+    streamed = dict(client.stream_search(iter(queries), k=4))
+    assert set(streamed) == set(range(len(queries)))
+    assert [streamed[i] for i in (0, 1, 2, 4)] == [batch[i] for i in (0, 1, 2, 4)]
+    assert isinstance(streamed[3], InvalidRequest)
+
+
+def test_tls_options_read_missing_files_as_user_errors(tmp_path):
+    from asymsearch.clients.client import TlsOptions
+    with pytest.raises(UserError, match="cannot read"):
+        SearchClient("127.0.0.1:1", tls=TlsOptions(root_ca=tmp_path / "missing.pem"))

@@ -1,6 +1,7 @@
 """The query server in-process on port 0, over a real gRPC channel, checked against brute-force numpy search."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -175,32 +176,32 @@ def test_oversized_image_is_refused(engine, reference):
             small.search_image(Path(reference[0][0].path).read_bytes(), 3)
 
 
-class _BrokenEngine:
-    """Fails on images with an unexpected error, answers vectors: the server must report INTERNAL and go on."""
-
-    def __init__(self, engine):
-        self._engine = engine
-
-    def search_image(self, data, k):
-        raise RuntimeError("disk on fire")
-
-    def search_vector(self, vector, k):
-        return self._engine.search_vector(vector, k)
-
-
-def test_unexpected_error_is_internal_and_server_keeps_serving(engine, caplog):
-    server, port = create_server(_BrokenEngine(engine), max_workers=2)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = search_pb2_grpc.SearchStub(ch)
-            with pytest.raises(grpc.RpcError) as e:
-                stub.SearchImage(search_pb2.ImageQuery(image=b"x", k=1), timeout=10)
-            assert e.value.code() == grpc.StatusCode.INTERNAL
-            assert "disk on fire" not in e.value.details()  # details stay in the log
-            assert len(stub.SearchVector(search_pb2.VectorQuery(vector=[1.0] * 16, k=2), timeout=10).hits) == 2
-    finally:
-        server.stop(None)
+def test_unexpected_error_is_internal_and_server_keeps_serving(index_dir, tiny_models, caplog):
+    """The student breaks on images with an unexpected error: INTERNAL without the details, vectors still work."""
+    with QueryEngine.open(index_dir, tiny_models["student"]) as broken:
+        def embed_prepared(pixels):
+            raise RuntimeError("disk on fire")
+        broken.embed_prepared = embed_prepared
+        server, port = create_server(broken, max_workers=2)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = search_pb2_grpc.SearchStub(ch)
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.SearchImage(search_pb2.ImageQuery(image=_png(8, 8), k=1), timeout=10)
+                assert e.value.code() == grpc.StatusCode.INTERNAL
+                assert "disk on fire" not in e.value.details()  # details stay in the log
+                assert len(stub.SearchVector(search_pb2.VectorQuery(vector=[1.0] * 16, k=2), timeout=10).hits) == 2
+        finally:
+            server.stop(None)
     assert "disk on fire" in caplog.text
+
+
+def _png(w: int, h: int) -> bytes:
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def test_serve_runs_until_sigterm(index_dir, tiny_models):
@@ -252,3 +253,105 @@ def test_busy_port_is_a_user_error(engine):
             create_server(engine, port=port, max_workers=1)
     finally:
         server.stop(None)
+
+
+def test_metrics_over_http_and_reflection(engine, reference):
+    """/metrics answers over HTTP with the request, stage, batch, queue and index series; reflection lists the
+    services (what grpcurl uses)."""
+    import urllib.request
+
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    server, port = create_server(engine, max_workers=4, metrics_port=0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = search_pb2_grpc.SearchStub(ch)
+            stub.SearchImage(search_pb2.ImageQuery(image=Path(reference[0][0].path).read_bytes(), k=3), timeout=10)
+            with pytest.raises(grpc.RpcError):
+                stub.SearchVector(search_pb2.VectorQuery(vector=[1.0], k=3), timeout=10)
+            services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+            assert {SERVICE_NAME, "grpc.health.v1.Health"} <= services
+            assert "asymsearch.v1.Admin" not in services  # off unless enabled
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        server.stop(None)
+    for line in ('asymsearch_requests_total{code="OK",method="SearchImage"} 1.0',
+                 'asymsearch_requests_total{code="INVALID_ARGUMENT",method="SearchVector"} 1.0',
+                 'asymsearch_stage_seconds_count{stage="decode"} 1.0',
+                 'asymsearch_stage_seconds_count{stage="embed"} 1.0',
+                 'asymsearch_stage_seconds_count{stage="search"} 1.0',
+                 'asymsearch_batch_size_count{stage="search"} 1.0',
+                 'asymsearch_queue_depth 0.0',
+                 'asymsearch_index_info{teacher_id="teacher-a",version=""} 1.0',
+                 'asymsearch_index_items 80.0'):
+        assert line in text, line
+
+
+def test_json_logs_carry_the_event_fields():
+    import json
+    import logging
+
+    from asymsearch.server.logs import JsonFormatter
+    record = logging.LogRecord("asymsearch.server", logging.INFO, __file__, 1, "now serving %s", ("v000002",), None)
+    record.event, record.version = "index_swapped", "v000002"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "now serving v000002" and line["level"] == "info"
+    assert (line["event"], line["version"], line["logger"]) == ("index_swapped", "v000002", "asymsearch.server")
+
+
+def test_sigterm_under_load_drains_without_errors(index_dir, tiny_models, reference):
+    """`asymsearch serve` in its own process under a steady client load gets SIGTERM: every request sent before
+    the signal succeeds (drained, not dropped); later ones succeed or are refused (UNAVAILABLE, or CANCELLED when
+    they race with grpc's own shutdown); the process exits 0."""
+    import threading
+    proc = subprocess.Popen([sys.executable, "-m", "asymsearch.cli.main", "serve", "--index", str(index_dir),
+                             "--student", str(tiny_models["student"]), "--host", "127.0.0.1", "--port", "0",
+                             "--log-format", "json", "--drain-s", "10"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        port, deadline, lines = None, time.monotonic() + 60, []
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if '"event": "serving"' in line:
+                port = json.loads(line)["port"]
+        assert port, "".join(lines)
+        data = Path(reference[0][5].path).read_bytes()
+        calls: list[tuple[float, str]] = []  # (start time, "CODE: details")
+        stop = threading.Event()
+
+        def load():
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = search_pb2_grpc.SearchStub(ch)
+                while not stop.is_set():
+                    started = time.monotonic()
+                    try:
+                        stub.SearchImage(search_pb2.ImageQuery(image=data, k=3), timeout=10)
+                        calls.append((started, "OK"))
+                    except grpc.RpcError as e:
+                        calls.append((started, f"{e.code().name}: {e.details()}"))
+                        time.sleep(0.01)
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for t in threads:
+            t.start()
+        while len(calls) < 30:
+            time.sleep(0.01)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        stop.set()
+        for t in threads:
+            t.join(30)
+        before = [c for t, c in calls if t < signalled]
+        after = {c.split(":")[0] for t, c in calls if t >= signalled}
+        assert len(before) >= 30 and set(before) == {"OK"}, set(before)
+        assert after <= {"OK", "UNAVAILABLE", "CANCELLED"}, after
+        tail = proc.stderr.read()
+        assert '"event": "draining"' in tail and '"event": "stopped"' in tail
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()

@@ -24,25 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!asymsearch/protos/v1/search.proto\x12\rasymsearch.v1\"&\n\nImageQuery\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\x05\"(\n\x0bVectorQuery\x12\x0e\n\x06vector\x18\x01 \x03(\x02\x12\t\n\x01k\x18\x02 \x01(\x05\"=\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\"T\n\x0bSearchReply\x12 \n\x04hits\x18\x01 \x03(\x0b\x32\x12.asymsearch.v1.Hit\x12\x10\n\x08\x65mbed_ms\x18\x02 \x01(\x01\x12\x11\n\tsearch_ms\x18\x03 \x01(\x01\"\r\n\x0bInfoRequest\"\x92\x01\n\tInfoReply\x12\x12\n\nteacher_id\x18\x01 \x01(\t\x12\x12\n\nstudent_id\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\x12\x0f\n\x07\x66\x61\x63tory\x18\x05 \x01(\t\x12\x0e\n\x06metric\x18\x06 \x01(\t\x12\r\n\x05max_k\x18\x07 \x01(\x05\x12\x11\n\tdefault_k\x18\x08 \x01(\x05\x32\xd4\x01\n\x06Search\x12\x44\n\x0bSearchImage\x12\x19.asymsearch.v1.ImageQuery\x1a\x1a.asymsearch.v1.SearchReply\x12\x46\n\x0cSearchVector\x12\x1a.asymsearch.v1.VectorQuery\x1a\x1a.asymsearch.v1.SearchReply\x12<\n\x04Info\x12\x1a.asymsearch.v1.InfoRequest\x1a\x18.asymsearch.v1.InfoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!asymsearch/protos/v1/search.proto\x12\rasymsearch.v1\"&\n\nImageQuery\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\x05\"(\n\x0bVectorQuery\x12\x0e\n\x06vector\x18\x01 \x03(\x02\x12\t\n\x01k\x18\x02 \x01(\x05\"\xa2\x01\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x32\n\x08metadata\x18\x05 \x03(\x0b\x32 .asymsearch.v1.Hit.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa4\x01\n\x0bSearchReply\x12 \n\x04hits\x18\x01 \x03(\x0b\x32\x12.asymsearch.v1.Hit\x12\x10\n\x08\x65mbed_ms\x18\x02 \x01(\x01\x12\x11\n\tsearch_ms\x18\x03 \x01(\x01\x12\x15\n\rindex_version\x18\x04 \x01(\t\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x11\n\tdecode_ms\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\"g\n\x05Query\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12,\n\x06vector\x18\x02 \x01(\x0b\x32\x1a.asymsearch.v1.FloatVectorH\x00\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x0b\n\x03tag\x18\x04 \x01(\x04\x42\x07\n\x05query\"\x1d\n\x0b\x46loatVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"d\n\x0bQueryResult\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12)\n\x05reply\x18\x04 \x01(\x0b\x32\x1a.asymsearch.v1.SearchReply\";\n\x12\x42\x61tchSearchRequest\x12%\n\x07queries\x18\x01 \x03(\x0b\x32\x14.asymsearch.v1.Query\"?\n\x10\x42\x61tchSearchReply\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.asymsearch.v1.QueryResult\"\r\n\x0bInfoRequest\"\xd4\x03\n\tInfoReply\x12\x12\n\nteacher_id\x18\x01 \x01(\t\x12\x12\n\nstudent_id\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\x12\x0f\n\x07\x66\x61\x63tory\x18\x05 \x01(\t\x12\x0e\n\x06metric\x18\x06 \x01(\t\x12\r\n\x05max_k\x18\x07 \x01(\x05\x12\x11\n\tdefault_k\x18\x08 \x01(\x05\x12\x15\n\rindex_version\x18\t \x01(\t\x12\x41\n\rsearch_params\x18\n \x03(\x0b\x32*.asymsearch.v1.InfoReply.SearchParamsEntry\x12\x1c\n\x14student_architecture\x18\x0b \x01(\t\x12\x12\n\nmax_pixels\x18\x0c \x01(\x03\x12\x19\n\x11max_batch_queries\x18\r \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x0e \x01(\x05\x12\x16\n\x0e\x62\x61tch_max_size\x18\x0f \x01(\x05\x12\x1a\n\x12\x62\x61tch_max_delay_ms\x18\x10 \x01(\x01\x12\x15\n\radmin_enabled\x18\x11 \x01(\x08\x1a\x33\n\x11SearchParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x10\x41\x64\x64ImagesRequest\x12\x0e\n\x06\x66older\x18\x01 \x01(\t\x12\x14\n\x0cmetadata_csv\x18\x02 \x01(\t\"\"\n\x13RemoveImagesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x1d\n\rReloadRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"U\n\x0bUpdateReply\x12\x15\n\rindex_version\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\x12\x0f\n\x07message\x18\x04 \x01(\t2\xed\x02\n\x06Search\x12\x44\n\x0bSearchImage\x12\x19.asymsearch.v1.ImageQuery\x1a\x1a.asymsearch.v1.SearchReply\x12\x46\n\x0cSearchVector\x12\x1a.asymsearch.v1.VectorQuery\x1a\x1a.asymsearch.v1.SearchReply\x12<\n\x04Info\x12\x1a.asymsearch.v1.InfoRequest\x1a\x18.asymsearch.v1.InfoReply\x12Q\n\x0b\x42\x61tchSearch\x12!.asymsearch.v1.BatchSearchRequest\x1a\x1f.asymsearch.v1.BatchSearchReply\x12\x44\n\x0cSearchStream\x12\x14.asymsearch.v1.Query\x1a\x1a.asymsearch.v1.QueryResult(\x01\x30\x01\x32\xe5\x01\n\x05\x41\x64min\x12H\n\tAddImages\x12\x1f.asymsearch.v1.AddImagesRequest\x1a\x1a.asymsearch.v1.UpdateReply\x12N\n\x0cRemoveImages\x12\".asymsearch.v1.RemoveImagesRequest\x1a\x1a.asymsearch.v1.UpdateReply\x12\x42\n\x06Reload\x12\x1c.asymsearch.v1.ReloadRequest\x1a\x1a.asymsearch.v1.UpdateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'asymsearch.protos.v1.search_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_HIT_METADATAENTRY']._loaded_options = None
+  _globals['_HIT_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_INFOREPLY_SEARCHPARAMSENTRY']._loaded_options = None
+  _globals['_INFOREPLY_SEARCHPARAMSENTRY']._serialized_options = b'8\001'
   _globals['_IMAGEQUERY']._serialized_start=52
   _globals['_IMAGEQUERY']._serialized_end=90
   _globals['_VECTORQUERY']._serialized_start=92
   _globals['_VECTORQUERY']._serialized_end=132
-  _globals['_HIT']._serialized_start=134
-  _globals['_HIT']._serialized_end=195
-  _globals['_SEARCHREPLY']._serialized_start=197
-  _globals['_SEARCHREPLY']._serialized_end=281
-  _globals['_INFOREQUEST']._serialized_start=283
-  _globals['_INFOREQUEST']._serialized_end=296
-  _globals['_INFOREPLY']._serialized_start=299
-  _globals['_INFOREPLY']._serialized_end=445
-  _globals['_SEARCH']._serialized_start=448
-  _globals['_SEARCH']._serialized_end=660
+  _globals['_HIT']._serialized_start=135
+  _globals['_HIT']._serialized_end=297
+  _globals['_HIT_METADATAENTRY']._serialized_start=250
+  _globals['_HIT_METADATAENTRY']._serialized_end=297
+  _globals['_SEARCHREPLY']._serialized_start=300
+  _globals['_SEARCHREPLY']._serialized_end=464
+  _globals['_QUERY']._serialized_start=466
+  _globals['_QUERY']._serialized_end=569
+  _globals['_FLOATVECTOR']._serialized_start=571
+  _globals['_FLOATVECTOR']._serialized_end=600
+  _globals['_QUERYRESULT']._serialized_start=602
+  _globals['_QUERYRESULT']._serialized_end=702
+  _globals['_BATCHSEARCHREQUEST']._serialized_start=704
+  _globals['_BATCHSEARCHREQUEST']._serialized_end=763
+  _globals['_BATCHSEARCHREPLY']._serialized_start=765
+  _globals['_BATCHSEARCHREPLY']._serialized_end=828
+  _globals['_INFOREQUEST']._serialized_start=830
+  _globals['_INFOREQUEST']._serialized_end=843
+  _globals['_INFOREPLY']._serialized_start=846
+  _globals['_INFOREPLY']._serialized_end=1314
+  _globals['_INFOREPLY_SEARCHPARAMSENTRY']._serialized_start=1263
+  _globals['_INFOREPLY_SEARCHPARAMSENTRY']._serialized_end=1314
+  _globals['_ADDIMAGESREQUEST']._serialized_start=1316
+  _globals['_ADDIMAGESREQUEST']._serialized_end=1372
+  _globals['_REMOVEIMAGESREQUEST']._serialized_start=1374
+  _globals['_REMOVEIMAGESREQUEST']._serialized_end=1408
+  _globals['_RELOADREQUEST']._serialized_start=1410
+  _globals['_RELOADREQUEST']._serialized_end=1439
+  _globals['_UPDATEREPLY']._serialized_start=1441
+  _globals['_UPDATEREPLY']._serialized_end=1526
+  _globals['_SEARCH']._serialized_start=1529
+  _globals['_SEARCH']._serialized_end=1894
+  _globals['_ADMIN']._serialized_start=1897
+  _globals['_ADMIN']._serialized_end=2126
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,16 @@ class SearchStub:
                 request_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.InfoRequest.SerializeToString,
                 response_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.InfoReply.FromString,
                 _registered_method=True)
+        self.BatchSearch = channel.unary_unary(
+                '/asymsearch.v1.Search/BatchSearch',
+                request_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.BatchSearchRequest.SerializeToString,
+                response_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.BatchSearchReply.FromString,
+                _registered_method=True)
+        self.SearchStream = channel.stream_stream(
+                '/asymsearch.v1.Search/SearchStream',
+                request_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.Query.SerializeToString,
+                response_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.QueryResult.FromString,
+                _registered_method=True)
 
 
 class SearchServicer:
@@ -71,7 +81,23 @@ class SearchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Info(self, request, context):
-        """What the server serves: models, teacher id, dimension, size of the index.
+        """What the server serves: models, teacher id, dimension, size of the index, version, limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchSearch(self, request, context):
+        """Many queries (images and/or vectors) in one call; one result per query, in order. A bad query fails alone
+        (its result carries the status); the call fails as a whole only when it is empty, too large or over capacity.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchStream(self, request_iterator, context):
+        """A pipelining client sends queries as they come and reads results as they are ready (possibly out of order;
+        match them by `tag`). A bad query yields a result with its status; the stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +120,16 @@ def add_SearchServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.InfoRequest.FromString,
                     response_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.InfoReply.SerializeToString,
+            ),
+            'BatchSearch': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchSearch,
+                    request_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.BatchSearchRequest.FromString,
+                    response_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.BatchSearchReply.SerializeToString,
+            ),
+            'SearchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SearchStream,
+                    request_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.Query.FromString,
+                    response_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.QueryResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +214,228 @@ class Search:
             '/asymsearch.v1.Search/Info',
             asymsearch_dot_protos_dot_v1_dot_search__pb2.InfoRequest.SerializeToString,
             asymsearch_dot_protos_dot_v1_dot_search__pb2.InfoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchSearch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asymsearch.v1.Search/BatchSearch',
+            asymsearch_dot_protos_dot_v1_dot_search__pb2.BatchSearchRequest.SerializeToString,
+            asymsearch_dot_protos_dot_v1_dot_search__pb2.BatchSearchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/asymsearch.v1.Search/SearchStream',
+            asymsearch_dot_protos_dot_v1_dot_search__pb2.Query.SerializeToString,
+            asymsearch_dot_protos_dot_v1_dot_search__pb2.QueryResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminStub:
+    """Changes the served index. Off unless the server was started with the admin service enabled, and every call
+    needs the bearer token (metadata `authorization: Bearer TOKEN`), even from loopback.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.AddImages = channel.unary_unary(
+                '/asymsearch.v1.Admin/AddImages',
+                request_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.AddImagesRequest.SerializeToString,
+                response_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.FromString,
+                _registered_method=True)
+        self.RemoveImages = channel.unary_unary(
+                '/asymsearch.v1.Admin/RemoveImages',
+                request_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.RemoveImagesRequest.SerializeToString,
+                response_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.FromString,
+                _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/asymsearch.v1.Admin/Reload',
+                request_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Changes the served index. Off unless the server was started with the admin service enabled, and every call
+    needs the bearer token (metadata `authorization: Bearer TOKEN`), even from loopback.
+    """
+
+    def AddImages(self, request, context):
+        """Embed the images of a folder on the server's disk with the teacher, publish a new index version that holds
+        them, and serve it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveImages(self, request, context):
+        """Publish a new index version without the given ids, and serve it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reload(self, request, context):
+        """Load the index's CURRENT version (or the given folder) beside the served one and switch to it atomically.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'AddImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddImages,
+                    request_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.AddImagesRequest.FromString,
+                    response_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.SerializeToString,
+            ),
+            'RemoveImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveImages,
+                    request_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.RemoveImagesRequest.FromString,
+                    response_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.ReloadRequest.FromString,
+                    response_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'asymsearch.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('asymsearch.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Changes the served index. Off unless the server was started with the admin service enabled, and every call
+    needs the bearer token (metadata `authorization: Bearer TOKEN`), even from loopback.
+    """
+
+    @staticmethod
+    def AddImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asymsearch.v1.Admin/AddImages',
+            asymsearch_dot_protos_dot_v1_dot_search__pb2.AddImagesRequest.SerializeToString,
+            asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asymsearch.v1.Admin/RemoveImages',
+            asymsearch_dot_protos_dot_v1_dot_search__pb2.RemoveImagesRequest.SerializeToString,
+            asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asymsearch.v1.Admin/Reload',
+            asymsearch_dot_protos_dot_v1_dot_search__pb2.ReloadRequest.SerializeToString,
+            asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.FromString,
             options,
             channel_credentials,
             insecure,
