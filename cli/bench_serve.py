@@ -484,7 +484,7 @@ def _ms(level: dict[str, Any], key: str) -> str:
 def markdown(report: dict[str, Any], png_name: str) -> str:
     """The report as a results page: the command, the limit, the levels, soak, overload, sweep, targets."""
     lim = report["limit"]
-    lines = [f"# bench serve: the gRPC server under load vs the in-process limit", "",
+    lines = ["# bench serve: the gRPC server under load vs the in-process limit", "",
              f"Command: `{report['command']}`  ",
              f"Run: {report['time']} on {report['machine']['cpus']} CPUs ({report['machine']['platform']}); load "
              f"average at start {report['machine']['loadavg_start'][0]:.1f}, at end "

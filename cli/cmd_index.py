@@ -1,7 +1,8 @@
-"""`asymsearch index ...`: build the database index."""
+"""`asymsearch index ...`: build the database index, change it (add, remove), describe it (info)."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from asymsearch.cli.options import CONFIG_HELP, Commands, existing_path
@@ -13,18 +14,136 @@ def register(commands: Commands) -> None:
                    help="teacher .onnx (with its .json)")
     p.add_argument("--images", required=True, type=existing_path("image folder"),
                    help="image folder, one subfolder per class")
-    p.add_argument("--out", required=True, type=Path, help="index folder to create")
+    p.add_argument("--out", required=True, type=Path,
+                   help="index folder to create (or a versioned index root to publish a rebuilt version into)")
     p.add_argument("--factory", default="Flat",
-                   help="faiss index factory string, e.g. Flat, HNSW32, IVF256,PQ32 (default: %(default)s)")
+                   help="faiss index factory string, e.g. Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32, "
+                        "OPQ32,IVF1024,PQ32, SQfp16 (default: %(default)s)")
+    p.add_argument("--search-param", action="append", default=[], metavar="NAME=VALUE", type=search_param,
+                   help="faiss search parameter stored in the manifest, e.g. nprobe=16 or efSearch=128 (repeatable)")
+    p.add_argument("--auto", action="store_true",
+                   help="choose the index for the data size and the budget below, and record its measured "
+                        "recall@10 against exact search")
+    p.add_argument("--max-memory", default="4G", help="with --auto: memory the index may take (default: %(default)s)")
+    p.add_argument("--target-ms", type=float, default=5.0,
+                   help="with --auto: mean single-query latency target in ms (default: %(default)s)")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="with --auto: recall@10 target against exact search (default: %(default)s)")
     p.add_argument("--classes", default="all", help=CONFIG_HELP["classes"] + " (default: %(default)s)")
+    p.add_argument("--metadata", type=existing_path("metadata CSV"),
+                   help="CSV with a 'path' column (relative to --images or absolute) and any columns to store")
     p.add_argument("--batch-size", type=int, default=64, help="images per inference batch (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
+    p.add_argument("--shard-size", type=int, default=4096,
+                   help="images per embedding shard, the most an interruption loses (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPU count, max 8)")
+    p.add_argument("--on-disk", action="store_true",
+                   help="IVF factories only: train once, add shard by shard and merge the inverted lists into "
+                        "index.ivfdata on disk (memory-mapped when searched), for indexes larger than RAM")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted build of --out from the embedding shards it left")
+    p.add_argument("--versioned", action="store_true",
+                   help="write a versioned root (CURRENT + versions/) that `index add` / `remove` update")
+    p.add_argument("--keep", type=int, default=None, help="versioned: keep this many versions (default: all)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="embed here, or on a Ray cluster (needs the `distributed` extra) (default: %(default)s)")
+    p.add_argument("--address", default=None, help="with --engine ray: the cluster address (default: a local Ray)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing index folder (a versioned root gets a new version instead)")
     p.set_defaults(func=run_build)
+
+    p = commands.add("add", group="index", help="embed more images with the teacher and publish a new index version")
+    p.add_argument("--index", required=True, type=existing_path("index"), help="index root or plain index folder")
+    p.add_argument("--teacher", required=True, type=existing_path("teacher ONNX model"),
+                   help="the teacher that embedded the index (its teacher id must match)")
+    p.add_argument("--images", required=True, type=existing_path("image folder"),
+                   help="folder of new images (searched recursively; label = parent folder's name)")
+    p.add_argument("--metadata", type=existing_path("metadata CSV"),
+                   help="CSV with a 'path' column (relative to --images or absolute) and any columns to store")
+    p.add_argument("--keep", type=int, default=None, help="keep this many versions (default: all)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per inference batch (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPU count, max 8)")
+    p.set_defaults(func=run_add)
+
+    p = commands.add("remove", group="index", help="remove images by id and publish a new index version")
+    p.add_argument("--index", required=True, type=existing_path("index"), help="index root or plain index folder")
+    p.add_argument("--ids", required=True, nargs="+", type=id_list, help="ids to remove (space or comma separated)")
+    p.add_argument("--keep", type=int, default=None, help="keep this many versions (default: all)")
+    p.set_defaults(func=run_remove)
+
+    p = commands.add("info", group="index", help="describe an index: live version, size, factory, versions")
+    p.add_argument("--index", required=True, type=existing_path("index"), help="index root or plain index folder")
+    p.set_defaults(func=run_info)
+
+
+def search_param(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        number = float(value)
+        return name.strip(), int(number) if number.is_integer() else number
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"search parameter must read NAME=NUMBER, e.g. nprobe=16, not {text!r}")
+
+
+def id_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ids must be integers, not {text!r}")
 
 
 def run_build(args: argparse.Namespace) -> int:
     from asymsearch.index.build import build_index
+    auto = None
+    if args.auto:
+        from asymsearch.index.auto import Budget, parse_size
+        auto = Budget(max_memory=parse_size(args.max_memory), target_ms=args.target_ms,
+                      target_recall=args.target_recall)
     m = build_index(args.teacher, args.images, args.out, factory=args.factory, classes=args.classes,
-                    batch_size=args.batch_size, overwrite=args.overwrite)
-    print(f"index {args.out}: {m.count} images, {m.factory}, dim {m.dim}, teacher id {m.teacher_id}")
+                    batch_size=args.batch_size, overwrite=args.overwrite, resume=args.resume,
+                    versioned=args.versioned, keep=args.keep, metadata=args.metadata,
+                    search_params=dict(args.search_param), auto=auto, shard_size=args.shard_size,
+                    workers=args.workers, engine=args.engine, address=args.address, on_disk=args.on_disk)
+    params = "".join(f" {k}={v}" for k, v in m.search_params.items())
+    print(f"index {args.out}: {m.count} images, {m.factory}{params}, dim {m.dim}, teacher id {m.teacher_id}")
+    if "auto" in m.build:
+        a = m.build["auto"]
+        print(f"auto: recall@10 {a['recall@10']} vs exact search, {a['ms_per_query']} ms/query, "
+              f"targets {'met' if a['targets_met'] else 'NOT met'}")
+    if m.build["skipped"]:
+        print(f"{len(m.build['skipped'])} unreadable files skipped; see skipped.tsv in the index folder")
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    from asymsearch.index.update import add_images
+    m, version = add_images(args.index, args.teacher, args.images, metadata=args.metadata, keep=args.keep,
+                            batch_size=args.batch_size, workers=args.workers)
+    change = m.build["history"][-1]
+    print(f"index {args.index}: version {version}, added {change['count']} images "
+          f"(ids {change['first_id']}..{change['first_id'] + change['count'] - 1}), {m.count} in all")
+    if change["skipped"]:
+        print(f"{len(change['skipped'])} unreadable files skipped; see skipped.tsv in {version}")
+    return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    from asymsearch.index.update import remove_ids
+    ids = [i for group in args.ids for i in group]
+    m, version = remove_ids(args.index, ids, keep=args.keep)
+    print(f"index {args.index}: version {version}, removed {len(set(ids))} images, {m.count} left")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from asymsearch.core.manifest import IndexManifest
+    from asymsearch.index.versions import list_versions, resolve_index_folder
+    folder, version = resolve_index_folder(args.index)
+    m = IndexManifest.load(folder / "manifest.json")
+    info = {"folder": str(folder), "version": version, "versions": list_versions(args.index) if version else [],
+            "count": m.count, "dim": m.dim, "factory": m.factory, "search_params": m.search_params,
+            "teacher_id": m.teacher_id, "next_id": m.build.get("next_id"), "auto": m.build.get("auto"),
+            "history": m.build.get("history", [])[-5:]}
+    print(json.dumps(info, indent=2))
     return 0

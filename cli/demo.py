@@ -27,7 +27,7 @@ class DemoConfig:
     dim: int = 64
     image_size: int = 64
     teacher_epochs: int = 12
-    student_epochs: int = 12
+    student_epochs: int = 40
     seed: int = 0
     queries: int = 8  # images sent to the server through the client
 

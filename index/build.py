@@ -1,101 +1,46 @@
 """Embed a labelled image folder with the teacher and write a faiss index folder.
 
-The folder holds `index.faiss` (always a CPU index), `meta.sqlite` (`items(id, path, label)`, ids 0..N-1 in
-listing order) and `manifest.json` (`IndexManifest`). It is built in a hidden temporary sibling and renamed into
-place at the end, so an interrupted build leaves nothing behind and a reader never sees half an index.
+The folder holds `index.faiss` (always a CPU index, wrapped in IDMap2: ids 0..N-1 in listing order at build time,
+stable afterwards), `meta.sqlite` (see `asymsearch.index.metadata`), `manifest.json` (`IndexManifest`) and
+`skipped.tsv` (the files that could not be read, with the reason). It is written in a hidden temporary folder and
+renamed into place at the end (a plain folder), or published as a new version of a versioned root (see
+`asymsearch.index.versions`), so a reader never sees half an index.
+
+Embeddings are committed in shards to the work folder `.<out>.work` beside the output while they are produced
+(`asymsearch.index.shards`); a build that is interrupted, even by kill -9, leaves them there and `resume=True`
+embeds only the shards still missing. The finished index is identical to that of an uninterrupted build.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import secrets
 import shutil
-import sqlite3
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import faiss
 import numpy as np
-from tqdm import tqdm
 
-from asymsearch.core.data import ImageItem, list_image_folder, select_classes
-from asymsearch.core.errors import InvalidImage, UserError
+from asymsearch.core.data import list_image_folder, select_classes
+from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import IndexManifest
 from asymsearch.core.ort import OnnxEmbedder
-from asymsearch.core.preprocess import decode_image, preprocess
-from asymsearch.index.store import INDEX_FILE, MANIFEST_FILE, META_FILE
+from asymsearch.index import ondisk, versions
+from asymsearch.index.faiss_index import (MAX_TRAIN_VECTORS, add_blocks, apply_search_params, faiss_reason,
+                                          new_index, sample_rows, train_index)
+from asymsearch.index.metadata import match_metadata, read_metadata_csv, write_metadata
+from asymsearch.index.pipeline import EmbeddedImages, embed_into_shards, embed_items
+from asymsearch.index.shards import ShardStore, listing_digest
+from asymsearch.index.store import INDEX_FILE, MANIFEST_FILE, META_FILE, SKIPPED_FILE
+
+__all__ = ["build_index", "embed_items", "EmbeddedImages", "report_skipped", "new_index", "MAX_TRAIN_VECTORS",
+           "write_index_folder", "work_dir", "faiss_reason"]
 
 METRIC = "inner_product"
-MAX_TRAIN_VECTORS = 200_000  # training sample cap; faiss subsamples k-means further on its own
-
-
-@dataclasses.dataclass
-class EmbeddedImages:
-    """The readable images in listing order, one (N, dim) array per embedder, and what was skipped."""
-
-    items: list[ImageItem]
-    vectors: list[np.ndarray]
-    skipped: list[tuple[str, str]]  # (path, reason)
-
-
-def embed_items(items: Sequence[ImageItem], embedders: Sequence[OnnxEmbedder], *, batch_size: int = 64,
-                progress: bool = True, desc: str = "embedding", workers: int | None = None) -> EmbeddedImages:
-    """Decode every image once and embed it with each embedder (each with its own preprocessing).
-
-    Decoding and preprocessing run in a small thread pool one batch ahead of the models. Unreadable files are
-    skipped and returned with their reason; they get no vector.
-    """
-    if batch_size < 1:
-        raise UserError(f"batch size must be at least 1, not {batch_size}")
-    specs = [e.manifest.preprocessing for e in embedders]
-    workers = workers or min(4, os.cpu_count() or 1)
-
-    def load(item: ImageItem) -> list[np.ndarray] | InvalidImage:
-        try:
-            img = decode_image(item.path)
-        except InvalidImage as e:
-            return e
-        return [preprocess(img, spec) for spec in specs]
-
-    kept: list[ImageItem] = []
-    blocks: list[list[np.ndarray]] = [[] for _ in embedders]
-    skipped: list[tuple[str, str]] = []
-
-    def consume(batch: list[ImageItem], futures: list[Future]) -> None:
-        arrays = []
-        for item, fut in zip(batch, futures):
-            res = fut.result()
-            if isinstance(res, InvalidImage):
-                skipped.append((item.path, str(res)))
-            else:
-                kept.append(item)
-                arrays.append(res)
-        if arrays:
-            for j, embedder in enumerate(embedders):
-                blocks[j].append(embedder.embed_arrays(np.stack([a[j] for a in arrays])))
-        bar.update(len(batch))
-
-    batches = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
-    with tqdm(total=len(items), unit="img", desc=desc, disable=not progress, file=sys.stderr) as bar, \
-            ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: tuple[list[ImageItem], list[Future]] | None = None
-        try:
-            for batch in batches:
-                futures = [pool.submit(load, item) for item in batch]
-                if pending is not None:
-                    consume(*pending)
-                pending = (batch, futures)
-            if pending is not None:
-                consume(*pending)
-        except BaseException:  # interrupted: drop the decodes still queued instead of waiting for them
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-
-    vectors = [np.concatenate(b) if b else np.zeros((0, e.dim), np.float32) for b, e in zip(blocks, embedders)]
-    return EmbeddedImages(kept, vectors, skipped)
+DEFAULT_SHARD_SIZE = 4096  # images per embedding shard: the most work an interruption can lose
+ENGINES = ("local", "ray")
 
 
 def report_skipped(skipped: Sequence[tuple[str, str]]) -> None:
@@ -105,119 +50,191 @@ def report_skipped(skipped: Sequence[tuple[str, str]]) -> None:
             print(f"  {reason}", file=sys.stderr)
 
 
+def work_dir(out: Path) -> Path:
+    """Where the embedding shards of a build of `out` live until the index is in place."""
+    return out.parent / f".{out.name}.work" / "build"
+
+
 def build_index(teacher: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
                 factory: str = "Flat", classes: str = "all", batch_size: int = 64, overwrite: bool = False,
-                progress: bool = True) -> IndexManifest:
-    """Embed the images of `images` (ROOT/<class>/<image>) with `teacher` and write the index folder `out`."""
+                progress: bool = True, resume: bool = False, versioned: bool = False, keep: int | None = None,
+                metadata: str | os.PathLike | None = None, search_params: Mapping[str, float] | None = None,
+                auto: Any = None, shard_size: int = DEFAULT_SHARD_SIZE, workers: int | None = None,
+                engine: str = "local", address: str | None = None, on_disk: bool = False) -> IndexManifest:
+    """Embed the images of `images` (ROOT/<class>/<image>) with `teacher` and write the index `out`.
+
+    `out` becomes a plain index folder, or with `versioned` (or when it already is a versioned root) a new
+    version published through CURRENT, old versions pruned to `keep`. `auto` (an `asymsearch.index.auto.Budget`)
+    replaces `factory` and `search_params` by the choice `asymsearch.index.auto.choose_index` makes for the data.
+    `engine="ray"` embeds on the Ray cluster at `address` (a local one when None) instead of this process.
+    `on_disk` (IVF factories only) keeps the inverted lists in `index.ivfdata` on disk (`asymsearch.index.ondisk`).
+    """
     start = time.perf_counter()
     teacher, images, out = Path(teacher).resolve(), Path(images).resolve(), Path(out).resolve()
-    _check_out(out, overwrite)
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    if shard_size < 1 or batch_size < 1:
+        raise UserError(f"shard size and batch size must be at least 1 (got {shard_size}, {batch_size})")
+    if auto is not None and search_params:
+        raise UserError("search parameters are chosen by --auto; leave out --search-param")
+    versioned = versioned or versions.is_versioned_root(out)
+    _check_out(out, overwrite, versioned)
     embedder = OnnxEmbedder(teacher)
     if embedder.manifest.role != "teacher":
         raise UserError(f"{teacher} is a {embedder.manifest.role}, not a teacher: the database must be embedded "
                         f"by the teacher (its manifest role must be 'teacher')")
-    index = new_index(embedder.dim, factory)  # a bad factory fails before any image is decoded
+    if auto is None:  # a bad factory or search parameter fails before any image is decoded
+        apply_search_params(new_index(embedder.dim, factory), dict(search_params or {}), f" (factory {factory!r})")
+    if on_disk:
+        if auto is not None:
+            raise UserError("--on-disk and --auto do not combine: give an IVF --factory with --on-disk")
+        ondisk.check_factory(embedder.dim, factory)
     items = list_image_folder(images, select_classes(images, classes))
+    columns = read_metadata_csv(metadata, images) if metadata else {}
+    match_metadata(columns, [item.path for item in items], str(metadata))
 
-    embedded = embed_items(items, [embedder], batch_size=batch_size, progress=progress, desc="embedding database")
-    report_skipped(embedded.skipped)
-    if not embedded.items:
-        raise UserError(f"none of the {len(items)} image files in {images} could be read")
-    vectors = embedded.vectors[0]
-    if not np.isfinite(vectors).all():
-        raise UserError(f"the teacher {teacher} produced non-finite embeddings; check the exported model")
-    index = fill_index(index, vectors, factory)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_dir(out.parent, f".{out.name}.tmp-")
+    plan = {"teacher_sha256": embedder.manifest.sha256, "dim": embedder.dim, "count": len(items),
+            "listing_sha256": listing_digest(items), "shard_size": shard_size, "batch_size": batch_size}
+    store = ShardStore.open(work_dir(out), plan, resume=resume)
     try:
-        faiss.write_index(index, str(tmp / INDEX_FILE))
-        write_metadata(tmp / META_FILE, embedded.items)
+        if engine == "ray":
+            from asymsearch.index.ray_engine import embed_with_ray  # the `distributed` extra; never imported otherwise
+            embed_with_ray(items, teacher, store, batch_size=batch_size, address=address, progress=progress)
+        else:
+            embed_into_shards(items, embedder, store, batch_size=batch_size, workers=workers, progress=progress,
+                              desc="embedding database")
+        rows, skipped = store.kept_rows()
+        report_skipped(skipped)
+        if len(rows) == 0:
+            raise UserError(f"none of the {len(items)} image files in {images} could be read")
+        auto_report = None
+        if auto is not None:
+            from asymsearch.index.auto import choose_index
+            choice = choose_index(store.all_vectors(), auto, progress=progress)
+            factory, search_params, auto_report = choice.factory, choice.search_params, choice.report
+            index = choice.index
+        elif on_disk:
+            index = ondisk.build_on_disk(_id_blocks(store), _gather(store, sample_rows(_kept_count(store))),
+                                         embedder.dim, factory, store.folder.parent / "ondisk")
+        else:
+            index = index_from_shards(store, embedder.dim, factory)
+        apply_search_params(index, dict(search_params or {}), f" (factory {factory!r})")
+        kept = [items[r] for r in rows]
         manifest = IndexManifest(
             teacher_id=embedder.teacher_id, dim=embedder.dim, metric=METRIC, factory=factory,
             count=int(index.ntotal),
             teacher_model={"path": str(teacher), "sha256": embedder.manifest.sha256,
                            "model_id": embedder.manifest.model_id},
-            build={"images": str(images), "classes": classes, "batch_size": batch_size,
-                   "skipped": [path for path, _ in embedded.skipped],
+            build={"images": str(images), "classes": classes, "batch_size": batch_size, "shard_size": shard_size,
+                   "engine": engine, "skipped": [path for path, _ in skipped], "next_id": len(kept),
+                   **({"on_disk": True} if on_disk else {}),
+                   **({"auto": auto_report} if auto_report else {}),
+                   **({"metadata": str(Path(metadata).resolve())} if metadata else {}),
                    "seconds": round(time.perf_counter() - start, 3)},
-            search_params={})
-        manifest.save(tmp / MANIFEST_FILE)
-        _move_into_place(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+            search_params=dict(search_params or {}))
+        meta_rows = ((i, item.path, item.label, columns.get(item.path)) for i, item in enumerate(kept))
+        if versioned:
+            with versions.writer_lock(out):
+                versions.clean_stale(out)
+                staged = versions.staging_dir(out)
+                write_index_folder(staged, index, meta_rows, manifest, skipped)
+                versions.crash_point("build:before-publish")
+                versions.publish(out, staged, keep=keep)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _fresh_dir(out.parent, f".{out.name}.tmp-")
+            try:
+                write_index_folder(tmp, index, meta_rows, manifest, skipped)
+                versions.crash_point("build:before-publish")
+                _move_into_place(tmp, out, overwrite)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except UserError:
+        store.remove()  # the embeddings cannot produce this index: nothing to resume
+        shutil.rmtree(store.folder.parent / "ondisk", ignore_errors=True)
+        _remove_if_empty(store.folder.parent)
         raise
+    store.remove()
+    _remove_if_empty(store.folder.parent)
     return manifest
 
 
-def new_index(dim: int, factory: str) -> faiss.Index:
-    """An empty inner-product faiss index from a factory string; `UserError` naming a string faiss rejects."""
+def _remove_if_empty(folder: Path) -> None:
     try:
-        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise UserError(f"invalid faiss index factory {factory!r} for dimension {dim} "
-                        f"(e.g. 'Flat', 'IVF1024,Flat', 'IVF1024,PQ32', 'HNSW32'): {_faiss_reason(e)}") from None
+        folder.rmdir()
+    except OSError:
+        pass
 
 
-def fill_index(index: faiss.Index, vectors: np.ndarray, factory: str) -> faiss.Index:
-    """Train (when needed) and add `vectors` with ids 0..N-1; on GPUs when faiss has them. Returns a CPU index."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if faiss.get_num_gpus() > 0:
-        try:
-            gpu_index = faiss.index_cpu_to_all_gpus(index)
-        except RuntimeError as e:  # e.g. HNSW has no GPU implementation
-            print(f"faiss cannot build {factory!r} on GPU ({_faiss_reason(e)}); building on CPU", file=sys.stderr)
-        else:
-            _train_and_add(gpu_index, vectors, factory)
-            return faiss.index_gpu_to_cpu(gpu_index)
-    _train_and_add(index, vectors, factory)
+def index_from_shards(store: ShardStore, dim: int, factory: str) -> faiss.Index:
+    """Train on a fixed sample of the shards' vectors, then add shard by shard with ids 0..N-1 in listing order."""
+    index = new_index(dim, factory)
+    if not faiss.downcast_index(index.index).is_trained:
+        index = train_index(index, _gather(store, sample_rows(_kept_count(store))), factory)
+    add_blocks(index, _id_blocks(store), factory)
     return index
 
 
-def _train_and_add(index: faiss.Index, vectors: np.ndarray, factory: str) -> None:
-    n = len(vectors)
-    if not index.is_trained:
-        sample = vectors
-        if n > MAX_TRAIN_VECTORS:
-            rows = np.random.default_rng(0).choice(n, MAX_TRAIN_VECTORS, replace=False)
-            sample = vectors[np.sort(rows)]
-        try:
-            index.train(sample)
-        except RuntimeError as e:
-            reason = _faiss_reason(e)
-            if "training points" in reason or "nx >=" in reason:
-                raise UserError(f"too few vectors to train faiss index {factory!r}: {n} readable images "
-                                f"({reason}); index more images or choose a smaller factory such as 'Flat'") from None
-            raise UserError(f"faiss could not train index {factory!r} on {n} vectors: {reason}") from None
-    try:
-        index.add(vectors)
-    except RuntimeError as e:
-        raise UserError(f"faiss could not add vectors to index {factory!r}: {_faiss_reason(e)}") from None
+def _kept_count(store: ShardStore) -> int:
+    return sum(len(rows) for rows, _, _ in store.iter_shards())
 
 
-def write_metadata(path: Path, items: Sequence[ImageItem]) -> None:
-    con = sqlite3.connect(path)
-    try:
-        with con:
-            con.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, path TEXT NOT NULL, label TEXT NOT NULL)")
-            con.executemany("INSERT INTO items(id, path, label) VALUES (?, ?, ?)",
-                            ((i, item.path, item.label) for i, item in enumerate(items)))
-    finally:
-        con.close()
+def _id_blocks(store: ShardStore) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    offset = 0
+    for rows, vectors, _ in store.iter_shards():
+        yield np.arange(offset, offset + len(rows), dtype=np.int64), vectors
+        offset += len(rows)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _gather(store: ShardStore, positions: np.ndarray) -> np.ndarray:
+    """The vectors at sorted `positions` among all kept vectors, read shard by shard."""
+    out, offset = [], 0
+    for rows, vectors, _ in store.iter_shards():
+        lo, hi = np.searchsorted(positions, [offset, offset + len(rows)])
+        if hi > lo:
+            out.append(np.asarray(vectors[positions[lo:hi] - offset]))
+        offset += len(rows)
+    return np.concatenate(out) if out else np.zeros((0, store.dim), np.float32)
+
+
+def write_index_folder(folder: Path, index: faiss.Index, meta_rows, manifest: IndexManifest,
+                       skipped: Sequence[tuple[str, str]]) -> None:
+    """Write the files of one complete index folder into the (new, empty) `folder`."""
+    ondisk.write_index(index, folder / INDEX_FILE)  # faiss.write_index, moving an on-disk index's lists beside it
+    write_metadata(folder / META_FILE, meta_rows)
+    write_skipped(folder / SKIPPED_FILE, skipped)
+    manifest.save(folder / MANIFEST_FILE)
+
+
+def write_skipped(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
+    """The report of unreadable files: one `path<TAB>reason` line each, after a header line."""
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write("path\treason\n")
+        for p, reason in skipped:
+            f.write(f"{p}\t{' '.join(reason.split())}\n")
+
+
+def _check_out(out: Path, overwrite: bool, versioned: bool) -> None:
     if not out.exists():
+        return
+    if versioned and versions.is_versioned_root(out):
+        if not overwrite:
+            raise UserError(f"{out} already holds a versioned index; pass overwrite to publish a rebuilt version "
+                            f"(or use `index add` / `index remove` to change it)")
         return
     if not overwrite:
         raise UserError(f"{out} already exists; choose another output folder or pass overwrite to replace it")
     # overwrite replaces an index folder, never an unrelated file or folder that happens to have this name
     if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file()):
         raise UserError(f"{out} exists and is not an index folder (no {MANIFEST_FILE}); refusing to replace it")
+    if versioned:
+        raise UserError(f"{out} is a plain index folder; build the versioned index elsewhere, or run `index add` "
+                        f"on it, which turns it into a versioned root in place")
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    _check_out(out, overwrite)  # again: something may have appeared there while the build ran
+    _check_out(out, overwrite, False)  # again: something may have appeared there while the build ran
     if not out.exists():
         os.rename(tmp, out)
         return
@@ -243,11 +260,3 @@ def _fresh_dir(parent: Path, prefix: str) -> Path:
         except FileExistsError:
             continue
 
-
-def _faiss_reason(e: Exception) -> str:
-    """faiss errors read 'Error in <signature> at <file>:<line>: <reason>'; keep the reason."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    if "failed: " in text:  # FAISS_THROW_IF_NOT_MSG: keep the message after the failed condition
-        return text.split("failed: ", 1)[1]
-    marker = text.find(": ", text.find(" at "))
-    return text[marker + 2:] if " at " in text and marker != -1 else text

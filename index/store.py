@@ -1,5 +1,10 @@
-"""The read side of an index folder: search the faiss index, look ids up in the metadata. Used by the server and
-by evaluation; safe to share between threads."""
+"""The read side of an index: search the faiss index, look ids up in the metadata. Used by the server and by
+evaluation; safe to share between threads.
+
+`SearchIndex.open` takes a plain index folder or a versioned root (`asymsearch.index.versions`), whose CURRENT
+version it opens; `.version` says which (None for a plain folder). An opened index keeps serving the version it
+opened, even after a newer one is published or the old folder is pruned (its files stay open).
+"""
 from __future__ import annotations
 
 import json
@@ -7,33 +12,52 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
 
 from asymsearch.core.errors import ManifestError, UserError
 from asymsearch.core.manifest import IndexManifest
+from asymsearch.index.faiss_index import to_gpus
+from asymsearch.index.versions import resolve_index_folder
 
 INDEX_FILE = "index.faiss"  # the faiss index, always a CPU index
-META_FILE = "meta.sqlite"  # items(id INTEGER PRIMARY KEY, path TEXT NOT NULL, label TEXT NOT NULL)
+META_FILE = "meta.sqlite"  # items(id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, label TEXT NOT NULL, extra TEXT)
 MANIFEST_FILE = "manifest.json"  # IndexManifest
+SKIPPED_FILE = "skipped.tsv"  # the build's report of unreadable files: path<TAB>reason
+OPEN_ATTEMPTS = 3  # a version pruned between reading CURRENT and opening its files: read CURRENT again
 
 
 class SearchIndex:
     """An opened index folder. `search` returns inner-product scores and ids (best first); `lookup` turns ids into
     (path, label). An approximate index may return fewer than k real hits for a query: the rest are id -1."""
 
-    def __init__(self, folder: Path, manifest: IndexManifest, index: faiss.Index, db: sqlite3.Connection) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, manifest: IndexManifest, index: faiss.Index, db: sqlite3.Connection, *,
+                 root: Path | None = None, version: str | None = None) -> None:
+        self.folder = folder  # the folder the files were read from (the version folder of a versioned root)
+        self.root = root or folder  # what was opened: the versioned root, or the plain folder itself
+        self.version = version  # e.g. "v000003", or None for a plain folder
         self.manifest = manifest
         self._index = index
         self._db = db
         self._db_lock = threading.Lock()
 
     @classmethod
-    def open(cls, folder: str | os.PathLike) -> "SearchIndex":
-        folder = Path(folder).resolve()
+    def open(cls, path: str | os.PathLike, *, gpu: bool = True) -> "SearchIndex":
+        """Open a plain index folder or the CURRENT version of a versioned root. With `gpu` and a faiss built
+        with GPUs, the index is searched on all of them (the files stay CPU indexes)."""
+        for attempt in range(OPEN_ATTEMPTS):
+            folder, version = resolve_index_folder(path)
+            try:
+                return cls._open_folder(folder, Path(path).resolve(), version, gpu)
+            except UserError:
+                if version is None or attempt == OPEN_ATTEMPTS - 1 or resolve_index_folder(path)[1] == version:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open_folder(cls, folder: Path, root: Path, version: str | None, gpu: bool) -> "SearchIndex":
         if not folder.is_dir():
             raise UserError(f"index folder not found: {folder}")
         for name in (MANIFEST_FILE, INDEX_FILE, META_FILE):
@@ -41,19 +65,24 @@ class SearchIndex:
                 raise UserError(f"index folder {folder} is incomplete: {folder / name} is missing")
         manifest = IndexManifest.load(folder / MANIFEST_FILE)
         try:
-            index = faiss.read_index(str(folder / INDEX_FILE))
+            index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)  # index.ivfdata beside it
         except RuntimeError as e:
             raise ManifestError(f"cannot read faiss index {folder / INDEX_FILE}: {e}") from None
         if index.d != manifest.dim or index.ntotal != manifest.count:
             raise ManifestError(f"{folder / INDEX_FILE} holds {index.ntotal} vectors of dimension {index.d} but "
                                 f"its manifest says {manifest.count} of dimension {manifest.dim}; rebuild the index")
+        if gpu:
+            index = to_gpus(index)
         for name, value in manifest.search_params.items():
             try:
                 faiss.ParameterSpace().set_index_parameter(index, name, float(value))
             except RuntimeError as e:
                 raise ManifestError(f"search parameter {name}={value} in {folder / MANIFEST_FILE} does not apply "
                                     f"to a {manifest.factory!r} index: {e}") from None
-        db = sqlite3.connect(f"file:{folder / META_FILE}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            db = sqlite3.connect(f"file:{folder / META_FILE}?mode=ro", uri=True, check_same_thread=False)
+        except sqlite3.Error as e:  # e.g. the version was pruned a moment ago
+            raise ManifestError(f"cannot open metadata {folder / META_FILE}: {e}") from None
         try:
             rows = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
         except sqlite3.DatabaseError as e:
@@ -63,7 +92,7 @@ class SearchIndex:
             db.close()
             raise ManifestError(f"{folder / META_FILE} lists {rows} images but the index holds {manifest.count}; "
                                 f"rebuild the index")
-        return cls(folder, manifest, index, db)
+        return cls(folder, manifest, index, db, root=root, version=version)
 
     @property
     def dim(self) -> int:
@@ -94,17 +123,43 @@ class SearchIndex:
         wanted = [int(i) for i in ids]
         if not wanted:
             return []
-        with self._db_lock:
-            if self._db is None:
-                raise ValueError(f"index {self.folder} is closed")
-            # one query whatever the number of ids: they travel as one JSON array, not as SQL variables
-            rows = self._db.execute("SELECT id, path, label FROM items WHERE id IN (SELECT value FROM json_each(?))",
-                                    (json.dumps(sorted(set(wanted))),)).fetchall()
-        found = {i: (path, label) for i, path, label in rows}
+        found = {i: (path, label) for i, path, label in self._rows(wanted, "id, path, label")}
         missing = [i for i in wanted if i not in found]
         if missing:
             raise KeyError(f"ids not in index {self.folder}: {missing[:10]}")
         return [found[i] for i in wanted]
+
+    def lookup_records(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+        """{"id", "path", "label", plus the user's metadata columns} for each id, in the given order; `KeyError`
+        for an id the index does not hold. User columns never shadow id, path or label."""
+        wanted = [int(i) for i in ids]
+        if not wanted:
+            return []
+        rows = self._rows(wanted, "id, path, label, extra")
+        found = {}
+        for i, path, label, extra in rows:
+            record = json.loads(extra) if extra else {}
+            record.update(id=i, path=path, label=label)
+            found[i] = record
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise KeyError(f"ids not in index {self.folder}: {missing[:10]}")
+        return [dict(found[i]) for i in wanted]
+
+    def ids(self) -> np.ndarray:
+        """Every id the index holds, ascending (0..count-1 after a build; gaps after removals)."""
+        with self._db_lock:
+            if self._db is None:
+                raise ValueError(f"index {self.folder} is closed")
+            return np.asarray([r[0] for r in self._db.execute("SELECT id FROM items ORDER BY id")], dtype=np.int64)
+
+    def _rows(self, wanted: list[int], columns: str) -> list[tuple]:
+        # one query whatever the number of ids: they travel as one JSON array, not as SQL variables
+        with self._db_lock:
+            if self._db is None:
+                raise ValueError(f"index {self.folder} is closed")
+            return self._db.execute(f"SELECT {columns} FROM items WHERE id IN (SELECT value FROM json_each(?))",
+                                    (json.dumps(sorted(set(wanted))),)).fetchall()
 
     def close(self) -> None:
         with self._db_lock:
@@ -120,5 +175,5 @@ class SearchIndex:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"SearchIndex({str(self.folder)!r}, factory={self.manifest.factory!r}, count={self.count}, "
+        return (f"SearchIndex({str(self.root)!r}, version={self.version!r}, factory={self.manifest.factory!r}, count={self.count}, "
                 f"dim={self.dim}, teacher_id={self.teacher_id!r})")

@@ -79,8 +79,12 @@ def test_metadata_and_manifest(flat_index, listing, tiny_models, image_folder):
             index.lookup([3, 80])
     with sqlite3.connect(flat_index / "meta.sqlite") as con:
         columns = [(name, type_, notnull, pk) for _, name, type_, notnull, _, pk in con.execute("PRAGMA table_info(items)")]
-    assert columns == [("id", "INTEGER", 0, 1), ("path", "TEXT", 1, 0), ("label", "TEXT", 1, 0)]
-    assert faiss.read_index(str(flat_index / "index.faiss")).ntotal == 80
+    assert columns == [("id", "INTEGER", 0, 1), ("path", "TEXT", 1, 0), ("label", "TEXT", 1, 0),
+                       ("extra", "TEXT", 0, 0)]
+    stored = faiss.read_index(str(flat_index / "index.faiss"))
+    assert stored.ntotal == 80 and isinstance(stored, faiss.IndexIDMap2)  # stable ids, not positions
+    np.testing.assert_array_equal(faiss.vector_to_array(stored.id_map), np.arange(80))
+    assert (flat_index / "skipped.tsv").read_text() == "path\treason\n"
 
     manifest = json.loads((flat_index / "manifest.json").read_text())
     assert manifest["teacher_id"] == "teacher-a"
@@ -91,6 +95,7 @@ def test_metadata_and_manifest(flat_index, listing, tiny_models, image_folder):
                                          "sha256": teacher_manifest["sha256"], "model_id": "teacher-a"}
     assert manifest["build"]["images"] == str(image_folder.resolve())
     assert manifest["build"]["skipped"] == [] and manifest["build"]["batch_size"] == 7
+    assert manifest["build"]["next_id"] == 80
     assert manifest["search_params"] == {}
     assert leftovers(flat_index.parent) == []
 
@@ -169,6 +174,9 @@ def test_unreadable_files_are_skipped_and_listed(tmp_path, tiny_models, image_fo
     assert all(p in err for p in bad_paths)
     assert sorted(manifest.build["skipped"]) == bad_paths
     assert manifest.count == 80
+    report = (out / "skipped.tsv").read_text().splitlines()
+    assert report[0] == "path\treason" and sorted(line.split("\t")[0] for line in report[1:]) == bad_paths
+    assert all(line.split("\t")[1] for line in report[1:])  # every file with its reason
     with SearchIndex.open(out) as index:
         assert index.manifest.build["skipped"] == manifest.build["skipped"]
         assert [path for path, _ in index.lookup(range(index.count))] == \
@@ -183,35 +191,121 @@ def test_nothing_readable_is_an_error(tmp_path, tiny_models):
     assert not (tmp_path / "index").exists() and leftovers(tmp_path) == []
 
 
-def test_interrupted_build_leaves_nothing(tmp_path, tiny_models, image_folder, monkeypatch):
+def test_interrupted_build_leaves_no_index_and_resumes(tmp_path, tiny_models, image_folder, monkeypatch):
+    """An exception after embedding, or Ctrl-C during it: no index and no temporary folder, only the committed
+    embedding shards in `.index.work`, from which `resume` finishes with exactly the uninterrupted index."""
     parent = tmp_path / "parent"
     parent.mkdir()
     real = build_module.write_metadata
 
-    def write_then_fail(path, items):  # index.faiss and meta.sqlite are on disk when this fires
-        real(path, items)
+    def write_then_fail(path, rows):  # index.faiss is on disk when this fires
+        real(path, rows)
         assert (path.parent / "index.faiss").is_file()
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(build_module, "write_metadata", write_then_fail)
     with pytest.raises(RuntimeError, match="disk full"):
-        build_index(tiny_models["teacher"], image_folder, parent / "index", progress=False)
-    assert list(parent.iterdir()) == []
+        build_index(tiny_models["teacher"], image_folder, parent / "index", shard_size=16, progress=False)
+    assert [p.name for p in parent.iterdir()] == [".index.work"]
+    assert len(list((parent / ".index.work" / "build").glob("shard-*.npy"))) == 5
 
     monkeypatch.undo()
     calls = []
+    real_embed = OnnxEmbedder.embed_arrays
 
-    def interrupt(self, batch):  # Ctrl-C during the second batch of embeddings
-        calls.append(len(batch))
-        if len(calls) == 2:
+    def interrupt(self, batch):  # Ctrl-C during the fifth batch of 8: shards 0 and 1 (16 images each) are committed
+        calls.extend([len(batch)] if batch.any() else [])  # not the all-zero warm-up batch of a model load
+        if len(calls) == 5:
             raise KeyboardInterrupt
         return real_embed(self, batch)
 
-    real_embed = OnnxEmbedder.embed_arrays
     monkeypatch.setattr(OnnxEmbedder, "embed_arrays", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        build_index(tiny_models["teacher"], image_folder, parent / "index", batch_size=16, progress=False)
-    assert list(parent.iterdir()) == []
+        build_index(tiny_models["teacher"], image_folder, parent / "index", batch_size=8, shard_size=16,
+                    progress=False)
+    work = parent / ".index.work" / "build"
+    assert [p.name for p in parent.iterdir()] == [".index.work"]
+    assert sorted(p.name for p in work.glob("shard-*.npy")) == ["shard-000000.npy", "shard-000001.npy"]
+    monkeypatch.undo()
+
+    embedded = []
+    monkeypatch.setattr(OnnxEmbedder, "embed_arrays",
+                        lambda self, b: embedded.append(len(b) if b.any() else 0) or real_embed(self, b))
+    build_index(tiny_models["teacher"], image_folder, parent / "index", batch_size=8, shard_size=16, resume=True,
+                progress=False)
+    assert sum(embedded) == 80 - 32  # only the missing shards were embedded
+    monkeypatch.undo()
+    whole = tmp_path / "whole"
+    build_index(tiny_models["teacher"], image_folder, whole, batch_size=8, shard_size=16, progress=False)
+    assert (parent / "index" / "index.faiss").read_bytes() == (whole / "index.faiss").read_bytes()
+    with SearchIndex.open(parent / "index") as a, SearchIndex.open(whole) as b:
+        assert a.lookup_records(a.ids()) == b.lookup_records(b.ids())
+    assert [p.name for p in parent.iterdir()] == ["index"]  # the work folder is gone
+
+
+def test_resume_refuses_a_changed_listing_and_fresh_build_discards_old_work(tmp_path, tiny_models, image_folder,
+                                                                              monkeypatch):
+    images = tmp_path / "images"
+    shutil.copytree(image_folder, images)
+    real_embed = OnnxEmbedder.embed_arrays
+    calls = []
+
+    def interrupt(self, batch):
+        calls.extend([1] if batch.any() else [])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_embed(self, batch)
+
+    monkeypatch.setattr(OnnxEmbedder, "embed_arrays", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(tiny_models["teacher"], images, tmp_path / "index", batch_size=8, shard_size=8, progress=False)
+    monkeypatch.undo()
+    (images / "class_00" / "0000.jpg").rename(images / "class_00" / "zzzz.jpg")  # the listing changed
+    with pytest.raises(UserError, match="cannot resume .* listing_sha256"):
+        build_index(tiny_models["teacher"], images, tmp_path / "index", batch_size=8, shard_size=8, resume=True,
+                    progress=False)
+    assert not (tmp_path / "index").exists()
+    m = build_index(tiny_models["teacher"], images, tmp_path / "index", batch_size=8, shard_size=8, progress=False)
+    assert m.count == 80 and not (tmp_path / ".index.work").exists()
+
+
+def test_search_params_are_stored_and_applied(tmp_path, tiny_models, image_folder, reference):
+    out = tmp_path / "index"
+    m = build_index(tiny_models["teacher"], image_folder, out, factory="IVF4,Flat", search_params={"nprobe": 4},
+                    progress=False)
+    assert m.search_params == {"nprobe": 4}
+    exact = faiss.IndexFlatIP(16)
+    exact.add(reference["teacher"])
+    _, truth = exact.search(reference["student"], 10)
+    with SearchIndex.open(out) as index:
+        _, ids = index.search(reference["student"], 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)]) == 1.0  # nprobe=4 of 4: exact
+    with pytest.raises(UserError, match="efSearch=16.* does not apply"):
+        build_index(tiny_models["teacher"], image_folder, tmp_path / "other", factory="IVF4,Flat",
+                    search_params={"efSearch": 16}, progress=False)
+
+
+def test_auto_choice_records_a_recall_it_really_has(tmp_path, tiny_models, image_folder, reference):
+    from asymsearch.index.auto import Budget
+    out = tmp_path / "index"
+    # a memory budget below Flat, HNSW and IVF-Flat (80 x 16 floats = 5 KB): IVF,SQ8 is what fits
+    m = build_index(tiny_models["teacher"], image_folder, out, auto=Budget(max_memory=6500, target_ms=1000.0,
+                                                                           target_recall=0.99), progress=False)
+    auto = m.build["auto"]
+    assert m.factory == auto["chosen"] == "IVF2,SQ8" and m.search_params == auto["search_params"]
+    assert [c["factory"] for c in auto["candidates"] if c.get("skipped")] == ["Flat", "HNSW32", "IVF2,Flat"]
+    # the recorded recall is the recall of the saved index, recomputed here against brute force
+    vectors = reference["teacher"]
+    rng = np.random.default_rng(0)
+    held = np.sort(rng.choice(80, auto["queries"], replace=False))
+    exact = faiss.IndexFlatIP(16)
+    exact.add(vectors)
+    _, truth = exact.search(vectors[held], 11)
+    with SearchIndex.open(out) as index:
+        _, ids = index.search(vectors[held], 11)
+    hits = [len(set(a[a != q][:10]) & set(t[t != q][:10])) / 10 for a, t, q in zip(ids, truth, held)]
+    assert abs(np.mean(hits) - auto["recall@10"]) < 1e-3
+    assert auto["recall@10"] >= 0.99 and auto["targets_met"]
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path, tiny_models, image_folder):
@@ -251,3 +345,25 @@ def test_bad_or_untrainable_factory(tmp_path, tiny_models, image_folder, factory
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         build_index(tiny_models["teacher"], image_folder, tmp_path / "index", factory=factory, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_index_command_writes_its_tables(tmp_path, tiny_models, image_folder, capsys):
+    from asymsearch.cli.main import main
+    out = tmp_path / "bench.md"
+    assert main(["bench", "index", "--teacher", str(tiny_models["teacher"]), "--images", str(image_folder),
+                 "--limit", "24", "--batch-size", "8", "--reps", "1", "--sizes", "2000", "--queries", "50",
+                 "--factories", "Flat;IVF16,Flat", "--dim", "32", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    teacher = result["teacher"]
+    assert teacher["images"] == 24 and teacher["ratio"] == pytest.approx(
+        teacher["pipeline_img_s"] / teacher["raw_ort_img_s"], rel=0.01, abs=1e-3)
+    rows = {(r["factory"], json.dumps(r["search_params"])): r for r in result["ann"]}
+    assert rows[("Flat", "{}")]["recall@10"] == 1.0  # exact search against the brute-force reference
+    assert rows[("IVF16,Flat", json.dumps({"nprobe": 16}))]["recall@10"] == 1.0  # every list visited: exact
+    assert 0 < rows[("IVF16,Flat", json.dumps({"nprobe": 8}))]["recall@10"] <= 1.0
+    assert "| 2,000 | IVF16,Flat | nprobe=8 |" in out.read_text()
+    # the results never overwrite a JSON that is not a bench result (e.g. the model's manifest)
+    manifest = tiny_models["teacher"].with_suffix(".json")
+    before = manifest.read_text()
+    assert main(["bench", "index", "--sizes", "", "--out", str(manifest.with_suffix(".md"))]) == 2
+    assert manifest.read_text() == before

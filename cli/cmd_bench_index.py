@@ -1,0 +1,65 @@
+"""`asymsearch bench index`: teacher embedding throughput (raw ORT vs the build pipeline) and faiss index types on
+synthetic vectors (build time, memory, latency, QPS, recall@10 against exact search)."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from asymsearch.cli.options import Commands, existing_path
+
+
+def register(commands: Commands) -> None:
+    p = commands.add("index", group="bench",
+                     help="teacher embedding: raw ORT vs full build pipeline; faiss index types on synthetic vectors")
+    p.add_argument("--teacher", type=existing_path("teacher ONNX model"),
+                   help="teacher .onnx for the embedding part (left out: only the faiss part runs)")
+    p.add_argument("--images", type=existing_path("image folder"), help="images for the embedding part")
+    p.add_argument("--limit", type=int, default=256, help="images used for the embedding part (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="inference batch (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: CPU count, max 8)")
+    p.add_argument("--reps", type=int, default=2, help="interleaved repetitions of each side (default: %(default)s)")
+    p.add_argument("--sizes", default="100000,1000000",
+                   help="comma-separated database sizes for the faiss part; empty to skip (default: %(default)s)")
+    p.add_argument("--factories", default=None,
+                   help="comma-separated factories (';' between them when a factory has commas), default: "
+                        "Flat, HNSW32, IVF{n},Flat, IVF{n},SQ8, IVF{n},PQ64, OPQ64,IVF{n},PQ64")
+    p.add_argument("--dim", type=int, default=512, help="vector dimension (default: %(default)s)")
+    p.add_argument("--queries", type=int, default=1000, help="held-out queries (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="faiss OpenMP threads for the faiss part (default: faiss's own; 1 gives stable figures on a "
+                        "shared machine)")
+    p.add_argument("--out", type=Path, default=Path("docs/results/bench_index.md"),
+                   help="results table; a .json beside it (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from asymsearch.core.data import list_images_flat
+    from asymsearch.core.errors import UserError
+    from asymsearch.index.bench import bench_ann, bench_teacher, log_stderr, write_results
+    command = "asymsearch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    factories = None
+    if args.factories:
+        factories = [f.strip() for f in args.factories.split(";" if ";" in args.factories else ",") if f.strip()]
+    if bool(args.teacher) != bool(args.images):
+        raise UserError("the embedding part needs both --teacher and --images")
+    from asymsearch.index.bench import check_writable
+    check_writable(args.out.with_suffix(".json"))  # before minutes of measuring
+    teacher = None
+    if args.teacher:
+        items = list_images_flat(args.images)[:args.limit]
+        teacher = bench_teacher(args.teacher, items, batch_size=args.batch_size, workers=args.workers,
+                                reps=args.reps, log=log_stderr)
+        write_results(args.out, command, teacher, [])
+    ann: list[dict] = []
+    if args.threads:
+        import faiss
+        faiss.omp_set_num_threads(args.threads)
+    bench_ann(sizes, dim=args.dim, queries=args.queries, factories=factories, log=log_stderr,
+              on_result=lambda row: (ann.append(row), write_results(args.out, command, teacher, ann)))
+    write_results(args.out, command, teacher, ann)
+    print(args.out.read_text())
+    return 0

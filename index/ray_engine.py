@@ -1,0 +1,104 @@
+"""Embedding on a Ray cluster with Ray Data: `asymsearch index build --engine ray --address ...`.
+
+The `distributed` extra (`pip install 'asymsearch[distributed]'`, i.e. `ray[data]`); nothing else imports this
+module, so the single-machine path never needs Ray.
+
+Each unfinished shard of the build's `ShardStore` becomes one row of a Ray dataset; `map_batches` sends the rows to
+a pool of actors, each holding one onnxruntime session of the teacher (one actor per GPU when the cluster has
+GPUs, else one per `cpus_per_actor` CPUs). An actor decodes the shard's images (the paths must be readable on every
+node: shared storage) with the same pipeline as a local build, embeds them at the same batch boundaries and
+returns the vectors; the driver commits each shard as it arrives. The merge into one index is the local code:
+train once on a sample of the shards, then add shard by shard (`asymsearch.index.build.index_from_shards`). An
+interrupted Ray build resumes like a local one, from the shards already committed.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from asymsearch.core.data import ImageItem
+from asymsearch.core.errors import UserError
+from asymsearch.index.shards import ShardStore
+
+try:
+    import ray
+except ImportError:  # pragma: no cover - depends on the installation
+    ray = None
+
+
+class ShardEmbedder:
+    """A Ray Data actor: one teacher session, embeds whole shards."""
+
+    def __init__(self, teacher: str, batch_size: int, threads: int) -> None:
+        from asymsearch.core.ort import OnnxEmbedder
+        self.embedder = OnnxEmbedder(teacher, intra_op_threads=threads)
+        self.batch_size = batch_size
+        self.threads = threads
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from asymsearch.index.pipeline import batch_jobs, decoded_batches
+        out: dict[str, list] = {"shard": [], "rows": [], "vectors": [], "skipped": []}
+        for shard, start, paths, labels in zip(batch["shard"], batch["start"], batch["paths"], batch["labels"]):
+            items = [ImageItem(str(p), str(label)) for p, label in zip(json.loads(paths), json.loads(labels))]
+            rows, blocks, skipped = [], [], []
+            jobs = batch_jobs(0, len(items), self.batch_size)
+            for b in decoded_batches(jobs, items, [self.embedder.manifest.preprocessing], workers=self.threads):
+                rows.extend(int(start) + r for r in b.rows)
+                blocks.append(self.embedder.embed_arrays(b.arrays[0]))
+                skipped.extend(b.skipped)
+            vectors = np.concatenate(blocks) if blocks else np.zeros((0, self.embedder.dim), np.float32)
+            buf = io.BytesIO()
+            np.save(buf, vectors.astype(np.float32))
+            out["shard"].append(int(shard))
+            out["rows"].append(json.dumps(rows))
+            out["vectors"].append(buf.getvalue())
+            out["skipped"].append(json.dumps(skipped))
+        return out
+
+
+def embed_with_ray(items: Sequence[ImageItem], teacher: str | os.PathLike, store: ShardStore, *, batch_size: int,
+                   address: str | None = None, progress: bool = True, cpus_per_actor: int = 1,
+                   actors: int | None = None) -> None:
+    """Embed the unfinished shards of `store` on the Ray cluster at `address` (None: the running Ray instance of
+    this process, or a new local one) and commit them to `store`."""
+    if ray is None:
+        raise UserError("--engine ray needs Ray Data: pip install 'ray[data]' (the `distributed` extra)")
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    missing = store.missing()
+    if not missing:
+        return
+    rows = []
+    for shard in missing:
+        start, stop = store.shard_range(shard)
+        rows.append({"shard": shard, "start": start,
+                     "paths": json.dumps([items[i].path for i in range(start, stop)]),
+                     "labels": json.dumps([items[i].label for i in range(start, stop)])})
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:  # untested here: no GPU on the development machine
+        pool, per_actor = actors or gpus, {"num_gpus": 1, "num_cpus": cpus_per_actor}
+    else:
+        pool = actors or max(1, int(resources.get("CPU", 1)) // cpus_per_actor)
+        per_actor = {"num_cpus": cpus_per_actor}
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        ShardEmbedder, fn_constructor_kwargs={"teacher": str(Path(teacher).resolve()), "batch_size": batch_size,
+                                              "threads": cpus_per_actor},
+        batch_size=1, concurrency=min(pool, len(rows)), **per_actor)
+    from asymsearch.index.pipeline import progress_bar
+    done = store.count - sum(b - a for a, b in map(store.shard_range, missing))
+    with progress_bar(store.count, "embedding database on Ray", progress, initial=done) as bar:
+        for row in ds.iter_rows():
+            shard = int(row["shard"])
+            vectors = np.load(io.BytesIO(row["vectors"]))
+            skipped: list[Any] = [tuple(s) for s in json.loads(row["skipped"])]
+            if not np.isfinite(vectors).all():
+                raise UserError(f"the teacher {teacher} produced non-finite embeddings; check the exported model")
+            store.write(shard, json.loads(row["rows"]), vectors, skipped)
+            start, stop = store.shard_range(shard)
+            bar.update(stop - start)
