@@ -1,45 +1,250 @@
-"""`asymsearch query`: send images to a running server."""
+"""`asymsearch query`: send images (files, or folders searched recursively) to a running server.
+
+Exit codes (also in `--help` and docs/clients.md), for scripts:
+    0  every query answered
+    1  some images failed (unreadable, refused by the server); each is one line on stderr, the rest answered
+    2  usage or bad input: a bad option, a missing path, no images found, an unreadable token or CA file
+    3  server unavailable: down, not answering in time, busy, or failing
+    4  not authorised: a missing or wrong token, or a certificate the server refused
+    5  pairing mismatch: the --on-device student belongs to another teacher than the served index
+  130  interrupted
+Every failure is one line on stderr, never a traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
 
 from asymsearch.cli.options import Commands, existing_path
 from asymsearch.core.errors import UserError
 
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_NOT_AUTHORISED = 4
+EXIT_PAIRING = 5
+CHUNK = 16  # queries per BatchSearch call
+BATCH_BYTES = 8 * 1024 * 1024  # at most this much image data per call
+CSV_FIELDS = ("query", "rank", "id", "score", "label", "path", "error")
+
+EXIT_CODES_HELP = """exit codes:
+  0  every query answered
+  1  some images failed (each reported on stderr; the others answered)
+  2  usage or bad input (bad option, missing path, no images, unreadable token/CA file)
+  3  server unavailable (down, timed out, busy or failing)
+  4  not authorised (missing or wrong token, refused certificate)
+  5  pairing mismatch (the --on-device student belongs to another teacher)
+130  interrupted"""
+
 
 def register(commands: Commands) -> None:
-    p = commands.add("query", help="send images to a running server and print the ranked results")
-    p.add_argument("images", nargs="+", type=existing_path("image"), metavar="IMAGE")
-    p.add_argument("--server", default="localhost:50051", help="HOST:PORT (default: %(default)s)")
+    p = commands.add("query", help="send images to a running server and print the ranked results",
+                     description="Search with image files, or folders of images (searched recursively). "
+                                 "Prints a table by default, JSON lines with --json, or writes JSONL/CSV with "
+                                 "--output.",
+                     epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", type=existing_path("image or folder"), metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--server", action="append", metavar="HOST:PORT",
+                   help="server address; repeat it (or separate by commas) for replicas, which are used round "
+                        "robin (default: localhost:50051)")
     p.add_argument("-k", type=int, default=5, help="results per query (default: %(default)s)")
     p.add_argument("--on-device", type=existing_path("student ONNX model"), metavar="S.onnx",
-                   help="embed locally with this student and send only the vector")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default: %(default)s)")
+                   help="embed locally with this student and send only the vector (its teacher must be the "
+                        "served index's)")
+    p.add_argument("--timeout", type=float, default=10.0, help="deadline per request, seconds (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=3,
+                   help="retries of an unavailable server, with exponential back-off (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="one JSON object per query on stdout")
+    p.add_argument("--output", "-o", type=Path, metavar="FILE",
+                   help="write the results to FILE: CSV if it ends in .csv, else JSON lines")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token", help="bearer token (visible in the process list: prefer --token-file or "
+                                       "$ASYMSEARCH_TOKEN)")
+    token.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the bearer token")
+    p.add_argument("--tls", action="store_true", help="use TLS, verifying the server with the system's roots")
+    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="use TLS, verifying the server with this CA")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key (with --tls-cert)")
+    p.add_argument("--tls-server-name", metavar="NAME", help="check the server's certificate for this name")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is shown on stderr only when stderr is a terminal)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from asymsearch.clients.client import OnDeviceEmbedder, SearchClient, SearchError
-    embedder = OnDeviceEmbedder(args.on_device) if args.on_device else None
-    results = []
+    """The typed errors of the SDK and of the input each become one line and their exit code; anything else is a
+    bug and keeps its traceback."""
+    from asymsearch.clients.client import InvalidRequest, NotAuthorised, SearchError
+    from asymsearch.core.errors import PairingError
     try:
-        with SearchClient(args.server, timeout=args.timeout) as client:
-            for image in args.images:
-                if embedder is not None:
-                    hits = client.search_on_device(embedder, image, k=args.k)
-                else:
-                    hits = client.search_image(image, k=args.k)
-                results.append({"query": str(image), "hits": [dataclasses.asdict(h) for h in hits]})
-    except SearchError as e:
-        raise UserError(str(e)) from None
-    for r in results:
-        if args.json:
-            print(json.dumps(r))
-            continue
-        print(r["query"])
-        for rank, h in enumerate(r["hits"], start=1):
-            print(f"  {rank:>3}  {h['score']:.4f}  {h['label']:<24}  {h['path']}")
-    return 0
+        return _run(args)
+    except PairingError as e:
+        return _fail(str(e), EXIT_PAIRING)
+    except (UserError, InvalidRequest) as e:
+        return _fail(str(e), EXIT_USAGE)
+    except NotAuthorised as e:
+        return _fail(f"{e} (check --token / --token-file)", EXIT_NOT_AUTHORISED)
+    except SearchError as e:  # unavailable, timed out, busy, or failing
+        return _fail(str(e), EXIT_UNAVAILABLE)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"asymsearch: error: {message}", file=sys.stderr)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    from asymsearch.clients.client import OnDeviceClient, SearchClient, TlsOptions, _split
+    from asymsearch.core.data import IMAGE_SUFFIXES
+    if args.k < 1:
+        raise UserError(f"-k must be at least 1, got {args.k}")
+    if args.timeout <= 0 or args.retries < 0:
+        raise UserError("--timeout must be positive and --retries at least 0")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UserError("a client certificate needs both --tls-cert and --tls-key")
+    addresses = [_strip_scheme(a) for s in (args.server or ["localhost:50051"]) for a in _split(s)]
+    token = _token(args)
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        tls = TlsOptions(root_ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+                         server_name=args.tls_server_name)
+    queries = list(_expand(args.images, IMAGE_SUFFIXES))
+    if not queries:
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in "
+                        f"{', '.join(str(p) for p in args.images)}")
+    kw = dict(timeout=args.timeout, token=token, tls=tls, retries=args.retries)
+    client = OnDeviceClient(args.on_device, addresses, **kw) if args.on_device else SearchClient(addresses, **kw)
+    failed = 0
+    with client, _Writer(args) as writer:
+        info = client.check() if args.on_device else client.info()  # pairing checked before any image is read
+        if info.get("max_k") and args.k > info["max_k"]:
+            raise UserError(f"-k {args.k} exceeds the server's max_k of {info['max_k']}")
+        from tqdm import tqdm
+        with tqdm(total=len(queries), unit="img", file=sys.stderr, disable=True if args.no_progress else None,
+                  leave=False) as bar:
+            for start in range(0, len(queries), CHUNK):
+                chunk = queries[start:start + CHUNK]
+                for path, result in zip(chunk, _search_chunk(client, chunk, args.k, bool(args.on_device))):
+                    if isinstance(result, Exception):
+                        failed += 1
+                        bar.clear()
+                        print(f"asymsearch: {path}: {_reason(result)}", file=sys.stderr)
+                        writer.write(str(path), None, _reason(result))
+                    else:
+                        writer.write(str(path), [dataclasses.asdict(h) for h in result], None)
+                    bar.update(1)
+    if args.output:
+        print(f"asymsearch: wrote {len(queries) - failed} results ({failed} failed) to {args.output}",
+              file=sys.stderr)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _search_chunk(client: Any, chunk: list[Path], k: int, on_device: bool) -> list[Any]:
+    """One BatchSearch call for up to CHUNK images; an image that cannot be read or embedded fails alone."""
+    from asymsearch.clients.client import _read_file
+    prepared: list[Any] = []
+    for path in chunk:
+        try:
+            prepared.append(client.embed(path) if on_device else _read_file(path))
+        except UserError as e:
+            prepared.append(e)
+    sendable = [q for q in prepared if not isinstance(q, Exception)]
+    search = client.client.batch_search if on_device else client.batch_search
+    answers: list[Any] = []
+    group: list[Any] = []
+    size = 0
+    for q in sendable + [None]:  # calls of at most BATCH_BYTES of images (the server's message limit is 16 MiB)
+        n = len(q) if isinstance(q, bytes) else 4096
+        if group and (q is None or size + n > BATCH_BYTES):
+            answers.extend(search(group, k=k))
+            group, size = [], 0
+        if q is not None:
+            group.append(q)
+            size += n
+    it = iter(answers)
+    return [q if isinstance(q, Exception) else next(it) for q in prepared]
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text
+
+
+def _expand(paths: list[Path], suffixes: frozenset[str]) -> Iterator[Path]:
+    """Files as given (any suffix: the server judges them); folders: their image files, recursively, sorted."""
+    for p in paths:
+        if p.is_dir():
+            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+        else:
+            yield p
+
+
+def _strip_scheme(address: str) -> str:
+    for scheme in ("grpc://", "grpcs://", "dns:///"):
+        if address.startswith(scheme):
+            return address[len(scheme):].rstrip("/")
+    return address
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as e:
+            raise UserError(f"cannot read the token file {args.token_file}: {e.strerror or e}") from None
+        if not token:
+            raise UserError(f"the token file {args.token_file} is empty")
+        return token
+    return args.token or os.environ.get("ASYMSEARCH_TOKEN") or None
+
+
+class _Writer:
+    """Results to stdout (a table, or JSON lines with --json) or to --output (JSONL or CSV)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.json, self.output, self._file, self._csv = args.json, args.output, None, None
+
+    def __enter__(self) -> "_Writer":
+        if self.output is not None:
+            try:
+                self._file = open(self.output, "w", newline="", encoding="utf-8")
+            except OSError as e:
+                raise UserError(f"cannot write {self.output}: {e.strerror or e}") from None
+            if self.output.suffix.lower() == ".csv":
+                self._csv = csv.DictWriter(self._file, fieldnames=CSV_FIELDS)
+                self._csv.writeheader()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def write(self, query: str, hits: list[dict] | None, error: str | None) -> None:
+        record = {"query": query, "hits": hits or []}
+        if error is not None:
+            record["error"] = error
+        if self._csv is not None:
+            if error is not None:
+                self._csv.writerow({"query": query, "error": error})
+            for rank, h in enumerate(hits or [], start=1):
+                self._csv.writerow({"query": query, "rank": rank, "id": h["id"], "score": f"{h['score']:.6f}",
+                                    "label": h["label"], "path": h["path"], "error": ""})
+            self._file.flush()
+        elif self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._file is not None and not self.json:
+            return
+        if self.json:
+            print(json.dumps(record), flush=True)
+        elif error is None:
+            print(query)
+            for rank, h in enumerate(hits or [], start=1):
+                print(f"  {rank:>3}  {h['score']:.4f}  {h['id']:>8}  {h['label']:<24}  {h['path']}")

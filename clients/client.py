@@ -10,6 +10,14 @@
         for tag, hits in client.stream_search(many_images, k=5): ...    # pipelined: results as they are ready
         client.reload()                                                   # Admin service (needs the token)
 
+    with SearchClient(["10.0.0.1:50051", "10.0.0.2:50051"]) as client:  # replicas: gRPC's round_robin policy
+        hits = client.search(pil_image, k=5)                                # path, bytes, PIL image or vector
+
+    with OnDeviceClient(student="student.int8.onnx", address="localhost:50051") as client:
+        hits = client.search("query.jpg", k=5)   # embedded here; only the vector (~2 KB) is sent
+
+The asyncio twin is `asymsearch.clients.aio.AsyncSearchClient` (same methods, awaited).
+
 gRPC failures surface as `SearchError` subclasses carrying the server's message; a local file that cannot be
 read is a `UserError`. UNAVAILABLE (the server restarting, a connection lost) is retried `retries` times with
 exponential back-off and jitter; every other failure is raised at once. No torch here: onnxruntime, grpcio,
@@ -19,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import io
 import random
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -86,6 +96,65 @@ class Hit:
 
 
 ImageSource = str | os.PathLike | bytes
+Address = str | Sequence[str]
+LB_POLICY = "round_robin"
+
+
+def channel_target(address: Address) -> str:
+    """One gRPC target for one or several "host:port" addresses.
+
+    One address (or a comma-separated string holding one) is used as given. Several become a static
+    `ipv4:` / `ipv6:` target listing every resolved address, which the `round_robin` load-balancing policy
+    (see `channel_options`) spreads calls across; host names are resolved once, here (UserError if one cannot be).
+    """
+    addresses = _split(address)
+    if len(addresses) == 1:
+        return addresses[0]
+    v4: list[str] = []
+    v6: list[str] = []
+    for a in addresses:
+        host, sep, port = a.rpartition(":")
+        if not sep or not port.isdigit():
+            raise UserError(f"a server address must be HOST:PORT, got {a!r}")
+        host = host.strip("[]")
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise UserError(f"cannot resolve server host {host!r}: {e.strerror or e}") from None
+        info = next((i for i in infos if i[0] == socket.AF_INET), infos[0])  # IPv4 first: mixes need one family
+        ip, family = info[4][0], info[0]
+        (v6 if family == socket.AF_INET6 else v4).append(f"[{ip}]:{port}" if family == socket.AF_INET6
+                                                          else f"{ip}:{port}")
+    if v4 and v6:
+        raise UserError("several server addresses must be all IPv4 or all IPv6")
+    return ("ipv6:" if v6 else "ipv4:") + ",".join(v6 or v4)
+
+
+def channel_options(address: Address, tls: "TlsOptions | None" = None) -> list[tuple[str, Any]]:
+    """Channel options shared by the sync and asyncio clients: message limits, round robin for several
+    addresses, and (TLS with several addresses) the first host's name as the certificate name to check."""
+    options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    addresses = _split(address)
+    if len(addresses) > 1:
+        options.append(("grpc.lb_policy_name", LB_POLICY))
+    if tls is not None:
+        name = tls.server_name or (addresses[0].rpartition(":")[0].strip("[]") if len(addresses) > 1 else None)
+        if name:
+            options.append(("grpc.ssl_target_name_override", name))
+    return options
+
+
+def _split(address: Address) -> list[str]:
+    parts = address.split(",") if isinstance(address, str) else [str(a) for a in address]
+    parts = [p.strip() for p in parts if p.strip()]
+    if not parts:
+        raise UserError("no server address given")
+    return parts
+
+
+def _display(address: Address) -> str:
+    return ",".join(_split(address))
 
 
 class OnDeviceEmbedder:
@@ -120,24 +189,21 @@ class SearchClient:
     each wait with +-50% jitter so that many clients do not come back at the same instant.
     """
 
-    def __init__(self, address: str, *, timeout: float = 10.0, token: str | None = None,
+    def __init__(self, address: Address, *, timeout: float = 10.0, token: str | None = None,
                  tls: TlsOptions | None = None, retries: int = 3, backoff: float = 0.1,
                  max_backoff: float = 2.0) -> None:
-        self.address = address
+        self.address = _display(address)
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.attempts = 0  # calls sent, retries included (for tests and diagnostics)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        target, options = channel_target(address), channel_options(address, tls)
         if tls is not None:
-            if tls.server_name:
-                options.append(("grpc.ssl_target_name_override", tls.server_name))
-            self._channel = grpc.secure_channel(address, tls.credentials(), options=options)
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
         else:
-            self._channel = grpc.insecure_channel(address, options=options)
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = search_pb2_grpc.SearchStub(self._channel)
         self._admin = search_pb2_grpc.AdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -147,6 +213,18 @@ class SearchClient:
         """Send an image (a file path or encoded bytes); the server embeds it with its student."""
         data = image if isinstance(image, bytes) else _read_file(Path(image))
         return _hits(self._call(self._stub.SearchImage, search_pb2.ImageQuery(image=data, k=k)))
+
+    def search_pil(self, image: Any, k: int = 10) -> list[Hit]:
+        """Send a PIL image (encoded losslessly as PNG here); the server embeds it with its student."""
+        return self.search_image(encode_pil(image), k)
+
+    def search(self, query: Any, k: int = 10) -> list[Hit]:
+        """One query of any kind: a path, encoded bytes, a PIL image, or a vector (a 1-D array or sequence)."""
+        if isinstance(query, (bytes, str, os.PathLike)):
+            return self.search_image(query, k)
+        if _is_pil(query):
+            return self.search_pil(query, k)
+        return self.search_vector(query, k)
 
     def search_vector(self, vector: Sequence[float] | np.ndarray, k: int = 10) -> list[Hit]:
         """Send a student embedding of the server's dimension (see `info()["dim"]`); the server normalises it."""
@@ -160,10 +238,7 @@ class SearchClient:
         """
         if self._server_info is None:
             self._server_info = self.info()
-        served = self._server_info["teacher_id"]
-        if embedder.teacher_id != served:
-            raise PairingError(f"the on-device model belongs to teacher {embedder.teacher_id} but the server at "
-                               f"{self.address} searches an index embedded by teacher {served}")
+        check_pairing(embedder, self._server_info, self.address)
         return self.search_vector(embedder.embed(image), k)
 
     def batch_search(self, queries: Sequence[ImageSource | Sequence[float] | np.ndarray], k: int = 10
@@ -254,6 +329,98 @@ class SearchClient:
         raise AssertionError("unreachable")
 
 
+def check_pairing(embedder: "OnDeviceEmbedder", info: dict[str, Any], address: str) -> None:
+    """Raise `PairingError` unless `embedder` is a student of the teacher that embedded the served index."""
+    served = info["teacher_id"]
+    if embedder.teacher_id != served:
+        raise PairingError(f"the on-device model belongs to teacher {embedder.teacher_id} but the server at "
+                           f"{address} searches an index embedded by teacher {served}")
+    if info.get("dim") and embedder.dim != info["dim"]:
+        raise PairingError(f"the on-device model embeds into {embedder.dim} dimensions but the server at "
+                           f"{address} expects {info['dim']}")
+
+
+class OnDeviceClient:
+    """Search with the student run here: every image is embedded locally and only its vector is sent.
+
+    `OnDeviceClient(student="student.int8.onnx", address="localhost:50051")`; other keywords go to
+    `SearchClient`. Before the first query it asks the server's `Info` and raises `PairingError` when the
+    student's teacher is not the teacher of the served index (nothing else is sent in that case).
+    """
+
+    def __init__(self, student: str | os.PathLike, address: Address = "localhost:50051", *,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, **client_kw: Any) -> None:
+        self.embedder = OnDeviceEmbedder(student, max_pixels=max_pixels)
+        self.client = SearchClient(address, **client_kw)
+        self._checked = False
+
+    @property
+    def address(self) -> str:
+        return self.client.address
+
+    def check(self) -> dict[str, Any]:
+        """Ask the server's Info and check the pairing (done once, before the first query); returns the info."""
+        info = self.client.info()
+        check_pairing(self.embedder, info, self.client.address)
+        self.client._server_info = info
+        self._checked = True
+        return info
+
+    def embed(self, query: Any) -> np.ndarray:
+        if isinstance(query, (bytes, str, os.PathLike)):
+            return self.embedder.embed(query)
+        if _is_pil(query):
+            return self.embedder.embed(encode_pil(query))
+        raise UserError(f"an on-device query is an image path, bytes or a PIL image, not {type(query).__name__}")
+
+    def search(self, query: Any, k: int = 10) -> list[Hit]:
+        """An image path, encoded bytes or a PIL image, embedded here; only the vector is sent."""
+        if not self._checked:
+            self.check()
+        return self.client.search_vector(self.embed(query), k)
+
+    search_image = search
+    search_pil = search
+
+    def search_vector(self, vector: Sequence[float] | np.ndarray, k: int = 10) -> list[Hit]:
+        if not self._checked:
+            self.check()
+        return self.client.search_vector(vector, k)
+
+    def batch_search(self, queries: Sequence[Any], k: int = 10) -> list[list[Hit] | SearchError]:
+        """Many images embedded here, sent as vectors in one call; one entry per query, in order."""
+        if not self._checked:
+            self.check()
+        vectors = [q if isinstance(q, np.ndarray) else self.embed(q) for q in queries]
+        return self.client.batch_search(vectors, k)
+
+    def info(self) -> dict[str, Any]:
+        return self.client.info()
+
+    def wait_ready(self, timeout: float) -> None:
+        self.client.wait_ready(timeout)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "OnDeviceClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_pil(obj: Any) -> bool:
+    return hasattr(obj, "save") and hasattr(obj, "mode") and hasattr(obj, "size")
+
+
+def encode_pil(image: Any) -> bytes:
+    """A PIL image -> PNG bytes (lossless, so the server sees exactly these pixels)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _translate(e: grpc.RpcError, address: str) -> SearchError:
     code, details = e.code(), e.details() or ""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -292,6 +459,8 @@ def _query(q: ImageSource | Sequence[float] | np.ndarray, k: int, tag: int) -> s
         return search_pb2.Query(image=q, k=k, tag=tag)
     if isinstance(q, (str, os.PathLike)):
         return search_pb2.Query(image=_read_file(Path(q)), k=k, tag=tag)
+    if _is_pil(q):
+        return search_pb2.Query(image=encode_pil(q), k=k, tag=tag)
     return search_pb2.Query(vector=search_pb2.FloatVector(values=_vector(q)), k=k, tag=tag)
 
 
