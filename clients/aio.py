@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asymsearch.clients.client import (Address, Hit, OnDeviceEmbedder, SearchError, ServerUnavailable,
                                        TlsOptions, _display, _hits, _is_pil, _query, _read_file, _result,
-                                       _translate, _update, _vector, channel_options, channel_target,
+                                       _translate, _update, _vector, open_channel,
                                        check_pairing, encode_pil)
 from asymsearch.core.preprocess import DEFAULT_MAX_PIXELS
 from asymsearch.protos.v1 import search_pb2, search_pb2_grpc
@@ -47,12 +47,7 @@ class AsyncSearchClient:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.attempts = 0
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        target, options = channel_target(address), channel_options(address, tls)
-        if tls is not None:
-            self._channel = grpc.aio.secure_channel(target, tls.credentials(), options=options)
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._channel, self._metadata = open_channel(grpc.aio, address, token, tls)
         self._stub = search_pb2_grpc.SearchStub(self._channel)
         self._admin = search_pb2_grpc.AdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)

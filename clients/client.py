@@ -153,6 +153,15 @@ def _split(address: Address) -> list[str]:
     return parts
 
 
+
+def open_channel(module, address: Address, token: str | None, tls: "TlsOptions | None"):
+    """(channel, call metadata) for `address`: `module` is `grpc` for the sync client, `grpc.aio` for the async one;
+    one or several addresses (round robin), TLS when `tls` is given, the bearer token as call metadata."""
+    target, options = channel_target(address), channel_options(address, tls)
+    channel = (module.secure_channel(target, tls.credentials(), options=options) if tls is not None
+               else module.insecure_channel(target, options=options))
+    return channel, ((("authorization", f"Bearer {token}"),) if token else None)
+
 def _display(address: Address) -> str:
     return ",".join(_split(address))
 
@@ -198,12 +207,7 @@ class SearchClient:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.attempts = 0  # calls sent, retries included (for tests and diagnostics)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        target, options = channel_target(address), channel_options(address, tls)
-        if tls is not None:
-            self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=options)
+        self._channel, self._metadata = open_channel(grpc, address, token, tls)
         self._stub = search_pb2_grpc.SearchStub(self._channel)
         self._admin = search_pb2_grpc.AdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
