@@ -1,8 +1,9 @@
-"""`asymsearch query`: send images (files, or folders searched recursively) to a running server.
+"""`asymsearch query`: send images (files, folders searched recursively, or http(s) URLs) to a running server.
 
 Exit codes (also in `--help` and docs/clients.md), for scripts:
     0  every query answered
-    1  some images failed (unreadable, refused by the server); each is one line on stderr, the rest answered
+    1  some images failed (unreadable, a URL that could not be fetched, refused by the server); each is one line
+       on stderr, the rest answered
     2  usage or bad input: a bad option, a missing path, no images found, an unreadable token or CA file
     3  server unavailable: down, not answering in time, busy, or failing
     4  not authorised: a missing or wrong token, or a certificate the server refused
@@ -33,10 +34,12 @@ EXIT_PAIRING = 5
 CHUNK = 16  # queries per BatchSearch call
 BATCH_BYTES = 8 * 1024 * 1024  # at most this much image data per call
 CSV_FIELDS = ("query", "rank", "id", "score", "label", "path", "error")
+URL_MAX_BYTES = 16 * 1024 * 1024  # largest image fetched from a URL (the server's default message limit)
+URL_SCHEMES = ("http://", "https://")
 
 EXIT_CODES_HELP = """exit codes:
   0  every query answered
-  1  some images failed (each reported on stderr; the others answered)
+  1  some images failed (unreadable, URL not fetched; each reported on stderr, the others answered)
   2  usage or bad input (bad option, missing path, no images, unreadable token/CA file)
   3  server unavailable (down, timed out, busy or failing)
   4  not authorised (missing or wrong token, refused certificate)
@@ -46,11 +49,12 @@ EXIT_CODES_HELP = """exit codes:
 
 def register(commands: Commands) -> None:
     p = commands.add("query", help="send images to a running server and print the ranked results",
-                     description="Search with image files, or folders of images (searched recursively). "
+                     description="Search with image files, folders of images (searched recursively) or "
+                                 "http(s):// image URLs (fetched here, at most 16 MiB each). "
                                  "Prints a table by default, JSON lines with --json, or writes JSONL/CSV with "
                                  "--output.",
                      epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", type=existing_path("image or folder"), metavar="IMAGE_OR_FOLDER")
+    p.add_argument("images", nargs="+", type=_image_source, metavar="IMAGE_FOLDER_OR_URL")
     p.add_argument("--server", action="append", metavar="HOST:PORT",
                    help="server address; repeat it (or separate by commas) for replicas, which are used round "
                         "robin (default: localhost:50051)")
@@ -146,13 +150,17 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def _search_chunk(client: Any, chunk: list[Path], k: int, on_device: bool) -> list[Any]:
+def _search_chunk(client: Any, chunk: list[Path | str], k: int, on_device: bool) -> list[Any]:
     """One BatchSearch call for up to CHUNK images; an image that cannot be read or embedded fails alone."""
     from asymsearch.clients.client import _read_file
     prepared: list[Any] = []
     for path in chunk:
         try:
-            prepared.append(client.embed(path) if on_device else _read_file(path))
+            source = _fetch_url(path, client) if isinstance(path, str) else path  # a URL's bytes, or the file
+            if on_device:
+                prepared.append(client.embed(source))
+            else:
+                prepared.append(source if isinstance(source, bytes) else _read_file(source))
         except UserError as e:
             prepared.append(e)
     sendable = [q for q in prepared if not isinstance(q, Exception)]
@@ -177,10 +185,55 @@ def _reason(e: Exception) -> str:
     return text
 
 
-def _expand(paths: list[Path], suffixes: frozenset[str]) -> Iterator[Path]:
-    """Files as given (any suffix: the server judges them); folders: their image files, recursively, sorted."""
+def _image_source(value: str) -> Path | str:
+    """An argparse type: an http(s) URL (kept as text) or a path that must exist."""
+    if value.lower().startswith(URL_SCHEMES):
+        from urllib.parse import urlsplit
+        try:
+            host = urlsplit(value).hostname
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"not a valid URL: {value} ({e})") from None
+        if not host:
+            raise argparse.ArgumentTypeError(f"a URL without a host: {value}")
+        return value
+    return existing_path("image or folder")(value)
+
+
+def _fetch_url(url: str, client: Any = None, limit: int | None = None) -> bytes:
+    """The bytes at an http(s) `url`, at most `limit` (default URL_MAX_BYTES) of them, within the client's
+    deadline; any failure is a one-line `UserError` (its message leaves the URL to the caller's prefix)."""
+    import http.client
+    import urllib.error
+    import urllib.request
+    limit = URL_MAX_BYTES if limit is None else limit
+    timeout = getattr(getattr(client, "client", client), "timeout", 10.0)
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "asymsearch-query"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > limit:
+                raise UserError(f"cannot fetch: {int(length)} bytes, over the {limit / 2**20:g} MiB limit")
+            data = response.read(limit + 1)
+    except urllib.error.HTTPError as e:
+        raise UserError(f"cannot fetch: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise UserError(f"cannot fetch: {getattr(e.reason, 'strerror', None) or e.reason}") from None
+    except (OSError, ValueError, http.client.HTTPException) as e:  # timeouts, resets, bad replies or URLs
+        raise UserError(f"cannot fetch: {getattr(e, 'strerror', None) or e or type(e).__name__}") from None
+    if len(data) > limit:
+        raise UserError(f"cannot fetch: over the {limit / 2**20:g} MiB limit")
+    if not data:
+        raise UserError("cannot fetch: empty response")
+    return data
+
+
+def _expand(paths: list[Path | str], suffixes: frozenset[str]) -> Iterator[Path | str]:
+    """Files and URLs as given (any suffix: the server judges them); folders: their image files, recursively,
+    sorted."""
     for p in paths:
-        if p.is_dir():
+        if isinstance(p, str):
+            yield p
+        elif p.is_dir():
             yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
         else:
             yield p

@@ -215,8 +215,13 @@ class SearchClient:
 
     def search_image(self, image: ImageSource, k: int = 10) -> list[Hit]:
         """Send an image (a file path or encoded bytes); the server embeds it with its student."""
+        return hits_from_reply(self.search_image_reply(image, k))
+
+    def search_image_reply(self, image: ImageSource, k: int = 10) -> search_pb2.SearchReply:
+        """`search_image`, returning the whole reply: the hits plus the server's own timings and index version
+        (`hits_from_reply` turns its hits into `Hit` objects)."""
         data = image if isinstance(image, bytes) else _read_file(Path(image))
-        return _hits(self._call(self._stub.SearchImage, search_pb2.ImageQuery(image=data, k=k)))
+        return self._call(self._stub.SearchImage, search_pb2.ImageQuery(image=data, k=k))
 
     def search_pil(self, image: Any, k: int = 10) -> list[Hit]:
         """Send a PIL image (encoded losslessly as PNG here); the server embeds it with its student."""
@@ -447,8 +452,12 @@ def _read_file(path: Path) -> bytes:
         raise UserError(f"cannot read image {path}: {e.strerror or e}") from None
 
 
-def _hits(reply: search_pb2.SearchReply) -> list[Hit]:
+def hits_from_reply(reply: search_pb2.SearchReply) -> list[Hit]:
+    """The typed hits of a raw `SearchReply`."""
     return [Hit(h.id, h.score, h.path, h.label, dict(h.metadata)) for h in reply.hits]
+
+
+_hits = hits_from_reply
 
 
 def _vector(vector: Sequence[float] | np.ndarray) -> list[float]:

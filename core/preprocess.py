@@ -62,7 +62,9 @@ def decode_image(data: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_
         raise InvalidImage(f"{name}: no such file") from None
     except Image.DecompressionBombError as e:
         raise InvalidImage(f"{name}: refused as a decompression bomb ({e})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+    except UnidentifiedImageError:
+        raise InvalidImage(f"{name}: not a readable image (unknown or corrupt format)") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
         raise InvalidImage(f"{name}: not a readable image ({e.__class__.__name__}: {e})") from None
 
 

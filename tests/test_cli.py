@@ -15,7 +15,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("command", [["train", "teacher"], ["train", "student"], ["export"], ["index", "build"],
-                                     ["serve"], ["query"], ["eval"], ["demo"]])
+                                     ["serve"], ["query"], ["web"], ["eval"], ["demo"]])
 def test_every_stage_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([*command, "--help"])

@@ -253,3 +253,64 @@ def index_for_tls(tmp_path_factory, image_folder, tiny_models):
     out = tmp_path_factory.mktemp("query_cli_tls") / "index"
     build_index(tiny_models["teacher"], image_folder, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def http_images(image_folder):
+    """The fixture images served by the standard library's http.server on port 0, in a background thread."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(image_folder)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def test_image_urls_are_fetched_and_answered_like_files(servers, items, http_images, tiny_models, capsys):
+    address = servers[0][1]
+    item = items[29]
+    url = f"{http_images}/{item.label}/{item.path.rsplit('/', 1)[1]}"
+    with SearchClient(address, timeout=10) as client:
+        expected = client.search_image(item.path, k=4)
+    for extra in ([], ["--on-device", str(tiny_models["student"])]):
+        capsys.readouterr()
+        assert main(["query", url, item.path, "--server", address, "-k", "4", "--json", *extra]) == EXIT_OK
+        records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [r["query"] for r in records] == [url, item.path]
+        assert [h["id"] for h in records[0]["hits"]] == [h["id"] for h in records[1]["hits"]]
+        assert records[0]["hits"][0]["id"] == 29
+        if not extra:
+            assert [h["id"] for h in records[0]["hits"]] == [h.id for h in expected]
+
+
+def test_bad_urls_fail_alone_with_one_line(servers, items, http_images, capsys, monkeypatch):
+    import asymsearch.cli.cmd_query as cmd_query
+    address = servers[0][1]
+    item = items[3]
+    good = f"{http_images}/{item.label}/{item.path.rsplit('/', 1)[1]}"
+    missing = f"{http_images}/nope/missing.jpg"
+    refused = f"http://127.0.0.1:{_closed_port()}/x.jpg"
+    capsys.readouterr()
+    assert main(["query", missing, good, refused, "--server", address, "--json"]) == EXIT_SOME_FAILED
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 2 and "Traceback" not in captured.err, err
+    assert missing in err[0] and "HTTP 404" in err[0]
+    assert refused in err[1] and "cannot fetch" in err[1]
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["query"] for r in records] == [missing, good, refused]
+    assert records[1]["hits"][0]["id"] == 3 and "error" in records[0] and "error" in records[2]
+
+    monkeypatch.setattr(cmd_query, "URL_MAX_BYTES", 100)  # the fixture JPEGs are larger than 100 bytes
+    assert main(["query", good, "--server", address]) == EXIT_SOME_FAILED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "limit" in err[0], err
