@@ -28,6 +28,9 @@ def register(commands: Commands) -> None:
                    help="query this built index for the asymmetric setting instead of an in-memory database")
     p.add_argument("--classes", default="all", help=CONFIG_HELP["classes"] + " (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--multiscale", action="store_true",
+                   help="embed every image (queries and database) at scales 1, 1/sqrt(2), 1/2 of the model's size, "
+                        "average and re-normalise (the models need dynamic height/width, as exported ones have)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.set_defaults(func=run, parser=p)
 
@@ -42,15 +45,16 @@ def run(args: argparse.Namespace) -> int:
             args.parser.error("use either --teacher/--student [--index] or --query-model/--database-model")
         if args.revisited is not None:
             result = evaluate_revisited(args.data, args.revisited, args.query_model, args.database_model,
-                                        batch_size=args.batch_size, progress=not args.json)
+                                        batch_size=args.batch_size, progress=not args.json,
+                                        multiscale=args.multiscale)
         else:
             result = {"query_database": evaluate_pair(args.data, args.query_model, args.database_model,
                                                       classes=args.classes, batch_size=args.batch_size,
-                                                      progress=not args.json)}
+                                                      progress=not args.json, multiscale=args.multiscale)}
     else:
         if args.teacher is None or args.student is None:
             args.parser.error("give --teacher and --student, or --query-model and --database-model")
         result = evaluate(args.data, args.teacher, args.student, index=args.index, classes=args.classes,
-                          batch_size=args.batch_size, progress=not args.json)
+                          batch_size=args.batch_size, progress=not args.json, multiscale=args.multiscale)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

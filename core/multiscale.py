@@ -8,6 +8,11 @@ Use `MultiScaleEmbedder(OnnxEmbedder(path))` wherever an `OnnxEmbedder` is used:
 `embed_images`, `embed_arrays`, `dim`, `manifest`, `teacher_id`. `embed_images` and `embed_scaled` prepare the
 pixels of every scale from the image (exact); `embed_arrays` resamples pixels already prepared at scale 1
 (close, not identical: resampling after the crop is not resizing before it).
+
+Pipelines that decode an image once and prepare its pixels for several models (`asymsearch.index.pipeline`) use
+`pixel_specs(embedder)` (what to prepare) and `embed_prepared(embedder, arrays)` (one array per spec), which work
+for a plain `OnnxEmbedder` and a `MultiScaleEmbedder` alike. An index records the scales its database was embedded
+at in its manifest (`build["scales"]`, read by `index_scales`); `index add` embeds new images at the same scales.
 """
 from __future__ import annotations
 
@@ -50,6 +55,48 @@ def _resize_arrays(batch: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+SINGLE_SCALE = (1.0,)
+
+
+def index_scales(manifest) -> tuple[float, ...]:
+    """The scales an index's database was embedded at (`IndexManifest.build["scales"]`; absent: scale 1 only)."""
+    return tuple(float(s) for s in manifest.build.get("scales", SINGLE_SCALE))
+
+
+def with_scales(embedder, scales: Sequence[float] | None):
+    """`embedder` itself for a single scale 1 (or None), else a `MultiScaleEmbedder` over `scales`."""
+    if scales is None or tuple(float(s) for s in scales) == SINGLE_SCALE:
+        return embedder
+    return MultiScaleEmbedder(embedder, scales)
+
+
+def pixel_specs(embedder) -> list[Preprocessing]:
+    """The pixel preparations `embed_prepared(embedder, ...)` takes, one array each."""
+    if isinstance(embedder, MultiScaleEmbedder):
+        return list(embedder.specs)
+    return [embedder.manifest.preprocessing]
+
+
+def embed_prepared(embedder, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Embeddings from the arrays prepared with `pixel_specs(embedder)`, in that order."""
+    if isinstance(embedder, MultiScaleEmbedder):
+        return embedder.embed_scaled(arrays)
+    return embedder.embed_arrays(arrays[0])
+
+
+def _check_dynamic_size(embedder, specs: Sequence[Preprocessing]) -> None:
+    """A model whose graph fixes its input height/width cannot take the other scales: say so before any image."""
+    session = getattr(embedder, "session", None)
+    if session is None:
+        return
+    fixed = [d for d in session.get_inputs()[0].shape[2:] if isinstance(d, int)]
+    other = sorted({s.crop for s in specs} - set(fixed)) if fixed else []
+    if other:
+        raise UserError(f"{getattr(embedder, 'path', 'the model')} has a fixed {'x'.join(map(str, fixed))} input, so "
+                        f"it cannot embed the multi-scale crops {', '.join(map(str, other))} px; re-export it with "
+                        f"dynamic height/width (asymsearch export does) or leave out --multiscale")
+
+
 class MultiScaleEmbedder:
     """Wraps an embedder (`OnnxEmbedder`): embeddings are the re-normalised mean over `scales`."""
 
@@ -59,6 +106,11 @@ class MultiScaleEmbedder:
         self.embedder = embedder
         self.scales = tuple(float(s) for s in scales)
         self.specs = [scaled_preprocessing(embedder.manifest.preprocessing, s) for s in self.scales]
+        _check_dynamic_size(embedder, self.specs)
+
+    @property
+    def path(self):
+        return self.embedder.path
 
     @property
     def dim(self) -> int:

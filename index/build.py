@@ -9,6 +9,10 @@ renamed into place at the end (a plain folder), or published as a new version of
 Embeddings are committed in shards to the work folder `.<out>.work` beside the output while they are produced
 (`asymsearch.index.shards`); a build that is interrupted, even by kill -9, leaves them there and `resume=True`
 embeds only the shards still missing. The finished index is identical to that of an uninterrupted build.
+
+`multiscale=True` embeds every database image at scales 1, 1/√2 and 1/2 and stores the re-normalised mean
+(`asymsearch.core.multiscale`); the manifest records the scales (`build["scales"]`, [1.0] for a single-scale
+build) and `index add` embeds new images the same way.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import numpy as np
 from asymsearch.core.data import list_image_folder, select_classes
 from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import IndexManifest
+from asymsearch.core.multiscale import MULTISCALE_SCALES, SINGLE_SCALE, with_scales
 from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.index import ondisk, versions
 from asymsearch.index.faiss_index import (MAX_TRAIN_VECTORS, add_blocks, apply_search_params, faiss_reason,
@@ -60,7 +65,8 @@ def build_index(teacher: str | os.PathLike, images: str | os.PathLike, out: str 
                 progress: bool = True, resume: bool = False, versioned: bool = False, keep: int | None = None,
                 metadata: str | os.PathLike | None = None, search_params: Mapping[str, float] | None = None,
                 auto: Any = None, shard_size: int = DEFAULT_SHARD_SIZE, workers: int | None = None,
-                engine: str = "local", address: str | None = None, on_disk: bool = False) -> IndexManifest:
+                engine: str = "local", address: str | None = None, on_disk: bool = False,
+                multiscale: bool = False) -> IndexManifest:
     """Embed the images of `images` (ROOT/<class>/<image>) with `teacher` and write the index `out`.
 
     `out` becomes a plain index folder, or with `versioned` (or when it already is a versioned root) a new
@@ -68,6 +74,8 @@ def build_index(teacher: str | os.PathLike, images: str | os.PathLike, out: str 
     replaces `factory` and `search_params` by the choice `asymsearch.index.auto.choose_index` makes for the data.
     `engine="ray"` embeds on the Ray cluster at `address` (a local one when None) instead of this process.
     `on_disk` (IVF factories only) keeps the inverted lists in `index.ivfdata` on disk (`asymsearch.index.ondisk`).
+    `multiscale` embeds each image at `MULTISCALE_SCALES` and keeps the re-normalised mean (the teacher needs
+    dynamic height/width, as every `asymsearch export` has).
     """
     start = time.perf_counter()
     teacher, images, out = Path(teacher).resolve(), Path(images).resolve(), Path(out).resolve()
@@ -78,11 +86,15 @@ def build_index(teacher: str | os.PathLike, images: str | os.PathLike, out: str 
     if auto is not None and search_params:
         raise UserError("search parameters are chosen by --auto; leave out --search-param")
     versioned = versioned or versions.is_versioned_root(out)
+    if multiscale and engine == "ray":
+        raise UserError("--multiscale is not available with --engine ray yet; embed with --engine local")
     _check_out(out, overwrite, versioned)
-    embedder = OnnxEmbedder(teacher)
-    if embedder.manifest.role != "teacher":
-        raise UserError(f"{teacher} is a {embedder.manifest.role}, not a teacher: the database must be embedded "
-                        f"by the teacher (its manifest role must be 'teacher')")
+    scales = MULTISCALE_SCALES if multiscale else SINGLE_SCALE
+    teacher_model = OnnxEmbedder(teacher)
+    if teacher_model.manifest.role != "teacher":
+        raise UserError(f"{teacher} is a {teacher_model.manifest.role}, not a teacher: the database must be "
+                        f"embedded by the teacher (its manifest role must be 'teacher')")
+    embedder = with_scales(teacher_model, scales)
     if auto is None:  # a bad factory or search parameter fails before any image is decoded
         apply_search_params(new_index(embedder.dim, factory), dict(search_params or {}), f" (factory {factory!r})")
     if on_disk:
@@ -94,7 +106,8 @@ def build_index(teacher: str | os.PathLike, images: str | os.PathLike, out: str 
     match_metadata(columns, [item.path for item in items], str(metadata))
 
     plan = {"teacher_sha256": embedder.manifest.sha256, "dim": embedder.dim, "count": len(items),
-            "listing_sha256": listing_digest(items), "shard_size": shard_size, "batch_size": batch_size}
+            "listing_sha256": listing_digest(items), "shard_size": shard_size, "batch_size": batch_size,
+            **({"scales": list(scales)} if multiscale else {})}
     store = ShardStore.open(work_dir(out), plan, resume=resume)
     try:
         if engine == "ray":
@@ -126,7 +139,8 @@ def build_index(teacher: str | os.PathLike, images: str | os.PathLike, out: str 
             teacher_model={"path": str(teacher), "sha256": embedder.manifest.sha256,
                            "model_id": embedder.manifest.model_id},
             build={"images": str(images), "classes": classes, "batch_size": batch_size, "shard_size": shard_size,
-                   "engine": engine, "skipped": [path for path, _ in skipped], "next_id": len(kept),
+                   "engine": engine, "scales": list(scales), "skipped": [path for path, _ in skipped],
+                   "next_id": len(kept),
                    **({"on_disk": True} if on_disk else {}),
                    **({"auto": auto_report} if auto_report else {}),
                    **({"metadata": str(Path(metadata).resolve())} if metadata else {}),

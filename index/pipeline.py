@@ -3,6 +3,9 @@
 Decoding runs in a thread pool (Pillow and numpy release the GIL while they work), one task per batch, at most
 `prefetch` batches in flight: a bounded queue, so memory stays flat however large the folder. The caller's thread
 runs onnxruntime on each batch as soon as it is ready, in listing order, while the workers decode the next ones.
+
+Each image is decoded once, however many pixel preparations it needs: one per model, or one per scale of a
+multi-scale embedder (`asymsearch.core.multiscale`); identical preparations are made once and shared.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from tqdm import tqdm
 from asymsearch.core.data import ImageItem
 from asymsearch.core.errors import InvalidImage, UserError
 from asymsearch.core.manifest import Preprocessing
+from asymsearch.core.multiscale import embed_prepared, pixel_specs
 from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.core.preprocess import decode_image, preprocess
 from asymsearch.index.shards import ShardStore
@@ -97,10 +101,26 @@ def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0) -> tqdm
                 smoothing=0.1, dynamic_ncols=True)
 
 
-def embed_into_shards(items: Sequence[ImageItem], embedder: OnnxEmbedder, store: ShardStore, *, batch_size: int,
+def shared_specs(embedders: Sequence[Any]) -> tuple[list[Preprocessing], list[list[int]]]:
+    """The distinct pixel preparations the embedders need, and for each embedder the positions of its own."""
+    specs: list[Preprocessing] = []
+    positions = []
+    for embedder in embedders:
+        mine = []
+        for spec in pixel_specs(embedder):
+            if spec not in specs:
+                specs.append(spec)
+            mine.append(specs.index(spec))
+        positions.append(mine)
+    return specs, positions
+
+
+def embed_into_shards(items: Sequence[ImageItem], embedder: Any, store: ShardStore, *, batch_size: int,
                       workers: int | None = None, progress: bool = True, desc: str = "embedding",
                       on_shard: Callable[[int], None] | None = None) -> None:
-    """Embed every shard of `store` that is not finished yet; each shard is committed as soon as it is complete."""
+    """Embed every shard of `store` that is not finished yet; each shard is committed as soon as it is complete.
+
+    `embedder`: an `OnnxEmbedder` or a `MultiScaleEmbedder` (each image decoded once, prepared at every scale)."""
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, not {batch_size}")
     missing = store.missing()
@@ -108,8 +128,8 @@ def embed_into_shards(items: Sequence[ImageItem], embedder: OnnxEmbedder, store:
     pending: dict[int, list] = {}
     with progress_bar(store.count, desc, progress, initial=store.count - sum(
             b - a for a, b in map(store.shard_range, missing))) as bar:
-        for batch in decoded_batches(jobs, items, [embedder.manifest.preprocessing], workers=workers):
-            vectors = embedder.embed_arrays(batch.arrays[0])
+        for batch in decoded_batches(jobs, items, pixel_specs(embedder), workers=workers):
+            vectors = embed_prepared(embedder, batch.arrays)
             if not np.isfinite(vectors).all():
                 raise UserError(f"the teacher {embedder.path} produced non-finite embeddings; check the exported "
                                 f"model")
@@ -139,13 +159,14 @@ class EmbeddedImages:
 
 def embed_items(items: Sequence[ImageItem], embedders: Sequence[OnnxEmbedder], *, batch_size: int = 64,
                 progress: bool = True, desc: str = "embedding", workers: int | None = None) -> EmbeddedImages:
-    """Decode every image once and embed it with each embedder (each with its own preprocessing), in memory.
+    """Decode every image once and embed it with each embedder (each with its own preprocessing, or its scales
+    for a `MultiScaleEmbedder`), in memory.
 
     Unreadable files are skipped and returned with their reason; they get no vector.
     """
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, not {batch_size}")
-    specs = [e.manifest.preprocessing for e in embedders]
+    specs, positions = shared_specs(embedders)
     kept: list[ImageItem] = []
     blocks: list[list[np.ndarray]] = [[] for _ in embedders]
     skipped: list[tuple[str, str]] = []
@@ -154,8 +175,8 @@ def embed_items(items: Sequence[ImageItem], embedders: Sequence[OnnxEmbedder], *
             kept.extend(items[r] for r in batch.rows)
             skipped.extend(batch.skipped)
             if batch.rows:
-                for j, embedder in enumerate(embedders):
-                    blocks[j].append(embedder.embed_arrays(batch.arrays[j]))
+                for j, (embedder, mine) in enumerate(zip(embedders, positions)):
+                    blocks[j].append(embed_prepared(embedder, [batch.arrays[p] for p in mine]))
             bar.update(batch.size)
     vectors = [np.concatenate(b) if b else np.zeros((0, e.dim), np.float32) for b, e in zip(blocks, embedders)]
     return EmbeddedImages(kept, vectors, skipped)

@@ -5,7 +5,8 @@ a model of another teacher: a clear `UserError`, no change made), write the new 
 publish it with an atomic switch of CURRENT (`asymsearch.index.versions`). Killed at any instant, the previous
 version stays live and intact. New images get ids from the manifest's `build.next_id`, which only grows, so an id
 is never reused. `add` commits its embeddings in shards under `.<root>.work/add`; running the same add again after
-an interruption embeds only what is missing.
+an interruption embeds only what is missing. `add` embeds at the scales the index records (`build["scales"]`,
+`asymsearch.core.multiscale`), so an index built with `--multiscale` stays multi-scale as it grows.
 
 A plain index folder given to `add` or `remove` is first turned into a versioned root in place: its files become
 version v000001 (hard links, no copy), CURRENT names it, then the plain files are removed.
@@ -26,6 +27,7 @@ import numpy as np
 from asymsearch.core.data import list_images_flat
 from asymsearch.core.errors import PairingError, UserError
 from asymsearch.core.manifest import IndexManifest
+from asymsearch.core.multiscale import index_scales, with_scales
 from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.index import versions
 from asymsearch.index.build import report_skipped, write_skipped
@@ -41,15 +43,17 @@ HISTORY_LIMIT = 100  # changes remembered in manifest.build["history"]
 def add_images(root: str | os.PathLike, teacher: str | os.PathLike, images: str | os.PathLike, *,
                metadata: str | os.PathLike | None = None, keep: int | None = None, batch_size: int = 64,
                shard_size: int = 4096, workers: int | None = None, progress: bool = True) -> tuple[IndexManifest, str]:
-    """Embed the images below `images` (label: the parent folder's name) with `teacher` and publish a version of
-    `root` that also holds them. Returns the new manifest and version name."""
+    """Embed the images below `images` (label: the parent folder's name) with `teacher`, at the scales the index
+    was embedded at, and publish a version of `root` that also holds them. Returns the new manifest and version
+    name."""
     root, images = Path(root).resolve(), Path(images).resolve()
-    embedder = OnnxEmbedder(teacher)
+    teacher_model = OnnxEmbedder(teacher)
     with versions.writer_lock(_existing_index(root)):
         versions.clean_stale(root)
         _refuse_on_disk(root)
         current = _current_folder(root)
         manifest = IndexManifest.load(current / MANIFEST_FILE)
+        embedder = teacher_model
         if embedder.manifest.role != "teacher":
             raise PairingError(f"{teacher} is a {embedder.manifest.role}, not a teacher: the database must be "
                                f"embedded by the teacher of the index ({manifest.teacher_id})")
@@ -58,6 +62,8 @@ def add_images(root: str | os.PathLike, teacher: str | os.PathLike, images: str 
                                f"teacher {manifest.teacher_id}; add images with that teacher's ONNX model")
         if embedder.dim != manifest.dim:
             raise PairingError(f"{teacher} embeds into {embedder.dim} dimensions, the index holds {manifest.dim}")
+        scales = index_scales(manifest)
+        embedder = with_scales(teacher_model, scales)
         items = list_images_flat(images)
         dupes = existing_paths(current / META_FILE, [item.path for item in items])
         if dupes:
@@ -68,7 +74,7 @@ def add_images(root: str | os.PathLike, teacher: str | os.PathLike, images: str 
 
         plan = {"teacher_sha256": embedder.manifest.sha256, "dim": embedder.dim, "count": len(items),
                 "listing_sha256": listing_digest(items), "shard_size": shard_size, "batch_size": batch_size,
-                "base_version": current.name}
+                "base_version": current.name, **({"scales": list(scales)} if embedder is not teacher_model else {})}
         store = ShardStore.open(_work(root), plan, resume=True)  # the same add again continues where it stopped
         embed_into_shards(items, embedder, store, batch_size=batch_size, workers=workers, progress=progress,
                           desc="embedding new images")
@@ -87,7 +93,7 @@ def add_images(root: str | os.PathLike, teacher: str | os.PathLike, images: str 
             offset += len(shard_rows)
         add_blocks(index, blocks, manifest.factory)
         change = {"op": "add", "images": str(images), "count": int(len(rows)), "first_id": next_id,
-                  "skipped": [p for p, _ in skipped]}
+                  "scales": list(scales), "skipped": [p for p, _ in skipped]}
         kept = [items[r] for r in rows]
         meta_rows = [(int(i), item.path, item.label, columns.get(item.path)) for i, item in zip(new_ids, kept)]
         name = _publish_change(root, current, index, manifest, change, next_id + len(rows), keep,

@@ -12,6 +12,11 @@ Hot swap: the served index is a `ServedIndex` (an opened version and a count of 
 `reload()` opens the new version beside the old one, checks that the student pairs with it, switches the
 reference atomically, and closes the old one once the last batch using it has finished (drain). A new version
 whose teacher differs from the student's is refused with `PairingError` and the old one keeps serving.
+
+Scales: queries are always embedded once, at the student's own size, which keeps a query as cheap as the
+student is meant to be. An index whose database was embedded multi-scale (`index build --multiscale`,
+`build["scales"]` in its manifest) is served as it is (the multi-scale mean lives in the same space); the
+engine logs the scales when it opens or swaps in such an index, so the asymmetry is visible in the log.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import numpy as np
 
 from asymsearch.core.errors import InvalidImage, PairingError, UserError
 from asymsearch.core.manifest import check_pairing
+from asymsearch.core.multiscale import SINGLE_SCALE, index_scales
 from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.core.preprocess import DEFAULT_MAX_PIXELS, decode_image, preprocess
 from asymsearch.index.store import SearchIndex
@@ -151,6 +157,7 @@ class QueryEngine:
         self._served = ServedIndex(index, version)
         self._swap_lock = threading.Lock()  # one reload at a time
         self._ref_lock = threading.Lock()  # guards the switch of `_served` against `using_index`
+        _log_scales(index)
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike, student_onnx: str | os.PathLike, *, intra_op_threads: int = 0,
@@ -218,6 +225,7 @@ class QueryEngine:
             except BaseException:
                 new_index.close()
                 raise
+            _log_scales(new_index)
             new = ServedIndex(new_index, version)
             with self._ref_lock:
                 old, self._served = self._served, new
@@ -342,6 +350,14 @@ class QueryEngine:
         start = time.perf_counter()
         (hits,), version = self.search_batch(v[None, :], [k])
         return SearchResult(hits, embed_ms, (time.perf_counter() - start) * 1e3, version)
+
+
+def _log_scales(index: SearchIndex) -> None:
+    scales = index_scales(index.manifest)
+    if scales != SINGLE_SCALE:
+        log.info("index %s was embedded multi-scale (scales %s); queries are embedded at scale 1 by the student",
+                 index.folder, ", ".join(f"{s:.3g}" for s in scales),
+                 extra={"event": "index_multiscale", "scales": list(scales)})
 
 
 def _lookup(index: SearchIndex, ids: list[int]) -> dict[int, tuple[str, str, dict[str, str]]]:
