@@ -34,7 +34,8 @@ CONFIG_HELP = {
     "workers": "data-loading worker processes",
     "device": "auto (CUDA when present), cpu or cuda",
     "workdir": "folder for every artifact the demo makes",
-    "backbone_lr": "backbone learning rate (default lr/10 with pretrained weights; 0 freezes it)",
+    "backbone_lr": "backbone learning rate (a teacher's default: lr/10 with pretrained weights, else lr; a "
+                   "student's: lr; 0 freezes it)",
     "warmup_epochs": "linear warm-up epochs before the cosine decay",
     "schedule": "cosine or constant",
     "xbm": "cross-batch memory size (0 disables)",
@@ -42,7 +43,12 @@ CONFIG_HELP = {
     "resume": "training state OUT.state.pt to continue from",
     "amp": "float16 autocast on CUDA",
     "max_steps_per_epoch": "stop each epoch after N batches (0: full)",
-    "loss": "student loss (seed 001): reg, contr, contr+, triplet, ms, rkd, darkrank; see docs/losses.md",
+    "loss": "the loss (seed 001): a teacher takes contr or ms; a student reg, contr, contr+, triplet, ms, rkd, "
+            "darkrank (see docs/losses.md)",
+    "tune_units": "partial fine-tuning on a CPU: train only the backbone's last N units (MBConv blocks + head conv "
+                  "for EfficientNet-Lite, top-level children otherwise) and the head, on the frozen trunk's maps "
+                  "computed once and cached; 0 trains the whole network (see docs/heads.md)",
+    "trunk_cache": "folder for the frozen trunk's cached maps (--tune-units)",
     "asymmetric": "compare student anchors with teacher embeddings (AML); --no-asymmetric: student-student",
     "triplet_margin": "triplet margin",
     "ms_alpha": "multi-similarity alpha (positives)",
@@ -51,6 +57,15 @@ CONFIG_HELP = {
     "rkd_angle_weight": "RKD angle-term weight",
     "darkrank_scale": "DarkRank similarity scale",
     "cache_dir": "teacher-embedding cache (default: teacher-cache/ beside the output checkpoint)",
+    "metrix": "Metrix mixup (seed 001), training only: off, input, feature or embedding; see docs/addons.md",
+    "metrix_alpha": "Metrix: the interpolation factor is drawn from Beta(alpha, alpha)",
+    "metrix_weight": "Metrix: weight of the mixed-example loss",
+    "osm_caa": "online soft mining + class-aware attention pair weights (seed 004), training only",
+    "osm_sigma": "OSM: sigma of the positive-pair weight exp(-d^2/sigma^2)",
+    "osm_alpha": "OSM: alpha of the negative-pair weight max(0, alpha - d) (unset: sqrt(2 - 2 margin))",
+    "caa_weight": "CAA: weight of the class-centre cross-entropy",
+    "message_passing": "intra-batch message-passing layers (seed 003), training only; 0 disables",
+    "mp_weight": "message passing: weight of its cross-entropy",
 }
 
 # Command groups: `asymsearch GROUP NAME ...`.

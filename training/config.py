@@ -26,10 +26,15 @@ class TeacherConfig:
     per_class: int = 4
     lr: float = 1e-4  # the new layers' (head's) learning rate
     backbone_lr: float | None = None  # None -> lr / 10 with pretrained weights, lr without; 0 freezes the backbone
+    tune_units: int = 0  # 0: the whole backbone trains; N: only its last N units, on cached trunk maps (training.trunk)
+    trunk_cache: str = "~/.cache/asymsearch/trunk"  # where tune_units keeps the frozen trunk's maps
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0  # linear warm-up, then cosine decay to 0 (schedule="cosine")
     schedule: str = "cosine"  # cosine | constant
+    loss: str = "contr"  # contr (seed 001's teacher loss) | ms (multi-similarity; num_negatives >= batch: all)
     margin: float = 0.5
+    ms_alpha: float = 2.0
+    ms_beta: float = 50.0
     num_negatives: int = 5
     xbm: int = 0  # cross-batch memory: recent embeddings kept to mine negatives from (0 disables)
     xbm_weight: float = 1.0
@@ -37,6 +42,16 @@ class TeacherConfig:
     resume: str | None = None  # training state (OUT.state.pt) to continue from
     amp: bool = True  # mixed precision (float16 autocast) when training on CUDA; ignored on CPU
     max_steps_per_epoch: int = 0  # 0: full epochs; N: stop each epoch after N batches (timing, smoke runs)
+    # training add-ons (training.addons; docs/addons.md): none changes the exported model
+    metrix: str = "off"  # Metrix mixup (seed 001): off | input | feature | embedding
+    metrix_alpha: float = 2.0  # λ ~ Beta(α, α)
+    metrix_weight: float = 1.0  # weight of the mixed-example loss
+    osm_caa: bool = False  # online soft mining + class-aware attention pair weights (seed 004)
+    osm_sigma: float = 0.8  # σ of the positive weight exp(−d²/σ²)
+    osm_alpha: float | None = None  # α of the negative weight max(0, α − d); None: √(2 − 2·margin)
+    caa_weight: float = 1.0  # weight of the class-centre cross-entropy
+    message_passing: int = 0  # intra-batch message-passing layers, training only (seed 003); 0: off
+    mp_weight: float = 1.0  # weight of the message-passing cross-entropy
     seed: int = 0
     workers: int = 2
     device: str = "auto"  # auto -> cuda if available else cpu
@@ -52,6 +67,9 @@ class StudentConfig:
     pretrained: str | None = None
     dim: int | None = None  # None: the teacher's; anything else must equal it (a clear error otherwise)
     image_size: int | None = None  # None: the teacher's preprocessing; else the student's own square input size
+    backbone_lr: float | None = None  # None: lr (the whole student at one rate); 0 freezes the backbone
+    tune_units: int = 0  # 0: the whole student trains; N: only its backbone's last N units and the head, on cached
+    trunk_cache: str = "~/.cache/asymsearch/trunk"  # trunk maps (training.trunk); N > 0 needs pretrained weights
     loss: str = "reg"  # training.losses.LOSSES: reg, contr, contr+, triplet, ms, rkd, darkrank
     asymmetric: bool = True  # compare student anchors with teacher embeddings (AML); False: student-student
     margin: float = 0.5  # contr, contr+ (m); triplet uses its own margin below
@@ -61,6 +79,16 @@ class StudentConfig:
     rkd_distance_weight: float = 1.0
     rkd_angle_weight: float = 2.0
     darkrank_scale: float = 10.0
+    # training add-ons (training.addons; docs/addons.md): none changes the exported model
+    metrix: str = "off"  # Metrix mixup (seed 001): off | input | feature | embedding
+    metrix_alpha: float = 2.0  # λ ~ Beta(α, α)
+    metrix_weight: float = 1.0  # weight of the mixed-example loss
+    osm_caa: bool = False  # online soft mining + class-aware attention pair weights (seed 004)
+    osm_sigma: float = 0.8  # σ of the positive weight exp(−d²/σ²)
+    osm_alpha: float | None = None  # α of the negative weight max(0, α − d); None: √(2 − 2·margin)
+    caa_weight: float = 1.0  # weight of the class-centre cross-entropy
+    message_passing: int = 0  # intra-batch message-passing layers, training only (seed 003); 0: off
+    mp_weight: float = 1.0  # weight of the message-passing cross-entropy
     num_negatives: int = 5  # hard negatives per anchor, mined among the teacher's training-set embeddings
     per_class: int = 4  # images per class in a batch of batch_size (class-balanced batches)
     cache_dir: str | None = None  # teacher-embedding cache; None: teacher-cache/ beside the output checkpoint

@@ -32,8 +32,8 @@ from torch import nn
 
 from asymsearch.training.mining import HardNegativeMiner  # noqa: F401 - re-exported (teacher training imports it here)
 
-__all__ = ["LOSSES", "AMLLoss", "ContrastiveLoss", "ContrastivePlusLoss", "DarkRankLoss", "HardNegativeMiner",
-           "MultiSimilarityLoss", "RKDLoss", "RegressionLoss", "TripletLoss", "create_loss"]
+__all__ = ["LOSSES", "AMLLoss", "ContrastiveLoss", "ContrastivePlusLoss", "DarkRankLoss", "GenericPairLoss",
+           "HardNegativeMiner", "MultiSimilarityLoss", "RKDLoss", "RegressionLoss", "TripletLoss", "create_loss"]
 
 
 @dataclass
@@ -135,17 +135,68 @@ class RegressionLoss(AMLLoss):
         return -_self_similarity(pairs, "the regression loss").mean()
 
 
-class ContrastiveLoss(AMLLoss):
-    """Contr, seed 001: ℓ_C(a; θ) = Σ_{n ∈ N(a)} [s_θ(a, n) − m]_+ − Σ_{p ∈ P(a)} s_θ(a, p).
+class GenericPairLoss(AMLLoss):
+    """The generic form of a pair-based loss (seed 001, Metrix slide "generic loss formulation"):
 
-    Symmetric: the teacher's training loss. Asymmetric: AML's Contr (P(a) leaves out g(a) itself when
-    `self_idx` says where it is). The legacy keyword `exclude_self=True` means self_idx = arange(N) (reference row
-    i holds g(a_i)); without either, every same-label reference item is a positive.
+        ℓ(a; θ) = σ⁺( Σ_{p ∈ P(a)} ρ⁺(s(a, p)) ) + σ⁻( Σ_{n ∈ N(a)} ρ⁻(s(a, n)) )
+
+    written with pair weights, ℓ(a) = σ⁺(Σ_x w⁺(a,x) ρ⁺(s(a,x))) + σ⁻(Σ_x w⁻(a,x) ρ⁻(s(a,x))): the plain loss
+    has w⁺ = 1[x ∈ P(a)], w⁻ = 1[x ∈ N(a)] (`compute`); the training add-ons (`training.addons`) put other weights
+    in their place through `generic` -- Metrix the interpolated labels y and 1 − y ("mixing examples and labels":
+    σ⁺(Σ_{(v,y) ∈ V(a)} y ρ⁺(s(a,v))) + σ⁻(Σ (1 − y) ρ⁻(s(a,v)))), OSM + CAA its soft-mining weights (seed 004).
+    A subclass defines ρ⁺, ρ⁻ and, when not the identity, σ⁺, σ⁻.
     """
+
+    def rho_pos(self, s: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rho_neg(self, s: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sigma_pos(self, total: torch.Tensor) -> torch.Tensor:
+        return total
+
+    def sigma_neg(self, total: torch.Tensor) -> torch.Tensor:
+        return total
+
+    def generic_parts(self, sims: torch.Tensor, pos_weight: torch.Tensor,
+                      neg_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(σ⁺(Σ_x w⁺ ρ⁺(s)), σ⁻(Σ_x w⁻ ρ⁻(s))) per row of `sims` (N, M); weights (N, M), zero = pair unused."""
+        return (self.sigma_pos((pos_weight * self.rho_pos(sims)).sum(dim=1)),
+                self.sigma_neg((neg_weight * self.rho_neg(sims)).sum(dim=1)))
+
+    def generic(self, sims: torch.Tensor, pos_weight: torch.Tensor, neg_weight: torch.Tensor) -> torch.Tensor:
+        """ℓ per row (N,): the generic form with pair weights."""
+        pos, neg = self.generic_parts(sims, pos_weight, neg_weight)
+        return pos + neg
+
+    def compute(self, anchors, pairs, teacher_anchors, teacher_reference):
+        dtype = pairs.sims.dtype
+        return self.generic(pairs.sims, pairs.positive.to(dtype), pairs.negative.to(dtype)).mean()
+
+
+class _ContrastiveForm(GenericPairLoss):
+    """ℓ_C in the generic form: σ⁺ = σ⁻ = identity, ρ⁺(s) = −s, ρ⁻(s) = [s − m]_+ (seed 001)."""
 
     def __init__(self, margin: float = 0.5) -> None:
         super().__init__()
         self.margin = margin
+
+    def rho_pos(self, s):
+        return -s
+
+    def rho_neg(self, s):
+        return F.relu(s - self.margin)
+
+
+class ContrastiveLoss(_ContrastiveForm):
+    """Contr, seed 001: ℓ_C(a; θ) = Σ_{n ∈ N(a)} [s_θ(a, n) − m]_+ − Σ_{p ∈ P(a)} s_θ(a, p).
+
+    Symmetric: the teacher's training loss. Asymmetric: AML's Contr (P(a) leaves out g(a) itself when
+    `self_idx` says where it is). The legacy keyword `exclude_self=True` means self_idx = arange(N) (reference row
+    i holds g(a_i)); without either, every same-label reference item is a positive. Generic form: ρ⁺(s) = −s,
+    ρ⁻(s) = [s − m]_+, σ± the identity (`GenericPairLoss`).
+    """
 
     def forward(self, anchors, labels, negatives_idx=None, reference=None, reference_labels=None, *,
                 self_idx=None, teacher_anchors=None, teacher_reference=None, exclude_self: bool | None = None):
@@ -158,26 +209,15 @@ class ContrastiveLoss(AMLLoss):
         return super().forward(anchors, labels, negatives_idx, reference, reference_labels, self_idx=self_idx,
                                teacher_anchors=teacher_anchors, teacher_reference=teacher_reference)
 
-    def compute(self, anchors, pairs, teacher_anchors, teacher_reference):
-        return _contrastive(pairs, self.margin).mean()
 
-
-def _contrastive(pairs: Pairs, margin: float) -> torch.Tensor:
-    attract = -(pairs.sims * pairs.positive).sum(dim=1)
-    repel = (F.relu(pairs.sims - margin) * pairs.negative).sum(dim=1)
-    return attract + repel
-
-
-class ContrastivePlusLoss(AMLLoss):
+class ContrastivePlusLoss(_ContrastiveForm):
     """Contr⁺, seed 001: ℓ_C⁺(a; θ) = Σ_{n ∈ N(a)} [s_θ(a, n) − m]_+ − Σ_{p ∈ P(a)} s_θ(a, p) − s_θ(a, a):
-    asymmetric contrastive plus the regression term (g(a) at reference row self_idx[a])."""
-
-    def __init__(self, margin: float = 0.5) -> None:
-        super().__init__()
-        self.margin = margin
+    asymmetric contrastive plus the regression term (g(a) at reference row self_idx[a]). The pair part has the
+    generic form of ℓ_C."""
 
     def compute(self, anchors, pairs, teacher_anchors, teacher_reference):
-        return (_contrastive(pairs, self.margin) - _self_similarity(pairs, "Contr⁺")).mean()
+        return super().compute(anchors, pairs, teacher_anchors, teacher_reference) \
+            - _self_similarity(pairs, "Contr⁺").mean()
 
 
 class TripletLoss(AMLLoss):
@@ -194,23 +234,38 @@ class TripletLoss(AMLLoss):
         return (hinge * mask).sum(dim=(1, 2)).mean()
 
 
-class MultiSimilarityLoss(AMLLoss):
+class MultiSimilarityLoss(GenericPairLoss):
     """MS, seed 001: ℓ_MS(a; θ) = (1/α) log(1 + Σ_{p ∈ P(a)} e^{−α(s_θ(a,p) − m)})
-                                 + (1/β) log(1 + Σ_{n ∈ N(a)} e^{β(s_θ(a,n) − m)})."""
+                                 + (1/β) log(1 + Σ_{n ∈ N(a)} e^{β(s_θ(a,n) − m)}).
+
+    Generic form (seed 001, Metrix): ρ⁺(s) = e^{−α(s − m)}, σ⁺(t) = (1/α) log(1 + t), ρ⁻(s) = e^{β(s − m)},
+    σ⁻(t) = (1/β) log(1 + t); evaluated stably as a log-sum-exp with log-weights."""
 
     def __init__(self, alpha: float = 2.0, beta: float = 50.0, margin: float = 0.5) -> None:
         super().__init__()
         self.alpha, self.beta, self.margin = alpha, beta, margin
 
-    def compute(self, anchors, pairs, teacher_anchors, teacher_reference):
-        s = pairs.sims
-        return (_log1p_sum_exp(-self.alpha * (s - self.margin), pairs.positive) / self.alpha
-                + _log1p_sum_exp(self.beta * (s - self.margin), pairs.negative) / self.beta).mean()
+    def rho_pos(self, s):
+        return torch.exp(-self.alpha * (s - self.margin))
+
+    def rho_neg(self, s):
+        return torch.exp(self.beta * (s - self.margin))
+
+    def sigma_pos(self, total):
+        return torch.log1p(total) / self.alpha
+
+    def sigma_neg(self, total):
+        return torch.log1p(total) / self.beta
+
+    def generic_parts(self, sims, pos_weight, neg_weight):
+        return (_log1p_sum_exp(-self.alpha * (sims - self.margin), pos_weight) / self.alpha,
+                _log1p_sum_exp(self.beta * (sims - self.margin), neg_weight) / self.beta)
 
 
-def _log1p_sum_exp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log(1 + Σ_{mask} e^x) per row, stably: logsumexp over the masked entries and a zero."""
-    x = x.masked_fill(~mask, float("-inf"))
+def _log1p_sum_exp(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """log(1 + Σ w e^x) per row, stably: logsumexp of x + log w over the entries with w > 0, and a zero."""
+    used = weight > 0
+    x = torch.where(used, x + torch.log(torch.where(used, weight, torch.ones_like(weight))), float("-inf"))
     return torch.logsumexp(torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1), dim=1)
 
 

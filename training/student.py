@@ -14,7 +14,9 @@ One training step (`StudentObjective`), for a class-balanced batch B of training
 
 The teacher's embeddings of the training set come from `training.teacher_cache` (computed once, on disk, keyed
 by the teacher id). So that they are exactly the targets of what the student sees, the student trains on the
-serving preprocessing of each image (no random augmentation), at its own input size.
+serving preprocessing of each image (no random augmentation), at its own input size. The training add-ons
+(`metrix`, `osm_caa`, `message_passing`; `training.addons`, docs/addons.md) compose with the objective: its
+`reference` (the mined teacher items) is shared with them.
 """
 from __future__ import annotations
 
@@ -33,12 +35,15 @@ from asymsearch.training.checkpoint import freeze, load_checkpoint, make_checkpo
 from asymsearch.training.common import (check_history_entry, embed_dataset, loader_kwargs, output_path, prepare_data,
                                         report_epoch, resolve_device, seed_everything)
 from asymsearch.training.config import StudentConfig
+from asymsearch.training.addons import AddOnOptions, TrainingAddOns
 from asymsearch.training.data import ImageDataset, MPerClassSampler, eval_transform
 from asymsearch.training.losses import (ASYMMETRIC_ONLY, LOSSES, MINED_LOSSES, RELATIONAL_LOSSES, AMLLoss,
                                         create_loss)
 from asymsearch.training.mining import HardNegativeMiner, mine_hard_negatives
 from asymsearch.training.models import build_model
+from asymsearch.training.schedule import parameter_groups
 from asymsearch.training.teacher_cache import teacher_embeddings
+from asymsearch.training.trunk import MapsDataset, TailNet, trunk_maps
 
 
 def loss_kwargs(cfg: StudentConfig) -> dict:
@@ -69,23 +74,29 @@ class StudentObjective:
 
     def __call__(self, anchors: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, teacher_pool: torch.Tensor,
                  pool_labels: torch.Tensor) -> torch.Tensor:
+        return self.loss(anchors, labels, **self.reference(anchors, labels, idx, teacher_pool, pool_labels))
+
+    def reference(self, anchors: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, teacher_pool: torch.Tensor,
+                  pool_labels: torch.Tensor) -> dict:
+        """The keyword arguments of the loss call for this batch (negatives_idx, reference, reference_labels,
+        self_idx / teacher_anchors), mined as the module doc says; the training add-ons reuse them."""
         b = anchors.shape[0]
         own = teacher_pool[idx]  # g(a) for the batch, from the cache
         if not self.asymmetric:
             if self.name in MINED_LOSSES:
-                negatives = HardNegativeMiner(self.k, one_per_class=True)(anchors, labels)
-                return self.loss(anchors, labels, negatives)
-            return self.loss(anchors, labels, teacher_anchors=own)
+                return {"negatives_idx": HardNegativeMiner(self.k, one_per_class=True)(anchors, labels)}
+            return {"teacher_anchors": own}
         self_idx = torch.arange(b, device=anchors.device)
         if self.name not in MINED_LOSSES:
-            return self.loss(anchors, labels, None, own, labels, self_idx=self_idx)
+            return {"reference": own, "reference_labels": labels, "self_idx": self_idx}
         mined = mine_hard_negatives(anchors, labels, teacher_pool, pool_labels, self.k, one_per_class=True)
         flat = mined.reshape(-1)
         reference = torch.cat([own, teacher_pool[flat.clamp(min=0)]])
         reference_labels = torch.cat([labels, pool_labels[flat.clamp(min=0)]])
         negatives = torch.arange(b, b + flat.numel(), device=anchors.device).reshape(b, self.k)
         negatives = negatives.masked_fill(mined < 0, -1)
-        return self.loss(anchors, labels, negatives, reference, reference_labels, self_idx=self_idx)
+        return {"negatives_idx": negatives, "reference": reference, "reference_labels": reference_labels,
+                "self_idx": self_idx}
 
 
 class _Indexed(Dataset):
@@ -131,17 +142,27 @@ def train_student(cfg: StudentConfig) -> Path:
                         f"not {cfg.dim}")
     objective = StudentObjective(cfg.loss, create_loss(cfg.loss, **loss_kwargs(cfg)), asymmetric=cfg.asymmetric,
                                  num_negatives=cfg.num_negatives)
+    options = AddOnOptions.from_config(cfg)
+    options.check()
     if cfg.batch_size < 2 * cfg.per_class or cfg.per_class < 1:
         raise UserError(f"batch_size ({cfg.batch_size}) must hold at least two classes of per_class "
                         f"({cfg.per_class}) images")
     train_items, val_items, class_to_idx = prepare_data(cfg.data, cfg.classes, cfg.val_fraction)
     if len(train_items) < 2:
         raise UserError(f"a student needs at least 2 training images, found {len(train_items)}")
+    addons = TrainingAddOns(options, dim=teacher_dim, num_classes=len(class_to_idx), seed=cfg.seed).to(device)
+    addons.check_student_loss(cfg.loss, cfg.asymmetric)
     teacher = freeze(model_from_checkpoint(teacher_ckpt)).to(device)
     teacher_spec = Preprocessing.from_dict(teacher_ckpt["preprocessing"])
     spec = student_preprocessing(teacher_spec, cfg.image_size)
     arch = {"backbone": cfg.backbone, "head": cfg.head, "dim": teacher_dim, "pretrained": cfg.pretrained}
     student = build_model(arch).to(device)
+    if cfg.tune_units < 0 or (cfg.tune_units and not cfg.pretrained):
+        raise UserError("tune_units trains the last units of a pretrained student backbone: it needs --pretrained "
+                        f"and a value >= 0 (got {cfg.tune_units})")
+    net, workers = student, cfg.workers
+    if cfg.tune_units:  # the student's frozen trunk runs once per image; its maps are cached (training.trunk)
+        net, workers = TailNet(student, cfg.tune_units), 0
 
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / "teacher-cache"
     log = tqdm.write
@@ -149,27 +170,39 @@ def train_student(cfg: StudentConfig) -> Path:
         teacher, teacher_id, teacher_spec, train_items, ImageDataset(train_items, class_to_idx,
                                                                      eval_transform(teacher_spec)),
         cache_dir, device, workers=cfg.workers, log=log)).to(device)
-    train_set = ImageDataset(train_items, class_to_idx, eval_transform(spec))
+    def student_set(items):
+        if not cfg.tune_units:
+            return ImageDataset(items, class_to_idx, eval_transform(spec))
+        maps = trunk_maps(items, cfg.backbone, cfg.pretrained, spec, cfg.tune_units, cfg.trunk_cache, device, log=log)
+        return MapsDataset(maps, [class_to_idx[it.label] for it in items])
+
+    train_set = student_set(train_items)
     pool_labels = torch.as_tensor(train_set.labels, device=device)
     sampler = MPerClassSampler(train_set.labels, cfg.per_class, max(2, cfg.batch_size // cfg.per_class), seed=cfg.seed)
-    loader = DataLoader(_Indexed(train_set), batch_sampler=sampler, **loader_kwargs(cfg.workers, cfg.seed, device))
+    loader = DataLoader(_Indexed(train_set), batch_sampler=sampler, **loader_kwargs(workers, cfg.seed, device))
     val_set, val_teacher = None, None
     if val_items:
-        val_set = ImageDataset(val_items, class_to_idx, eval_transform(spec))
+        val_set = student_set(val_items)
         val_teacher = teacher_embeddings(teacher, teacher_id, teacher_spec, val_items,
                                          ImageDataset(val_items, class_to_idx, eval_transform(teacher_spec)),
                                          cache_dir, device, workers=cfg.workers, log=log)
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.backbone_lr is not None and cfg.backbone_lr < 0:
+        raise UserError(f"backbone_lr must be >= 0 (0 freezes the backbone), not {cfg.backbone_lr}")
+    optimizer = torch.optim.AdamW([*parameter_groups(student, cfg.lr, cfg.backbone_lr, cfg.weight_decay),
+                                   *addons.optimizer_group(cfg.lr, cfg.weight_decay)], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     history = []
     for epoch in range(1, cfg.epochs + 1):
         sampler.set_epoch(epoch)
-        student.train()  # the teacher stays in eval mode throughout, and is not run: its embeddings are cached
+        net.train()  # the teacher stays in eval mode throughout, and is not run: its embeddings are cached
+        addons.train()
         losses = []
         bar = tqdm(loader, desc=f"student {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True)
         for images, labels, idx in bar:
             images, labels, idx = images.to(device, non_blocking=True), labels.to(device), idx.to(device)
-            loss = objective(student(images), labels, idx, teacher_pool, pool_labels)
+            emb, mixed, plan = addons.embed(net, images, labels)  # net(images) (and Metrix's mixed examples)
+            loss = addons.student_loss(objective, emb, labels, idx, teacher_pool, pool_labels, mixed, plan)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -177,7 +210,7 @@ def train_student(cfg: StudentConfig) -> Path:
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         recall = None
         if val_set is not None:
-            queries = embed_dataset(student, val_set, device, cfg.workers)
+            queries = embed_dataset(net, val_set, device, workers)
             recall = retrieval_metrics(queries, val_set.labels, val_teacher, val_set.labels,
                                        exclude_self=True)["recall@1"]
         history.append(check_history_entry(epoch, float(np.mean(losses)), recall))

@@ -6,9 +6,13 @@ What a run does: m-per-class batches; AdamW with two parameter groups (the new h
 backbone at `backbone_lr`); linear warm-up then cosine decay per step; float16 autocast + gradient scaling on
 CUDA; after every epoch, validation Recall@1 on held-out training classes, a line in `OUT.log.jsonl` and the
 full training state in `OUT.state.pt` (model, optimiser, scheduler, scaler, memory, RNG, history), from which
-`resume=OUT.state.pt` continues exactly. The checkpoint written to OUT holds the weights of the epoch with the
-best validation Recall@1 (the last epoch when validation is disabled). `epochs=0` writes the model untrained:
-with `head=gap` and ImageNet weights, the zero-shot baseline for `asymsearch export` / `asymsearch eval`.
+`resume=OUT.state.pt` continues exactly. With `tune_units=N`, only the backbone's last N units and the head
+train, on the frozen trunk's maps computed once and cached (`training.trunk`: partial fine-tuning on a CPU).
+`loss=ms` trains with seed 001's multi-similarity loss instead of ℓ_C. The checkpoint written to OUT holds the
+weights of the epoch with the best validation Recall@1 (the last epoch when validation is disabled).
+`epochs=0` writes the model untrained: with `head=gap` and ImageNet weights, the zero-shot baseline for `asymsearch export` / `asymsearch eval`.
+The training add-ons (`metrix`, `osm_caa`, `message_passing`; `training.addons`, docs/addons.md) compose with the
+loss of each step; their modules are kept in the resumable state, never in the checkpoint.
 """
 from __future__ import annotations
 
@@ -29,11 +33,13 @@ from asymsearch.core.metrics import retrieval_metrics
 from asymsearch.training.checkpoint import make_checkpoint, save_checkpoint
 from asymsearch.training.common import (check_history_entry, embed_dataset, loader_kwargs, output_path, prepare_data,
                                         report_epoch, resolve_device, seed_everything)
+from asymsearch.training.addons import AddOnOptions, TrainingAddOns
 from asymsearch.training.config import TeacherConfig
 from asymsearch.training.data import ImageDataset, MPerClassSampler, eval_transform, train_transform
-from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner
+from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner, MultiSimilarityLoss
 from asymsearch.training.models import backbone_preprocessing, build_model
 from asymsearch.training.schedule import make_scheduler, parameter_groups
+from asymsearch.training.trunk import MapsDataset, TailNet, trunk_maps
 from asymsearch.training.xbm import CrossBatchMemory, xbm_loss
 
 STATE_FORMAT = 1
@@ -66,6 +72,17 @@ def _check(cfg: TeacherConfig) -> None:
         raise UserError("epochs must be >= 0 (0 writes the untrained model), lr positive, backbone_lr >= 0")
     if cfg.xbm < 0 or cfg.warmup_epochs < 0 or cfg.max_steps_per_epoch < 0:
         raise UserError("xbm, warmup_epochs and max_steps_per_epoch must be >= 0")
+    if cfg.loss not in ("contr", "ms"):
+        raise UserError(f"a teacher trains with loss contr or ms, not {cfg.loss!r}")
+    if cfg.tune_units < 0:
+        raise UserError(f"tune_units must be >= 0 (0 trains the whole backbone), not {cfg.tune_units}")
+    if cfg.tune_units and not cfg.pretrained:
+        raise UserError("tune_units trains the last units of a pretrained backbone: give --pretrained")
+    if cfg.tune_units and cfg.backbone_lr == 0:
+        raise UserError("tune_units with backbone_lr 0 leaves nothing of the backbone to tune; drop one of them")
+    AddOnOptions.from_config(cfg).check()
+    if cfg.osm_caa and getattr(cfg, "loss", "contr") != "contr":
+        raise UserError("OSM + CAA weights the pairs of the contrastive loss: use it with --loss contr")
 
 
 def _rng_state() -> dict:
@@ -91,14 +108,31 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     train_items, val_items, class_to_idx = prepare_data(cfg.data, cfg.classes, cfg.val_fraction)
     arch = {"backbone": cfg.backbone, "head": cfg.head, "dim": cfg.dim, "pretrained": cfg.pretrained}
     model = build_model(arch).to(device)
+    # Metrix / OSM + CAA / message passing (training.addons): their modules train beside the model, never in it
+    addons = TrainingAddOns(AddOnOptions.from_config(cfg), dim=cfg.dim, num_classes=len(class_to_idx),
+                            seed=cfg.seed).to(device)
 
-    train_set = ImageDataset(train_items, class_to_idx, train_transform(spec))
+    workers = cfg.workers
+    if cfg.tune_units:  # train tail + head on the frozen trunk's cached maps (training.trunk)
+        net = TailNet(model, cfg.tune_units)
+        workers = 0  # the maps are in memory: worker processes would only copy them
+
+        def maps_set(items, flip):
+            maps = trunk_maps(items, cfg.backbone, cfg.pretrained, spec, cfg.tune_units, cfg.trunk_cache, device,
+                              log=tqdm.write)
+            return MapsDataset(maps, [class_to_idx[it.label] for it in items], flip=flip)
+        train_set = maps_set(train_items, True)
+        val_set = maps_set(val_items, False) if val_items else None
+    else:
+        net = model
+        train_set = ImageDataset(train_items, class_to_idx, train_transform(spec))
+        val_set = ImageDataset(val_items, class_to_idx, eval_transform(spec)) if val_items else None
     sampler = MPerClassSampler(train_set.labels, cfg.per_class, cfg.classes_per_batch, seed=cfg.seed)
-    loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs(cfg.workers, cfg.seed, device))
-    val_set = ImageDataset(val_items, class_to_idx, eval_transform(spec)) if val_items else None
+    loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs(workers, cfg.seed, device))
 
     backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else (cfg.lr / 10 if cfg.pretrained else cfg.lr)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.lr, backbone_lr, cfg.weight_decay),
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.lr, backbone_lr, cfg.weight_decay)
+                                  + addons.optimizer_group(cfg.lr, cfg.weight_decay),
                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = min(len(sampler), cfg.max_steps_per_epoch or len(sampler))
     total = cfg.epochs * steps_per_epoch
@@ -107,20 +141,24 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         make_scheduler(optimizer, 10 ** 12, warmup)  # constant after warm-up (the cosine never starts to fall)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    miner, criterion = HardNegativeMiner(cfg.num_negatives), ContrastiveLoss(cfg.margin)
+    criterion = ContrastiveLoss(cfg.margin) if cfg.loss == "contr" else \
+        MultiSimilarityLoss(cfg.ms_alpha, cfg.ms_beta, cfg.margin)
+    miner = HardNegativeMiner(cfg.num_negatives)
     memory = CrossBatchMemory(cfg.xbm, cfg.dim, device)
 
     history: list[dict] = []
     best_recall, best_state, start_epoch = -1.0, None, 1
     if cfg.resume:
-        start_epoch, history, best_recall, best_state = _resume(cfg, model, optimizer, scheduler, scaler, memory)
+        start_epoch, history, best_recall, best_state = _resume(cfg, model, optimizer, scheduler, scaler, memory,
+                                                                addons)
     logfile = log_path(out)
     if start_epoch == 1:
         logfile.parent.mkdir(parents=True, exist_ok=True)
         logfile.write_text("")
     for epoch in range(start_epoch, cfg.epochs + 1):
         sampler.set_epoch(epoch)
-        model.train()
+        net.train()
+        addons.train()
         if backbone_lr == 0:
             model.backbone.eval()  # frozen: batch-norm statistics stay the pretrained ones too
         losses, seen, t0 = [], 0, time.perf_counter()
@@ -131,9 +169,9 @@ def train_teacher(cfg: TeacherConfig) -> Path:
                 break
             images, labels = images.to(device, non_blocking=True), labels.to(device)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                emb = model(images)
+                emb, mixed, plan = addons.embed(net, images, labels)  # net(images) (and Metrix's mixed examples)
             emb = emb.float()
-            loss = criterion(emb, labels, miner(emb, labels))
+            loss = addons.teacher_loss(criterion, miner, emb, labels, mixed, plan)
             if cfg.xbm:
                 loss = loss + cfg.xbm_weight * xbm_loss(criterion, miner, emb, labels, memory)
             optimizer.zero_grad(set_to_none=True)
@@ -148,7 +186,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         seconds = time.perf_counter() - t0
         recall = None
         if val_set is not None:
-            emb_val = embed_dataset(model, val_set, device, cfg.workers)
+            emb_val = embed_dataset(net, val_set, device, workers)
             recall = retrieval_metrics(emb_val, val_set.labels, emb_val, val_set.labels,
                                        exclude_self=True)["recall@1"]
         entry = check_history_entry(epoch, float(np.mean(losses)), recall)
@@ -163,7 +201,8 @@ def train_teacher(cfg: TeacherConfig) -> Path:
             entry["best"] = True
         with logfile.open("a") as f:
             f.write(json.dumps(entry) + "\n")
-        _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best_recall, best_state)
+        _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best_recall, best_state,
+                    addons)
 
     if best_state is not None:  # epochs=0: the untrained (e.g. ImageNet, zero-shot) model as it is
         model.load_state_dict(best_state)
@@ -174,11 +213,13 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     return save_checkpoint(ckpt, out)
 
 
-def _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best_recall, best_state):
+def _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best_recall, best_state,
+                addons=None):
     state = {"format": STATE_FORMAT, "kind": "asymsearch-teacher-state", "epoch": epoch,
              "config": dataclasses.asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "memory": memory.state_dict(),
-             "history": history, "best_recall": best_recall, "best_state": best_state, "rng": _rng_state()}
+             "history": history, "best_recall": best_recall, "best_state": best_state, "rng": _rng_state(),
+             "addons": addons.state_dict() if addons is not None else {}}
     save_checkpoint(state, state_path(out))
 
 
@@ -186,7 +227,7 @@ def _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, hi
 _RESUMABLE_CHANGES = {"resume", "epochs", "workers", "device", "out"}
 
 
-def _resume(cfg, model, optimizer, scheduler, scaler, memory):
+def _resume(cfg, model, optimizer, scheduler, scaler, memory, addons):
     path = Path(cfg.resume)
     if not path.is_file():
         raise UserError(f"resume state not found: {path}")
@@ -196,8 +237,9 @@ def _resume(cfg, model, optimizer, scheduler, scaler, memory):
         raise UserError(f"cannot read resume state {path}: {e.__class__.__name__}") from None
     if not isinstance(state, dict) or state.get("kind") != "asymsearch-teacher-state":
         raise UserError(f"{path} is not a teacher training state (OUT.state.pt)")
+    absent = dataclasses.asdict(AddOnOptions())  # states saved before the add-ons existed had them off
     changed = sorted(k for k, v in dataclasses.asdict(cfg).items()
-                     if k not in _RESUMABLE_CHANGES and state["config"].get(k) != v)
+                     if k not in _RESUMABLE_CHANGES and state["config"].get(k, absent.get(k)) != v)
     if changed:
         raise UserError(f"cannot resume {path}: the config differs in {', '.join(changed)}")
     model.load_state_dict(state["model"])
@@ -205,5 +247,6 @@ def _resume(cfg, model, optimizer, scheduler, scaler, memory):
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     memory.load_state_dict(state["memory"])
+    addons.load_state_dict(state.get("addons", {}))
     _set_rng_state(state["rng"])
     return state["epoch"] + 1, list(state["history"]), state["best_recall"], state["best_state"]

@@ -28,9 +28,12 @@ class FeatureMaps:
     images_per_s: float | None  # backbone forward throughput when computed in this run
 
 
-def cache_key(backbone: str, pretrained: str | None, spec: Preprocessing, items: list[ImageItem]) -> str:
-    h = hashlib.sha256(json.dumps({"backbone": backbone, "pretrained": pretrained, "spec": spec.to_dict()},
-                                  sort_keys=True).encode())
+def cache_key(backbone: str, pretrained: str | None, spec: Preprocessing, items: list[ImageItem],
+              tail_units: int = 0) -> str:
+    what = {"backbone": backbone, "pretrained": pretrained, "spec": spec.to_dict()}
+    if tail_units:  # the trunk's maps (the backbone without its last `tail_units` units)
+        what["tail_units"] = tail_units
+    h = hashlib.sha256(json.dumps(what, sort_keys=True).encode())
     for it in items:
         st = os.stat(it.path)
         h.update(f"{it.path}\0{it.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -39,8 +42,10 @@ def cache_key(backbone: str, pretrained: str | None, spec: Preprocessing, items:
 
 def feature_maps(items: list[ImageItem], backbone: str, pretrained: str | None, spec: Preprocessing,
                  cache_dir: str | os.PathLike, batch_size: int = 32, device: str = "cpu",
-                 log=print) -> FeatureMaps:
-    """(N,C,h,w) feature maps of `items` from the frozen backbone (eval mode), from the cache when present."""
+                 log=print, tail_units: int = 0) -> FeatureMaps:
+    """(N,C,h,w) feature maps of `items` from the frozen backbone (eval mode), from the cache when present.
+    With `tail_units` > 0, the maps of the trunk: the backbone without its last `tail_units` units
+    (`training.backbones.split_backbone`), which a caller then trains on top of."""
     import torch
 
     from asymsearch.core.preprocess import load_and_preprocess
@@ -48,12 +53,15 @@ def feature_maps(items: list[ImageItem], backbone: str, pretrained: str | None, 
 
     cache = Path(cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
-    key = cache_key(backbone, pretrained, spec, items)
+    key = cache_key(backbone, pretrained, spec, items, tail_units)
     npy, meta = cache / f"{key}.npy", cache / f"{key}.json"
     if npy.is_file() and meta.is_file():
         log(f"feature maps: cached {npy}")
         return FeatureMaps(np.load(npy, mmap_mode="r"), items, 0.0, None)
     model, _ = create_backbone(backbone, pretrained)
+    if tail_units:
+        from asymsearch.training.backbones import split_backbone
+        model = split_backbone(model, tail_units)[0]
     model = model.eval().to(device)
     out = None
     start = time.perf_counter()
@@ -72,5 +80,6 @@ def feature_maps(items: list[ImageItem], backbone: str, pretrained: str | None, 
     del out
     os.replace(cache / f".{key}.tmp.npy", npy)
     meta.write_text(json.dumps({"backbone": backbone, "pretrained": pretrained, "spec": spec.to_dict(),
+                                "tail_units": tail_units,
                                 "paths": [str(it.path) for it in items], "seconds": seconds}, indent=1))
     return FeatureMaps(np.load(npy, mmap_mode="r"), items, seconds, len(items) / seconds)

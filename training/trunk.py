@@ -1,0 +1,78 @@
+"""Partial fine-tuning on a CPU: train only the tail of a pretrained backbone (and the head) on trunk maps
+computed once.
+
+`tune_units = N` (an option of `train teacher` and `train student`) splits the backbone into a frozen *trunk*
+and a trainable *tail* of its last N units (`training.backbones.split_backbone`: MBConv blocks plus the head
+conv for EfficientNet-Lite, top-level children for the sequential backbones). The trunk is run once per
+image, in eval mode on the serving preprocessing (centre crop), and its maps are cached on disk
+(`training.experiments.featcache`, keyed by backbone, weights, preprocessing, split and the image list), so an
+epoch costs only the tail, head and loss. The only augmentation left is a horizontal flip of the trunk map.
+The checkpoint holds the whole model, trunk unchanged, so export, index and serving do not know the difference.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from asymsearch.core.data import ImageItem
+from asymsearch.core.errors import UserError
+from asymsearch.core.manifest import Preprocessing
+from asymsearch.training.backbones import split_backbone
+
+
+class TailNet(nn.Module):
+    """head(tail(trunk map)): the trainable part of a model whose trunk is frozen and cached. Batch norms of the
+    tail keep the pretrained statistics (eval mode) while training: batches of a few classes would skew them."""
+
+    def __init__(self, model: nn.Module, tune_units: int) -> None:
+        super().__init__()
+        trunk, self.tail = split_backbone(model.backbone, tune_units)
+        for p in trunk.parameters():
+            p.requires_grad_(False)
+        self.head = model.head
+        self.dim = model.dim
+
+    def train(self, mode: bool = True) -> TailNet:
+        super().train(mode)
+        for m in self.tail.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tail(maps))
+
+
+class MapsDataset(Dataset):
+    """(trunk map as float32 tensor, label); with `flip`, each map is mirrored left-right with probability 1/2."""
+
+    def __init__(self, maps: np.ndarray, labels: list[int], flip: bool = False) -> None:
+        if len(maps) != len(labels):
+            raise ValueError(f"{len(maps)} maps for {len(labels)} labels")
+        self.maps, self.labels, self.flip = maps, list(labels), flip
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = torch.from_numpy(np.asarray(self.maps[i], dtype=np.float32))
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.labels[i]
+
+
+def trunk_maps(items: list[ImageItem], backbone: str, pretrained: str | None, spec: Preprocessing,
+               tune_units: int, cache_dir: str, device: torch.device, log=print) -> np.ndarray:
+    """(N, C, h, w) trunk maps of `items` (float16, memory-mapped), computed once and cached in `cache_dir`."""
+    from asymsearch.training.experiments.featcache import feature_maps
+
+    if not items:
+        raise UserError("no images to compute trunk maps of")
+    with torch.random.fork_rng(devices=[]):  # building the trunk draws random numbers: a cached run must not differ
+        return feature_maps(items, backbone, pretrained, spec, cache_dir, device=str(device), log=log,
+                            tail_units=tune_units).maps
+
+
+__all__ = ["MapsDataset", "TailNet", "trunk_maps"]
