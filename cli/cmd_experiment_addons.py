@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from asymsearch.cli.options import Commands
+from asymsearch.cli.options import Commands, seeds
 
 # = training.experiments.addons.DEFAULT_VARIANTS (repeated here so that --help does not import numpy)
 _DEFAULT_VARIANTS = ("baseline", "metrix=input", "metrix=embedding", "osm_caa=true", "message_passing=2")
-
-
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, not {text!r}") from None
 
 
 def register(commands: Commands) -> None:
@@ -34,7 +27,7 @@ def register(commands: Commands) -> None:
                    help="baseline, or add-on options key=value[,key=value] (metrix, metrix_alpha, metrix_weight, "
                         "osm_caa, osm_sigma, osm_alpha, caa_weight, message_passing, mp_weight); repeat for several, "
                         f"the first is the reference (default: {' '.join(_DEFAULT_VARIANTS)})")
-    p.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--seeds", type=seeds, default=(0, 1, 2), help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--dim", type=int, default=512, help="embedding dimension (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per variant and seed (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from asymsearch.cli.options import Commands
+from asymsearch.cli.options import Commands, seeds
 from asymsearch.core.errors import UserError
 
 # = training.experiments.heads.DEFAULT_HEADS (repeated here so that --help does not import numpy)
 _DEFAULT_HEADS = ("gem", "glam:channels=256", "glam:channels=256,global=false", "glam:channels=256,local=false",
                   "glap", "diablo:channels=256", "diablo:channels=256,select=feature,attention=post")
-
-
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, not {text!r}") from None
 
 
 def register(commands: Commands) -> None:
@@ -34,7 +27,7 @@ def register(commands: Commands) -> None:
     p.add_argument("--head", dest="heads", action="append", default=None,
                    help="a head spec such as glam:channels=512,local=false; repeat for several "
                         f"(default: {' '.join(_DEFAULT_HEADS)})")
-    p.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--seeds", type=seeds, default=(0, 1, 2), help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--dim", type=int, default=512, help="embedding dimension (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per head and seed (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")

@@ -17,12 +17,11 @@ import argparse
 import csv
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from asymsearch.cli.options import Commands, existing_path
+from asymsearch.cli.options import Commands, add_connection_options, connection_kwargs, existing_path, server_addresses
 from asymsearch.core.errors import UserError
 
 EXIT_OK = 0
@@ -62,21 +61,10 @@ def register(commands: Commands) -> None:
     p.add_argument("--on-device", type=existing_path("student ONNX model"), metavar="S.onnx",
                    help="embed locally with this student and send only the vector (its teacher must be the "
                         "served index's)")
-    p.add_argument("--timeout", type=float, default=10.0, help="deadline per request, seconds (default: %(default)s)")
-    p.add_argument("--retries", type=int, default=3,
-                   help="retries of an unavailable server, with exponential back-off (default: %(default)s)")
+    add_connection_options(p)
     p.add_argument("--json", action="store_true", help="one JSON object per query on stdout")
     p.add_argument("--output", "-o", type=Path, metavar="FILE",
                    help="write the results to FILE: CSV if it ends in .csv, else JSON lines")
-    token = p.add_mutually_exclusive_group()
-    token.add_argument("--token", help="bearer token (visible in the process list: prefer --token-file or "
-                                       "$ASYMSEARCH_TOKEN)")
-    token.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the bearer token")
-    p.add_argument("--tls", action="store_true", help="use TLS, verifying the server with the system's roots")
-    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="use TLS, verifying the server with this CA")
-    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (with --tls-key)")
-    p.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key (with --tls-cert)")
-    p.add_argument("--tls-server-name", metavar="NAME", help="check the server's certificate for this name")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is shown on stderr only when stderr is a terminal)")
     p.set_defaults(func=run)
@@ -105,25 +93,16 @@ def _fail(message: str, code: int) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from asymsearch.clients.client import OnDeviceClient, SearchClient, TlsOptions, _split
+    from asymsearch.clients.client import OnDeviceClient, SearchClient
     from asymsearch.core.data import IMAGE_SUFFIXES
     if args.k < 1:
         raise UserError(f"-k must be at least 1, got {args.k}")
-    if args.timeout <= 0 or args.retries < 0:
-        raise UserError("--timeout must be positive and --retries at least 0")
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise UserError("a client certificate needs both --tls-cert and --tls-key")
-    addresses = [_strip_scheme(a) for s in (args.server or ["localhost:50051"]) for a in _split(s)]
-    token = _token(args)
-    tls = None
-    if args.tls or args.tls_ca or args.tls_cert:
-        tls = TlsOptions(root_ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
-                         server_name=args.tls_server_name)
+    kw = connection_kwargs(args)
+    addresses = server_addresses(args.server or ["localhost:50051"])
     queries = list(_expand(args.images, IMAGE_SUFFIXES))
     if not queries:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in "
                         f"{', '.join(str(p) for p in args.images)}")
-    kw = dict(timeout=args.timeout, token=token, tls=tls, retries=args.retries)
     client = OnDeviceClient(args.on_device, addresses, **kw) if args.on_device else SearchClient(addresses, **kw)
     failed = 0
     with client, _Writer(args) as writer:
@@ -237,25 +216,6 @@ def _expand(paths: list[Path | str], suffixes: frozenset[str]) -> Iterator[Path 
             yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
         else:
             yield p
-
-
-def _strip_scheme(address: str) -> str:
-    for scheme in ("grpc://", "grpcs://", "dns:///"):
-        if address.startswith(scheme):
-            return address[len(scheme):].rstrip("/")
-    return address
-
-
-def _token(args: argparse.Namespace) -> str | None:
-    if args.token_file is not None:
-        try:
-            token = args.token_file.read_text().strip()
-        except OSError as e:
-            raise UserError(f"cannot read the token file {args.token_file}: {e.strerror or e}") from None
-        if not token:
-            raise UserError(f"the token file {args.token_file} is empty")
-        return token
-    return args.token or os.environ.get("ASYMSEARCH_TOKEN") or None
 
 
 class _Writer:

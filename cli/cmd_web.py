@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from asymsearch.cli.options import Commands
+from asymsearch.cli.options import Commands, add_connection_options, connection_kwargs, server_addresses
 from asymsearch.core.errors import UserError
 
 
@@ -23,19 +22,7 @@ def register(commands: Commands) -> None:
                                                    "(default: %(default)s)")
     p.add_argument("--max-upload-mb", type=float, default=16.0,
                    help="largest image accepted, MiB; larger ones get HTTP 413 (default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=10.0, help="deadline per gRPC call, seconds "
-                                                               "(default: %(default)s)")
-    p.add_argument("--retries", type=int, default=1,
-                   help="retries of an unavailable server, with back-off (default: %(default)s)")
-    token = p.add_mutually_exclusive_group()
-    token.add_argument("--token", help="bearer token for the server (visible in the process list: prefer "
-                                       "--token-file or $ASYMSEARCH_TOKEN)")
-    token.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the bearer token")
-    p.add_argument("--tls", action="store_true", help="TLS to the server, verified with the system's roots")
-    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="TLS to the server, verified with this CA")
-    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (with --tls-key)")
-    p.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key (with --tls-cert)")
-    p.add_argument("--tls-server-name", metavar="NAME", help="check the server's certificate for this name")
+    add_connection_options(p, retries=1)
     p.add_argument("--log-level", default="INFO", help="INFO logs every request (default: %(default)s)")
     p.set_defaults(func=run)
 
@@ -43,29 +30,23 @@ def register(commands: Commands) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from asymsearch.cli.cmd_query import _strip_scheme, _token
-    from asymsearch.clients.client import SearchClient, SearchError, TlsOptions, _split
+    from asymsearch.clients.client import SearchClient, SearchError
     from asymsearch.clients.web import GatewayOptions, serve_web
 
     if args.k < 1:
         raise UserError(f"-k must be at least 1, got {args.k}")
-    if args.timeout <= 0 or args.retries < 0 or args.max_upload_mb <= 0:
-        raise UserError("--timeout and --max-upload-mb must be positive and --retries at least 0")
+    if args.max_upload_mb <= 0:
+        raise UserError("--max-upload-mb must be positive")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0..65535, got {args.port}")
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise UserError("a client certificate needs both --tls-cert and --tls-key")
-    tls = None
-    if args.tls or args.tls_ca or args.tls_cert:
-        tls = TlsOptions(root_ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
-                         server_name=args.tls_server_name)
+    kw = connection_kwargs(args)
     level = getattr(logging, str(args.log_level).upper(), None)
     if not isinstance(level, int):
         raise UserError(f"unknown --log-level {args.log_level!r}")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    addresses = [_strip_scheme(a) for a in _split(args.server)]
+    addresses = server_addresses([args.server])
     options = GatewayOptions(default_k=args.k, max_upload_bytes=int(args.max_upload_mb * 2**20))
-    with SearchClient(addresses, timeout=args.timeout, token=_token(args), tls=tls, retries=args.retries) as client:
+    with SearchClient(addresses, **kw) as client:
         try:
             info = client.info()
         except SearchError as e:  # the page says so too, on every search; the gateway still starts

@@ -137,3 +137,69 @@ def existing_path(kind: str):
             raise argparse.ArgumentTypeError(f"{kind} not found: {value}")
         return p
     return check
+
+
+def seeds(text: str) -> tuple[int, ...]:
+    """argparse type of `--seeds 0,1,2`."""
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, not {text!r}") from None
+
+
+def add_connection_options(p: argparse.ArgumentParser, retries: int = 3) -> None:
+    """How a command reaches a search server: --timeout, --retries, the bearer token and TLS
+    (`connection_kwargs` turns them into `SearchClient` keyword arguments)."""
+    p.add_argument("--timeout", type=float, default=10.0, help="deadline per request, seconds (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=retries,
+                   help="retries of an unavailable server, with exponential back-off (default: %(default)s)")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token", help="bearer token (visible in the process list: prefer --token-file or "
+                                       "$ASYMSEARCH_TOKEN)")
+    token.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the bearer token")
+    p.add_argument("--tls", action="store_true", help="use TLS, verifying the server with the system's roots")
+    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="use TLS, verifying the server with this CA")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key (with --tls-cert)")
+    p.add_argument("--tls-server-name", metavar="NAME", help="check the server's certificate for this name")
+
+
+def connection_kwargs(args: argparse.Namespace) -> dict:
+    """timeout, token, tls and retries for `SearchClient` / `OnDeviceClient`, checked (`UserError` otherwise)."""
+    import os
+
+    from asymsearch.clients.client import TlsOptions
+    from asymsearch.core.errors import UserError
+
+    if args.timeout <= 0 or args.retries < 0:
+        raise UserError("--timeout must be positive and --retries at least 0")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UserError("a client certificate needs both --tls-cert and --tls-key")
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        tls = TlsOptions(root_ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+    token = args.token or os.environ.get("ASYMSEARCH_TOKEN") or None
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as e:
+            raise UserError(f"cannot read the token file {args.token_file}: {e.strerror or e}") from None
+        if not token:
+            raise UserError(f"the token file {args.token_file} is empty")
+    return {"timeout": args.timeout, "token": token, "tls": tls, "retries": args.retries}
+
+
+def server_addresses(values: list[str]) -> list[str]:
+    """HOST:PORT addresses from --server values (each may list several, comma-separated; grpc:// and dns:///
+    prefixes are dropped)."""
+    from asymsearch.clients.client import _split
+
+    out = []
+    for value in values:
+        for address in _split(value):
+            for scheme in ("grpc://", "grpcs://", "dns:///"):
+                if address.startswith(scheme):
+                    address = address[len(scheme):].rstrip("/")
+                    break
+            out.append(address)
+    return out
