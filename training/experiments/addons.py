@@ -14,7 +14,6 @@ run at every step and is not measured here.
 from __future__ import annotations
 
 import json
-import math
 import platform
 import statistics
 import time
@@ -105,59 +104,11 @@ def train_with_addons(cfg: AddonsExperimentConfig, options, channels: int, train
                       train_labels: list[int], val_maps: np.ndarray, val_labels: list[int], seed: int,
                       log=print) -> tuple[object, list[dict]]:
     """Train head `cfg.head` on cached maps with the add-ons `options`; return (head at its best validation epoch,
-    per-epoch history). With every add-on off this is `heads.train_head_on_maps` step for step."""
-    import torch
-    from asymsearch.training.addons import TrainingAddOns
-    from asymsearch.training.common import seed_everything
-    from asymsearch.training.data import MPerClassSampler
-    from asymsearch.training.experiments.heads import _embed, _metrics
-    from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner
-    from asymsearch.training.models import create_head
-    from asymsearch.training.schedule import make_scheduler
+    per-epoch history): `heads.train_head_on_maps`, the add-ons switched on."""
+    from asymsearch.training.experiments.heads import train_head_on_maps
 
-    seed_everything(seed)
-    head = create_head(cfg.head, channels, cfg.dim).train()
-    addons = TrainingAddOns(options, dim=cfg.dim, num_classes=int(max(train_labels)) + 1, seed=seed).train()
-    sampler = MPerClassSampler(train_labels, cfg.per_class, cfg.classes_per_batch, seed=seed)
-    steps = cfg.epochs * len(sampler)
-    opt = torch.optim.AdamW([{"params": list(head.parameters())},
-                             *addons.optimizer_group(cfg.lr, cfg.weight_decay)],
-                            lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = make_scheduler(opt, steps, int(cfg.warmup_epochs * len(sampler)))
-    miner, criterion = HardNegativeMiner(cfg.num_negatives), ContrastiveLoss(cfg.margin)
-    labels_t = torch.as_tensor(train_labels)
-    gen = torch.Generator().manual_seed(seed)
-    best, best_state, history = -1.0, None, []
-    for epoch in range(1, cfg.epochs + 1):
-        sampler.set_epoch(epoch)
-        head.train()
-        losses, start = [], time.perf_counter()
-        for batch in sampler:
-            x = torch.from_numpy(np.asarray(train_maps[np.sort(batch)], np.float32))
-            x = x[torch.as_tensor(np.argsort(np.argsort(batch)))]  # rows back in the sampler's order
-            if cfg.flip:
-                flip = torch.rand(len(x), generator=gen) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            y = labels_t[torch.as_tensor(batch)]
-            emb, mixed, plan = addons.embed(head, x, y)
-            loss = addons.teacher_loss(criterion, miner, emb, y, mixed, plan)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        if not math.isfinite(float(np.mean(losses))):
-            raise UserError(f"{options.describe()} diverged at epoch {epoch}; lower --lr")
-        val = _metrics(_embed(head, val_maps), val_labels)["recall@1"] if len(val_maps) else None
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_recall@1": val,
-                        "seconds": time.perf_counter() - start})
-        log(f"  {options.describe()} seed {seed} epoch {epoch}/{cfg.epochs}: loss {history[-1]['loss']:.4f} "
-            f"val R@1 {val if val is None else round(val, 4)} ({history[-1]['seconds']:.0f} s)")
-        score = -epoch if val is None else val
-        if val is None or score > best:
-            best, best_state = score, {k: v.detach().clone() for k, v in head.state_dict().items()}
-    head.load_state_dict(best_state)
-    return head.eval(), history
+    return train_head_on_maps(cfg.head, cfg, channels, train_maps, train_labels, val_maps, val_labels, seed,
+                              log=log, addons=options, name=options.describe())
 
 
 _SHARED: tuple | None = None  # the data of the current experiment, inherited by forked job processes

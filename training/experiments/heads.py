@@ -77,12 +77,16 @@ def _embed(head, maps: np.ndarray, batch: int = 128) -> np.ndarray:
     return np.concatenate(out)
 
 
-def train_head_on_maps(spec: str, cfg: HeadsExperimentConfig, channels: int, train_maps: np.ndarray,
+def train_head_on_maps(spec: str, cfg, channels: int, train_maps: np.ndarray,
                        train_labels: list[int], val_maps: np.ndarray, val_labels: list[int], seed: int,
-                       log=print) -> tuple[object, list[dict]]:
-    """Train head `spec` on cached maps; return (head with the best-validation weights, per-epoch history)."""
+                       log=print, addons=None, name: str | None = None) -> tuple[object, list[dict]]:
+    """Train head `spec` on cached maps; return (head with the best-validation weights, per-epoch history).
+
+    `cfg` is a `HeadsExperimentConfig` or any config with its training fields (`xbm` may be absent: off);
+    `addons` the training add-ons' options (`training.addons.AddOnOptions`, default all off: plain ℓ_C)."""
     import torch
 
+    from asymsearch.training.addons import AddOnOptions, TrainingAddOns
     from asymsearch.training.common import seed_everything
     from asymsearch.training.data import MPerClassSampler
     from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner
@@ -91,13 +95,18 @@ def train_head_on_maps(spec: str, cfg: HeadsExperimentConfig, channels: int, tra
     from asymsearch.training.xbm import CrossBatchMemory, xbm_loss
 
     seed_everything(seed)
+    name = name or spec
     head = create_head(spec, channels, cfg.dim).train()
+    extras = TrainingAddOns(addons or AddOnOptions(), dim=cfg.dim, num_classes=int(max(train_labels)) + 1,
+                            seed=seed).train()
     sampler = MPerClassSampler(train_labels, cfg.per_class, cfg.classes_per_batch, seed=seed)
     steps = cfg.epochs * len(sampler)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([{"params": list(head.parameters())}, *extras.optimizer_group(cfg.lr, cfg.weight_decay)],
+                            lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, steps, int(cfg.warmup_epochs * len(sampler)))
     miner, criterion = HardNegativeMiner(cfg.num_negatives), ContrastiveLoss(cfg.margin)
-    memory = CrossBatchMemory(cfg.xbm, cfg.dim)
+    xbm = getattr(cfg, "xbm", 0)
+    memory = CrossBatchMemory(xbm, cfg.dim)
     labels_t = torch.as_tensor(train_labels)
     gen = torch.Generator().manual_seed(seed)
     best, best_state, history = -1.0, None, []
@@ -113,9 +122,9 @@ def train_head_on_maps(spec: str, cfg: HeadsExperimentConfig, channels: int, tra
                 flip = torch.rand(len(x), generator=gen) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             y = labels_t[torch.as_tensor(batch)]
-            emb = head(x)
-            loss = criterion(emb, y, miner(emb, y))
-            if cfg.xbm:
+            emb, mixed, plan = extras.embed(head, x, y)  # head(x) (and Metrix's mixed examples)
+            loss = extras.teacher_loss(criterion, miner, emb, y, mixed, plan)
+            if xbm:
                 loss = loss + cfg.xbm_weight * xbm_loss(criterion, miner, emb, y, memory)
                 memory.enqueue(emb, y)
             opt.zero_grad(set_to_none=True)
@@ -124,11 +133,11 @@ def train_head_on_maps(spec: str, cfg: HeadsExperimentConfig, channels: int, tra
             sched.step()
             losses.append(loss.item())
         if not math.isfinite(float(np.mean(losses))):
-            raise UserError(f"head {spec} diverged at epoch {epoch}; lower --lr")
+            raise UserError(f"{name} diverged at epoch {epoch}; lower --lr")
         val = _metrics(_embed(head, val_maps), val_labels)["recall@1"] if len(val_maps) else None
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_recall@1": val,
                         "seconds": time.perf_counter() - start})
-        log(f"  {spec} seed {seed} epoch {epoch}/{cfg.epochs}: loss {history[-1]['loss']:.4f} "
+        log(f"  {name} seed {seed} epoch {epoch}/{cfg.epochs}: loss {history[-1]['loss']:.4f} "
             f"val R@1 {val if val is None else round(val, 4)} ({history[-1]['seconds']:.0f} s)")
         score = -epoch if val is None else val  # without validation: the last epoch
         if val is None or score > best:
