@@ -49,6 +49,9 @@ CONFIG_HELP = {
                   "for EfficientNet-Lite, top-level children otherwise) and the head, on the frozen trunk's maps "
                   "computed once and cached; 0 trains the whole network (see docs/heads.md)",
     "trunk_cache": "folder for the frozen trunk's cached maps (--tune-units)",
+    "trunk_views": "--tune-units: views of each training image cached through the trunk: 1 is the serving crop "
+                   "alone; K adds K-1 random resized crops with flips, drawn once (each costs one trunk pass); "
+                   "every epoch picks one view per image",
     "asymmetric": "compare student anchors with teacher embeddings (AML); --no-asymmetric: student-student",
     "triplet_margin": "triplet margin",
     "ms_alpha": "multi-similarity alpha (positives)",

@@ -100,3 +100,67 @@ def test_bad_tune_units_are_refused_before_training(image_folder, tmp_path, tiny
         train_teacher(teacher_cfg(image_folder, tmp_path / "b.pt", tiny_weights, tmp_path / "c", tune_units=99))
     with pytest.raises(UserError, match="nothing of the backbone to tune"):
         train_teacher(teacher_cfg(image_folder, tmp_path / "c.pt", tiny_weights, tmp_path / "c", backbone_lr=0.0))
+
+
+def test_augmented_views_are_reproducible_crops_of_the_training_transform(image_folder):
+    from asymsearch.core.preprocess import decode_image
+    from asymsearch.training.data import augmented_view, view_seed
+
+    spec = Preprocessing(resize=40, crop=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    img = decode_image(list_image_folder(image_folder)[0].path)
+    a, b, c = (augmented_view(img, spec, seed=s) for s in (7, 7, 8))
+    assert len({view_seed(v, i) for v in range(1, 4) for i in range(100)}) == 300
+    assert a.shape == (3, 32, 32) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert not np.array_equal(a, load_and_preprocess(list_image_folder(image_folder)[0].path, spec))
+
+
+def test_trunk_views_are_cached_apart_and_each_is_the_trunk_of_its_view(image_folder, tmp_path, tiny_weights):
+    from asymsearch.core.preprocess import decode_image
+    from asymsearch.training.data import augmented_view, view_seed
+    from asymsearch.training.trunk import trunk_maps
+
+    items = list_image_folder(image_folder)[:5]
+    spec = Preprocessing(resize=32, crop=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    views = trunk_maps(items, "tiny_cnn_narrow", tiny_weights, spec, 3, str(tmp_path), torch.device("cpu"),
+                       log=lambda *_: None, views=3)
+    assert len(views) == 3 and len(list(tmp_path.glob("*.npy"))) == 3
+    trunk = split_backbone(create_backbone("tiny_cnn_narrow", tiny_weights)[0].eval(), 3)[0]
+    for v, i in ((0, 4), (1, 2), (2, 4)):
+        pixels = load_and_preprocess(items[i].path, spec) if v == 0 else \
+            augmented_view(decode_image(items[i].path), spec, seed=view_seed(v, i))
+        with torch.no_grad():
+            expected = trunk(torch.from_numpy(pixels)[None])[0].numpy()
+        np.testing.assert_allclose(np.asarray(views[v][i], np.float32), expected, rtol=2e-2, atol=2e-3)  # float16
+    assert not np.array_equal(views[1], views[2])
+    again = trunk_maps(items, "tiny_cnn_narrow", tiny_weights, spec, 3, str(tmp_path), torch.device("cpu"),
+                       log=lambda *_: None, views=2)  # read back from the cache, nothing new written
+    assert len(list(tmp_path.glob("*.npy"))) == 3
+    np.testing.assert_array_equal(again[1], views[1])
+
+
+def test_maps_dataset_draws_every_view_of_the_same_image():
+    from asymsearch.training.trunk import MapsDataset
+
+    views = [np.full((4, 1, 2, 2), v, np.float16) + np.arange(4, dtype=np.float16)[:, None, None, None] * 10
+             for v in range(3)]
+    data = MapsDataset(views, [0, 0, 1, 1])
+    torch.manual_seed(0)
+    seen = {float(data[2][0][0, 0, 0]) for _ in range(60)}
+    assert seen == {20.0, 21.0, 22.0}  # image 2 in each of its three views, never another image's
+    with pytest.raises(ValueError):
+        MapsDataset([views[0], views[1][:3]], [0, 0, 1, 1])
+
+
+def test_teacher_with_views_caches_them_for_training_images_only(image_folder, tmp_path, tiny_weights):
+    cache = tmp_path / "trunk"
+    path = train_teacher(teacher_cfg(image_folder, tmp_path / "t.pt", tiny_weights, cache, trunk_views=3, epochs=1))
+    assert len(list(cache.glob("*.npy"))) == 4  # three views of the training images, one of the validation images
+    assert all(np.isfinite(h["loss"]) for h in load_checkpoint(path)["history"])
+    for bad in (dict(trunk_views=0), dict(trunk_views=2, tune_units=0)):
+        with pytest.raises(UserError, match="trunk_views"):
+            train_teacher(teacher_cfg(image_folder, tmp_path / "b.pt", tiny_weights, cache, **bad))
+    with pytest.raises(UserError, match="trunk_views"):
+        train_student(StudentConfig(data=str(image_folder), teacher=str(path), out=str(tmp_path / "s.pt"),
+                                    backbone="tiny_cnn_narrow", pretrained=tiny_weights, trunk_views=2))

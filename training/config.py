@@ -28,6 +28,7 @@ class TeacherConfig:
     backbone_lr: float | None = None  # None -> lr / 10 with pretrained weights, lr without; 0 freezes the backbone
     tune_units: int = 0  # 0: the whole backbone trains; N: only its last N units, on cached trunk maps (training.trunk)
     trunk_cache: str = "~/.cache/asymsearch/trunk"  # where tune_units keeps the frozen trunk's maps
+    trunk_views: int = 1  # tune_units: cached views per training image (1: serving crop; more: + augmented views)
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0  # linear warm-up, then cosine decay to 0 (schedule="cosine")
     schedule: str = "cosine"  # cosine | constant
@@ -70,6 +71,7 @@ class StudentConfig:
     backbone_lr: float | None = None  # None: lr (the whole student at one rate); 0 freezes the backbone
     tune_units: int = 0  # 0: the whole student trains; N: only its backbone's last N units and the head, on cached
     trunk_cache: str = "~/.cache/asymsearch/trunk"  # trunk maps (training.trunk); N > 0 needs pretrained weights
+    trunk_views: int = 1  # tune_units: cached views per training image (1: serving crop; more: + augmented views)
     loss: str = "reg"  # training.losses.LOSSES: reg, contr, contr+, triplet, ms, rkd, darkrank
     asymmetric: bool = True  # compare student anchors with teacher embeddings (AML); False: student-student
     margin: float = 0.5  # contr, contr+ (m); triplet uses its own margin below

@@ -102,6 +102,20 @@ def train_transform(spec: Preprocessing) -> Callable[[Image.Image], torch.Tensor
     ])
 
 
+def view_seed(view: int, index: int) -> int:
+    """The seed of augmented view `view` of image `index`: (view, index) mixed into 32 bits, because torch's CPU
+    generator keeps only the low 32 bits of a seed (view << 32 | index would give every view the same crops)."""
+    return int(np.random.SeedSequence([view, index]).generate_state(1)[0])
+
+
+def augmented_view(img: Image.Image, spec: Preprocessing, seed: int) -> np.ndarray:
+    """One reproducible training view of `img`: `train_transform`'s random resized crop and flip, drawn from `seed`
+    (`view_seed`; so that a cache of views can be rebuilt bit for bit). Float32 (3, crop, crop)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return train_transform(spec)(img).numpy()
+
+
 class EvalTransform:
     """The serving preprocessing (`core.preprocess.preprocess`, numpy) as a torch tensor. Picklable for workers."""
 

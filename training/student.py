@@ -14,7 +14,9 @@ One training step (`StudentObjective`), for a class-balanced batch B of training
 
 The teacher's embeddings of the training set come from `training.teacher_cache` (computed once, on disk, keyed
 by the teacher id). So that they are exactly the targets of what the student sees, the student trains on the
-serving preprocessing of each image (no random augmentation), at its own input size. The training add-ons
+serving preprocessing of each image (no random augmentation), at its own input size; with `tune_units` and
+`trunk_views` K > 1, it also sees K − 1 cached augmented views of each image (`training.trunk`), each regressed
+onto the teacher's embedding of the serving view, the one a database holds. The training add-ons
 (`metrix`, `osm_caa`, `message_passing`; `training.addons`, docs/addons.md) compose with the objective: its
 `reference` (the mined teacher items) is shared with them.
 """
@@ -43,7 +45,7 @@ from asymsearch.training.mining import HardNegativeMiner, mine_hard_negatives
 from asymsearch.training.models import build_model
 from asymsearch.training.schedule import parameter_groups
 from asymsearch.training.teacher_cache import teacher_embeddings
-from asymsearch.training.trunk import MapsDataset, TailNet, trunk_maps
+from asymsearch.training.trunk import MapsDataset, TailNet, check_trunk_views, trunk_maps
 
 
 def loss_kwargs(cfg: StudentConfig) -> dict:
@@ -160,6 +162,7 @@ def train_student(cfg: StudentConfig) -> Path:
     if cfg.tune_units < 0 or (cfg.tune_units and not cfg.pretrained):
         raise UserError("tune_units trains the last units of a pretrained student backbone: it needs --pretrained "
                         f"and a value >= 0 (got {cfg.tune_units})")
+    check_trunk_views(cfg.tune_units, cfg.trunk_views)
     net, workers = student, cfg.workers
     if cfg.tune_units:  # the student's frozen trunk runs once per image; its maps are cached (training.trunk)
         net, workers = TailNet(student, cfg.tune_units), 0
@@ -170,13 +173,14 @@ def train_student(cfg: StudentConfig) -> Path:
         teacher, teacher_id, teacher_spec, train_items, ImageDataset(train_items, class_to_idx,
                                                                      eval_transform(teacher_spec)),
         cache_dir, device, workers=cfg.workers, log=log)).to(device)
-    def student_set(items):
+    def student_set(items, views=1):
         if not cfg.tune_units:
             return ImageDataset(items, class_to_idx, eval_transform(spec))
-        maps = trunk_maps(items, cfg.backbone, cfg.pretrained, spec, cfg.tune_units, cfg.trunk_cache, device, log=log)
+        maps = trunk_maps(items, cfg.backbone, cfg.pretrained, spec, cfg.tune_units, cfg.trunk_cache, device, log=log,
+                          views=views)
         return MapsDataset(maps, [class_to_idx[it.label] for it in items])
 
-    train_set = student_set(train_items)
+    train_set = student_set(train_items, cfg.trunk_views)
     pool_labels = torch.as_tensor(train_set.labels, device=device)
     sampler = MPerClassSampler(train_set.labels, cfg.per_class, max(2, cfg.batch_size // cfg.per_class), seed=cfg.seed)
     loader = DataLoader(_Indexed(train_set), batch_sampler=sampler, **loader_kwargs(workers, cfg.seed, device))

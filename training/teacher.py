@@ -39,7 +39,7 @@ from asymsearch.training.data import ImageDataset, MPerClassSampler, eval_transf
 from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner, MultiSimilarityLoss
 from asymsearch.training.models import backbone_preprocessing, build_model
 from asymsearch.training.schedule import make_scheduler, parameter_groups
-from asymsearch.training.trunk import MapsDataset, TailNet, trunk_maps
+from asymsearch.training.trunk import MapsDataset, TailNet, check_trunk_views, trunk_maps
 from asymsearch.training.xbm import CrossBatchMemory, xbm_loss
 
 STATE_FORMAT = 1
@@ -78,6 +78,7 @@ def _check(cfg: TeacherConfig) -> None:
         raise UserError(f"tune_units must be >= 0 (0 trains the whole backbone), not {cfg.tune_units}")
     if cfg.tune_units and not cfg.pretrained:
         raise UserError("tune_units trains the last units of a pretrained backbone: give --pretrained")
+    check_trunk_views(cfg.tune_units, cfg.trunk_views)
     if cfg.tune_units and cfg.backbone_lr == 0:
         raise UserError("tune_units with backbone_lr 0 leaves nothing of the backbone to tune; drop one of them")
     AddOnOptions.from_config(cfg).check()
@@ -119,7 +120,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
 
         def maps_set(items, flip):
             maps = trunk_maps(items, cfg.backbone, cfg.pretrained, spec, cfg.tune_units, cfg.trunk_cache, device,
-                              log=tqdm.write)
+                              log=tqdm.write, views=cfg.trunk_views if flip else 1)
             return MapsDataset(maps, [class_to_idx[it.label] for it in items], flip=flip)
         train_set = maps_set(train_items, True)
         val_set = maps_set(val_items, False) if val_items else None
@@ -237,7 +238,8 @@ def _resume(cfg, model, optimizer, scheduler, scaler, memory, addons):
         raise UserError(f"cannot read resume state {path}: {e.__class__.__name__}") from None
     if not isinstance(state, dict) or state.get("kind") != "asymsearch-teacher-state":
         raise UserError(f"{path} is not a teacher training state (OUT.state.pt)")
-    absent = dataclasses.asdict(AddOnOptions())  # states saved before the add-ons existed had them off
+    # states saved before the add-ons and trunk views existed had them off
+    absent = {**dataclasses.asdict(AddOnOptions()), "trunk_views": 1}
     changed = sorted(k for k, v in dataclasses.asdict(cfg).items()
                      if k not in _RESUMABLE_CHANGES and state["config"].get(k, absent.get(k)) != v)
     if changed:

@@ -6,7 +6,10 @@ and a trainable *tail* of its last N units (`training.backbones.split_backbone`:
 conv for EfficientNet-Lite, top-level children for the sequential backbones). The trunk is run once per
 image, in eval mode on the serving preprocessing (centre crop), and its maps are cached on disk
 (`training.experiments.featcache`, keyed by backbone, weights, preprocessing, split and the image list), so an
-epoch costs only the tail, head and loss. The only augmentation left is a horizontal flip of the trunk map.
+epoch costs only the tail, head and loss. Augmentation: a horizontal flip of the trunk map, and with
+`trunk_views = K` > 1 each training image also has K − 1 cached augmented views (`training.data.augmented_view`:
+the random resized crop and flip of whole-network training, drawn once and reproducibly); every epoch picks one
+of the K at random for each image. Extra views cost one trunk pass each, once.
 The checkpoint holds the whole model, trunk unchanged, so export, index and serving do not know the difference.
 """
 from __future__ import annotations
@@ -46,33 +49,46 @@ class TailNet(nn.Module):
 
 
 class MapsDataset(Dataset):
-    """(trunk map as float32 tensor, label); with `flip`, each map is mirrored left-right with probability 1/2."""
+    """(trunk map as float32 tensor, label). `maps` is one (N, C, h, w) array or a list of them, one per view of
+    the same N images: each access draws one view at random. With `flip`, the map is also mirrored left-right
+    with probability 1/2."""
 
-    def __init__(self, maps: np.ndarray, labels: list[int], flip: bool = False) -> None:
-        if len(maps) != len(labels):
-            raise ValueError(f"{len(maps)} maps for {len(labels)} labels")
-        self.maps, self.labels, self.flip = maps, list(labels), flip
+    def __init__(self, maps: np.ndarray | list[np.ndarray], labels: list[int], flip: bool = False) -> None:
+        self.views = list(maps) if isinstance(maps, (list, tuple)) else [maps]
+        if not self.views or any(len(m) != len(labels) for m in self.views):
+            raise ValueError(f"{[len(m) for m in self.views]} maps for {len(labels)} labels")
+        self.labels, self.flip = list(labels), flip
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = torch.from_numpy(np.asarray(self.maps[i], dtype=np.float32))
+        view = self.views[int(torch.randint(len(self.views), ())) if len(self.views) > 1 else 0]
+        x = torch.from_numpy(np.asarray(view[i], dtype=np.float32))
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, self.labels[i]
 
 
+def check_trunk_views(tune_units: int, views: int) -> None:
+    """Refuse, before anything trains, views that are not positive or extra views without `tune_units`."""
+    if views < 1 or (views > 1 and not tune_units):
+        raise UserError(f"trunk_views caches views of the trunk for --tune-units: give a tune_units and a value >= 1 "
+                        f"(got tune_units {tune_units}, trunk_views {views})")
+
+
 def trunk_maps(items: list[ImageItem], backbone: str, pretrained: str | None, spec: Preprocessing,
-               tune_units: int, cache_dir: str, device: torch.device, log=print) -> np.ndarray:
-    """(N, C, h, w) trunk maps of `items` (float16, memory-mapped), computed once and cached in `cache_dir`."""
+               tune_units: int, cache_dir: str, device: torch.device, log=print, views: int = 1) -> list[np.ndarray]:
+    """The (N, C, h, w) trunk maps of `items` (float16, memory-mapped) for each of `views` views (view 0: the
+    serving preprocessing; the others augmented), each computed once and cached in `cache_dir`."""
     from asymsearch.training.experiments.featcache import feature_maps
 
     if not items:
         raise UserError("no images to compute trunk maps of")
+    check_trunk_views(tune_units, views)
     with torch.random.fork_rng(devices=[]):  # building the trunk draws random numbers: a cached run must not differ
-        return feature_maps(items, backbone, pretrained, spec, cache_dir, device=str(device), log=log,
-                            tail_units=tune_units).maps
+        return [feature_maps(items, backbone, pretrained, spec, cache_dir, device=str(device), log=log,
+                             tail_units=tune_units, view=v).maps for v in range(views)]
 
 
-__all__ = ["MapsDataset", "TailNet", "trunk_maps"]
+__all__ = ["MapsDataset", "TailNet", "check_trunk_views", "trunk_maps"]
