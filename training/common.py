@@ -75,13 +75,16 @@ def loader_kwargs(workers: int, seed: int, device: torch.device) -> dict:
 
 @torch.no_grad()
 def embed_dataset(model: EmbeddingNet, dataset: ImageDataset, device: torch.device, workers: int,
-                  batch_size: int = 64) -> np.ndarray:
-    """Embeddings (N, dim) float32 of a dataset, in order, with the model in eval mode (its mode is restored)."""
+                  batch_size: int = 64, progress: str | None = None) -> np.ndarray:
+    """Embeddings (N, dim) float32 of a dataset, in order, with the model in eval mode (its mode is restored).
+    `progress`: a progress bar with this title (for passes long enough to need one)."""
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    if progress:
+        loader = tqdm(loader, desc=progress, leave=False, dynamic_ncols=True)
     try:
-        out = [model(x.to(device)).float().cpu().numpy() for x, _ in loader]
+        out = [model(batch[0].to(device)).float().cpu().numpy() for batch in loader]
     finally:
         model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, model.dim), np.float32)

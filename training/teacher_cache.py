@@ -18,10 +18,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from asymsearch.core.data import ImageItem
 from asymsearch.core.manifest import Preprocessing
+from asymsearch.training.common import embed_dataset
 
 CACHE_FORMAT = 1
 
@@ -79,15 +79,7 @@ def teacher_embeddings(teacher: torch.nn.Module, teacher_id: str, preprocessing:
     key = {"kind": "teacher-embeddings", "teacher_id": teacher_id, "preprocessing": preprocessing.to_dict(),
            "augmentation": "none", "items": items_fingerprint(items), "count": len(items)}
 
-    @torch.no_grad()
     def compute() -> np.ndarray:
-        was_training = teacher.training
-        teacher.eval()
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-        try:
-            out = [teacher(batch[0].to(device)).float().cpu().numpy() for batch in loader]
-        finally:
-            teacher.train(was_training)
-        return np.concatenate(out).astype(np.float32)
+        return embed_dataset(teacher, dataset, device, workers, batch_size, progress="teacher embeddings")
 
     return cached_array(cache_dir, f"teacher-{teacher_id}", key, compute, log=log)
