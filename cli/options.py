@@ -52,6 +52,9 @@ CONFIG_HELP = {
     "trunk_views": "--tune-units: views of each training image cached through the trunk: 1 is the serving crop "
                    "alone; K adds K-1 random resized crops with flips, drawn once (each costs one trunk pass); "
                    "every epoch picks one view per image",
+    "from_teacher": "start the student as a copy of the trained teacher (it needs the teacher's --backbone and "
+                    "--head); with a smaller --image-size the student begins as the teacher at a cheaper resolution, "
+                    "already in its space, instead of from ImageNet weights (see docs/losses.md)",
     "asymmetric": "compare student anchors with teacher embeddings (AML); --no-asymmetric: student-student",
     "triplet_margin": "triplet margin",
     "ms_alpha": "multi-similarity alpha (positives)",

@@ -164,3 +164,34 @@ def test_teacher_with_views_caches_them_for_training_images_only(image_folder, t
     with pytest.raises(UserError, match="trunk_views"):
         train_student(StudentConfig(data=str(image_folder), teacher=str(path), out=str(tmp_path / "s.pt"),
                                     backbone="tiny_cnn_narrow", pretrained=tiny_weights, trunk_views=2))
+
+
+def test_student_from_teacher_starts_as_the_teacher_and_caches_its_trunk(image_folder, tmp_path, tiny_weights):
+    import json
+
+    teacher = train_teacher(teacher_cfg(image_folder, tmp_path / "t.pt", tiny_weights, tmp_path / "trunk", epochs=1))
+    t_ckpt = load_checkpoint(teacher)
+    cache = tmp_path / "student-trunk"
+    common = dict(data=str(image_folder), teacher=str(teacher), backbone="tiny_cnn_narrow", head="gem",
+                  from_teacher=True, tune_units=3, trunk_cache=str(cache), batch_size=16, workers=0)
+    untrained = load_checkpoint(train_student(StudentConfig(out=str(tmp_path / "s0.pt"), epochs=0, **common)))
+    for key, value in t_ckpt["state_dict"].items():  # no epoch: the teacher's weights, exactly
+        assert torch.equal(untrained["state_dict"][key], value), key
+    assert untrained["teacher_id"] == t_ckpt["model_id"]
+    # the cached maps come from the teacher's trunk, whose last units (the teacher tuned 6) differ from the file's
+    spec = Preprocessing.from_dict(untrained["preprocessing"])
+    metas = [json.loads(p.read_text()) for p in cache.glob("*.json")]
+    path = metas[0]["paths"][0]
+    (stem,) = [p.stem for p in cache.glob("*.json") if json.loads(p.read_text())["paths"][0] == path]
+    x = torch.from_numpy(load_and_preprocess(path, spec))[None]
+    trunk = split_backbone(model_from_checkpoint(t_ckpt).backbone, 3)[0]
+    file_trunk = split_backbone(create_backbone("tiny_cnn_narrow", tiny_weights)[0].eval(), 3)[0]
+    with torch.no_grad():
+        want, from_file = trunk(x)[0].numpy(), file_trunk(x)[0].numpy()
+    assert not np.allclose(want, from_file, atol=1e-2)
+    cached = np.asarray(np.load(cache / f"{stem}.npy", mmap_mode="r")[0], np.float32)
+    np.testing.assert_allclose(cached, want, rtol=2e-2, atol=2e-3)
+    trained = load_checkpoint(train_student(StudentConfig(out=str(tmp_path / "s1.pt"), epochs=1, lr=1e-2, **common)))
+    assert all(np.isfinite(h["loss"]) for h in trained["history"])
+    with pytest.raises(UserError, match="--backbone tiny_cnn_narrow --head gem"):
+        train_student(StudentConfig(out=str(tmp_path / "s2.pt"), **{**common, "backbone": "tiny_cnn"}))

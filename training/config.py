@@ -66,6 +66,7 @@ class StudentConfig:
     backbone: str = "mobilenet_v3_small"
     head: str = "gem"
     pretrained: str | None = None
+    from_teacher: bool = False  # start as a copy of the teacher (same backbone and head), e.g. at a smaller image_size
     dim: int | None = None  # None: the teacher's; anything else must equal it (a clear error otherwise)
     image_size: int | None = None  # None: the teacher's preprocessing; else the student's own square input size
     backbone_lr: float | None = None  # None: lr (the whole student at one rate); 0 freezes the backbone

@@ -16,7 +16,9 @@ The teacher's embeddings of the training set come from `training.teacher_cache` 
 by the teacher id). So that they are exactly the targets of what the student sees, the student trains on the
 serving preprocessing of each image (no random augmentation), at its own input size; with `tune_units` and
 `trunk_views` K > 1, it also sees K − 1 cached augmented views of each image (`training.trunk`), each regressed
-onto the teacher's embedding of the serving view, the one a database holds. The training add-ons
+onto the teacher's embedding of the serving view, the one a database holds. With `from_teacher`, the student
+starts as a copy of the teacher (same backbone and head, its own input size): at a smaller size it is, before
+any step, the teacher at a cheaper resolution, already close to the teacher's space. The training add-ons
 (`metrix`, `osm_caa`, `message_passing`; `training.addons`, docs/addons.md) compose with the objective: its
 `reference` (the mined teacher items) is shared with them.
 """
@@ -158,10 +160,20 @@ def train_student(cfg: StudentConfig) -> Path:
     teacher_spec = Preprocessing.from_dict(teacher_ckpt["preprocessing"])
     spec = student_preprocessing(teacher_spec, cfg.image_size)
     arch = {"backbone": cfg.backbone, "head": cfg.head, "dim": teacher_dim, "pretrained": cfg.pretrained}
-    student = build_model(arch).to(device)
-    if cfg.tune_units < 0 or (cfg.tune_units and not cfg.pretrained):
+    if cfg.tune_units < 0 or (cfg.tune_units and not (cfg.pretrained or cfg.from_teacher)):
         raise UserError("tune_units trains the last units of a pretrained student backbone: it needs --pretrained "
-                        f"and a value >= 0 (got {cfg.tune_units})")
+                        f"(or --from-teacher) and a value >= 0 (got {cfg.tune_units})")
+    if cfg.from_teacher:  # the teacher's weights, at the student's own input size
+        theirs = (teacher_ckpt["arch"]["backbone"], teacher_ckpt["arch"]["head"])
+        if (cfg.backbone, cfg.head) != theirs:
+            raise UserError(f"--from-teacher starts the student as a copy of the teacher: give its backbone and head "
+                            f"(--backbone {theirs[0]} --head {theirs[1]}), not {cfg.backbone} / {cfg.head}")
+        arch["pretrained"] = None
+        student = build_model(arch)
+        student.load_state_dict(teacher_ckpt["state_dict"])
+        student = student.to(device)
+    else:
+        student = build_model(arch).to(device)
     check_trunk_views(cfg.tune_units, cfg.trunk_views)
     net, workers = student, cfg.workers
     if cfg.tune_units:  # the student's frozen trunk runs once per image; its maps are cached (training.trunk)
@@ -177,7 +189,7 @@ def train_student(cfg: StudentConfig) -> Path:
         if not cfg.tune_units:
             return ImageDataset(items, class_to_idx, eval_transform(spec))
         maps = trunk_maps(items, cfg.backbone, cfg.pretrained, spec, cfg.tune_units, cfg.trunk_cache, device, log=log,
-                          views=views)
+                          views=views, weights=student.backbone if cfg.from_teacher else None)
         return MapsDataset(maps, [class_to_idx[it.label] for it in items])
 
     train_set = student_set(train_items, cfg.trunk_views)

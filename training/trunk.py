@@ -78,17 +78,25 @@ def check_trunk_views(tune_units: int, views: int) -> None:
 
 
 def trunk_maps(items: list[ImageItem], backbone: str, pretrained: str | None, spec: Preprocessing,
-               tune_units: int, cache_dir: str, device: torch.device, log=print, views: int = 1) -> list[np.ndarray]:
+               tune_units: int, cache_dir: str, device: torch.device, log=print, views: int = 1,
+               weights: nn.Module | None = None) -> list[np.ndarray]:
     """The (N, C, h, w) trunk maps of `items` (float16, memory-mapped) for each of `views` views (view 0: the
-    serving preprocessing; the others augmented), each computed once and cached in `cache_dir`."""
+    serving preprocessing; the others augmented), each computed once and cached in `cache_dir`. `weights`: take
+    the trunk from this backbone (e.g. a student started from its teacher) instead of `backbone` + `pretrained`;
+    the cache is then keyed by the trunk's own weights."""
     from asymsearch.training.experiments.featcache import feature_maps
 
     if not items:
         raise UserError("no images to compute trunk maps of")
     check_trunk_views(tune_units, views)
     with torch.random.fork_rng(devices=[]):  # building the trunk draws random numbers: a cached run must not differ
+        trunk = None
+        if weights is not None:
+            from asymsearch.training.checkpoint import state_dict_id
+            trunk = split_backbone(weights, tune_units)[0]
+            pretrained = f"weights:{state_dict_id(trunk.state_dict())}"
         return [feature_maps(items, backbone, pretrained, spec, cache_dir, device=str(device), log=log,
-                             tail_units=tune_units, view=v).maps for v in range(views)]
+                             tail_units=tune_units, view=v, trunk=trunk).maps for v in range(views)]
 
 
 __all__ = ["MapsDataset", "TailNet", "check_trunk_views", "trunk_maps"]

@@ -9,6 +9,7 @@ View 0 is the serving preprocessing; view v > 0 is a reproducible augmented view
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -46,11 +47,12 @@ def cache_key(backbone: str, pretrained: str | None, spec: Preprocessing, items:
 
 def feature_maps(items: list[ImageItem], backbone: str, pretrained: str | None, spec: Preprocessing,
                  cache_dir: str | os.PathLike, batch_size: int = 32, device: str = "cpu",
-                 log=print, tail_units: int = 0, view: int = 0) -> FeatureMaps:
+                 log=print, tail_units: int = 0, view: int = 0, trunk=None) -> FeatureMaps:
     """(N,C,h,w) feature maps of `items` from the frozen backbone (eval mode), from the cache when present.
     With `tail_units` > 0, the maps of the trunk: the backbone without its last `tail_units` units
     (`training.backbones.split_backbone`), which a caller then trains on top of. `view` > 0: the maps of that
-    augmented view of each image instead of its serving preprocessing."""
+    augmented view of each image instead of its serving preprocessing. `trunk`: a ready module to run instead of
+    the one `backbone` + `pretrained` build (those then only name it in the cache key)."""
     import torch
 
     from asymsearch.core.preprocess import decode_image, load_and_preprocess
@@ -69,10 +71,13 @@ def feature_maps(items: list[ImageItem], backbone: str, pretrained: str | None, 
     if npy.is_file() and meta.is_file():
         log(f"feature maps: cached {npy}")
         return FeatureMaps(np.load(npy, mmap_mode="r"), items, 0.0, None)
-    model, _ = create_backbone(backbone, pretrained)
-    if tail_units:
-        from asymsearch.training.backbones import split_backbone
-        model = split_backbone(model, tail_units)[0]
+    if trunk is not None:
+        model = copy.deepcopy(trunk)  # its caller's module keeps its device, mode and memory format
+    else:
+        model, _ = create_backbone(backbone, pretrained)
+        if tail_units:
+            from asymsearch.training.backbones import split_backbone
+            model = split_backbone(model, tail_units)[0]
     model = model.eval().to(device, memory_format=torch.channels_last)  # 1.4x faster on a CPU for these nets
     out = None
     start = time.perf_counter()
