@@ -160,3 +160,22 @@ def test_backbone_lr_zero_freezes_weights_and_batch_norm_statistics(image_folder
     backbone = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
     assert backbone and all(torch.equal(v, want[k]) for k, v in backbone.items())  # incl. running mean/var
     assert not torch.equal(ckpt["state_dict"]["head.proj.weight"], want["head.proj.weight"])
+
+
+def test_best_epoch_keeps_the_weights_of_the_best_validation_epoch():
+    from asymsearch.training.common import BestEpoch
+
+    net, best, history = torch.nn.Linear(2, 2), BestEpoch(), []
+    for epoch, recall in enumerate([0.5, 0.7, 0.7, 0.6], start=1):
+        with torch.no_grad():
+            net.weight.fill_(epoch)
+        history.append({"epoch": epoch, "loss": 0.0, "val_recall@1": recall})
+        best.offer(net, history[-1])
+    assert best.restore(net, history) == 2  # the first epoch reaching the maximum
+    assert torch.all(net.weight == 2) and [bool(h.get("best")) for h in history] == [True, True, False, False]
+    unvalidated = BestEpoch()
+    for epoch in (1, 2):
+        with torch.no_grad():
+            net.weight.fill_(10 * epoch)
+        unvalidated.offer(net, {"epoch": epoch, "loss": 0.0, "val_recall@1": None})
+    assert unvalidated.restore(net, []) is None and torch.all(net.weight == 20)  # the last epoch

@@ -96,6 +96,29 @@ def check_history_entry(epoch: int, loss: float, recall: float | None) -> dict:
     return {"epoch": epoch, "loss": loss, "val_recall@1": recall}
 
 
+class BestEpoch:
+    """The weights of the epoch with the best validation Recall@1 (the latest epoch when there is no validation),
+    kept on the CPU; `score` and `state` go into a resumable training state and come back through the constructor."""
+
+    def __init__(self, score: float = -1.0, state: dict | None = None) -> None:
+        self.score, self.state = score, state
+
+    def offer(self, model: torch.nn.Module, entry: dict) -> None:
+        """After an epoch: keep the model's weights if `entry` (a history entry) beats the best so far, and mark it."""
+        recall = entry["val_recall@1"]
+        score = recall if recall is not None else float(entry["epoch"])
+        if self.state is None or score > self.score:
+            self.score = score
+            self.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            entry["best"] = True
+
+    def restore(self, model: torch.nn.Module, history: list[dict]) -> int | None:
+        """Load the kept weights into `model` (unchanged when no epoch ran); the best epoch's number, or None."""
+        if self.state is not None:
+            model.load_state_dict(self.state)
+        return next((h["epoch"] for h in reversed(history) if h.get("best")), None)
+
+
 def report_epoch(role: str, entry: dict, epochs: int) -> None:
     recall = entry["val_recall@1"]
     shown = "n/a" if recall is None else f"{recall:.4f}"

@@ -36,7 +36,7 @@ from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import Preprocessing
 from asymsearch.core.metrics import retrieval_metrics
 from asymsearch.training.checkpoint import freeze, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
-from asymsearch.training.common import (check_history_entry, embed_dataset, loader_kwargs, output_path, prepare_data,
+from asymsearch.training.common import (BestEpoch, check_history_entry, embed_dataset, loader_kwargs, output_path, prepare_data,
                                         report_epoch, resolve_device, seed_everything)
 from asymsearch.training.config import StudentConfig
 from asymsearch.training.addons import AddOnOptions, TrainingAddOns
@@ -132,7 +132,8 @@ def train_student(cfg: StudentConfig) -> Path:
 
     The student's embedding dimension is the teacher's (asking for another is an error); its checkpoint records
     the teacher's id. Validation: asymmetric Recall@1 of student-embedded held-out images against the
-    teacher-embedded same images (self excluded).
+    teacher-embedded same images (self excluded); the checkpoint keeps the epoch where it was best (the last
+    epoch without validation).
     """
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -208,7 +209,7 @@ def train_student(cfg: StudentConfig) -> Path:
     optimizer = torch.optim.AdamW([*parameter_groups(student, cfg.lr, cfg.backbone_lr, cfg.weight_decay),
                                    *addons.optimizer_group(cfg.lr, cfg.weight_decay)], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    history = []
+    history, best = [], BestEpoch()
     for epoch in range(1, cfg.epochs + 1):
         sampler.set_epoch(epoch)
         net.train()  # the teacher stays in eval mode throughout, and is not run: its embeddings are cached
@@ -231,10 +232,12 @@ def train_student(cfg: StudentConfig) -> Path:
                                        exclude_self=True)["recall@1"]
         history.append(check_history_entry(epoch, float(np.mean(losses)), recall))
         report_epoch("student", history[-1], cfg.epochs)
+        best.offer(student, history[-1])
 
+    best_epoch = best.restore(student, history)
     student.eval()
     ckpt = make_checkpoint(student, role="student", arch=arch, preprocessing=spec, teacher_id=teacher_id,
-                           config=dataclasses.asdict(cfg), history=history)
+                           config={**dataclasses.asdict(cfg), "best_epoch": best_epoch}, history=history)
     return save_checkpoint(ckpt, out)
 
 

@@ -31,7 +31,7 @@ from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import Preprocessing
 from asymsearch.core.metrics import retrieval_metrics
 from asymsearch.training.checkpoint import make_checkpoint, save_checkpoint
-from asymsearch.training.common import (check_history_entry, embed_dataset, loader_kwargs, output_path, prepare_data,
+from asymsearch.training.common import (BestEpoch, check_history_entry, embed_dataset, loader_kwargs, output_path, prepare_data,
                                         report_epoch, resolve_device, seed_everything)
 from asymsearch.training.addons import AddOnOptions, TrainingAddOns
 from asymsearch.training.config import TeacherConfig
@@ -148,10 +148,9 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     memory = CrossBatchMemory(cfg.xbm, cfg.dim, device)
 
     history: list[dict] = []
-    best_recall, best_state, start_epoch = -1.0, None, 1
+    best, start_epoch = BestEpoch(), 1
     if cfg.resume:
-        start_epoch, history, best_recall, best_state = _resume(cfg, model, optimizer, scheduler, scaler, memory,
-                                                                addons)
+        start_epoch, history, best = _resume(cfg, model, optimizer, scheduler, scaler, memory, addons)
     logfile = log_path(out)
     if start_epoch == 1:
         logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -195,31 +194,24 @@ def train_teacher(cfg: TeacherConfig) -> Path:
                      lr=[g["lr"] for g in optimizer.param_groups])
         history.append(entry)
         report_epoch("teacher", entry, cfg.epochs)
-        score = recall if recall is not None else float(epoch)
-        if best_state is None or score > best_recall:
-            best_recall = score
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            entry["best"] = True
+        best.offer(model, entry)
         with logfile.open("a") as f:
             f.write(json.dumps(entry) + "\n")
-        _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best_recall, best_state,
-                    addons)
+        _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best, addons)
 
-    if best_state is not None:  # epochs=0: the untrained (e.g. ImageNet, zero-shot) model as it is
-        model.load_state_dict(best_state)
+    best_epoch = best.restore(model, history)  # epochs=0: the untrained (e.g. ImageNet, zero-shot) model as it is
     model.eval()
     config = dataclasses.asdict(cfg)
-    config["best_epoch"] = next((h["epoch"] for h in reversed(history) if h.get("best")), None)
+    config["best_epoch"] = best_epoch
     ckpt = make_checkpoint(model, role="teacher", arch=arch, preprocessing=spec, config=config, history=history)
     return save_checkpoint(ckpt, out)
 
 
-def _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best_recall, best_state,
-                addons=None):
+def _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best, addons=None):
     state = {"format": STATE_FORMAT, "kind": "asymsearch-teacher-state", "epoch": epoch,
              "config": dataclasses.asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "memory": memory.state_dict(),
-             "history": history, "best_recall": best_recall, "best_state": best_state, "rng": _rng_state(),
+             "history": history, "best_recall": best.score, "best_state": best.state, "rng": _rng_state(),
              "addons": addons.state_dict() if addons is not None else {}}
     save_checkpoint(state, state_path(out))
 
@@ -251,4 +243,4 @@ def _resume(cfg, model, optimizer, scheduler, scaler, memory, addons):
     memory.load_state_dict(state["memory"])
     addons.load_state_dict(state.get("addons", {}))
     _set_rng_state(state["rng"])
-    return state["epoch"] + 1, list(state["history"]), state["best_recall"], state["best_state"]
+    return state["epoch"] + 1, list(state["history"]), BestEpoch(state["best_recall"], state["best_state"])
