@@ -31,8 +31,8 @@ from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import Preprocessing
 from asymsearch.core.metrics import retrieval_metrics
 from asymsearch.training.checkpoint import make_checkpoint, save_checkpoint
-from asymsearch.training.common import (BestEpoch, check_history_entry, embed_dataset, loader_kwargs, output_path, prepare_data,
-                                        report_epoch, resolve_device, seed_everything)
+from asymsearch.training.common import (BestEpoch, check_history_entry, embed_dataset, loader_kwargs, output_path,
+                                        prepare_data, report_epoch, resolve_device, seed_everything)
 from asymsearch.training.addons import AddOnOptions, TrainingAddOns
 from asymsearch.training.config import TeacherConfig
 from asymsearch.training.data import ImageDataset, MPerClassSampler, eval_transform, train_transform
