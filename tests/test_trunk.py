@@ -197,3 +197,18 @@ def test_student_from_teacher_starts_as_the_teacher_and_caches_its_trunk(image_f
     assert all(np.isfinite(h["loss"]) for h in trained["history"])
     with pytest.raises(UserError, match="--backbone tiny_cnn_narrow --head gem"):
         train_student(StudentConfig(out=str(tmp_path / "s2.pt"), **{**common, "backbone": "tiny_cnn"}))
+
+
+def test_an_unreadable_image_leaves_no_half_written_cache(image_folder, tmp_path, tiny_weights):
+    from asymsearch.core.data import ImageItem
+    from asymsearch.core.errors import InvalidImage
+    from asymsearch.training.experiments.featcache import feature_maps
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    items = list_image_folder(image_folder)[:3] + [ImageItem(path=str(broken), label="x")]
+    spec = Preprocessing(resize=32, crop=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    cache = tmp_path / "cache"
+    with pytest.raises(InvalidImage):  # the first batch of two was written before the second failed
+        feature_maps(items, "tiny_cnn_narrow", tiny_weights, spec, cache, batch_size=2, log=lambda *_: None)
+    assert list(cache.iterdir()) == []

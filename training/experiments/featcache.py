@@ -81,22 +81,28 @@ def feature_maps(items: list[ImageItem], backbone: str, pretrained: str | None, 
     model = model.eval().to(device, memory_format=torch.channels_last)  # 1.4x faster on a CPU for these nets
     out = None
     start = time.perf_counter()
-    with torch.no_grad():
-        for lo in range(0, len(items), batch_size):
-            x = np.stack([pixels(i, it) for i, it in enumerate(items[lo:lo + batch_size], start=lo)])
-            x = torch.from_numpy(x).to(device, memory_format=torch.channels_last)
-            y = model(x).float().cpu().contiguous().numpy()
-            if out is None:
-                tmp = cache / f".{key}.tmp.npy"
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(items), *y.shape[1:]))
-            out[lo:lo + len(y)] = y.astype(np.float16)
-            if (lo // batch_size) % 20 == 0:
-                log(f"feature maps {backbone}@{spec.crop}{f' view {view}' if view else ''}: "
-                    f"{lo + len(y)}/{len(items)}")
+    tmp = cache / f".{key}.tmp.npy"
+    try:
+        with torch.no_grad():
+            for lo in range(0, len(items), batch_size):
+                x = np.stack([pixels(i, it) for i, it in enumerate(items[lo:lo + batch_size], start=lo)])
+                x = torch.from_numpy(x).to(device, memory_format=torch.channels_last)
+                y = model(x).float().cpu().contiguous().numpy()
+                if out is None:
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                                    shape=(len(items), *y.shape[1:]))
+                out[lo:lo + len(y)] = y.astype(np.float16)
+                if (lo // batch_size) % 20 == 0:
+                    log(f"feature maps {backbone}@{spec.crop}{f' view {view}' if view else ''}: "
+                        f"{lo + len(y)}/{len(items)}")
+        out.flush()
+    except BaseException:  # an unreadable image, Ctrl-C: leave no half-written file behind
+        del out
+        tmp.unlink(missing_ok=True)
+        raise
     seconds = time.perf_counter() - start
-    out.flush()
     del out
-    os.replace(cache / f".{key}.tmp.npy", npy)
+    os.replace(tmp, npy)
     meta.write_text(json.dumps({"backbone": backbone, "pretrained": pretrained, "spec": spec.to_dict(),
                                 "tail_units": tail_units, "view": view,
                                 "paths": [str(it.path) for it in items], "seconds": seconds}, indent=1))
