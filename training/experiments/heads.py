@@ -87,7 +87,7 @@ def train_head_on_maps(spec: str, cfg, channels: int, train_maps: np.ndarray,
     import torch
 
     from asymsearch.training.addons import AddOnOptions, TrainingAddOns
-    from asymsearch.training.common import seed_everything
+    from asymsearch.training.common import BestEpoch, seed_everything
     from asymsearch.training.data import MPerClassSampler
     from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner
     from asymsearch.training.models import create_head
@@ -109,7 +109,7 @@ def train_head_on_maps(spec: str, cfg, channels: int, train_maps: np.ndarray,
     memory = CrossBatchMemory(xbm, cfg.dim)
     labels_t = torch.as_tensor(train_labels)
     gen = torch.Generator().manual_seed(seed)
-    best, best_state, history = -1.0, None, []
+    best, history = BestEpoch(), []
     for epoch in range(1, cfg.epochs + 1):
         sampler.set_epoch(epoch)
         head.train()
@@ -139,10 +139,8 @@ def train_head_on_maps(spec: str, cfg, channels: int, train_maps: np.ndarray,
                         "seconds": time.perf_counter() - start})
         log(f"  {name} seed {seed} epoch {epoch}/{cfg.epochs}: loss {history[-1]['loss']:.4f} "
             f"val R@1 {val if val is None else round(val, 4)} ({history[-1]['seconds']:.0f} s)")
-        score = -epoch if val is None else val  # without validation: the last epoch
-        if val is None or score > best:
-            best, best_state = score, {k: v.detach().clone() for k, v in head.state_dict().items()}
-    head.load_state_dict(best_state)
+        best.offer(head, history[-1])  # without validation: the last epoch
+    best.restore(head, history)
     return head.eval(), history
 
 
