@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from asymsearch.cli.options import Commands, seeds
+from asymsearch.cli.options import Commands, add_cached_maps_options, seeds
 
 # = training.experiments.addons.DEFAULT_VARIANTS (repeated here so that --help does not import numpy)
 _DEFAULT_VARIANTS = ("baseline", "metrix=input", "metrix=embedding", "osm_caa=true", "message_passing=2")
@@ -38,13 +38,7 @@ def register(commands: Commands) -> None:
     p.add_argument("--caa-weight", type=float, default=1.0, help="CAA cross-entropy weight (default: %(default)s)")
     p.add_argument("--mp-weight", type=float, default=1.0,
                    help="message-passing cross-entropy weight (default: %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="training classes held out to pick the best epoch (default: %(default)s)")
-    p.add_argument("--cache-dir", default="~/.cache/asymsearch/featmaps",
-                   help="feature-map cache folder (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per job (default: %(default)s)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="(variant, seed) runs trained in parallel processes (default: %(default)s)")
+    add_cached_maps_options(p, "variant")
     p.set_defaults(func=run)
 
 

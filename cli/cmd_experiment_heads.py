@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from asymsearch.cli.options import Commands, seeds
+from asymsearch.cli.options import Commands, add_cached_maps_options, seeds
 from asymsearch.core.errors import UserError
 
 # = training.experiments.heads.DEFAULT_HEADS (repeated here so that --help does not import numpy)
@@ -32,13 +32,7 @@ def register(commands: Commands) -> None:
     p.add_argument("--epochs", type=int, default=4, help="epochs per head and seed (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--xbm", type=int, default=0, help="cross-batch memory size, 0 disables (default: %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="training classes held out to pick the best epoch (default: %(default)s)")
-    p.add_argument("--cache-dir", default="~/.cache/asymsearch/featmaps",
-                   help="feature-map cache folder (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per job (default: %(default)s)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="(head, seed) runs trained in parallel processes (default: %(default)s)")
+    add_cached_maps_options(p, "head")
     p.add_argument("--recost", action="store_true",
                    help="only re-measure the cost columns (params, GFLOPs, images/s) of the results at --out, side "
                         "by side, and rewrite them (no training; --data is then not needed)")

@@ -209,3 +209,15 @@ def server_addresses(values: list[str]) -> list[str]:
                     break
             out.append(address)
     return out
+
+
+def add_cached_maps_options(p: argparse.ArgumentParser, unit: str) -> None:
+    """The options of an experiment that trains heads on cached frozen-backbone maps, one run per (`unit`, seed):
+    validation split, cache folder, threads and parallel jobs."""
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="training classes held out to pick the best epoch (default: %(default)s)")
+    p.add_argument("--cache-dir", default="~/.cache/asymsearch/featmaps",
+                   help="feature-map cache folder (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per job (default: %(default)s)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help=f"({unit}, seed) runs trained in parallel processes (default: %(default)s)")
