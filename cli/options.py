@@ -43,8 +43,8 @@ CONFIG_HELP = {
     "resume": "training state OUT.state.pt to continue from",
     "amp": "float16 autocast on CUDA",
     "max_steps_per_epoch": "stop each epoch after N batches (0: full)",
-    "loss": "the loss (seed 001): a teacher takes contr or ms; a student reg, contr, contr+, triplet, ms, rkd, "
-            "darkrank (see docs/losses.md)",
+    "loss": "the loss (seed 001): a teacher takes contr, ms or proxy-anchor (Kim et al. 2020); a student reg, "
+            "contr, contr+, triplet, ms, rkd, darkrank (see docs/losses.md, docs/heads.md)",
     "tune_units": "partial fine-tuning on a CPU: train only the backbone's last N units (MBConv blocks + head conv "
                   "for EfficientNet-Lite, top-level children otherwise) and the head, on the frozen trunk's maps "
                   "computed once and cached; 0 trains the whole network (see docs/heads.md)",
@@ -59,6 +59,9 @@ CONFIG_HELP = {
     "triplet_margin": "triplet margin",
     "ms_alpha": "multi-similarity alpha (positives)",
     "ms_beta": "multi-similarity beta (negatives)",
+    "proxy_alpha": "Proxy-Anchor scale alpha",
+    "proxy_delta": "Proxy-Anchor margin delta",
+    "proxy_lr": "Proxy-Anchor: the proxies' learning rate",
     "rkd_distance_weight": "RKD distance-term weight",
     "rkd_angle_weight": "RKD angle-term weight",
     "darkrank_scale": "DarkRank similarity scale",

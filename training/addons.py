@@ -400,7 +400,7 @@ class TrainingAddOns(nn.Module):
         clean, mixed = self.metrix.embed(model, x, plan)
         return clean, mixed, plan
 
-    def _extras(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def extras(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The classification terms: CAA's centre cross-entropy and message passing's cross-entropy."""
         out = emb.new_zeros(())
         if self.osm is not None and self.options.caa_weight:
@@ -419,7 +419,7 @@ class TrainingAddOns(nn.Module):
             loss = criterion(emb, labels, miner(emb, labels))
         if self.metrix is not None and self.metrix.weight:
             loss = loss + self.metrix.weight * self.metrix.symmetric_loss(criterion, emb, labels, mixed.float(), plan)
-        return loss + self._extras(emb, labels)
+        return loss + self.extras(emb, labels)
 
     def student_loss(self, objective, emb: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor,
                      teacher_pool: torch.Tensor, pool_labels: torch.Tensor, mixed: torch.Tensor | None = None,
@@ -444,7 +444,7 @@ class TrainingAddOns(nn.Module):
             else:
                 term = self.metrix.symmetric_loss(objective.loss, emb, labels, mixed.float(), plan)
             loss = loss + self.metrix.weight * term
-        return loss + self._extras(emb, labels)
+        return loss + self.extras(emb, labels)
 
     def check_student_loss(self, name: str, asymmetric: bool) -> None:
         """`UserError` when an add-on has no form for the student's loss."""

@@ -33,9 +33,13 @@ class TeacherConfig:
     warmup_epochs: float = 0.0  # linear warm-up, then cosine decay to 0 (schedule="cosine")
     schedule: str = "cosine"  # cosine | constant
     loss: str = "contr"  # contr (seed 001's teacher loss) | ms (multi-similarity; num_negatives >= batch: all)
+    # | proxy-anchor (training.proxies: one learned proxy per class, no mining)
     margin: float = 0.5
     ms_alpha: float = 2.0
     ms_beta: float = 50.0
+    proxy_alpha: float = 32.0  # Proxy-Anchor's scale α
+    proxy_delta: float = 0.1  # Proxy-Anchor's margin δ
+    proxy_lr: float = 1e-2  # the proxies' learning rate (AdamW, no weight decay; the paper's 100 × 1e-4)
     num_negatives: int = 5
     xbm: int = 0  # cross-batch memory: recent embeddings kept to mine negatives from (0 disables)
     xbm_weight: float = 1.0

@@ -38,11 +38,13 @@ from asymsearch.training.config import TeacherConfig
 from asymsearch.training.data import ImageDataset, MPerClassSampler, eval_transform, train_transform
 from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner, MultiSimilarityLoss
 from asymsearch.training.models import backbone_preprocessing, build_model
+from asymsearch.training.proxies import ProxyAnchorLoss
 from asymsearch.training.schedule import make_scheduler, parameter_groups
 from asymsearch.training.trunk import MapsDataset, TailNet, check_trunk_views, trunk_maps
 from asymsearch.training.xbm import CrossBatchMemory, xbm_loss
 
 STATE_FORMAT = 1
+TEACHER_LOSSES = ("contr", "ms", "proxy-anchor")
 
 
 def teacher_preprocessing(cfg: TeacherConfig) -> Preprocessing:
@@ -72,8 +74,11 @@ def _check(cfg: TeacherConfig) -> None:
         raise UserError("epochs must be >= 0 (0 writes the untrained model), lr positive, backbone_lr >= 0")
     if cfg.xbm < 0 or cfg.warmup_epochs < 0 or cfg.max_steps_per_epoch < 0:
         raise UserError("xbm, warmup_epochs and max_steps_per_epoch must be >= 0")
-    if cfg.loss not in ("contr", "ms"):
-        raise UserError(f"a teacher trains with loss contr or ms, not {cfg.loss!r}")
+    if cfg.loss not in TEACHER_LOSSES:
+        raise UserError(f"a teacher trains with loss {', '.join(TEACHER_LOSSES)}, not {cfg.loss!r}")
+    if cfg.loss == "proxy-anchor" and (cfg.xbm or cfg.metrix != "off"):
+        raise UserError("proxy-anchor compares the batch with class proxies, not with pairs: it takes neither --xbm "
+                        "nor --metrix")
     if cfg.tune_units < 0:
         raise UserError(f"tune_units must be >= 0 (0 trains the whole backbone), not {cfg.tune_units}")
     if cfg.tune_units and not cfg.pretrained:
@@ -131,10 +136,16 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     sampler = MPerClassSampler(train_set.labels, cfg.per_class, cfg.classes_per_batch, seed=cfg.seed)
     loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs(workers, cfg.seed, device))
 
+    # Proxy-Anchor's proxies, like the add-ons, train beside the model and stay out of its checkpoint
+    proxies = ProxyAnchorLoss(len(class_to_idx), cfg.dim, cfg.proxy_alpha, cfg.proxy_delta).to(device) \
+        if cfg.loss == "proxy-anchor" else None
     backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else (cfg.lr / 10 if cfg.pretrained else cfg.lr)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.lr, backbone_lr, cfg.weight_decay)
-                                  + addons.optimizer_group(cfg.lr, cfg.weight_decay),
-                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = parameter_groups(model, cfg.lr, backbone_lr, cfg.weight_decay) + addons.optimizer_group(cfg.lr,
+                                                                                                      cfg.weight_decay)
+    if proxies is not None:
+        groups.append({"params": list(proxies.parameters()), "lr": cfg.proxy_lr, "weight_decay": 0.0,
+                       "name": "proxies"})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = min(len(sampler), cfg.max_steps_per_epoch or len(sampler))
     total = cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -150,7 +161,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     history: list[dict] = []
     best, start_epoch = BestEpoch(), 1
     if cfg.resume:
-        start_epoch, history, best = _resume(cfg, model, optimizer, scheduler, scaler, memory, addons)
+        start_epoch, history, best = _resume(cfg, model, optimizer, scheduler, scaler, memory, addons, proxies)
     logfile = log_path(out)
     if start_epoch == 1:
         logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +182,10 @@ def train_teacher(cfg: TeacherConfig) -> Path:
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 emb, mixed, plan = addons.embed(net, images, labels)  # net(images) (and Metrix's mixed examples)
             emb = emb.float()
-            loss = addons.teacher_loss(criterion, miner, emb, labels, mixed, plan)
+            if proxies is not None:
+                loss = proxies(emb, labels) + addons.extras(emb, labels)
+            else:
+                loss = addons.teacher_loss(criterion, miner, emb, labels, mixed, plan)
             if cfg.xbm:
                 loss = loss + cfg.xbm_weight * xbm_loss(criterion, miner, emb, labels, memory)
             optimizer.zero_grad(set_to_none=True)
@@ -197,7 +211,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         best.offer(model, entry)
         with logfile.open("a") as f:
             f.write(json.dumps(entry) + "\n")
-        _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best, addons)
+        _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best, addons, proxies)
 
     best_epoch = best.restore(model, history)  # epochs=0: the untrained (e.g. ImageNet, zero-shot) model as it is
     model.eval()
@@ -207,12 +221,14 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     return save_checkpoint(ckpt, out)
 
 
-def _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best, addons=None):
+def _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best, addons=None,
+                proxies=None):
     state = {"format": STATE_FORMAT, "kind": "asymsearch-teacher-state", "epoch": epoch,
              "config": dataclasses.asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "memory": memory.state_dict(),
              "history": history, "best_recall": best.score, "best_state": best.state, "rng": _rng_state(),
-             "addons": addons.state_dict() if addons is not None else {}}
+             "addons": addons.state_dict() if addons is not None else {},
+             "proxies": proxies.state_dict() if proxies is not None else {}}
     save_checkpoint(state, state_path(out))
 
 
@@ -220,7 +236,7 @@ def _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, hi
 _RESUMABLE_CHANGES = {"resume", "epochs", "workers", "device", "out"}
 
 
-def _resume(cfg, model, optimizer, scheduler, scaler, memory, addons):
+def _resume(cfg, model, optimizer, scheduler, scaler, memory, addons, proxies=None):
     path = Path(cfg.resume)
     if not path.is_file():
         raise UserError(f"resume state not found: {path}")
@@ -230,8 +246,10 @@ def _resume(cfg, model, optimizer, scheduler, scaler, memory, addons):
         raise UserError(f"cannot read resume state {path}: {e.__class__.__name__}") from None
     if not isinstance(state, dict) or state.get("kind") != "asymsearch-teacher-state":
         raise UserError(f"{path} is not a teacher training state (OUT.state.pt)")
-    # states saved before the add-ons and trunk views existed had them off
-    absent = {**dataclasses.asdict(AddOnOptions()), "trunk_views": 1}
+    # states saved before the add-ons, trunk views and Proxy-Anchor existed had them off (or at their defaults)
+    defaults = TeacherConfig(data="", out="")
+    absent = {**dataclasses.asdict(AddOnOptions()), "trunk_views": 1,
+              **{k: getattr(defaults, k) for k in ("proxy_alpha", "proxy_delta", "proxy_lr")}}
     changed = sorted(k for k, v in dataclasses.asdict(cfg).items()
                      if k not in _RESUMABLE_CHANGES and state["config"].get(k, absent.get(k)) != v)
     if changed:
@@ -242,5 +260,7 @@ def _resume(cfg, model, optimizer, scheduler, scaler, memory, addons):
     scaler.load_state_dict(state["scaler"])
     memory.load_state_dict(state["memory"])
     addons.load_state_dict(state.get("addons", {}))
+    if proxies is not None:
+        proxies.load_state_dict(state["proxies"])
     _set_rng_state(state["rng"])
     return state["epoch"] + 1, list(state["history"]), BestEpoch(state["best_recall"], state["best_state"])
