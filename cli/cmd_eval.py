@@ -31,6 +31,9 @@ def register(commands: Commands) -> None:
     p.add_argument("--multiscale", action="store_true",
                    help="embed every image (queries and database) at scales 1, 1/sqrt(2), 1/2 of the model's size, "
                         "average and re-normalise (the models need dynamic height/width, as exported ones have)")
+    p.add_argument("--flip", action="store_true",
+                   help="also embed every image (queries and database) mirrored left-right and average: the "
+                        "descriptor of an index built with --flip")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.set_defaults(func=run, parser=p)
 
@@ -46,15 +49,17 @@ def run(args: argparse.Namespace) -> int:
         if args.revisited is not None:
             result = evaluate_revisited(args.data, args.revisited, args.query_model, args.database_model,
                                         batch_size=args.batch_size, progress=not args.json,
-                                        multiscale=args.multiscale)
+                                        multiscale=args.multiscale, flip=args.flip)
         else:
             result = {"query_database": evaluate_pair(args.data, args.query_model, args.database_model,
                                                       classes=args.classes, batch_size=args.batch_size,
-                                                      progress=not args.json, multiscale=args.multiscale)}
+                                                      progress=not args.json, multiscale=args.multiscale,
+                                                      flip=args.flip)}
     else:
         if args.teacher is None or args.student is None:
             args.parser.error("give --teacher and --student, or --query-model and --database-model")
         result = evaluate(args.data, args.teacher, args.student, index=args.index, classes=args.classes,
-                          batch_size=args.batch_size, progress=not args.json, multiscale=args.multiscale)
+                          batch_size=args.batch_size, progress=not args.json, multiscale=args.multiscale,
+                          flip=args.flip)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

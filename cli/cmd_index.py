@@ -42,6 +42,9 @@ def register(commands: Commands) -> None:
     p.add_argument("--multiscale", action="store_true",
                    help="embed each image at scales 1, 1/sqrt(2), 1/2 of the teacher's size, average and "
                         "re-normalise; recorded in the manifest, and `index add` follows it")
+    p.add_argument("--flip", action="store_true",
+                   help="also embed each image mirrored left-right and average (twice the teacher's work, offline; "
+                        "recorded in the manifest, and `index add` follows it)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted build of --out from the embedding shards it left")
     p.add_argument("--versioned", action="store_true",
@@ -96,9 +99,10 @@ def id_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"ids must be integers, not {text!r}")
 
 
-def scales_note(scales) -> str:
-    """', multi-scale (1, 0.707, 0.5)' for a multi-scale index, '' for a single-scale one."""
-    return f", multi-scale ({', '.join(f'{s:.3g}' for s in scales)})" if list(scales) != [1.0] else ""
+def scales_note(scales, flip: bool = False) -> str:
+    """', multi-scale (1, 0.707, 0.5)' for a multi-scale index, ', flip-averaged' with flip, '' for neither."""
+    note = f", multi-scale ({', '.join(f'{s:.3g}' for s in scales)})" if list(scales) != [1.0] else ""
+    return note + (", flip-averaged" if flip else "")
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -113,10 +117,10 @@ def run_build(args: argparse.Namespace) -> int:
                     versioned=args.versioned, keep=args.keep, metadata=args.metadata,
                     search_params=dict(args.search_param), auto=auto, shard_size=args.shard_size,
                     workers=args.workers, engine=args.engine, address=args.address, on_disk=args.on_disk,
-                    multiscale=args.multiscale)
+                    multiscale=args.multiscale, flip=args.flip)
     params = "".join(f" {k}={v}" for k, v in m.search_params.items())
     print(f"index {args.out}: {m.count} images, {m.factory}{params}, dim {m.dim}, teacher id {m.teacher_id}"
-          f"{scales_note(m.build['scales'])}")
+          f"{scales_note(m.build['scales'], m.build.get('flip', False))}")
     if "auto" in m.build:
         a = m.build["auto"]
         print(f"auto: recall@10 {a['recall@10']} vs exact search, {a['ms_per_query']} ms/query, "
@@ -133,7 +137,7 @@ def run_add(args: argparse.Namespace) -> int:
     change = m.build["history"][-1]
     print(f"index {args.index}: version {version}, added {change['count']} images "
           f"(ids {change['first_id']}..{change['first_id'] + change['count'] - 1}), {m.count} in all"
-          f"{scales_note(change['scales'])}")
+          f"{scales_note(change['scales'], change.get('flip', False))}")
     if change["skipped"]:
         print(f"{len(change['skipped'])} unreadable files skipped; see skipped.tsv in {version}")
     return 0
@@ -154,7 +158,8 @@ def run_info(args: argparse.Namespace) -> int:
     m = IndexManifest.load(folder / "manifest.json")
     info = {"folder": str(folder), "version": version, "versions": list_versions(args.index) if version else [],
             "count": m.count, "dim": m.dim, "factory": m.factory, "search_params": m.search_params,
-            "teacher_id": m.teacher_id, "scales": m.build.get("scales", [1.0]), "next_id": m.build.get("next_id"),
+            "teacher_id": m.teacher_id, "scales": m.build.get("scales", [1.0]), "flip": m.build.get("flip", False),
+            "next_id": m.build.get("next_id"),
             "auto": m.build.get("auto"),
             "history": m.build.get("history", [])[-5:]}
     print(json.dumps(info, indent=2))

@@ -5,7 +5,10 @@ both scaled), the embeddings are averaged and the mean is L2-normalised again. T
 dynamic spatial axes (every asymsearch export has them; every head accepts any size).
 
 Use `MultiScaleEmbedder(OnnxEmbedder(path))` wherever an `OnnxEmbedder` is used: it has the same
-`embed_images`, `embed_arrays`, `dim`, `manifest`, `teacher_id`. `embed_images` and `embed_scaled` prepare the
+`embed_images`, `embed_arrays`, `dim`, `manifest`, `teacher_id`. With `flip=True` every scale's pixels are also
+embedded mirrored left-right (the prepared crop, reversed along its width) and the mirrored embeddings join the
+mean: the flip-averaged descriptor, for a database embedded offline by the teacher (`--flip` of index build and
+eval; the manifest records it as `build["flip"]`, read by `index_flip`). `embed_images` and `embed_scaled` prepare the
 pixels of every scale from the image (exact); `embed_arrays` resamples pixels already prepared at scale 1
 (close, not identical: resampling after the crop is not resizing before it).
 
@@ -63,11 +66,16 @@ def index_scales(manifest) -> tuple[float, ...]:
     return tuple(float(s) for s in manifest.build.get("scales", SINGLE_SCALE))
 
 
-def with_scales(embedder, scales: Sequence[float] | None):
-    """`embedder` itself for a single scale 1 (or None), else a `MultiScaleEmbedder` over `scales`."""
-    if scales is None or tuple(float(s) for s in scales) == SINGLE_SCALE:
+def index_flip(manifest) -> bool:
+    """Whether an index's database was embedded flip-averaged (`IndexManifest.build["flip"]`; absent: no)."""
+    return bool(manifest.build.get("flip", False))
+
+
+def with_scales(embedder, scales: Sequence[float] | None, flip: bool = False):
+    """`embedder` itself for a single scale 1 (or None) without flip, else a `MultiScaleEmbedder`."""
+    if not flip and (scales is None or tuple(float(s) for s in scales) == SINGLE_SCALE):
         return embedder
-    return MultiScaleEmbedder(embedder, scales)
+    return MultiScaleEmbedder(embedder, SINGLE_SCALE if scales is None else scales, flip=flip)
 
 
 def pixel_specs(embedder) -> list[Preprocessing]:
@@ -98,12 +106,14 @@ def _check_dynamic_size(embedder, specs: Sequence[Preprocessing]) -> None:
 
 
 class MultiScaleEmbedder:
-    """Wraps an embedder (`OnnxEmbedder`): embeddings are the re-normalised mean over `scales`."""
+    """Wraps an embedder (`OnnxEmbedder`): embeddings are the re-normalised mean over `scales` (and, with `flip`,
+    over each scale's mirrored pixels too)."""
 
-    def __init__(self, embedder, scales: Sequence[float] = MULTISCALE_SCALES) -> None:
+    def __init__(self, embedder, scales: Sequence[float] = MULTISCALE_SCALES, flip: bool = False) -> None:
         if not scales:
             raise UserError("give at least one scale")
         self.embedder = embedder
+        self.flip = bool(flip)
         self.scales = tuple(float(s) for s in scales)
         self.specs = [scaled_preprocessing(embedder.manifest.preprocessing, s) for s in self.scales]
         _check_dynamic_size(embedder, self.specs)
@@ -129,8 +139,14 @@ class MultiScaleEmbedder:
         images = list(images)
         if not images:
             return np.zeros((0, self.dim), np.float32)
-        total = sum(self.embedder.embed_arrays(preprocess_batch(images, spec)) for spec in self.specs)
-        return _normalise(total)
+        return _normalise(sum(self._embed(preprocess_batch(images, spec)) for spec in self.specs))
+
+    def _embed(self, batch: np.ndarray) -> np.ndarray:
+        """The sum of the batch's embeddings and, with flip, its mirrored copy's."""
+        out = self.embedder.embed_arrays(batch)
+        if self.flip:
+            out = out + self.embedder.embed_arrays(np.ascontiguousarray(batch[..., ::-1]))
+        return out
 
     def embed_scaled(self, batches: Sequence[np.ndarray]) -> np.ndarray:
         """One pixel batch per scale, batch i prepared with `self.specs[i]` (`preprocess_batch`): the exact
@@ -139,7 +155,7 @@ class MultiScaleEmbedder:
             raise ValueError(f"need {len(self.specs)} batches (one per scale), got {len(batches)}")
         if batches[0].shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
-        return _normalise(sum(self.embedder.embed_arrays(b) for b in batches))
+        return _normalise(sum(self._embed(b) for b in batches))
 
     def embed_arrays(self, batch: np.ndarray) -> np.ndarray:
         """Already preprocessed pixels (N,3,S,S) at the model's size: the smaller scales resample them."""
@@ -149,5 +165,5 @@ class MultiScaleEmbedder:
         for spec, scale in zip(self.specs, self.scales):
             size = spec.crop if scale != 1.0 else batch.shape[-1]
             arr = batch if size == batch.shape[-1] else _resize_arrays(batch, size)
-            total = total + self.embedder.embed_arrays(arr)
+            total = total + self._embed(arr)
         return _normalise(total)

@@ -12,7 +12,8 @@ embeds only the shards still missing. The finished index is identical to that of
 
 `multiscale=True` embeds every database image at scales 1, 1/√2 and 1/2 and stores the re-normalised mean
 (`asymsearch.core.multiscale`); the manifest records the scales (`build["scales"]`, [1.0] for a single-scale
-build) and `index add` embeds new images the same way.
+build) and `index add` embeds new images the same way. `flip=True` adds each image's mirror to the mean
+(`build["flip"]`), as `index add` does then too.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def build_index(teacher: str | os.PathLike, images: str | os.PathLike, out: str 
                 metadata: str | os.PathLike | None = None, search_params: Mapping[str, float] | None = None,
                 auto: Any = None, shard_size: int = DEFAULT_SHARD_SIZE, workers: int | None = None,
                 engine: str = "local", address: str | None = None, on_disk: bool = False,
-                multiscale: bool = False) -> IndexManifest:
+                multiscale: bool = False, flip: bool = False) -> IndexManifest:
     """Embed the images of `images` (ROOT/<class>/<image>) with `teacher` and write the index `out`.
 
     `out` becomes a plain index folder, or with `versioned` (or when it already is a versioned root) a new
@@ -75,7 +76,7 @@ def build_index(teacher: str | os.PathLike, images: str | os.PathLike, out: str 
     `engine="ray"` embeds on the Ray cluster at `address` (a local one when None) instead of this process.
     `on_disk` (IVF factories only) keeps the inverted lists in `index.ivfdata` on disk (`asymsearch.index.ondisk`).
     `multiscale` embeds each image at `MULTISCALE_SCALES` and keeps the re-normalised mean (the teacher needs
-    dynamic height/width, as every `asymsearch export` has).
+    dynamic height/width, as every `asymsearch export` has); `flip` adds each image's left-right mirror to the mean.
     """
     start = time.perf_counter()
     teacher, images, out = Path(teacher).resolve(), Path(images).resolve(), Path(out).resolve()
@@ -86,15 +87,16 @@ def build_index(teacher: str | os.PathLike, images: str | os.PathLike, out: str 
     if auto is not None and search_params:
         raise UserError("search parameters are chosen by --auto; leave out --search-param")
     versioned = versioned or versions.is_versioned_root(out)
-    if multiscale and engine == "ray":
-        raise UserError("--multiscale is not available with --engine ray yet; embed with --engine local")
+    if (multiscale or flip) and engine == "ray":
+        raise UserError(f"--{'multiscale' if multiscale else 'flip'} is not available with --engine ray yet; "
+                        f"embed with --engine local")
     _check_out(out, overwrite, versioned)
     scales = MULTISCALE_SCALES if multiscale else SINGLE_SCALE
     teacher_model = OnnxEmbedder(teacher)
     if teacher_model.manifest.role != "teacher":
         raise UserError(f"{teacher} is a {teacher_model.manifest.role}, not a teacher: the database must be "
                         f"embedded by the teacher (its manifest role must be 'teacher')")
-    embedder = with_scales(teacher_model, scales)
+    embedder = with_scales(teacher_model, scales, flip)
     if auto is None:  # a bad factory or search parameter fails before any image is decoded
         apply_search_params(new_index(embedder.dim, factory), dict(search_params or {}), f" (factory {factory!r})")
     if on_disk:
@@ -107,7 +109,7 @@ def build_index(teacher: str | os.PathLike, images: str | os.PathLike, out: str 
 
     plan = {"teacher_sha256": embedder.manifest.sha256, "dim": embedder.dim, "count": len(items),
             "listing_sha256": listing_digest(items), "shard_size": shard_size, "batch_size": batch_size,
-            **({"scales": list(scales)} if multiscale else {})}
+            **({"scales": list(scales)} if multiscale else {}), **({"flip": True} if flip else {})}
     store = ShardStore.open(work_dir(out), plan, resume=resume)
     try:
         if engine == "ray":
@@ -141,6 +143,7 @@ def build_index(teacher: str | os.PathLike, images: str | os.PathLike, out: str 
             build={"images": str(images), "classes": classes, "batch_size": batch_size, "shard_size": shard_size,
                    "engine": engine, "scales": list(scales), "skipped": [path for path, _ in skipped],
                    "next_id": len(kept),
+                   **({"flip": True} if flip else {}),
                    **({"on_disk": True} if on_disk else {}),
                    **({"auto": auto_report} if auto_report else {}),
                    **({"metadata": str(Path(metadata).resolve())} if metadata else {}),

@@ -9,7 +9,8 @@ the faiss factory's approximation.
 
 `multiscale=True` embeds every image, query and database alike, at scales 1, 1/√2 and 1/2 and uses the
 re-normalised mean (`asymsearch.core.multiscale`), the usual multi-scale retrieval protocol. With an index folder
-the database side is what the index holds, embedded at the scales its manifest records.
+the database side is what the index holds, embedded at the scales its manifest records. `flip=True` adds each
+image's left-right mirror to its descriptor's mean (queries and database alike).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from asymsearch.core.data import ImageItem, list_image_folder, select_classes
 from asymsearch.core.errors import PairingError, UserError
 from asymsearch.core.manifest import check_pairing
 from asymsearch.core.metrics import DEFAULT_KS, ranking_metrics, retrieval_metrics
-from asymsearch.core.multiscale import MULTISCALE_SCALES, SINGLE_SCALE, index_scales, with_scales
+from asymsearch.core.multiscale import MULTISCALE_SCALES, SINGLE_SCALE, index_flip, index_scales, with_scales
 from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.index.build import embed_items, report_skipped
 from asymsearch.index.store import SearchIndex
@@ -37,7 +38,7 @@ QUERY_CHUNK = 1024  # queries searched at once against the index: bounds the (ch
 def evaluate(data: str | os.PathLike, teacher: str | os.PathLike, student: str | os.PathLike, *,
              index: str | os.PathLike | None = None, classes: str = "all", batch_size: int = 64,
              ks: Sequence[int] = DEFAULT_KS, progress: bool = True,
-             multiscale: bool = False) -> dict[str, dict[str, float]]:
+             multiscale: bool = False, flip: bool = False) -> dict[str, dict[str, float]]:
     """{setting: {"recall@K": ..., "map": ...}} for the settings in `SETTINGS`, on the images of `data`
     (ROOT/<class>/<image>, class folders chosen by `classes`); `multiscale`: every image at `MULTISCALE_SCALES`."""
     ks = tuple(int(k) for k in ks)
@@ -45,15 +46,15 @@ def evaluate(data: str | os.PathLike, teacher: str | os.PathLike, student: str |
     teacher_model, student_model = OnnxEmbedder(teacher), OnnxEmbedder(student)
     _check_models(teacher_model, student_model)
     scales = MULTISCALE_SCALES if multiscale else SINGLE_SCALE
-    teacher_model, student_model = with_scales(teacher_model, scales), with_scales(student_model, scales)
+    teacher_model, student_model = with_scales(teacher_model, scales, flip), with_scales(student_model, scales, flip)
     store = SearchIndex.open(index) if index is not None else None
     try:
         if store is not None:
             check_pairing(student_model.manifest, store.manifest)
-            held = index_scales(store.manifest)
-            if held != scales:
-                print(f"note: the index {index} holds images embedded at scales {_fmt(held)}; the queries here are "
-                      f"embedded at {_fmt(scales)}", file=sys.stderr)
+            held, held_flip = index_scales(store.manifest), index_flip(store.manifest)
+            if held != scales or held_flip != flip:
+                print(f"note: the index {index} holds images embedded at scales {_fmt(held, held_flip)}; the "
+                      f"queries here are embedded at {_fmt(scales, flip)}", file=sys.stderr)
         items = list_image_folder(data, select_classes(data, classes))
         embedded = embed_items(items, [teacher_model, student_model], batch_size=batch_size, progress=progress,
                                desc="embedding queries")
@@ -78,11 +79,12 @@ def evaluate(data: str | os.PathLike, teacher: str | os.PathLike, student: str |
 
 def evaluate_pair(data: str | os.PathLike, query_model: str | os.PathLike, database_model: str | os.PathLike, *,
                   classes: str = "all", batch_size: int = 64, ks: Sequence[int] = DEFAULT_KS,
-                  progress: bool = True, multiscale: bool = False) -> dict[str, float]:
+                  progress: bool = True, multiscale: bool = False, flip: bool = False) -> dict[str, float]:
     """Leave-one-out metrics (Recall@K, mAP, precision@1, MAP@R) of any (query model, database model) pair on the
     labelled images of `data`: every image embedded by the query model searches every other image embedded by
     the database model. The two must live in one space: the same teacher id and dimension (a teacher with
-    itself, a student with its teacher, two students of one teacher). `multiscale`: both at `MULTISCALE_SCALES`."""
+    itself, a student with its teacher, two students of one teacher). `multiscale`: both at `MULTISCALE_SCALES`;
+    `flip`: both flip-averaged."""
     ks = tuple(int(k) for k in ks)
     data = Path(data).resolve()
     query, database = OnnxEmbedder(query_model), OnnxEmbedder(database_model)
@@ -94,7 +96,7 @@ def evaluate_pair(data: str | os.PathLike, query_model: str | os.PathLike, datab
                            f"{database.dim}")
     same = Path(query_model).resolve() == Path(database_model).resolve()
     scales = MULTISCALE_SCALES if multiscale else SINGLE_SCALE
-    query, database = with_scales(query, scales), with_scales(database, scales)
+    query, database = with_scales(query, scales, flip), with_scales(database, scales, flip)
     items = list_image_folder(data, select_classes(data, classes))
     embedded = embed_items(items, [query] if same else [query, database], batch_size=batch_size, progress=progress,
                            desc="embedding images")
@@ -109,13 +111,14 @@ def evaluate_pair(data: str | os.PathLike, query_model: str | os.PathLike, datab
 
 def evaluate_revisited(images: str | os.PathLike, ground_truth: str | os.PathLike, query_model: str | os.PathLike,
                        database_model: str | os.PathLike, *, batch_size: int = 32,
-                       progress: bool = True, multiscale: bool = False) -> dict[str, dict[str, float]]:
+                       progress: bool = True, multiscale: bool = False,
+                       flip: bool = False) -> dict[str, dict[str, float]]:
     """The revisited Oxford / Paris protocol (`core.roxford`): easy / medium / hard mAP and mP@1,5,10.
 
     `ground_truth` is the data set's `gnd_<name>.pkl`; `images` the folder of its `<name>.jpg` files. Queries
     are cropped to their bounding box (`bbx`) as the protocol prescribes, embedded by the query model; the
     database is embedded by the database model (a student against its teacher: the asymmetric setting).
-    `multiscale`: queries and database at `MULTISCALE_SCALES`."""
+    `multiscale`: queries and database at `MULTISCALE_SCALES`; `flip`: both flip-averaged."""
     from asymsearch.core.preprocess import decode_image
     from asymsearch.core.roxford import evaluate_embeddings, load_ground_truth
 
@@ -126,7 +129,7 @@ def evaluate_revisited(images: str | os.PathLike, ground_truth: str | os.PathLik
         raise PairingError(f"{query_model} and {database_model} do not embed into one space (teacher "
                            f"{query.teacher_id} / {database.teacher_id}, dim {query.dim} / {database.dim})")
     scales = MULTISCALE_SCALES if multiscale else SINGLE_SCALE
-    query, database = with_scales(query, scales), with_scales(database, scales)
+    query, database = with_scales(query, scales, flip), with_scales(database, scales, flip)
 
     def load(name: str):
         path = images / f"{name}.jpg"
@@ -195,8 +198,8 @@ def format_table(result: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(scales: Sequence[float]) -> str:
-    return ", ".join(f"{s:.3g}" for s in scales)
+def _fmt(scales: Sequence[float], flip: bool = False) -> str:
+    return ", ".join(f"{s:.3g}" for s in scales) + (" with flip" if flip else "")
 
 
 def _check_models(teacher: OnnxEmbedder, student: OnnxEmbedder) -> None:

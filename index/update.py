@@ -27,7 +27,7 @@ import numpy as np
 from asymsearch.core.data import list_images_flat
 from asymsearch.core.errors import PairingError, UserError
 from asymsearch.core.manifest import IndexManifest
-from asymsearch.core.multiscale import index_scales, with_scales
+from asymsearch.core.multiscale import index_flip, index_scales, with_scales
 from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.index import versions
 from asymsearch.index.build import report_skipped, write_skipped
@@ -43,8 +43,8 @@ HISTORY_LIMIT = 100  # changes remembered in manifest.build["history"]
 def add_images(root: str | os.PathLike, teacher: str | os.PathLike, images: str | os.PathLike, *,
                metadata: str | os.PathLike | None = None, keep: int | None = None, batch_size: int = 64,
                shard_size: int = 4096, workers: int | None = None, progress: bool = True) -> tuple[IndexManifest, str]:
-    """Embed the images below `images` (label: the parent folder's name) with `teacher`, at the scales the index
-    was embedded at, and publish a version of `root` that also holds them. Returns the new manifest and version
+    """Embed the images below `images` (label: the parent folder's name) with `teacher`, at the scales (and flip)
+    the index was embedded at, and publish a version of `root` that also holds them. Returns the new manifest and version
     name."""
     root, images = Path(root).resolve(), Path(images).resolve()
     teacher_model = OnnxEmbedder(teacher)
@@ -62,8 +62,8 @@ def add_images(root: str | os.PathLike, teacher: str | os.PathLike, images: str 
                                f"teacher {manifest.teacher_id}; add images with that teacher's ONNX model")
         if embedder.dim != manifest.dim:
             raise PairingError(f"{teacher} embeds into {embedder.dim} dimensions, the index holds {manifest.dim}")
-        scales = index_scales(manifest)
-        embedder = with_scales(teacher_model, scales)
+        scales, flip = index_scales(manifest), index_flip(manifest)
+        embedder = with_scales(teacher_model, scales, flip)
         items = list_images_flat(images)
         dupes = existing_paths(current / META_FILE, [item.path for item in items])
         if dupes:
@@ -74,7 +74,8 @@ def add_images(root: str | os.PathLike, teacher: str | os.PathLike, images: str 
 
         plan = {"teacher_sha256": embedder.manifest.sha256, "dim": embedder.dim, "count": len(items),
                 "listing_sha256": listing_digest(items), "shard_size": shard_size, "batch_size": batch_size,
-                "base_version": current.name, **({"scales": list(scales)} if embedder is not teacher_model else {})}
+                "base_version": current.name, **({"scales": list(scales)} if embedder is not teacher_model else {}),
+                **({"flip": True} if flip else {})}
         store = ShardStore.open(_work(root), plan, resume=True)  # the same add again continues where it stopped
         embed_into_shards(items, embedder, store, batch_size=batch_size, workers=workers, progress=progress,
                           desc="embedding new images")
@@ -93,7 +94,7 @@ def add_images(root: str | os.PathLike, teacher: str | os.PathLike, images: str 
             offset += len(shard_rows)
         add_blocks(index, blocks, manifest.factory)
         change = {"op": "add", "images": str(images), "count": int(len(rows)), "first_id": next_id,
-                  "scales": list(scales), "skipped": [p for p, _ in skipped]}
+                  "scales": list(scales), **({"flip": True} if flip else {}), "skipped": [p for p, _ in skipped]}
         kept = [items[r] for r in rows]
         meta_rows = [(int(i), item.path, item.label, columns.get(item.path)) for i, item in zip(new_ids, kept)]
         name = _publish_change(root, current, index, manifest, change, next_id + len(rows), keep,

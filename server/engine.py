@@ -16,7 +16,8 @@ whose teacher differs from the student's is refused with `PairingError` and the 
 Scales: queries are always embedded once, at the student's own size, which keeps a query as cheap as the
 student is meant to be. An index whose database was embedded multi-scale (`index build --multiscale`,
 `build["scales"]` in its manifest) is served as it is (the multi-scale mean lives in the same space); the
-engine logs the scales when it opens or swaps in such an index, so the asymmetry is visible in the log.
+engine logs the scales (and flip, `index build --flip`) when it opens or swaps in such an index, so the asymmetry
+is visible in the log.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ import numpy as np
 
 from asymsearch.core.errors import InvalidImage, PairingError, UserError
 from asymsearch.core.manifest import check_pairing
-from asymsearch.core.multiscale import SINGLE_SCALE, index_scales
+from asymsearch.core.multiscale import SINGLE_SCALE, index_flip, index_scales
 from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.core.preprocess import DEFAULT_MAX_PIXELS, decode_image, preprocess
 from asymsearch.index.store import SearchIndex
@@ -353,11 +354,11 @@ class QueryEngine:
 
 
 def _log_scales(index: SearchIndex) -> None:
-    scales = index_scales(index.manifest)
-    if scales != SINGLE_SCALE:
-        log.info("index %s was embedded multi-scale (scales %s); queries are embedded at scale 1 by the student",
-                 index.folder, ", ".join(f"{s:.3g}" for s in scales),
-                 extra={"event": "index_multiscale", "scales": list(scales)})
+    scales, flip = index_scales(index.manifest), index_flip(index.manifest)
+    if scales != SINGLE_SCALE or flip:
+        log.info("index %s was embedded at scales %s%s; queries are embedded once, at scale 1, by the student",
+                 index.folder, ", ".join(f"{s:.3g}" for s in scales), ", with flip" if flip else "",
+                 extra={"event": "index_multiscale", "scales": list(scales), "flip": flip})
 
 
 def _lookup(index: SearchIndex, ids: list[int]) -> dict[int, tuple[str, str, dict[str, str]]]:

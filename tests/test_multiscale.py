@@ -1,4 +1,5 @@
-"""Multi-scale descriptors in index build, index add, eval and serve, against a plain numpy loop over the scales.
+"""Multi-scale and flip-averaged descriptors in index build, index add, eval and serve, against a plain numpy loop
+over the scales (and the mirrored crops).
 
 The conftest models fix their input size (32x32); these tests build a tiny ONNX model with dynamic height and
 width (3x3 conv, ReLU, global average pooling, a linear map, L2), which every `asymsearch export` has too.
@@ -75,13 +76,18 @@ def dynamic_models(tmp_path_factory) -> dict[str, Path]:
             "student": make_dynamic_onnx(out / "student.onnx", role="student", teacher_id="dyn", seed=1)}
 
 
-def reference(model: Path, paths: list[str]) -> np.ndarray:
-    """One image and one scale at a time: embed, sum over the scales, L2-normalise."""
+def reference(model: Path, paths: list[str], specs=tuple(REFERENCE_SPECS), flip: bool = False) -> np.ndarray:
+    """One image and one scale at a time: embed (and embed the crop mirrored), sum, L2-normalise."""
     plain = OnnxEmbedder(model)
     out = []
     for path in paths:
         image = decode_image(path)
-        total = sum(plain.embed_arrays(preprocess(image, spec)[None])[0] for spec in REFERENCE_SPECS)
+        total = 0
+        for spec in specs:
+            crop = preprocess(image, spec)
+            total = total + plain.embed_arrays(crop[None])[0]
+            if flip:
+                total = total + plain.embed_arrays(np.ascontiguousarray(crop[:, :, ::-1])[None])[0]
         out.append(total / np.linalg.norm(total))
     return np.asarray(out, np.float32)
 
@@ -206,3 +212,53 @@ def test_server_serves_a_multiscale_index_and_logs_it(dynamic_models, image_fold
     assert len(hits) == 3
     events = [r for r in caplog.records if getattr(r, "event", None) == "index_multiscale"]
     assert len(events) == 1 and events[0].scales == list(MULTISCALE_SCALES)
+
+    assert events[0].flip is False
+
+
+def test_flip_averaged_build_add_eval_and_serve_against_reference(dynamic_models, image_folder, tmp_path, capsys,
+                                                                  caplog):
+    from asymsearch.server.engine import QueryEngine
+    listing = list_image_folder(image_folder)
+    paths, labels = [item.path for item in listing], [item.label for item in listing]
+    teacher = str(dynamic_models["teacher"])
+    flipped = reference(dynamic_models["teacher"], paths, REFERENCE_SPECS[:1], flip=True)
+    assert np.abs(flipped - reference(dynamic_models["teacher"], paths, REFERENCE_SPECS[:1])).max() > 1e-3
+
+    classes = sorted(set(labels))
+    root = tmp_path / "flip"
+    assert main(["index", "build", "--teacher", teacher, "--images", str(image_folder), "--out", str(root),
+                 "--classes", ",".join(classes[:6]), "--flip", "--versioned"]) == 0
+    assert "flip-averaged" in capsys.readouterr().out
+    new = tmp_path / "new"
+    for c in classes[6:]:
+        shutil.copytree(image_folder / c, new / c)
+    assert main(["index", "add", "--index", str(root), "--teacher", teacher, "--images", str(new)]) == 0
+    assert "flip-averaged" in capsys.readouterr().out
+    folder, _ = resolve_index_folder(root)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["build"]["flip"] is True and manifest["build"]["history"][-1]["flip"] is True
+    order = [i for i, label in enumerate(labels) if label in classes[:6]] + \
+        [i for i, label in enumerate(labels) if label in classes[6:]]
+    np.testing.assert_allclose(stored_vectors(root, range(80)), flipped[order], atol=1e-5)
+
+    assert main(["eval", "--data", str(image_folder), "--query-model", teacher, "--database-model", teacher,
+                 "--flip", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["query_database"]
+    assert got == pytest.approx(retrieval_metrics(flipped, labels, flipped, labels, exclude_self=True), abs=1e-6)
+    both = reference(dynamic_models["teacher"], paths, flip=True)  # every scale, each with its mirror
+    assert main(["eval", "--data", str(image_folder), "--query-model", teacher, "--database-model", teacher,
+                 "--flip", "--multiscale", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["query_database"]
+    assert got == pytest.approx(retrieval_metrics(both, labels, both, labels, exclude_self=True), abs=1e-6)
+    assert main(["eval", "--data", str(image_folder), "--teacher", teacher, "--student",
+                 str(dynamic_models["student"]), "--index", str(root), "--json"]) == 0
+    assert "scales 1 with flip; the queries here are embedded at 1" in capsys.readouterr().err
+
+    with caplog.at_level(logging.INFO, logger="asymsearch.server.engine"), \
+            QueryEngine.open(root, dynamic_models["student"]) as engine:
+        assert len(engine.search_image(Path(paths[0]).read_bytes(), 3).hits) == 3
+    events = [r for r in caplog.records if getattr(r, "event", None) == "index_multiscale"]
+    assert len(events) == 1 and events[0].flip is True and events[0].scales == [1.0]
+    with pytest.raises(UserError, match="--flip is not available with --engine ray"):
+        build_index(teacher, image_folder, tmp_path / "ray", flip=True, engine="ray")
