@@ -246,10 +246,8 @@ def _resume(cfg, model, optimizer, scheduler, scaler, memory, addons, proxies=No
         raise UserError(f"cannot read resume state {path}: {e.__class__.__name__}") from None
     if not isinstance(state, dict) or state.get("kind") != "asymsearch-teacher-state":
         raise UserError(f"{path} is not a teacher training state (OUT.state.pt)")
-    # states saved before the add-ons, trunk views and Proxy-Anchor existed had them off (or at their defaults)
-    defaults = TeacherConfig(data="", out="")
-    absent = {**dataclasses.asdict(AddOnOptions()), "trunk_views": 1,
-              **{k: getattr(defaults, k) for k in ("proxy_alpha", "proxy_delta", "proxy_lr")}}
+    # a field that a state saved before it existed lacks (add-ons, trunk views, Proxy-Anchor) had its default
+    absent = dataclasses.asdict(TeacherConfig(data="", out=""))
     changed = sorted(k for k, v in dataclasses.asdict(cfg).items()
                      if k not in _RESUMABLE_CHANGES and state["config"].get(k, absent.get(k)) != v)
     if changed:
