@@ -72,6 +72,20 @@ def test_resume_refuses_another_config_and_foreign_files(image_folder, tmp_path)
         train_teacher(cfg(image_folder, out, resume=str(tmp_path / "none.pt")))
 
 
+def test_resume_takes_a_state_saved_before_newer_options_as_their_defaults(image_folder, tmp_path):
+    out = tmp_path / "t.pt"
+    train_teacher(cfg(image_folder, out, epochs=1))
+    path = state_path(out)
+    state = torch.load(path, weights_only=False)
+    for key in ("trunk_views", "proxy_lr", "metrix"):  # options added after the first states were written
+        del state["config"][key]
+    torch.save(state, path)
+    resumed = load_checkpoint(train_teacher(cfg(image_folder, out, epochs=2, resume=str(path))))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    with pytest.raises(UserError, match="differs in proxy_lr"):
+        train_teacher(cfg(image_folder, out, epochs=2, proxy_lr=0.5, resume=str(path)))
+
+
 def test_bad_model_options_fail_before_training(image_folder, tmp_path):
     with pytest.raises(UserError, match="words=3 must divide --dim 8"):
         train_teacher(cfg(image_folder, tmp_path / "t.pt", head="diablo:words=3"))
