@@ -44,8 +44,8 @@ def add_images(root: str | os.PathLike, teacher: str | os.PathLike, images: str 
                metadata: str | os.PathLike | None = None, keep: int | None = None, batch_size: int = 64,
                shard_size: int = 4096, workers: int | None = None, progress: bool = True) -> tuple[IndexManifest, str]:
     """Embed the images below `images` (label: the parent folder's name) with `teacher`, at the scales (and flip)
-    the index was embedded at, and publish a version of `root` that also holds them. Returns the new manifest and version
-    name."""
+    the index was embedded at, and publish a version of `root` that also holds them. Returns the new manifest and
+    version name."""
     root, images = Path(root).resolve(), Path(images).resolve()
     teacher_model = OnnxEmbedder(teacher)
     with versions.writer_lock(_existing_index(root)):
