@@ -26,8 +26,10 @@ def cfg(data, out, **kw) -> TeacherConfig:
     return TeacherConfig(data=str(data), out=str(out), **{**base, **kw})
 
 
-def test_resume_continues_exactly(image_folder, tmp_path, monkeypatch):
-    whole = load_checkpoint(train_teacher(cfg(image_folder, tmp_path / "whole.pt", epochs=3)))
+@pytest.mark.parametrize("loss", [{}, {"loss": "proxy-anchor", "xbm": 0}], ids=["contr+xbm", "proxy-anchor"])
+def test_resume_continues_exactly(image_folder, tmp_path, monkeypatch, loss):
+    """Model, optimiser, schedule, memory, RNG -- and Proxy-Anchor's proxies -- come back from the state."""
+    whole = load_checkpoint(train_teacher(cfg(image_folder, tmp_path / "whole.pt", epochs=3, **loss)))
     original = teacher_module._save_state
 
     def save_then_crash(out, cfg_, epoch, *rest):
@@ -37,10 +39,10 @@ def test_resume_continues_exactly(image_folder, tmp_path, monkeypatch):
 
     monkeypatch.setattr(teacher_module, "_save_state", save_then_crash)
     with pytest.raises(KeyboardInterrupt):  # the interrupted run: its state is saved after epoch 1
-        train_teacher(cfg(image_folder, tmp_path / "part.pt", epochs=3))
+        train_teacher(cfg(image_folder, tmp_path / "part.pt", epochs=3, **loss))
     monkeypatch.undo()
     assert not (tmp_path / "part.pt").exists()
-    resumed = load_checkpoint(train_teacher(cfg(image_folder, tmp_path / "part.pt", epochs=3,
+    resumed = load_checkpoint(train_teacher(cfg(image_folder, tmp_path / "part.pt", epochs=3, **loss,
                                                 resume=str(state_path(tmp_path / "part.pt")))))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in whole["history"]], rel=1e-5)
