@@ -258,11 +258,11 @@ class MultiSimilarityLoss(GenericPairLoss):
         return torch.log1p(total) / self.beta
 
     def generic_parts(self, sims, pos_weight, neg_weight):
-        return (_log1p_sum_exp(-self.alpha * (sims - self.margin), pos_weight) / self.alpha,
-                _log1p_sum_exp(self.beta * (sims - self.margin), neg_weight) / self.beta)
+        return (log1p_sum_exp(-self.alpha * (sims - self.margin), pos_weight) / self.alpha,
+                log1p_sum_exp(self.beta * (sims - self.margin), neg_weight) / self.beta)
 
 
-def _log1p_sum_exp(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def log1p_sum_exp(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """log(1 + Σ w e^x) per row, stably: logsumexp of x + log w over the entries with w > 0, and a zero."""
     used = weight > 0
     x = torch.where(used, x + torch.log(torch.where(used, weight, torch.ones_like(weight))), float("-inf"))

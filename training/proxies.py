@@ -8,9 +8,9 @@ One learnable proxy p per training class; each proxy is the anchor, and the batc
          + 1/|P|  Σ_{p ∈ P}  log(1 + Σ_{x ∈ X_p⁻} e^{ α(s(x,p) + δ)})
 
 with s the cosine similarity, P all proxies, P⁺ those with a positive in the batch, α = 32 and δ = 0.1 the
-paper's values. Every embedding of the batch takes part (no mining), and each proxy weighs its data by their
-relative hardness, which is why it converges in a few epochs; on CUB-100 it generalised to the unseen classes
-better than multi-similarity (docs/heads.md).
+paper's values. Every embedding of the batch takes part (no mining) and each proxy weighs its data by their
+relative hardness (the paper's argument for its fast convergence); on CUB-100 it generalised to the unseen
+classes better than multi-similarity (docs/heads.md).
 
 The proxies train beside the model and are never part of it: the checkpoint (and so the exported model) holds
 only the network; the resumable training state keeps them.
@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from asymsearch.training.losses import log1p_sum_exp
 
 
 class ProxyAnchorLoss(nn.Module):
@@ -36,14 +38,9 @@ class ProxyAnchorLoss(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         sims = embeddings @ F.normalize(self.proxies, dim=1).t()  # (N, C): s(x, p)
-        positive = F.one_hot(labels, self.proxies.shape[0]).bool()
-        # log(1 + Σ_x e^z) per proxy (column), stably: logsumexp over the selected x and a zero
-        pos = _log1p_sum_exp(torch.where(positive, -self.alpha * (sims - self.delta), float("-inf")))
-        neg = _log1p_sum_exp(torch.where(positive, float("-inf"), self.alpha * (sims + self.delta)))
-        with_positive = positive.any(dim=0)
+        positive = F.one_hot(labels, self.proxies.shape[0]).t().to(sims.dtype)  # (C, N): x ∈ X_p⁺
+        # log(1 + Σ_x e^z) per proxy, stably, over X_p⁺ and X_p⁻ (the weights select them)
+        pos = log1p_sum_exp(-self.alpha * (sims.t() - self.delta), positive)
+        neg = log1p_sum_exp(self.alpha * (sims.t() + self.delta), 1 - positive)
+        with_positive = positive.sum(dim=1) > 0
         return pos[with_positive].mean() + neg.mean()
-
-
-def _log1p_sum_exp(z: torch.Tensor) -> torch.Tensor:
-    """log(1 + Σ_i e^{z_i}) for every column of z (N, C); −inf entries count as absent."""
-    return torch.logsumexp(torch.cat([z, z.new_zeros(1, z.shape[1])], dim=0), dim=0)
