@@ -42,6 +42,8 @@ CONFIG_HELP = {
     "xbm_weight": "weight of the memory loss",
     "resume": "training state OUT.state.pt to continue from",
     "amp": "float16 autocast on CUDA",
+    "freeze_bn": "keep the backbone's batch-norm statistics at the pretrained ones while its weights train "
+                 "(small class-balanced batches estimate them poorly; the Proxy-Anchor recipe)",
     "max_steps_per_epoch": "stop each epoch after N batches (0: full)",
     "loss": "the loss (seed 001): a teacher takes contr, ms or proxy-anchor (Kim et al. 2020); a student reg, "
             "contr, contr+, triplet, ms, rkd, darkrank (see docs/losses.md, docs/heads.md)",

@@ -11,7 +11,9 @@ import torch
 
 from asymsearch.core.errors import UserError
 from asymsearch.training.checkpoint import load_checkpoint
+from asymsearch.training.common import prepare_data
 from asymsearch.training.config import TeacherConfig
+from asymsearch.training.data import ImageDataset, eval_transform
 from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner
 from asymsearch.training.models import build_model
 from asymsearch.training.schedule import parameter_groups, warmup_cosine
@@ -61,6 +63,21 @@ def test_checkpoint_holds_the_best_validation_epoch_and_every_epoch_is_logged(im
     assert [e["epoch"] for e in lines] == [1, 2, 3]
     assert all(e["images_per_s"] > 0 for e in lines)
     assert all(len(e["lr"]) == 2 and e["lr"][0] == e["lr"][1] for e in lines)  # no pretrained weights: one LR
+    # the logged validation mAP is the last epoch's model's (the state's), recomputed here one query at a time
+    c = cfg(image_folder, out, epochs=3, lr=3e-3)
+    _, val_items, class_to_idx = prepare_data(c.data, c.classes, c.val_fraction)
+    model = build_model(ckpt["arch"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    dataset = ImageDataset(val_items, class_to_idx, eval_transform(teacher_preprocessing(c)))
+    with torch.no_grad():
+        emb = torch.cat([model(image[None]) for image, _ in dataset])
+    labels, aps = dataset.labels, []
+    for q in range(len(labels)):
+        others = sorted((i for i in range(len(labels)) if i != q), key=lambda i: -float(emb[q] @ emb[i]))
+        hits = [labels[i] == labels[q] for i in others]
+        aps.append(sum(sum(hits[:r + 1]) / (r + 1) for r, hit in enumerate(hits) if hit) / sum(hits))
+    assert lines[-1]["val_map"] == pytest.approx(sum(aps) / len(aps), abs=1e-4)
 
 
 def test_resume_refuses_another_config_and_foreign_files(image_folder, tmp_path):
@@ -176,6 +193,19 @@ def test_backbone_lr_zero_freezes_weights_and_batch_norm_statistics(image_folder
     backbone = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
     assert backbone and all(torch.equal(v, want[k]) for k, v in backbone.items())  # incl. running mean/var
     assert not torch.equal(ckpt["state_dict"]["head.proj.weight"], want["head.proj.weight"])
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_freeze_bn_keeps_the_pretrained_statistics_while_the_weights_train(image_folder, tmp_path, freeze_bn):
+    torch.manual_seed(0)
+    want = build_model({"backbone": "tiny_cnn_narrow", "head": "gem", "dim": 8, "pretrained": None}).state_dict()
+    got = load_checkpoint(train_teacher(cfg(image_folder, tmp_path / "b.pt", epochs=1, val_fraction=0,
+                                            freeze_bn=freeze_bn)))["state_dict"]
+    stats = [k for k in want if k.startswith("backbone.") and k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in want if k.startswith("backbone.") and k.endswith("weight")]
+    assert stats and weights
+    assert all(torch.equal(got[k], want[k]) for k in stats) == freeze_bn
+    assert not any(torch.equal(got[k], want[k]) for k in weights)  # conv and batch-norm affine weights train
 
 
 def test_best_epoch_keeps_the_weights_of_the_best_validation_epoch():

@@ -172,6 +172,10 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         addons.train()
         if backbone_lr == 0:
             model.backbone.eval()  # frozen: batch-norm statistics stay the pretrained ones too
+        elif cfg.freeze_bn:  # the weights train; batch norm normalises with the pretrained statistics
+            for m in model.backbone.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         losses, seen, t0 = [], 0, time.perf_counter()
         bar = tqdm(loader, desc=f"teacher {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                    total=steps_per_epoch)
@@ -198,13 +202,12 @@ def train_teacher(cfg: TeacherConfig) -> Path:
             seen += len(images)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         seconds = time.perf_counter() - t0
-        recall = None
+        val = {"recall@1": None, "map": None}
         if val_set is not None:
             emb_val = embed_dataset(net, val_set, device, workers)
-            recall = retrieval_metrics(emb_val, val_set.labels, emb_val, val_set.labels,
-                                       exclude_self=True)["recall@1"]
-        entry = check_history_entry(epoch, float(np.mean(losses)), recall)
-        entry.update(seconds=seconds, images_per_s=seen / seconds if seconds > 0 else None,
+            val = retrieval_metrics(emb_val, val_set.labels, emb_val, val_set.labels, exclude_self=True)
+        entry = check_history_entry(epoch, float(np.mean(losses)), val["recall@1"])
+        entry.update(val_map=val["map"], seconds=seconds, images_per_s=seen / seconds if seconds > 0 else None,
                      lr=[g["lr"] for g in optimizer.param_groups])
         history.append(entry)
         report_epoch("teacher", entry, cfg.epochs)

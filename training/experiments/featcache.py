@@ -81,7 +81,7 @@ def feature_maps(items: list[ImageItem], backbone: str, pretrained: str | None, 
     model = model.eval().to(device, memory_format=torch.channels_last)  # 1.4x faster on a CPU for these nets
     out = None
     start = time.perf_counter()
-    tmp = cache / f".{key}.tmp.npy"
+    tmp = cache / f".{key}.{os.getpid()}.tmp.npy"  # concurrent runs computing the same maps each write their own
     try:
         with torch.no_grad():
             for lo in range(0, len(items), batch_size):
