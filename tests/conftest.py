@@ -56,6 +56,29 @@ def make_linear_onnx(path: Path, *, role: str, teacher_id: str, weight: np.ndarr
     return path
 
 
+def loop_metrics(q, ql, db, dl, exclude_self, ks=(1, 2, 4, 8)):
+    """Reference: one query at a time, explicit sort, AP as the mean of precision at each relevant rank."""
+    recalls = {k: [] for k in ks}
+    aps = []
+    for i in range(len(q)):
+        cands = [(float(np.dot(q[i], db[j])), j) for j in range(len(db)) if not (exclude_self and i == j)]
+        cands.sort(key=lambda t: -t[0])
+        rel = [dl[j] == ql[i] for _, j in cands]
+        if not any(rel):
+            continue
+        for k in ks:
+            recalls[k].append(any(rel[:k]))
+        hits, precisions = 0, []
+        for rank, r in enumerate(rel, start=1):
+            if r:
+                hits += 1
+                precisions.append(hits / rank)
+        aps.append(sum(precisions) / len(precisions))
+    out = {f"recall@{k}": float(np.mean(v)) for k, v in recalls.items()}
+    out["map"] = float(np.mean(aps))
+    return out
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     """8 classes x 10 images, 48 px: `ROOT/class_XX/NNNN.jpg`."""

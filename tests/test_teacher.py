@@ -8,6 +8,7 @@ from collections import deque
 
 import pytest
 import torch
+from conftest import loop_metrics
 
 from asymsearch.core.errors import UserError
 from asymsearch.training.checkpoint import load_checkpoint
@@ -71,13 +72,9 @@ def test_checkpoint_holds_the_best_validation_epoch_and_every_epoch_is_logged(im
     model.eval()
     dataset = ImageDataset(val_items, class_to_idx, eval_transform(teacher_preprocessing(c)))
     with torch.no_grad():
-        emb = torch.cat([model(image[None]) for image, _ in dataset])
-    labels, aps = dataset.labels, []
-    for q in range(len(labels)):
-        others = sorted((i for i in range(len(labels)) if i != q), key=lambda i: -float(emb[q] @ emb[i]))
-        hits = [labels[i] == labels[q] for i in others]
-        aps.append(sum(sum(hits[:r + 1]) / (r + 1) for r, hit in enumerate(hits) if hit) / sum(hits))
-    assert lines[-1]["val_map"] == pytest.approx(sum(aps) / len(aps), abs=1e-4)
+        emb = torch.cat([model(image[None]) for image, _ in dataset]).numpy()
+    want = loop_metrics(emb, dataset.labels, emb, dataset.labels, exclude_self=True)
+    assert lines[-1]["val_map"] == pytest.approx(want["map"], abs=1e-4)
 
 
 def test_resume_refuses_another_config_and_foreign_files(image_folder, tmp_path):

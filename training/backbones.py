@@ -295,6 +295,14 @@ def split_backbone(backbone: nn.Module, tail_units: int) -> tuple[nn.Module, nn.
     return nn.Sequential(*units[:-tail_units]), nn.Sequential(*units[-tail_units:])
 
 
+def freeze_batch_norm(module: nn.Module) -> None:
+    """Put every batch-norm layer of `module` in eval mode: it normalises with its stored (pretrained) statistics
+    and stops updating them, while its affine weights still train. Call after each `module.train()`."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 # ----------------------------------------------------------------------------------------- preprocessing
 
 

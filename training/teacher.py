@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import Preprocessing
 from asymsearch.core.metrics import retrieval_metrics
+from asymsearch.training.backbones import freeze_batch_norm
 from asymsearch.training.checkpoint import make_checkpoint, save_checkpoint
 from asymsearch.training.common import (BestEpoch, check_history_entry, embed_dataset, loader_kwargs, output_path,
                                         prepare_data, report_epoch, resolve_device, seed_everything)
@@ -173,9 +174,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         if backbone_lr == 0:
             model.backbone.eval()  # frozen: batch-norm statistics stay the pretrained ones too
         elif cfg.freeze_bn:  # the weights train; batch norm normalises with the pretrained statistics
-            for m in model.backbone.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            freeze_batch_norm(model.backbone)
         losses, seen, t0 = [], 0, time.perf_counter()
         bar = tqdm(loader, desc=f"teacher {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                    total=steps_per_epoch)

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from asymsearch.core.data import ImageItem
 from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import Preprocessing
-from asymsearch.training.backbones import split_backbone
+from asymsearch.training.backbones import freeze_batch_norm, split_backbone
 
 
 class TailNet(nn.Module):
@@ -39,9 +39,7 @@ class TailNet(nn.Module):
 
     def train(self, mode: bool = True) -> TailNet:
         super().train(mode)
-        for m in self.tail.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        freeze_batch_norm(self.tail)
         return self
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
