@@ -1,5 +1,5 @@
-"""`asymsearch experiment heads`: train every pooling head on one frozen pretrained backbone over several seeds
-and write a Markdown + JSON table into docs/results/."""
+"""`asymsearch experiment heads`: train every pooling head on one pretrained backbone (frozen, or its last units
+tuned too) over several seeds and write a Markdown + JSON table into docs/results/."""
 from __future__ import annotations
 
 import argparse
@@ -14,10 +14,11 @@ _DEFAULT_HEADS = ("gem", "glam:channels=256", "glam:channels=256,global=false", 
 
 def register(commands: Commands) -> None:
     p = commands.add("heads", group="experiment",
-                     help="compare the pooling heads (gem, glam, glap, diablo) on a frozen pretrained backbone",
-                     description="Compare pooling heads on one frozen pretrained backbone: its feature maps are "
-                                 "computed once and cached, each head trains on them for every seed, and the "
-                                 "zero-shot (GAP) figures are measured in the same run. Writes OUT.md and OUT.json.")
+                     help="compare the pooling heads (gem, glam, glap, diablo) on a pretrained backbone",
+                     description="Compare pooling heads on one pretrained backbone: its feature maps are "
+                                 "computed once and cached, each head trains on them for every seed (with "
+                                 "--tune-units, together with the backbone's last units), and the zero-shot (GAP) "
+                                 "figures are measured in the same run. Writes OUT.md and OUT.json.")
     p.add_argument("--data", help="image folder with one subfolder per class (first half trains, "
                                                   "second half evaluates)")
     p.add_argument("--out", default="docs/results/heads", help="results path without suffix (default: %(default)s)")
@@ -32,6 +33,24 @@ def register(commands: Commands) -> None:
     p.add_argument("--epochs", type=int, default=4, help="epochs per head and seed (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--xbm", type=int, default=0, help="cross-batch memory size, 0 disables (default: %(default)s)")
+    p.add_argument("--classes-per-batch", type=int, default=8, help="classes per batch (default: %(default)s)")
+    p.add_argument("--per-class", type=int, default=4, help="images per class in a batch (default: %(default)s)")
+    p.add_argument("--warmup-epochs", type=float, default=1.0,
+                   help="linear warm-up epochs before the cosine decay (default: %(default)s)")
+    tuned = p.add_argument_group(
+        "partial fine-tuning", "With --tune-units N each head trains as `asymsearch train teacher --tune-units N` "
+        "does: the backbone's last N units train with it on the frozen trunk's cached maps (see docs/heads.md).")
+    tuned.add_argument("--tune-units", type=int, default=0,
+                       help="the backbone's last N units train with each head (0: the head alone on the frozen "
+                            "backbone's maps) (default: %(default)s)")
+    tuned.add_argument("--trunk-views", type=int, default=1,
+                       help="cached views of each training image (train teacher --trunk-views) "
+                            "(default: %(default)s)")
+    tuned.add_argument("--backbone-lr", type=float, default=None,
+                       help="learning rate of the tuned units (default: lr / 10)")
+    tuned.add_argument("--loss", default="contr", choices=("contr", "proxy-anchor"),
+                       help="contr (seed 001) or proxy-anchor; the latter needs --tune-units (default: %(default)s)")
+    tuned.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)")
     add_cached_maps_options(p, "head")
     p.add_argument("--recost", action="store_true",
                    help="only re-measure the cost columns (params, GFLOPs, images/s) of the results at --out, side "
@@ -53,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
                                 image_size=args.image_size, heads=tuple(args.heads or _DEFAULT_HEADS),
                                 seeds=args.seeds, dim=args.dim, epochs=args.epochs, lr=args.lr, xbm=args.xbm,
                                 val_fraction=args.val_fraction, cache_dir=args.cache_dir, threads=args.threads,
-                                jobs=args.jobs)
+                                jobs=args.jobs, classes_per_batch=args.classes_per_batch, per_class=args.per_class,
+                                warmup_epochs=args.warmup_epochs, tune_units=args.tune_units,
+                                trunk_views=args.trunk_views, backbone_lr=args.backbone_lr, loss=args.loss,
+                                device=args.device)
     result = main_from_cli(cfg)
     print(f"wrote {cfg.out}.md and {cfg.out}.json ({len(result['rows'])} rows)")
     return 0

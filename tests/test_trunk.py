@@ -212,3 +212,48 @@ def test_an_unreadable_image_leaves_no_half_written_cache(image_folder, tmp_path
     with pytest.raises(InvalidImage):  # the first batch of two was written before the second failed
         feature_maps(items, "tiny_cnn_narrow", tiny_weights, spec, cache, batch_size=2, log=lambda *_: None)
     assert list(cache.iterdir()) == []
+
+
+def test_experiment_heads_with_tune_units_scores_what_train_teacher_trains(image_folder, tmp_path, tiny_weights):
+    """`experiment heads --tune-units`: each (head, seed) row is the `train teacher --tune-units` run of that head,
+    scored on the evaluation half; the reference re-trains it and embeds the images through the whole model."""
+    import json
+
+    from asymsearch.cli.main import main
+    from asymsearch.core.data import select_classes
+    from asymsearch.core.metrics import retrieval_metrics
+    from asymsearch.training.experiments.heads import HeadsExperimentConfig, teacher_config
+
+    out, cache = tmp_path / "res" / "heads", tmp_path / "cache"
+    args = ["experiment", "heads", "--data", str(image_folder), "--out", str(out), "--backbone", "tiny_cnn_narrow",
+            "--pretrained", tiny_weights, "--image-size", "32", "--dim", "8", "--head", "gem", "--head", "glap",
+            "--seeds", "0", "--epochs", "2", "--lr", "0.01", "--backbone-lr", "0.005", "--classes-per-batch", "2",
+            "--tune-units", "3", "--trunk-views", "2", "--loss", "proxy-anchor", "--cache-dir", str(cache),
+            "--val-fraction", "0.5"]
+    assert main(args) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["head"] for r in result["rows"]] == ["gap (zero-shot, no training)", "gem", "glap"]
+    # whole-backbone maps (zero-shot) + trunk maps: 2 views of the training classes, validation, evaluation half
+    assert len(list(cache.glob("*.npy"))) == 5
+    got = result["rows"][1]["runs"][0]
+
+    cfg = HeadsExperimentConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                                   for k, v in result["config"].items()})
+    ckpt = load_checkpoint(train_teacher(teacher_config(cfg, "gem", 0, str(tmp_path / "ref.pt"))))
+    assert [h["loss"] for h in got["history"]] == pytest.approx([h["loss"] for h in ckpt["history"]], rel=1e-5)
+    model, spec = model_from_checkpoint(ckpt).eval(), Preprocessing.from_dict(ckpt["preprocessing"])
+    items = list_image_folder(image_folder, select_classes(str(image_folder), "second-half"))
+    with torch.no_grad():
+        emb = model(torch.from_numpy(np.stack([load_and_preprocess(it.path, spec) for it in items]))).numpy()
+    labels = [it.label for it in items]
+    want = retrieval_metrics(emb, labels, emb, labels, exclude_self=True)
+    assert got["metrics"]["map"] == pytest.approx(want["map"], abs=0.02)  # trunk maps are cached as float16
+    assert got["metrics"]["recall@1"] == pytest.approx(want["recall@1"], abs=0.051)  # at most 2 of 40 queries
+    table = out.with_suffix(".md").read_text()
+    assert "last 3 units trained with each head" in table and "Proxy-Anchor" in table and "--tune-units 3" in table
+    # refused before anything is computed: Proxy-Anchor on frozen maps, tuning an untrained backbone
+    assert main(args[:args.index("--tune-units")] + ["--loss", "proxy-anchor", "--cache-dir", str(cache)]) == 2
+    untrained = args.copy()
+    untrained[untrained.index(tiny_weights)] = "none"
+    assert main(untrained) == 2
+    assert len(list(cache.glob("*.npy"))) == 5

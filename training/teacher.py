@@ -68,7 +68,8 @@ def log_path(out: Path) -> Path:
     return out.with_suffix(".log.jsonl")
 
 
-def _check(cfg: TeacherConfig) -> None:
+def check_teacher_config(cfg: TeacherConfig) -> None:
+    """Refuse, before anything is computed, a config that cannot train (one-line `UserError`s)."""
     if cfg.schedule not in ("cosine", "constant"):
         raise UserError(f"schedule must be cosine or constant, not {cfg.schedule!r}")
     if cfg.epochs < 0 or cfg.lr <= 0 or (cfg.backbone_lr is not None and cfg.backbone_lr < 0):
@@ -107,7 +108,7 @@ def _set_rng_state(s: dict) -> None:
 
 def train_teacher(cfg: TeacherConfig) -> Path:
     """Train a teacher with ℓ_C (seed 001, symmetric contrastive, in-batch hard negatives); return the checkpoint."""
-    _check(cfg)
+    check_teacher_config(cfg)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     out = output_path(cfg.out, "teacher")

@@ -1,4 +1,4 @@
-"""`asymsearch experiment heads`: every pooling head on the same frozen pretrained backbone, over several seeds.
+"""`asymsearch experiment heads`: every pooling head on the same pretrained backbone, over several seeds.
 
 Protocol (stated in the table it writes):
 - data: class folders sorted; the first half trains, the second half is the evaluation set (each image queries
@@ -10,6 +10,10 @@ Protocol (stated in the table it writes):
 - zero-shot: global average pooling of the same cached maps, no training (the ImageNet bar).
 - each head: m-per-class batches, contrastive loss with in-batch hard negatives (+ cross-batch memory when
   `xbm > 0`), AdamW, warm-up + cosine schedule; evaluated with the best-validation epoch's weights.
+- with `tune_units = N` (> 0) each head instead trains the way `asymsearch train teacher --tune-units N` does
+  (`training.trunk`: the backbone's last N units train with the head on the frozen trunk's cached maps, K cached
+  views per image, `loss` contrastive or Proxy-Anchor), through `training.teacher.train_teacher` itself, and is
+  evaluated on the evaluation half's cached trunk maps (float16, serving crop) through its tail and head.
 - cost columns: head parameters; GFLOPs of backbone + head on one image at the experiment's size
   (torch.utils.flop_counter, multiply-adds x 2); images/s of backbone + head in eval mode on CPU, batch 16,
   measured side by side in this run (ratios between rows are meaningful, absolute values depend on the load).
@@ -57,6 +61,12 @@ class HeadsExperimentConfig:
     cache_dir: str = "~/.cache/asymsearch/featmaps"
     threads: int = 1  # torch threads per job
     jobs: int = 1  # (head, seed) runs trained in parallel processes
+    # partial fine-tuning (0: the head alone on the frozen backbone's maps, contrastive loss)
+    tune_units: int = 0  # N: the backbone's last N units train too, as `train teacher --tune-units N` does
+    trunk_views: int = 1  # tune_units: cached views per training image (train teacher --trunk-views)
+    backbone_lr: float | None = None  # tune_units: the tail's learning rate (None: lr / 10)
+    loss: str = "contr"  # contr | proxy-anchor (the latter with tune_units)
+    device: str = "auto"  # tune_units: where the runs train (train teacher --device)
     command: str = ""
     results: list = field(default_factory=list)
 
@@ -144,6 +154,42 @@ def train_head_on_maps(spec: str, cfg, channels: int, train_maps: np.ndarray,
     return head.eval(), history
 
 
+def teacher_config(cfg: HeadsExperimentConfig, spec: str, seed: int, out: str):
+    """The `train teacher` config of one (head, seed) run of a `tune_units` experiment: the training half, the
+    experiment's validation split, every training choice the experiment's."""
+    from asymsearch.training.config import TeacherConfig
+
+    pretrained = None if str(cfg.pretrained).lower() in ("", "none") else cfg.pretrained
+    return TeacherConfig(data=cfg.data, out=out, backbone=cfg.backbone, head=spec, dim=cfg.dim,
+                         pretrained=pretrained, image_size=cfg.image_size, classes="first-half",
+                         epochs=cfg.epochs, classes_per_batch=cfg.classes_per_batch, per_class=cfg.per_class,
+                         lr=cfg.lr, backbone_lr=cfg.backbone_lr, tune_units=cfg.tune_units,
+                         trunk_cache=cfg.cache_dir, trunk_views=cfg.trunk_views, weight_decay=cfg.weight_decay,
+                         warmup_epochs=cfg.warmup_epochs, loss=cfg.loss, margin=cfg.margin,
+                         num_negatives=cfg.num_negatives, xbm=cfg.xbm, xbm_weight=cfg.xbm_weight,
+                         val_fraction=cfg.val_fraction, seed=seed, workers=0, device=cfg.device)
+
+
+def _train_tuned(spec: str, seed: int, cfg: HeadsExperimentConfig, eval_trunk: np.ndarray) -> tuple[np.ndarray, list]:
+    """Train (head, seed) with `train_teacher` (partial fine-tuning); return (the evaluation half's embeddings
+    through the trained tail + head, the run's epoch log)."""
+    import tempfile
+
+    import torch
+
+    from asymsearch.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from asymsearch.training.teacher import train_teacher
+    from asymsearch.training.trunk import TailNet
+
+    with tempfile.TemporaryDirectory(prefix="asymsearch-heads-") as tmp:
+        ckpt = load_checkpoint(train_teacher(teacher_config(cfg, spec, seed, f"{tmp}/teacher.pt")))
+    net = TailNet(model_from_checkpoint(ckpt), cfg.tune_units).eval()
+    with torch.no_grad():
+        emb = np.concatenate([net(torch.from_numpy(np.asarray(eval_trunk[lo:lo + 64], np.float32))).numpy()
+                              for lo in range(0, len(eval_trunk), 64)])
+    return emb, ckpt["history"]
+
+
 _SHARED: tuple | None = None  # the data of the current experiment, inherited by forked job processes
 
 
@@ -151,12 +197,16 @@ def _run_one(task: tuple[str, int]) -> dict:
     import torch
 
     spec, seed = task
-    cfg, channels, fit_maps, fit_labels, val_maps, val_labels, eval_maps, eval_labels = _SHARED
+    cfg, channels, fit_maps, fit_labels, val_maps, val_labels, eval_maps, eval_labels, eval_trunk = _SHARED
     torch.set_num_threads(max(1, cfg.threads))
     start = time.perf_counter()
-    head, history = train_head_on_maps(spec, cfg, channels, fit_maps, fit_labels, val_maps, val_labels, seed,
-                                       log=lambda msg: print(msg, flush=True))
-    metrics = _metrics(_embed(head, eval_maps), eval_labels)
+    if cfg.tune_units:
+        emb, history = _train_tuned(spec, seed, cfg, eval_trunk)
+    else:
+        head, history = train_head_on_maps(spec, cfg, channels, fit_maps, fit_labels, val_maps, val_labels, seed,
+                                           log=lambda msg: print(msg, flush=True))
+        emb = _embed(head, eval_maps)
+    metrics = _metrics(emb, eval_labels)
     print(f"{spec} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
     return {"seed": seed, "metrics": metrics, "history": history, "train_seconds": time.perf_counter() - start}
 
@@ -200,6 +250,27 @@ def _summary(runs: list[dict]) -> dict:
     return out
 
 
+def _cache_trunk_maps(cfg: HeadsExperimentConfig, items: list, labels: np.ndarray, fit: list[int], val: list[int],
+                      evaluation: list[int], log) -> np.ndarray:
+    """Compute (or find cached) the trunk maps every tuned run reads, once, before the runs fork: the training
+    classes' `trunk_views` views, the validation classes' and the evaluation half's serving crops. Returns the
+    evaluation half's, in the order of its labels."""
+    from asymsearch.training.common import resolve_device
+    from asymsearch.training.teacher import teacher_preprocessing
+    from asymsearch.training.trunk import trunk_maps
+
+    tcfg = teacher_config(cfg, cfg.heads[0], cfg.seeds[0], "unused.pt")
+    spec = teacher_preprocessing(tcfg)
+    device = resolve_device(cfg.device)
+    out = None
+    for classes, views in ((fit, cfg.trunk_views), (val, 1), (evaluation, 1)):
+        subset = [it for it, label in zip(items, labels) if label in set(classes)]
+        if subset:
+            out = trunk_maps(subset, cfg.backbone, tcfg.pretrained, spec, cfg.tune_units, cfg.cache_dir, device,
+                             log=log, views=views)[0]
+    return out
+
+
 def run_heads_experiment(cfg: HeadsExperimentConfig, log=print) -> dict:
     import torch
 
@@ -209,13 +280,19 @@ def run_heads_experiment(cfg: HeadsExperimentConfig, log=print) -> dict:
     from asymsearch.training.experiments.featcache import feature_maps
     from asymsearch.training.models import backbone_preprocessing, create_head, parse_head_spec
 
-    torch.set_num_threads(max(1, cfg.threads))
+    # the maps are computed before the jobs fork: with every job's threads; each job then sets its own
+    torch.set_num_threads(max(1, cfg.threads) * max(1, cfg.jobs))
     if not Path(cfg.data).is_dir():
         raise UserError(f"data folder not found: {cfg.data}")
     if not cfg.heads or not cfg.seeds:
         raise UserError("give at least one head and one seed")
     for spec in cfg.heads:  # fail before any computation
         create_head(spec, 16, 1280 if parse_head_spec(spec)[0] == "gap" else cfg.dim)
+    if cfg.tune_units:
+        from asymsearch.training.teacher import check_teacher_config
+        check_teacher_config(teacher_config(cfg, cfg.heads[0], cfg.seeds[0], "unused.pt"))
+    elif cfg.loss != "contr":
+        raise UserError(f"heads on frozen maps train with the contrastive loss; --loss {cfg.loss} needs --tune-units")
     pre = backbone_preprocessing(cfg.backbone)
     size = cfg.image_size or pre["image_size"]
     spec_pre = Preprocessing(resize=size, crop=size, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
@@ -239,11 +316,15 @@ def run_heads_experiment(cfg: HeadsExperimentConfig, log=print) -> dict:
     val_maps, val_labels = subset(val_classes)
     eval_maps, eval_labels = subset(eval_classes)
     log(f"maps {tuple(maps.shape[1:])}: train {len(fit_labels)} / val {len(val_labels)} / eval {len(eval_labels)}")
+    eval_trunk = _cache_trunk_maps(cfg, items, labels, [cls_index[c] for c in fit_classes],
+                                   [cls_index[c] for c in val_classes], [cls_index[c] for c in eval_classes],
+                                   log) if cfg.tune_units else None
     global _SHARED
-    _SHARED = (cfg, channels, fit_maps, fit_labels, val_maps, val_labels, eval_maps, eval_labels)
+    _SHARED = (cfg, channels, fit_maps, fit_labels, val_maps, val_labels, eval_maps, eval_labels, eval_trunk)
 
     zero = create_head("gap", channels, channels)
     zero_metrics = _metrics(_embed(zero, eval_maps), eval_labels)
+    torch.set_num_threads(max(1, cfg.threads))  # the runs and the cost columns: cfg.threads each
     log(f"zero-shot GAP: {zero_metrics}")
     rows = [{"head": "gap (zero-shot, no training)", "spec": "gap", "runs": [{"seed": None, "metrics": zero_metrics}],
              "summary": _summary([{"metrics": zero_metrics}])}]
@@ -282,22 +363,45 @@ def write_results(result: dict, out: Path) -> tuple[Path, Path]:
     js.write_text(json.dumps(result, indent=1) + "\n")
     cfg = result["config"]
     sp = result["split"]
+    tuned = cfg.get("tune_units", 0)
+    split = (f"Train on the first {sp['train_classes'] + sp['val_classes']} classes ({sp['train']} images; "
+             f"{sp['val_classes']} of them, {sp['val']} images, held out to pick the best epoch by validation "
+             f"Recall@1), evaluate on the last {sp['eval_classes']} classes ({sp['eval']} images, each querying all "
+             "others).")
+    if cfg.get("loss", "contr") == "proxy-anchor":
+        loss = "Proxy-Anchor loss (alpha 32, delta 0.1, proxies at lr 0.01)"
+    else:
+        loss = (f"contrastive loss (margin {cfg['margin']}) with {cfg['num_negatives']} in-batch hard negatives"
+                f"{', cross-batch memory ' + str(cfg['xbm']) if cfg['xbm'] else ''}")
+    schedule = (f"{cfg['epochs']} epochs, batches of {cfg['classes_per_batch']} classes x {cfg['per_class']}, {loss}, "
+                f"AdamW lr {cfg['lr']}")
+    if tuned:
+        backbone_lr = cfg.get("backbone_lr") if cfg.get("backbone_lr") is not None else cfg["lr"] / 10
+        protocol = (
+            f"Protocol: backbone `{cfg['backbone']}` with `{cfg['pretrained']}` weights, its **last {tuned} units "
+            f"trained with each head** (`asymsearch train teacher --tune-units {tuned}`, batch norm at the pretrained "
+            f"statistics) on the frozen trunk's maps, cached: {cfg['trunk_views']} view(s) of each training image "
+            "(the serving crop + random resized crops with flips, drawn once), one per epoch at random, plus a "
+            f"random flip; {result['image_size']} px, mean/std {result['preprocessing']['mean']}/"
+            f"{result['preprocessing']['std']}. {split} Each run: {schedule} (tuned units at {backbone_lr}), warm-up "
+            f"{cfg['warmup_epochs']} epoch + cosine, dim {cfg['dim']}; evaluated through its tail and head on the "
+            "evaluation half's cached trunk maps (float16). "
+            f"Mean ± std over seeds {', '.join(map(str, cfg['seeds']))}. The zero-shot row pools the whole "
+            "untrained backbone's maps with global average pooling.")
+    else:
+        protocol = (
+            f"Protocol: backbone `{cfg['backbone']}` with `{cfg['pretrained']}` weights, **frozen**; "
+            f"{result['image_size']} px centre crop, mean/std {result['preprocessing']['mean']}/"
+            f"{result['preprocessing']['std']}; feature map {result['feature_map']} computed once and cached. "
+            f"{split} Heads: {schedule}, warm-up {cfg['warmup_epochs']} epoch + cosine, dim {cfg['dim']}, "
+            f"{'random horizontal flip of the cached map' if cfg['flip'] else 'no augmentation'}. "
+            f"Mean ± std over seeds {', '.join(map(str, cfg['seeds']))}. The zero-shot row pools the same cached "
+            "maps with global average pooling, no training.")
+    title = f"last {tuned} units of a pretrained backbone tuned with them" if tuned else "a frozen pretrained backbone"
     lines = [
-        f"# Pooling heads on a frozen pretrained backbone ({cfg['data']})", "",
+        f"# Pooling heads on {title} ({cfg['data']})", "",
         f"Command: `{cfg['command']}`", "",
-        f"Protocol: backbone `{cfg['backbone']}` with `{cfg['pretrained']}` weights, **frozen**; "
-        f"{result['image_size']} px centre crop, mean/std {result['preprocessing']['mean']}/"
-        f"{result['preprocessing']['std']}; feature map {result['feature_map']} computed once and cached. "
-        f"Train on the first {sp['train_classes'] + sp['val_classes']} classes ({sp['train']} images; "
-        f"{sp['val_classes']} of them, {sp['val']} images, held out to pick the best epoch by validation "
-        f"Recall@1), evaluate on the last {sp['eval_classes']} classes ({sp['eval']} images, each querying all "
-        f"others). Heads: {cfg['epochs']} epochs, batches of {cfg['classes_per_batch']} classes x "
-        f"{cfg['per_class']}, contrastive loss (margin {cfg['margin']}) with {cfg['num_negatives']} in-batch hard "
-        f"negatives{', cross-batch memory ' + str(cfg['xbm']) if cfg['xbm'] else ''}, AdamW lr {cfg['lr']}, "
-        f"warm-up {cfg['warmup_epochs']} epoch + cosine, dim {cfg['dim']}, "
-        f"{'random horizontal flip of the cached map' if cfg['flip'] else 'no augmentation'}. "
-        f"Mean ± std over seeds {', '.join(map(str, cfg['seeds']))}. The zero-shot row pools the same cached "
-        "maps with global average pooling, no training.", "",
+        protocol, "",
         "GFLOPs (one image) and images/s (batches of 16) are for backbone + head at the experiment's size, eval "
         f"mode, CPU ({result['machine']}), measured side by side after training (3 rounds over all rows, best "
         "round each): compare rows, not machines. Head parameters exclude the backbone.", "",
@@ -354,7 +458,14 @@ def canonical_command(cfg: HeadsExperimentConfig) -> str:
         parts += ["--head", spec]
     parts += ["--seeds", ",".join(map(str, cfg.seeds)), "--dim", str(cfg.dim), "--epochs", str(cfg.epochs),
               "--lr", str(cfg.lr), "--xbm", str(cfg.xbm), "--val-fraction", str(cfg.val_fraction),
-              "--cache-dir", cfg.cache_dir, "--threads", str(cfg.threads), "--jobs", str(cfg.jobs)]
+              "--cache-dir", cfg.cache_dir, "--threads", str(cfg.threads), "--jobs", str(cfg.jobs),
+              "--classes-per-batch", str(cfg.classes_per_batch), "--per-class", str(cfg.per_class),
+              "--warmup-epochs", str(cfg.warmup_epochs)]
+    if cfg.tune_units:
+        parts += ["--tune-units", str(cfg.tune_units), "--trunk-views", str(cfg.trunk_views), "--loss", cfg.loss,
+                  "--device", cfg.device]
+        if cfg.backbone_lr is not None:
+            parts += ["--backbone-lr", str(cfg.backbone_lr)]
     return " ".join(shlex.quote(p) for p in parts)
 
 
