@@ -397,9 +397,10 @@ def write_results(result: dict, out: Path) -> tuple[Path, Path]:
             f"{'random horizontal flip of the cached map' if cfg['flip'] else 'no augmentation'}. "
             f"Mean ± std over seeds {', '.join(map(str, cfg['seeds']))}. The zero-shot row pools the same cached "
             "maps with global average pooling, no training.")
-    title = f"last {tuned} units of a pretrained backbone tuned with them" if tuned else "a frozen pretrained backbone"
+    title = f"trained with the last {tuned} units of a pretrained backbone" if tuned else \
+        "on a frozen pretrained backbone"
     lines = [
-        f"# Pooling heads on {title} ({cfg['data']})", "",
+        f"# Pooling heads {title} ({cfg['data']})", "",
         f"Command: `{cfg['command']}`", "",
         protocol, "",
         "GFLOPs (one image) and images/s (batches of 16) are for backbone + head at the experiment's size, eval "
