@@ -56,6 +56,16 @@ def make_linear_onnx(path: Path, *, role: str, teacher_id: str, weight: np.ndarr
     return path
 
 
+def loop_average_precision(rel: list[bool]) -> float:
+    """AP of one ranked list of relevance flags: the mean of precision at each relevant rank."""
+    hits, precisions = 0, []
+    for rank, r in enumerate(rel, start=1):
+        if r:
+            hits += 1
+            precisions.append(hits / rank)
+    return sum(precisions) / len(precisions)
+
+
 def loop_metrics(q, ql, db, dl, exclude_self, ks=(1, 2, 4, 8)):
     """Reference: one query at a time, explicit sort, AP as the mean of precision at each relevant rank."""
     recalls = {k: [] for k in ks}
@@ -68,12 +78,7 @@ def loop_metrics(q, ql, db, dl, exclude_self, ks=(1, 2, 4, 8)):
             continue
         for k in ks:
             recalls[k].append(any(rel[:k]))
-        hits, precisions = 0, []
-        for rank, r in enumerate(rel, start=1):
-            if r:
-                hits += 1
-                precisions.append(hits / rank)
-        aps.append(sum(precisions) / len(precisions))
+        aps.append(loop_average_precision(rel))
     out = {f"recall@{k}": float(np.mean(v)) for k, v in recalls.items()}
     out["map"] = float(np.mean(aps))
     return out

@@ -11,7 +11,7 @@ from asymsearch.core.preprocess import decode_image
 from asymsearch.index.build import build_index
 from asymsearch.index.evaluate import evaluate, format_table
 from asymsearch.index.store import SearchIndex
-from conftest import make_linear_onnx
+from conftest import loop_average_precision, make_linear_onnx
 
 KEYS = {"recall@1", "recall@2", "recall@4", "recall@8", "map", "precision@1", "map@r"}
 
@@ -214,12 +214,7 @@ def test_index_with_removed_ids_scores_the_images_it_still_holds(tmp_path, tiny_
         if not any(rel):
             continue
         recall1.append(rel[0])
-        hits, precisions = 0, []
-        for rank, r in enumerate(rel, start=1):
-            if r:
-                hits += 1
-                precisions.append(hits / rank)
-        aps.append(sum(precisions) / len(precisions))
+        aps.append(loop_average_precision(rel))
     assert got["recall@1"] == pytest.approx(np.mean(recall1), abs=1e-9)
     assert got["map"] == pytest.approx(np.mean(aps), abs=1e-9)
     shutil.rmtree(root)
