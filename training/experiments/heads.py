@@ -263,8 +263,8 @@ def _cache_trunk_maps(cfg: HeadsExperimentConfig, items: list, labels: np.ndarra
     spec = teacher_preprocessing(tcfg)
     device = resolve_device(cfg.device)
     out = None
-    for classes, views in ((fit, cfg.trunk_views), (val, 1), (evaluation, 1)):
-        subset = [it for it, label in zip(items, labels) if label in set(classes)]
+    for classes, views in ((set(fit), cfg.trunk_views), (set(val), 1), (set(evaluation), 1)):
+        subset = [it for it, label in zip(items, labels) if label in classes]
         if subset:
             out = trunk_maps(subset, cfg.backbone, tcfg.pretrained, spec, cfg.tune_units, cfg.cache_dir, device,
                              log=log, views=views)[0]
