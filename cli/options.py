@@ -44,6 +44,8 @@ CONFIG_HELP = {
     "amp": "float16 autocast on CUDA",
     "freeze_bn": "keep the backbone's batch-norm statistics at the pretrained ones while its weights train "
                  "(small class-balanced batches estimate them poorly; the Proxy-Anchor recipe)",
+    "ema": "keep an exponential moving average of the weights with this decay per step (e.g. 0.99; 0 disables): "
+           "validation, the best epoch and the checkpoint use the averaged weights (see docs/heads.md)",
     "max_steps_per_epoch": "stop each epoch after N batches (0: full)",
     "loss": "the loss (seed 001): a teacher takes contr, ms or proxy-anchor (Kim et al. 2020); a student reg, "
             "contr, contr+, triplet, ms, rkd, darkrank (see docs/losses.md, docs/heads.md)",

@@ -29,9 +29,11 @@ def cfg(data, out, **kw) -> TeacherConfig:
     return TeacherConfig(data=str(data), out=str(out), **{**base, **kw})
 
 
-@pytest.mark.parametrize("loss", [{}, {"loss": "proxy-anchor", "xbm": 0}], ids=["contr+xbm", "proxy-anchor"])
+@pytest.mark.parametrize("loss", [{}, {"loss": "proxy-anchor", "xbm": 0}, {"ema": 0.9}],
+                         ids=["contr+xbm", "proxy-anchor", "ema"])
 def test_resume_continues_exactly(image_folder, tmp_path, monkeypatch, loss):
-    """Model, optimiser, schedule, memory, RNG -- and Proxy-Anchor's proxies -- come back from the state."""
+    """Model, optimiser, schedule, memory, RNG -- and Proxy-Anchor's proxies, the weight average -- come back from
+    the state."""
     whole = load_checkpoint(train_teacher(cfg(image_folder, tmp_path / "whole.pt", epochs=3, **loss)))
     original = teacher_module._save_state
 
@@ -52,9 +54,10 @@ def test_resume_continues_exactly(image_folder, tmp_path, monkeypatch, loss):
     assert resumed["model_id"] == whole["model_id"]
 
 
-def test_checkpoint_holds_the_best_validation_epoch_and_every_epoch_is_logged(image_folder, tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.8])
+def test_checkpoint_holds_the_best_validation_epoch_and_every_epoch_is_logged(image_folder, tmp_path, ema):
     out = tmp_path / "t.pt"
-    ckpt = load_checkpoint(train_teacher(cfg(image_folder, out, epochs=3, lr=3e-3)))
+    ckpt = load_checkpoint(train_teacher(cfg(image_folder, out, epochs=3, lr=3e-3, ema=ema)))
     recalls = [h["val_recall@1"] for h in ckpt["history"]]
     best = max(range(3), key=lambda i: (recalls[i], -i)) + 1  # first epoch reaching the maximum
     assert ckpt["config"]["best_epoch"] == best
@@ -64,17 +67,52 @@ def test_checkpoint_holds_the_best_validation_epoch_and_every_epoch_is_logged(im
     assert [e["epoch"] for e in lines] == [1, 2, 3]
     assert all(e["images_per_s"] > 0 for e in lines)
     assert all(len(e["lr"]) == 2 and e["lr"][0] == e["lr"][1] for e in lines)  # no pretrained weights: one LR
-    # the logged validation mAP is the last epoch's model's (the state's), recomputed here one query at a time
-    c = cfg(image_folder, out, epochs=3, lr=3e-3)
+    # the logged validation mAP is the last epoch's model's (the state's; with ema its averaged weights),
+    # recomputed here one query at a time
+    c = cfg(image_folder, out, epochs=3, lr=3e-3, ema=ema)
     _, val_items, class_to_idx = prepare_data(c.data, c.classes, c.val_fraction)
     model = build_model(ckpt["arch"])
-    model.load_state_dict(state["model"])
+    if ema:
+        model.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"})
+        assert not torch.equal(model.state_dict()["head.proj.weight"], state["model"]["head.proj.weight"])
+    else:
+        model.load_state_dict(state["model"])
     model.eval()
     dataset = ImageDataset(val_items, class_to_idx, eval_transform(teacher_preprocessing(c)))
     with torch.no_grad():
         emb = torch.cat([model(image[None]) for image, _ in dataset]).numpy()
     want = loop_metrics(emb, dataset.labels, emb, dataset.labels, exclude_self=True)
     assert lines[-1]["val_map"] == pytest.approx(want["map"], abs=1e-4)
+
+
+def test_ema_checkpoint_is_the_moving_average_of_the_weights_after_every_step(image_folder, tmp_path, monkeypatch):
+    """With ema=d the checkpoint holds W̄_t = d·W̄_{t-1} + (1 − d)·W_t over the weights after each optimiser step
+    (W̄_1 = W_1), recomputed here from the same run's trajectory without ema."""
+    decay, models, trajectory = 0.7, [], []
+    build = teacher_module.build_model
+    monkeypatch.setattr(teacher_module, "build_model", lambda arch: models.append(build(arch)) or models[-1])
+    step = torch.optim.AdamW.step
+
+    def step_and_record(self, *a, **kw):
+        out = step(self, *a, **kw)
+        trajectory.append({k: v.detach().clone() for k, v in models[-1].state_dict().items()})
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_and_record)
+    plain = load_checkpoint(train_teacher(cfg(image_folder, tmp_path / "p.pt", val_fraction=0)))["state_dict"]
+    monkeypatch.undo()
+    assert len(trajectory) > 4 and all(torch.equal(plain[k], v) for k, v in trajectory[-1].items())
+    want = dict(trajectory[0])
+    for weights in trajectory[1:]:
+        want = {k: decay * want[k] + (1 - decay) * w for k, w in weights.items()}
+    got = load_checkpoint(train_teacher(cfg(image_folder, tmp_path / "e.pt", val_fraction=0,
+                                            ema=decay)))["state_dict"]
+    floats = [k for k, v in got.items() if v.is_floating_point()]
+    assert floats and all(torch.allclose(got[k], want[k], atol=1e-6) for k in floats)
+    assert not torch.allclose(got["head.proj.weight"], plain["head.proj.weight"], atol=1e-4)
+    for bad in (1.0, -0.1):
+        with pytest.raises(UserError, match="ema"):
+            train_teacher(cfg(image_folder, tmp_path / "b.pt", ema=bad))
 
 
 def test_resume_refuses_another_config_and_foreign_files(image_folder, tmp_path):

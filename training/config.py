@@ -47,6 +47,8 @@ class TeacherConfig:
     resume: str | None = None  # training state (OUT.state.pt) to continue from
     amp: bool = True  # mixed precision (float16 autocast) when training on CUDA; ignored on CPU
     freeze_bn: bool = False  # the backbone's batch-norm layers keep their pretrained statistics while it trains
+    ema: float = 0.0  # decay of an exponential moving average of the weights per step (0: off); validation, best
+    # epoch and checkpoint then use the averaged weights
     max_steps_per_epoch: int = 0  # 0: full epochs; N: stop each epoch after N batches (timing, smoke runs)
     # training add-ons (training.addons; docs/addons.md): none changes the exported model
     metrix: str = "off"  # Metrix mixup (seed 001): off | input | feature | embedding

@@ -33,7 +33,7 @@ from asymsearch.core.metrics import retrieval_metrics
 from asymsearch.training.backbones import freeze_batch_norm
 from asymsearch.training.checkpoint import make_checkpoint, save_checkpoint
 from asymsearch.training.common import (BestEpoch, check_history_entry, embed_dataset, loader_kwargs, output_path,
-                                        prepare_data, report_epoch, resolve_device, seed_everything)
+                                        prepare_data, report_epoch, resolve_device, seed_everything, weight_average)
 from asymsearch.training.addons import AddOnOptions, TrainingAddOns
 from asymsearch.training.config import TeacherConfig
 from asymsearch.training.data import ImageDataset, MPerClassSampler, eval_transform, train_transform
@@ -88,6 +88,8 @@ def check_teacher_config(cfg: TeacherConfig) -> None:
     check_trunk_views(cfg.tune_units, cfg.trunk_views)
     if cfg.tune_units and cfg.backbone_lr == 0:
         raise UserError("tune_units with backbone_lr 0 leaves nothing of the backbone to tune; drop one of them")
+    if not 0 <= cfg.ema < 1:
+        raise UserError(f"ema is the averaging decay per step, in [0, 1) (0 disables), not {cfg.ema}")
     AddOnOptions.from_config(cfg).check()
     if cfg.osm_caa and getattr(cfg, "loss", "contr") != "contr":
         raise UserError("OSM + CAA weights the pairs of the contrastive loss: use it with --loss contr")
@@ -159,11 +161,16 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         MultiSimilarityLoss(cfg.ms_alpha, cfg.ms_beta, cfg.margin)
     miner = HardNegativeMiner(cfg.num_negatives)
     memory = CrossBatchMemory(cfg.xbm, cfg.dim, device)
+    # with ema, the averaged weights are the ones validated, kept as the best epoch and written out
+    ema = weight_average(model, cfg.ema)
+    kept = ema.module if ema is not None else model
+    eval_net = kept if not cfg.tune_units else net if ema is None else TailNet(kept, cfg.tune_units)
 
     history: list[dict] = []
     best, start_epoch = BestEpoch(), 1
     if cfg.resume:
-        start_epoch, history, best = _resume(cfg, model, optimizer, scheduler, scaler, memory, addons, proxies)
+        start_epoch, history, best = _resume(cfg, model, optimizer, scheduler, scaler, memory, addons, proxies,
+                                             ema)
     logfile = log_path(out)
     if start_epoch == 1:
         logfile.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +204,8 @@ def train_teacher(cfg: TeacherConfig) -> Path:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             memory.enqueue(emb, labels)
             losses.append(loss.item())
             seen += len(images)
@@ -204,17 +213,18 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         seconds = time.perf_counter() - t0
         val = {"recall@1": None, "map": None}
         if val_set is not None:
-            emb_val = embed_dataset(net, val_set, device, workers)
+            emb_val = embed_dataset(eval_net, val_set, device, workers)
             val = retrieval_metrics(emb_val, val_set.labels, emb_val, val_set.labels, exclude_self=True)
         entry = check_history_entry(epoch, float(np.mean(losses)), val["recall@1"])
         entry.update(val_map=val["map"], seconds=seconds, images_per_s=seen / seconds if seconds > 0 else None,
                      lr=[g["lr"] for g in optimizer.param_groups])
         history.append(entry)
         report_epoch("teacher", entry, cfg.epochs)
-        best.offer(model, entry)
+        best.offer(kept, entry)
         with logfile.open("a") as f:
             f.write(json.dumps(entry) + "\n")
-        _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best, addons, proxies)
+        _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best, addons, proxies,
+                    ema)
 
     best_epoch = best.restore(model, history)  # epochs=0: the untrained (e.g. ImageNet, zero-shot) model as it is
     model.eval()
@@ -225,13 +235,14 @@ def train_teacher(cfg: TeacherConfig) -> Path:
 
 
 def _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best, addons=None,
-                proxies=None):
+                proxies=None, ema=None):
     state = {"format": STATE_FORMAT, "kind": "asymsearch-teacher-state", "epoch": epoch,
              "config": dataclasses.asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "memory": memory.state_dict(),
              "history": history, "best_recall": best.score, "best_state": best.state, "rng": _rng_state(),
              "addons": addons.state_dict() if addons is not None else {},
-             "proxies": proxies.state_dict() if proxies is not None else {}}
+             "proxies": proxies.state_dict() if proxies is not None else {},
+             "ema": ema.state_dict() if ema is not None else {}}
     save_checkpoint(state, state_path(out))
 
 
@@ -239,7 +250,7 @@ def _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, hi
 _RESUMABLE_CHANGES = {"resume", "epochs", "workers", "device", "out"}
 
 
-def _resume(cfg, model, optimizer, scheduler, scaler, memory, addons, proxies=None):
+def _resume(cfg, model, optimizer, scheduler, scaler, memory, addons, proxies=None, ema=None):
     path = Path(cfg.resume)
     if not path.is_file():
         raise UserError(f"resume state not found: {path}")
@@ -263,5 +274,7 @@ def _resume(cfg, model, optimizer, scheduler, scaler, memory, addons, proxies=No
     addons.load_state_dict(state.get("addons", {}))
     if proxies is not None:
         proxies.load_state_dict(state["proxies"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     _set_rng_state(state["rng"])
     return state["epoch"] + 1, list(state["history"]), BestEpoch(state["best_recall"], state["best_state"])
