@@ -18,7 +18,10 @@ def register(commands: Commands) -> None:
                      description="Compare pooling heads on one pretrained backbone: its feature maps are "
                                  "computed once and cached, each head trains on them for every seed (with "
                                  "--tune-units, together with the backbone's last units), and the zero-shot (GAP) "
-                                 "figures are measured in the same run. Writes OUT.md and OUT.json.")
+                                 "figures are measured in the same run. Writes OUT.md and OUT.json. Each finished "
+                                 "(head, seed) run is kept at once in OUT.runs.jsonl: rerun the same command after a "
+                                 "crash or Ctrl-C and only the missing runs train (delete that file to retrain them "
+                                 "all); it is deleted once the table is written.")
     p.add_argument("--data", help="image folder with one subfolder per class (first half trains, "
                                                   "second half evaluates)")
     p.add_argument("--out", default="docs/results/heads", help="results path without suffix (default: %(default)s)")

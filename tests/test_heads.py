@@ -404,3 +404,105 @@ def test_experiment_heads_command_writes_its_table(image_folder, tmp_path):
     assert [r["summary"] for r in again["rows"]] == [r["summary"] for r in result["rows"]]
     assert all(r["images_per_s"] > 0 for r in again["rows"]) and "re-measured" in out.with_suffix(".md").read_text()
     assert main(["experiment", "heads", "--recost", "--out", str(tmp_path / "none")]) == 2
+
+
+def tiny_heads_config(image_folder, tmp_path, out: str, **kw):
+    from asymsearch.training.experiments.heads import HeadsExperimentConfig
+
+    kw = {"heads": ("gem", "diablo:words=2"), "seeds": (0,), **kw}
+    return HeadsExperimentConfig(data=str(image_folder), out=str(tmp_path / out), backbone="tiny_cnn_narrow",
+                                 pretrained="none", image_size=32, epochs=2, cache_dir=str(tmp_path / "cache"),
+                                 val_fraction=0.5, **kw)
+
+
+def spy_on_training(monkeypatch, interrupt_at: int | None = None) -> list[str]:
+    """Record the spec of every head trained in this process; raise KeyboardInterrupt (Ctrl-C) in the
+    `interrupt_at`-th (1-based) instead of training it."""
+    from asymsearch.training.experiments import heads
+
+    trained, train = [], heads.train_head_on_maps
+
+    def spy(spec, *args, **kw):
+        trained.append(spec)
+        if len(trained) == interrupt_at:
+            raise KeyboardInterrupt
+        return train(spec, *args, **kw)
+
+    monkeypatch.setattr(heads, "train_head_on_maps", spy)
+    return trained
+
+
+def interrupt(*args, **kw):
+    raise KeyboardInterrupt
+
+
+def journal_lines(path) -> list[dict]:
+    import json
+
+    lines = path.read_text().splitlines()
+    whole = [json.loads(line) for line in lines if line.endswith("}")]
+    assert len(lines) - len(whole) <= 1  # at most one line cut short
+    return whole
+
+
+def test_experiment_heads_reuses_the_runs_journalled_before_an_interrupt(image_folder, tmp_path, monkeypatch):
+    """Ctrl-C in the 2nd of 4 runs leaves the 1st in OUT.runs.jsonl; a rerun in 2 jobs trains only the 3 others
+    (past a line cut short by a crash) and is interrupted before its table; a third run trains none and writes the
+    table of an uninterrupted run."""
+    from asymsearch.training.experiments import heads
+
+    logs = []
+    want = heads.run_heads_experiment(tiny_heads_config(image_folder, tmp_path, "ref/heads", seeds=(0, 1)),
+                                      log=lambda *_: None)
+    cfg = tiny_heads_config(image_folder, tmp_path, "res/heads", seeds=(0, 1))
+    journal = heads.journal_path(tmp_path / "res" / "heads")
+    assert journal == tmp_path / "res" / "heads.runs.jsonl"
+
+    trained = spy_on_training(monkeypatch, interrupt_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        heads.run_heads_experiment(cfg, log=logs.append)
+    assert trained == ["gem", "gem"] and not (tmp_path / "res" / "heads.json").exists()
+    [first] = journal_lines(journal)
+    assert first["spec"] == "gem" and first["seed"] == 0
+    assert first["metrics"] == want["rows"][1]["runs"][0]["metrics"]
+    with journal.open("a") as f:
+        f.write('{"fingerprint": "0123')  # a crash mid-write
+
+    trained = spy_on_training(monkeypatch)
+    measure_costs = heads.measure_costs
+    monkeypatch.setattr(heads, "measure_costs", interrupt)  # Ctrl-C after the runs, before the table
+    with pytest.raises(KeyboardInterrupt):
+        heads.run_heads_experiment(tiny_heads_config(image_folder, tmp_path, "res/heads", seeds=(0, 1), jobs=2),
+                                   log=logs.append)
+    runs = journal_lines(journal)  # gem 0 once: not retrained
+    assert runs[0] == first and sorted((r["spec"], r["seed"]) for r in runs) == sorted(
+        (spec, seed) for spec in cfg.heads for seed in cfg.seeds)
+    assert any("reusing 1 of 4 runs" in line for line in logs)
+
+    monkeypatch.setattr(heads, "measure_costs", measure_costs)
+    logs.clear()
+    got = heads.run_heads_experiment(cfg, log=logs.append)
+    assert trained == [] and any("reusing 4 of 4 runs" in line for line in logs) and got["reused_runs"] == 4
+    for row, ref in zip(got["rows"], want["rows"], strict=True):
+        assert row["summary"] == ref["summary"]
+        assert [(r["seed"], r["metrics"]) for r in row["runs"]] == [(r["seed"], r["metrics"]) for r in ref["runs"]]
+    assert "4 runs finished by an earlier, interrupted invocation" in (tmp_path / "res" / "heads.md").read_text()
+    assert not journal.exists()  # OUT.json holds every run now
+
+
+def test_experiment_heads_does_not_reuse_runs_of_other_settings(image_folder, tmp_path, monkeypatch):
+    """A rerun with another learning rate trains every run, and keeps the other setting's journal lines."""
+    from asymsearch.training.experiments import heads
+
+    journal = heads.journal_path(tmp_path / "res" / "heads")
+    spy_on_training(monkeypatch, interrupt_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        heads.run_heads_experiment(tiny_heads_config(image_folder, tmp_path, "res/heads"), log=lambda *_: None)
+    before = journal.read_text()
+    assert [r["spec"] for r in journal_lines(journal)] == ["gem"]
+
+    trained = spy_on_training(monkeypatch)
+    got = heads.run_heads_experiment(tiny_heads_config(image_folder, tmp_path, "res/heads", lr=1e-3),
+                                     log=lambda *_: None)
+    assert trained == ["gem", "diablo:words=2"] and got["reused_runs"] == 0
+    assert journal.read_text() == before

@@ -17,11 +17,19 @@ Protocol (stated in the table it writes):
 - cost columns: head parameters; GFLOPs of backbone + head on one image at the experiment's size
   (torch.utils.flop_counter, multiply-adds x 2); images/s of backbone + head in eval mode on CPU, batch 16,
   measured side by side in this run (ratios between rows are meaningful, absolute values depend on the load).
+- journal: each finished (head, seed) run is appended at once, as one JSON line, to `OUT.runs.jsonl` beside
+  OUT.md / OUT.json, keyed by a fingerprint of everything that determines its result (`run_fingerprint`). A rerun
+  after a crash or Ctrl-C reuses the runs whose fingerprint is there and trains only the others. Once the table
+  is written the journal is deleted (only lines of other settings stay): OUT.json then holds every run, and a
+  later rerun of the same command retrains from scratch, as it must after a change to the training code, which
+  no fingerprint sees. Delete the journal by hand to retrain an interrupted experiment's finished runs too.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -193,7 +201,8 @@ def _train_tuned(spec: str, seed: int, cfg: HeadsExperimentConfig, eval_trunk: n
 _SHARED: tuple | None = None  # the data of the current experiment, inherited by forked job processes
 
 
-def _run_one(task: tuple[str, int]) -> dict:
+def _run_one(task: tuple[str, int]) -> tuple[tuple[str, int], dict]:
+    """Train and score one (head spec, seed) run; return (the task, its result)."""
     import torch
 
     spec, seed = task
@@ -208,7 +217,99 @@ def _run_one(task: tuple[str, int]) -> dict:
         emb = _embed(head, eval_maps)
     metrics = _metrics(emb, eval_labels)
     print(f"{spec} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-    return {"seed": seed, "metrics": metrics, "history": history, "train_seconds": time.perf_counter() - start}
+    return task, {"seed": seed, "metrics": metrics, "history": history, "train_seconds": time.perf_counter() - start}
+
+
+def _train_runs(tasks: list[tuple[str, int]], jobs: int):
+    """Yield (task, result) of every task as soon as its run finishes (in `jobs` forked processes when > 1), so
+    that the caller, the parent process alone, journals each one."""
+    if jobs > 1 and len(tasks) > 1:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(min(jobs, len(tasks))) as pool:
+            yield from pool.imap_unordered(_run_one, tasks)
+    else:
+        for task in tasks:
+            yield _run_one(task)
+
+
+def journal_path(out: Path) -> Path:
+    """OUT.runs.jsonl, beside the OUT.md and OUT.json that `write_results` writes."""
+    return out.with_suffix(".runs.jsonl")
+
+
+# Config fields that do not change a run's result, hence left out of its fingerprint: where the results go (out,
+# command, results), how fast the runs go (threads, jobs; each run seeds itself), which runs the experiment holds
+# (heads, seeds: each run's own spec and seed are in its fingerprint, so adding a seed keeps the others), where the
+# maps are cached (cache_dir: the same maps wherever they are kept) and how the data folder is spelled (data: its
+# images, by resolved path, size and modification time, are in the fingerprint through `data_key`). Every other
+# field is in, and so is any field added later, unless it is named here.
+_NOT_IN_FINGERPRINT = frozenset({"out", "command", "results", "threads", "jobs", "heads", "seeds", "cache_dir", "data"})
+
+
+def run_fingerprint(cfg: HeadsExperimentConfig, data_key: str, spec: str, seed: int) -> str:
+    """A digest of everything that determines the result of run (spec, seed): the config's result-bearing fields,
+    `data_key` (the feature-map cache key: backbone, weights, preprocessing and every image) and the run's own
+    spec and seed."""
+    what = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    what.update(data_key=data_key, spec=spec, seed=seed)
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def read_journal(path: Path) -> dict[str, dict]:
+    """fingerprint -> journalled run (its `_run_one` result plus `spec`) of every whole line at `path`; a line cut
+    short by a crash mid-write is skipped. Empty when there is no journal."""
+    runs = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            runs[entry.pop("fingerprint")] = entry
+    return runs
+
+
+def append_journal(path: Path, fingerprint: str, spec: str, run: dict) -> None:
+    """Append one run as one line, flushed to the file before this returns."""
+    line = json.dumps({"fingerprint": fingerprint, "spec": spec, **run}) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("ab+") as f:  # append mode: every write goes to the end
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # the last line was cut short by a crash: start a line of our own
+                line = "\n" + line
+        f.write(line.encode())
+
+
+def drop_from_journal(path: Path, fingerprints: set[str]) -> None:
+    """Remove the runs `fingerprints` from the journal, and the journal when no other run is left in it."""
+    keep = [json.dumps({"fingerprint": k, **run}) + "\n" for k, run in read_journal(path).items()
+            if k not in fingerprints]
+    if not keep:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+def _journalled_runs(cfg: HeadsExperimentConfig, data_key: str, log) -> tuple[dict, int]:
+    """(spec, seed) -> result of every run of the experiment, each trained unless the journal has it; and how many
+    came from the journal."""
+    tasks = [(spec, seed) for spec in cfg.heads for seed in cfg.seeds]
+    keys = {task: run_fingerprint(cfg, data_key, *task) for task in tasks}
+    journal = journal_path(Path(cfg.out))
+    journalled = read_journal(journal)
+    done = {task: {k: v for k, v in journalled[key].items() if k != "spec"}
+            for task, key in keys.items() if key in journalled}
+    if done:
+        log(f"reusing {len(done)} of {len(tasks)} runs, finished before with the same settings, from {journal} "
+            "(delete it to retrain them)")
+    reused = len(done)
+    for task, run in _train_runs([t for t in tasks if t not in done], cfg.jobs):
+        append_journal(journal, keys[task], task[0], run)
+        done[task] = run
+    return done, reused
 
 
 def measure_costs(cfg: HeadsExperimentConfig, specs: list[str], size: int, channels: int,
@@ -277,7 +378,7 @@ def run_heads_experiment(cfg: HeadsExperimentConfig, log=print) -> dict:
     from asymsearch.core.data import list_image_folder, select_classes
     from asymsearch.core.manifest import Preprocessing
     from asymsearch.training.common import split_train_val
-    from asymsearch.training.experiments.featcache import feature_maps
+    from asymsearch.training.experiments.featcache import cache_key, feature_maps
     from asymsearch.training.models import backbone_preprocessing, create_head, parse_head_spec
 
     # the maps are computed before the jobs fork: with every job's threads; each job then sets its own
@@ -328,14 +429,8 @@ def run_heads_experiment(cfg: HeadsExperimentConfig, log=print) -> dict:
     log(f"zero-shot GAP: {zero_metrics}")
     rows = [{"head": "gap (zero-shot, no training)", "spec": "gap", "runs": [{"seed": None, "metrics": zero_metrics}],
              "summary": _summary([{"metrics": zero_metrics}])}]
-    tasks = [(spec, seed) for spec in cfg.heads for seed in cfg.seeds]
-    if cfg.jobs > 1:
-        import multiprocessing as mp
-        with mp.get_context("fork").Pool(min(cfg.jobs, len(tasks))) as pool:
-            done = pool.map(_run_one, tasks, chunksize=1)
-    else:
-        done = [_run_one(t) for t in tasks]
-    by_task = dict(zip(tasks, done))
+    data_key = cache_key(cfg.backbone, pretrained, spec_pre, items)
+    by_task, reused = _journalled_runs(cfg, data_key, log)
     for spec in cfg.heads:
         runs = [by_task[(spec, seed)] for seed in cfg.seeds]
         rows.append({"head": spec, "spec": spec, "runs": runs, "summary": _summary(runs)})
@@ -347,9 +442,12 @@ def run_heads_experiment(cfg: HeadsExperimentConfig, log=print) -> dict:
                         "train_classes": len(fit_classes), "val_classes": len(val_classes),
                         "eval_classes": len(eval_classes)},
               "backbone_images_per_s_caching": fm.images_per_s, "seconds": time.perf_counter() - t0,
+              "reused_runs": reused,
               "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}, "
                          f"{cfg.threads} thread(s)", "rows": rows}
     write_results(result, Path(cfg.out))
+    drop_from_journal(journal_path(Path(cfg.out)), {run_fingerprint(cfg, data_key, spec, seed)
+                                                   for spec in cfg.heads for seed in cfg.seeds})
     return result
 
 
@@ -414,7 +512,9 @@ def write_results(result: dict, out: Path) -> tuple[Path, Path]:
         lines.append(f"| `{row['head']}` | {_fmt(s['recall@1'])} | {_fmt(s['recall@2'])} | {_fmt(s['recall@4'])} | "
                      f"{_fmt(s['recall@8'])} | {_fmt(s['map'])} | {row['head_params'] / 1e6:.2f} M | "
                      f"{row['gflops']:.2f} | {row['images_per_s']:.1f} |")
-    lines += ["", f"Total time {result['seconds'] / 60:.1f} min. Per-seed numbers and per-epoch logs: "
+    reused = (f" ({result['reused_runs']} runs finished by an earlier, interrupted invocation were reused)"
+              if result.get("reused_runs") else "")
+    lines += ["", f"Total time {result['seconds'] / 60:.1f} min{reused}. Per-seed numbers and per-epoch logs: "
               f"`{js.name}`."]
     if result.get("recost_command"):
         lines += ["", f"The cost columns were re-measured, side by side, by `{result['recost_command']}`."]
