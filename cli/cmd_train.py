@@ -1,4 +1,4 @@
-"""`asymsearch train teacher` and `asymsearch train student`."""
+"""`asymsearch train teacher`, `asymsearch train student` and `asymsearch train soup`."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,16 @@ def register(commands: Commands) -> None:
                      help="asymmetric metric learning against the frozen teacher (--loss reg by default; see docs/losses.md)")
     add_config_options(p, StudentConfig, required=("data", "teacher", "out"))
     p.set_defaults(func=run_student)
+    p = commands.add("soup", group="train",
+                     help="average the weights of models fine-tuned from the same start into one model (uniform "
+                          "model soup: same cost at inference; docs/heads.md)",
+                     description="Average the weights of two or more checkpoints of one architecture that started "
+                                 "from the same weights (train them with the same --init-seed and different --seed) "
+                                 "into one checkpoint: the uniform model soup of Wortsman et al. 2022. Refuses "
+                                 "members of another architecture, preprocessing, starting point or teacher.")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="the members (.pt)")
+    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.set_defaults(func=run_soup)
 
 
 def run_teacher(args: argparse.Namespace) -> int:
@@ -27,4 +37,10 @@ def run_teacher(args: argparse.Namespace) -> int:
 def run_student(args: argparse.Namespace) -> int:
     from asymsearch.training.student import train_student
     print(f"student checkpoint: {train_student(config_from_args(StudentConfig, args))}")
+    return 0
+
+
+def run_soup(args: argparse.Namespace) -> int:
+    from asymsearch.training.soup import average_checkpoints
+    print(f"soup checkpoint: {average_checkpoints(args.checkpoints, args.out)}")
     return 0

@@ -111,13 +111,16 @@ def _set_rng_state(s: dict) -> None:
 def train_teacher(cfg: TeacherConfig) -> Path:
     """Train a teacher with ℓ_C (seed 001, symmetric contrastive, in-batch hard negatives); return the checkpoint."""
     check_teacher_config(cfg)
-    seed_everything(cfg.seed)
+    init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
+    seed_everything(init_seed)
     device = resolve_device(cfg.device)
     out = output_path(cfg.out, "teacher")
     spec = teacher_preprocessing(cfg)
     train_items, val_items, class_to_idx = prepare_data(cfg.data, cfg.classes, cfg.val_fraction)
     arch = {"backbone": cfg.backbone, "head": cfg.head, "dim": cfg.dim, "pretrained": cfg.pretrained}
     model = build_model(arch).to(device)
+    if init_seed != cfg.seed:  # the same starting weights as the runs of seed init_seed; everything else follows seed
+        seed_everything(cfg.seed)
     # Metrix / OSM + CAA / message passing (training.addons): their modules train beside the model, never in it
     addons = TrainingAddOns(AddOnOptions.from_config(cfg), dim=cfg.dim, num_classes=len(class_to_idx),
                             seed=cfg.seed).to(device)

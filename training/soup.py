@@ -1,0 +1,64 @@
+"""Weight averaging of fine-tuned models: the uniform model soup (Wortsman et al., "Model soups: averaging
+weights of multiple fine-tuned models improves accuracy without increasing inference time", ICML 2022, eq. 1 with
+the uniform recipe): θ_soup = (1/k) Σ_i θ_i over k models fine-tuned from the same starting weights.
+
+The soup is one ordinary model (same architecture, same cost at inference), so export, index and serving do not
+know the difference. Averaging only works between models that started from the same weights: fine-tuning from a
+shared start keeps them in one basin, while two random initialisations of the head are unrelated. Teachers record
+their start as (pretrained weights, `init_seed`, else `seed`); `train teacher --init-seed S --seed i` trains the
+members. Members whose recorded starts differ are refused.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from asymsearch.core.errors import UserError
+from asymsearch.core.manifest import Preprocessing
+from asymsearch.training.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+
+
+def starting_point(ckpt: dict) -> tuple:
+    """What a checkpoint's training started from, as far as its config says: (pretrained, initialisation seed)."""
+    cfg = ckpt["config"]
+    init = cfg.get("init_seed")
+    return ckpt["arch"].get("pretrained"), cfg.get("seed") if init is None else init
+
+
+def average_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Write the uniform soup of the checkpoints at `paths` to `out` and return its path. The members must share
+    role, architecture, preprocessing, starting point and (students) teacher; anything else is a `UserError`."""
+    if len(paths) < 2:
+        raise UserError(f"a soup averages at least 2 checkpoints, not {len(paths)}")
+    members = [load_checkpoint(p) for p in paths]
+    first = members[0]
+    for path, ckpt in zip(paths[1:], members[1:]):
+        for what in ("role", "arch", "preprocessing", "teacher_id"):
+            if what == "teacher_id" and first["role"] == "teacher":
+                continue  # a teacher's id is its own weights' id
+            if ckpt[what] != first[what]:
+                raise UserError(f"{path} differs from {paths[0]} in {what} ({ckpt[what]} vs {first[what]}): "
+                                "a soup averages models of one architecture")
+    starts = [starting_point(c) for c in members]
+    if len(set(starts)) > 1:
+        raise UserError("the checkpoints did not start from the same weights (pretrained, init seed: "
+                        f"{', '.join(map(str, starts))}); train the members with the same --init-seed")
+    state = {}
+    for key, value in first["state_dict"].items():
+        if value.is_floating_point():
+            state[key] = torch.stack([c["state_dict"][key].double() for c in members]).mean(0).to(value.dtype)
+        else:  # counters (batch norm's num_batches_tracked): the first member's
+            state[key] = value.clone()
+    model = model_from_checkpoint({**first, "state_dict": state})
+    config = {**first["config"], "seed": None,
+              "soup": [{"path": str(p), "model_id": c["model_id"], "seed": c["config"].get("seed")}
+                       for p, c in zip(paths, members)]}
+    ckpt = make_checkpoint(model, role=first["role"], arch=first["arch"],
+                           preprocessing=Preprocessing.from_dict(first["preprocessing"]),
+                           teacher_id=None if first["role"] == "teacher" else first["teacher_id"], config=config)
+    return save_checkpoint(ckpt, out)
+
+
+__all__ = ["average_checkpoints", "starting_point"]
