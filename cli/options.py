@@ -31,9 +31,9 @@ CONFIG_HELP = {
     "num_negatives": "hard negatives mined per anchor in the batch",
     "val_fraction": "fraction of the classes held out for per-epoch validation Recall@1 (0 disables)",
     "seed": "random seed",
-    "init_seed": "start the new layers (head) as a run with this seed would, while --seed draws everything else "
-                 "(batches, augmentation, proxies): runs that share a starting point can be averaged into one "
-                 "model by `asymsearch soup` (default: --seed)",
+    "init_seed": "start the new layers (head, Proxy-Anchor's proxies) as a run with this seed would, while --seed "
+                 "draws everything else (batches, augmentation): runs that share a starting point can be averaged "
+                 "into one model by `asymsearch train soup` (default: --seed)",
     "workers": "data-loading worker processes",
     "device": "auto (CUDA when present), cpu or cuda",
     "workdir": "folder for every artifact the demo makes",

@@ -9,6 +9,7 @@ from asymsearch.core.errors import UserError
 from asymsearch.training.checkpoint import load_checkpoint, model_from_checkpoint, state_dict_id
 from asymsearch.training.config import TeacherConfig
 from asymsearch.training.soup import average_checkpoints
+from asymsearch.training import teacher as teacher_module
 from asymsearch.training.teacher import train_teacher
 
 
@@ -18,7 +19,7 @@ def teacher(data, out, **kw):
     return load_checkpoint(train_teacher(TeacherConfig(data=str(data), out=str(out), **{**base, **kw})))
 
 
-def test_init_seed_fixes_the_start_and_seed_the_rest(image_folder, tmp_path):
+def test_init_seed_fixes_the_start_and_seed_the_rest(image_folder, tmp_path, monkeypatch):
     untrained = {s: teacher(image_folder, tmp_path / f"u{s}.pt", epochs=0, **s_kw)["state_dict"]
                  for s, s_kw in {"0": {"seed": 0}, "1/0": {"seed": 1, "init_seed": 0}, "1": {"seed": 1}}.items()}
     assert state_dict_id(untrained["1/0"]) == state_dict_id(untrained["0"])  # the start of seed 0
@@ -27,6 +28,19 @@ def test_init_seed_fixes_the_start_and_seed_the_rest(image_folder, tmp_path):
     assert not torch.equal(trained[0]["head.proj.weight"], trained[1]["head.proj.weight"])  # batches differ
     again = teacher(image_folder, tmp_path / "t0b.pt", seed=0, init_seed=0)["state_dict"]
     assert state_dict_id(again) == state_dict_id(trained[0])  # init_seed = seed: the run of seed alone
+    proxies = []  # Proxy-Anchor's proxies as each run draws them: part of the start
+    real = teacher_module.ProxyAnchorLoss
+
+    def record(*a, **kw):
+        proxies.append(real(*a, **kw))
+        proxies[-1].initial = proxies[-1].proxies.detach().clone()
+        return proxies[-1]
+
+    monkeypatch.setattr(teacher_module, "ProxyAnchorLoss", record)
+    for seed, init in ((0, None), (1, 0), (1, None)):
+        teacher(image_folder, tmp_path / f"p{seed}.pt", seed=seed, init_seed=init, loss="proxy-anchor")
+    assert torch.equal(proxies[0].initial, proxies[1].initial) and not torch.equal(proxies[0].initial,
+                                                                                   proxies[2].initial)
 
 
 def test_soup_is_the_mean_of_its_members_and_a_whole_model(image_folder, tmp_path):

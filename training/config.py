@@ -61,7 +61,7 @@ class TeacherConfig:
     message_passing: int = 0  # intra-batch message-passing layers, training only (seed 003); 0: off
     mp_weight: float = 1.0  # weight of the message-passing cross-entropy
     seed: int = 0
-    init_seed: int | None = None  # None: seed; else the new layers start as with this seed (runs to average)
+    init_seed: int | None = None  # None: seed; else head and proxies start as with this seed (runs to average)
     workers: int = 2
     device: str = "auto"  # auto -> cuda if available else cpu
 

@@ -119,8 +119,6 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     train_items, val_items, class_to_idx = prepare_data(cfg.data, cfg.classes, cfg.val_fraction)
     arch = {"backbone": cfg.backbone, "head": cfg.head, "dim": cfg.dim, "pretrained": cfg.pretrained}
     model = build_model(arch).to(device)
-    if init_seed != cfg.seed:  # the same starting weights as the runs of seed init_seed; everything else follows seed
-        seed_everything(cfg.seed)
     # Metrix / OSM + CAA / message passing (training.addons): their modules train beside the model, never in it
     addons = TrainingAddOns(AddOnOptions.from_config(cfg), dim=cfg.dim, num_classes=len(class_to_idx),
                             seed=cfg.seed).to(device)
@@ -146,6 +144,8 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     # Proxy-Anchor's proxies, like the add-ons, train beside the model and stay out of its checkpoint
     proxies = ProxyAnchorLoss(len(class_to_idx), cfg.dim, cfg.proxy_alpha, cfg.proxy_delta).to(device) \
         if cfg.loss == "proxy-anchor" else None
+    if init_seed != cfg.seed:  # model and proxies start as in the runs of seed init_seed; the rest follows seed
+        seed_everything(cfg.seed)
     backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else (cfg.lr / 10 if cfg.pretrained else cfg.lr)
     groups = parameter_groups(model, cfg.lr, backbone_lr, cfg.weight_decay) + addons.optimizer_group(cfg.lr,
                                                                                                       cfg.weight_decay)
