@@ -100,9 +100,7 @@ def check_history_entry(epoch: int, loss: float, recall: float | None) -> dict:
 def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel | None:
     """An exponential moving average of `model`'s weights and buffers, W̄ ← decay·W̄ + (1 − decay)·W after every
     optimiser step (`update_parameters`; the first update copies W), or None when `decay` is 0. Its `module` is a
-    copy of `model` holding the averaged weights (torch.optim.swa_utils)."""
-    if not 0 <= decay < 1:
-        raise UserError(f"ema is the averaging decay per step, in [0, 1) (0 disables), not {decay}")
+    copy of `model` holding the averaged weights (torch.optim.swa_utils; callers check 0 <= decay < 1)."""
     if decay == 0:
         return None
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

@@ -13,6 +13,9 @@ weights of the epoch with the best validation Recall@1 (the last epoch when vali
 `epochs=0` writes the model untrained: with `head=gap` and ImageNet weights, the zero-shot baseline for `asymsearch export` / `asymsearch eval`.
 The training add-ons (`metrix`, `osm_caa`, `message_passing`; `training.addons`, docs/addons.md) compose with the
 loss of each step; their modules are kept in the resumable state, never in the checkpoint.
+`ema=D` validates, keeps and writes an exponential moving average of the weights (`common.weight_average`).
+`init_seed=S` starts the head and the proxies as the run of seed S does while `seed` draws the rest, so that runs
+sharing a start can be averaged (`training.soup`).
 """
 from __future__ import annotations
 
