@@ -17,12 +17,12 @@ def register(commands: Commands) -> None:
     add_config_options(p, StudentConfig, required=("data", "teacher", "out"))
     p.set_defaults(func=run_student)
     p = commands.add("soup", group="train",
-                     help="average the weights of models fine-tuned from the same start into one model (uniform "
+                     help="average the weights of teachers fine-tuned from the same start into one model (uniform "
                           "model soup: same cost at inference; docs/heads.md)",
-                     description="Average the weights of two or more checkpoints of one architecture that started "
-                                 "from the same weights (train them with the same --init-seed and different --seed) "
-                                 "into one checkpoint: the uniform model soup of Wortsman et al. 2022. Refuses "
-                                 "members of another architecture, preprocessing, starting point or teacher.")
+                     description="Average the weights of two or more teacher checkpoints of one architecture that "
+                                 "started from the same weights (train them with the same --init-seed and different "
+                                 "--seed) into one checkpoint: the uniform model soup of Wortsman et al. 2022. Refuses "
+                                 "students and members of another architecture, preprocessing or starting point.")
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="the members (.pt)")
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.set_defaults(func=run_soup)

@@ -71,6 +71,10 @@ def test_soup_refuses_members_that_cannot_be_averaged(image_folder, tmp_path, ca
         average_checkpoints([a, tmp_path / "b.pt"], tmp_path / "s.pt")
     with pytest.raises(UserError, match="differs .* in arch"):
         average_checkpoints([a, tmp_path / "c.pt"], tmp_path / "s.pt")
+    student = load_checkpoint(a)
+    torch.save({**student, "role": "student", "teacher_id": student["model_id"]}, tmp_path / "s0.pt")
+    with pytest.raises(UserError, match="is a student: a soup averages teachers"):
+        average_checkpoints([a, tmp_path / "s0.pt"], tmp_path / "s.pt")
     with pytest.raises(UserError, match="at least 2"):
         average_checkpoints([a], tmp_path / "s.pt")
     assert main(["train", "soup", "--out", str(tmp_path / "s.pt"), str(a), str(tmp_path / "b.pt")]) == 2

@@ -28,19 +28,20 @@ def starting_point(ckpt: dict) -> tuple:
 
 
 def average_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Write the uniform soup of the checkpoints at `paths` to `out` and return its path. The members must share
-    role, architecture, preprocessing, starting point and (students) teacher; anything else is a `UserError`."""
+    """Write the uniform soup of the teacher checkpoints at `paths` to `out` and return its path. The members must
+    share architecture, preprocessing and starting point; anything else is a `UserError`."""
     if len(paths) < 2:
         raise UserError(f"a soup averages at least 2 checkpoints, not {len(paths)}")
     members = [load_checkpoint(p) for p in paths]
     first = members[0]
+    for path, ckpt in zip(paths, members):
+        if ckpt["role"] != "teacher":  # a student's start (its seed, or its teacher) is not recorded the same way
+            raise UserError(f"{path} is a {ckpt['role']}: a soup averages teachers")
     for path, ckpt in zip(paths[1:], members[1:]):
-        for what in ("role", "arch", "preprocessing", "teacher_id"):
-            if what == "teacher_id" and first["role"] == "teacher":
-                continue  # a teacher's id is its own weights' id
+        for what in ("arch", "preprocessing"):
             if ckpt[what] != first[what]:
                 raise UserError(f"{path} differs from {paths[0]} in {what} ({ckpt[what]} vs {first[what]}): "
-                                "a soup averages models of one architecture")
+                                "a soup averages models of one architecture and preprocessing")
     starts = [starting_point(c) for c in members]
     if len(set(starts)) > 1:
         raise UserError("the checkpoints did not start from the same weights (pretrained, init seed: "
@@ -55,9 +56,8 @@ def average_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike) 
     config = {**first["config"], "seed": None,
               "soup": [{"path": str(p), "model_id": c["model_id"], "seed": c["config"].get("seed")}
                        for p, c in zip(paths, members)]}
-    ckpt = make_checkpoint(model, role=first["role"], arch=first["arch"],
-                           preprocessing=Preprocessing.from_dict(first["preprocessing"]),
-                           teacher_id=None if first["role"] == "teacher" else first["teacher_id"], config=config)
+    ckpt = make_checkpoint(model, role="teacher", arch=first["arch"],
+                           preprocessing=Preprocessing.from_dict(first["preprocessing"]), config=config)
     return save_checkpoint(ckpt, out)
 
 

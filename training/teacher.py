@@ -169,8 +169,10 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     memory = CrossBatchMemory(cfg.xbm, cfg.dim, device)
     # with ema, the averaged weights are the ones validated, kept as the best epoch and written out
     ema = weight_average(model, cfg.ema)
-    kept = ema.module if ema is not None else model
-    eval_net = kept if not cfg.tune_units else net if ema is None else TailNet(kept, cfg.tune_units)
+    kept, eval_net = model, net
+    if ema is not None:
+        kept = ema.module
+        eval_net = TailNet(kept, cfg.tune_units) if cfg.tune_units else kept
 
     history: list[dict] = []
     best, start_epoch = BestEpoch(), 1
