@@ -19,6 +19,10 @@ def register(commands: Commands) -> None:
                    help="a teacher or student checkpoint")
     p.add_argument("--out", required=True, type=Path, help="NAME.onnx to write (NAME.json is written beside it)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    p.add_argument("--image-size", type=int,
+                   help="centre crop the manifest asks for, if not the trained one: a larger test size than the "
+                        "training crops often retrieves better (the resize follows in proportion; default: the "
+                        "checkpoint's)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest allowed |onnxruntime - torch| on random inputs (default: %(default)s)")
     v = p.add_argument_group("variants")
@@ -89,8 +93,9 @@ def _export(args: argparse.Namespace, variants: list[str], calibration) -> None:
     from asymsearch.export.onnx_export import export_checkpoint
     from asymsearch.export.variants import make_variant, variant_path
 
-    m = export_checkpoint(args.checkpoint, args.out, opset=args.opset, tolerance=args.tolerance)
-    print(f"{m.role} exported: {args.out} (dim {m.dim}, teacher id {m.teacher_id}, "
+    m = export_checkpoint(args.checkpoint, args.out, opset=args.opset, tolerance=args.tolerance,
+                          image_size=args.image_size)
+    print(f"{m.role} exported: {args.out} (dim {m.dim}, {m.input_size} px, teacher id {m.teacher_id}, "
           f"max |onnxruntime - torch| {m.extra.get('max_abs_diff', float('nan')):.2e}); "
           f"manifest {manifest_path_for(args.out)}")
     for v in variants:

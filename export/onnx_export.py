@@ -6,6 +6,7 @@ is published it must pass the ONNX checker and agree with torch on fresh random 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -58,20 +59,36 @@ def max_abs_difference(model: torch.nn.Module, onnx_path: Path, crop: int, sampl
     return worst
 
 
+def at_image_size(spec: Preprocessing, size: int) -> Preprocessing:
+    """`spec` for a centre crop of `size` pixels, the resize scaled by the same factor (resize/crop kept).
+
+    Testing at a larger size than training compensates the random-resized crops of training, which show the
+    network objects larger than a centre crop of the same size does (Touvron et al. 2019, "Fixing the
+    train-test resolution discrepancy"). The convolutions and every head take any size, so only the manifest
+    changes: the weights, and so the model and teacher ids, stay those of the checkpoint.
+    """
+    if size < 32:
+        raise UserError(f"--image-size must be at least 32 pixels, not {size}")
+    return dataclasses.replace(spec, crop=size, resize=round(spec.resize * size / spec.crop))
+
+
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, opset: int = 17,
-                      tolerance: float = 1e-4, samples: int = 3) -> ModelManifest:
+                      tolerance: float = 1e-4, samples: int = 3, image_size: int | None = None) -> ModelManifest:
     """Export `checkpoint` to the ONNX file `out` and write its manifest at `manifest_path_for(out)`.
 
     The ONNX is written under a temporary name, checked (`onnx.checker`, full check) and compared with torch
     on `samples` random inputs; it is renamed to `out` only when the largest absolute difference is within
-    `tolerance` (otherwise `ExportMismatch`, and nothing is left behind). Returns the manifest.
+    `tolerance` (otherwise `ExportMismatch`, and nothing is left behind). `image_size` replaces the trained
+    crop in the manifest (`at_image_size`); the manifest's extra records the trained one. Returns the manifest.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     if manifest_path_for(out) == out:
         raise UserError(f"the ONNX output {out} would be overwritten by its own manifest; name it NAME.onnx")
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt).cpu()
-    spec = Preprocessing.from_dict(ckpt["preprocessing"])
+    spec = trained = Preprocessing.from_dict(ckpt["preprocessing"])
+    if image_size is not None:
+        spec = at_image_size(trained, image_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
@@ -91,6 +108,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         role=ckpt["role"], architecture=dict(ckpt["arch"]), dim=int(ckpt["arch"]["dim"]), input_size=spec.crop,
         preprocessing=spec, opset=opset, sha256=sha256_file(out), teacher_id=ckpt["teacher_id"],
         model_id=ckpt["model_id"], input_name=INPUT_NAME, output_name=OUTPUT_NAME,
-        extra={"checkpoint": str(checkpoint), "max_abs_diff": diff})
+        extra={"checkpoint": str(checkpoint), "max_abs_diff": diff,
+               **({"trained_preprocessing": trained.to_dict()} if spec != trained else {})})
     manifest.save(manifest_path_for(out))
     return manifest

@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 
+from asymsearch.cli.main import main
 from asymsearch.core.data import list_image_folder
 from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import ModelManifest, Preprocessing, manifest_path_for, sha256_file
@@ -81,6 +82,33 @@ def test_export_round_trip(checkpoints, image_folder, tmp_path, role):
     images = [decode_image(it.path) for it in items]
     pixels = torch.stack([eval_transform(manifest.preprocessing)(im) for im in images]).numpy()
     np.testing.assert_allclose(embedder.embed_images(images), torch_embed(ckpt, pixels), atol=1e-5)
+
+
+def test_export_at_another_image_size(checkpoints, image_folder, tmp_path, capsys):
+    """--image-size changes only the manifest's crop (resize in proportion): the served embedding of a real image
+    is torch's on that preprocessing, not the trained one's, and the ids stay the checkpoint's."""
+    ckpt = load_checkpoint(checkpoints["teacher"])
+    trained = export_checkpoint(checkpoints["teacher"], tmp_path / "t32.onnx")
+    m = export_checkpoint(checkpoints["teacher"], tmp_path / "t48.onnx", image_size=48)
+    assert m.input_size == 48 and m.preprocessing == Preprocessing(resize=54, crop=48)  # 36 * 48 / 32
+    assert m.extra["trained_preprocessing"] == trained.preprocessing.to_dict()
+    assert "trained_preprocessing" not in trained.extra
+    assert (m.model_id, m.teacher_id) == (trained.model_id, trained.teacher_id) == (ckpt["model_id"],) * 2
+    images = [decode_image(it.path) for it in list_image_folder(image_folder)[:3]]
+    pixels = torch.stack([eval_transform(Preprocessing(resize=54, crop=48))(im) for im in images]).numpy()
+    assert pixels.shape[-2:] == (48, 48)
+    got = OnnxEmbedder(tmp_path / "t48.onnx", providers=["CPUExecutionProvider"]).embed_images(images)
+    np.testing.assert_allclose(got, torch_embed(ckpt, pixels), atol=1e-5)
+    at_trained = OnnxEmbedder(tmp_path / "t32.onnx", providers=["CPUExecutionProvider"]).embed_images(images)
+    assert np.abs(got - at_trained).max() > 1e-3  # the size reached the pixels
+
+    with pytest.raises(UserError, match="at least 32"):
+        export_checkpoint(checkpoints["teacher"], tmp_path / "tiny.onnx", image_size=8)
+    assert not (tmp_path / "tiny.onnx").exists()
+    assert main(["export", "--checkpoint", str(checkpoints["teacher"]), "--out", str(tmp_path / "cli.onnx"),
+                 "--image-size", "40"]) == 0
+    assert "40 px" in capsys.readouterr().out
+    assert ModelManifest.load(manifest_path_for(tmp_path / "cli.onnx")).preprocessing.crop == 40
 
 
 def test_student_and_teacher_manifests_pair(checkpoints, tmp_path):
