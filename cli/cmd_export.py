@@ -20,9 +20,9 @@ def register(commands: Commands) -> None:
     p.add_argument("--out", required=True, type=Path, help="NAME.onnx to write (NAME.json is written beside it)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     p.add_argument("--image-size", type=int,
-                   help="centre crop the manifest asks for, if not the trained one: a larger test size than the "
-                        "training crops often retrieves better (the resize follows in proportion; default: the "
-                        "checkpoint's)")
+                   help="centre crop the manifest asks for, if not the trained one: a smaller size serves cheaper, "
+                        "a larger one may offset random-crop training (on CUB-100 the trained size was best; "
+                        "docs/export.md). The resize follows in proportion (default: the checkpoint's size)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest allowed |onnxruntime - torch| on random inputs (default: %(default)s)")
     v = p.add_argument_group("variants")

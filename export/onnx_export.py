@@ -62,9 +62,9 @@ def max_abs_difference(model: torch.nn.Module, onnx_path: Path, crop: int, sampl
 def at_image_size(spec: Preprocessing, size: int) -> Preprocessing:
     """`spec` for a centre crop of `size` pixels, the resize scaled by the same factor (resize/crop kept).
 
-    Testing at a larger size than training compensates the random-resized crops of training, which show the
-    network objects larger than a centre crop of the same size does (Touvron et al. 2019, "Fixing the
-    train-test resolution discrepancy"). The convolutions and every head take any size, so only the manifest
+    A larger test size than training can offset random-resized-crop training, which shows the network objects
+    larger than a centre crop of the same size does (Touvron et al. 2019, "Fixing the train-test resolution
+    discrepancy"); a smaller one serves cheaper. The convolutions and every head take any size, so only the manifest
     changes: the weights, and so the model and teacher ids, stay those of the checkpoint.
     """
     if size < 32:
