@@ -1,4 +1,4 @@
-"""`asymsearch train teacher`, `asymsearch train student` and `asymsearch train soup`."""
+"""`asymsearch train teacher`, `asymsearch train student`, `asymsearch train soup` and `asymsearch train ensemble`."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +26,18 @@ def register(commands: Commands) -> None:
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="the members (.pt)")
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.set_defaults(func=run_soup)
+    p = commands.add("ensemble", group="train",
+                     help="join trained teachers into one ensemble teacher: the concatenation of their embeddings "
+                          "(dim = the sum; costs every member per database image; docs/heads.md)",
+                     description="Join two or more teacher checkpoints with the same preprocessing into one teacher "
+                                 "whose embedding is the concatenation of theirs divided by sqrt(k), so its inner "
+                                 "product is the members' mean cosine similarity. Members may differ in backbone, "
+                                 "head and dimension. The result is an ordinary teacher checkpoint: export it, index "
+                                 "with it and train students against it (without --from-teacher). Refuses students, "
+                                 "ensembles, repeated members and members that prepare images differently.")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="the member teachers (.pt), in order")
+    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.set_defaults(func=run_ensemble)
 
 
 def run_teacher(args: argparse.Namespace) -> int:
@@ -43,4 +55,10 @@ def run_student(args: argparse.Namespace) -> int:
 def run_soup(args: argparse.Namespace) -> int:
     from asymsearch.training.soup import average_checkpoints
     print(f"soup checkpoint: {average_checkpoints(args.checkpoints, args.out)}")
+    return 0
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    from asymsearch.training.ensemble import ensemble_checkpoints
+    print(f"ensemble checkpoint: {ensemble_checkpoints(args.checkpoints, args.out)}")
     return 0

@@ -3,7 +3,7 @@
 A checkpoint is a `torch.save`d dict (loadable with `weights_only=True`):
 
     {"format": 1, "role": "teacher" | "student",
-     "arch": {"backbone", "head", "dim", "pretrained"},
+     "arch": {"backbone", "head", "dim", "pretrained"} (an ensemble teacher's also "members": their archs),
      "preprocessing": Preprocessing.to_dict(),
      "state_dict": model.state_dict(),
      "model_id": 16 hex chars, the content id of the state dict (`state_dict_id`),
@@ -22,7 +22,7 @@ from torch import nn
 
 from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import Preprocessing
-from asymsearch.training.models import EmbeddingNet, build_model
+from asymsearch.training.models import EmbeddingNet, EnsembleNet, build_model
 
 CHECKPOINT_FORMAT = 1
 ROLES = ("teacher", "student")
@@ -51,7 +51,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def make_checkpoint(model: EmbeddingNet, *, role: str, arch: dict, preprocessing: Preprocessing,
+def make_checkpoint(model: EmbeddingNet | EnsembleNet, *, role: str, arch: dict, preprocessing: Preprocessing,
                     teacher_id: str | None = None, config: dict | None = None,
                     history: list[dict] | None = None) -> dict:
     """The checkpoint dict for `model`. A teacher's teacher_id is its own model_id (pass None)."""
@@ -65,7 +65,8 @@ def make_checkpoint(model: EmbeddingNet, *, role: str, arch: dict, preprocessing
         raise ValueError("a student checkpoint needs its teacher's id")
     return {"format": CHECKPOINT_FORMAT, "role": role,
             "arch": {"backbone": arch["backbone"], "head": arch["head"], "dim": int(arch["dim"]),
-                     "pretrained": arch.get("pretrained")},
+                     "pretrained": arch.get("pretrained"),
+                     **({"members": [dict(a) for a in arch["members"]]} if "members" in arch else {})},
             "preprocessing": preprocessing.to_dict(), "state_dict": state, "model_id": model_id,
             "teacher_id": teacher_id, "config": _plain(config or {}), "history": list(history or [])}
 
@@ -103,7 +104,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict) -> EmbeddingNet:
+def model_from_checkpoint(ckpt: dict) -> EmbeddingNet | EnsembleNet:
     """The checkpoint's model, weights loaded, in eval mode (never downloads: `pretrained` is not applied)."""
     model = build_model({**ckpt["arch"], "pretrained": None})
     try:

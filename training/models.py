@@ -11,6 +11,8 @@ a model's options travel with it.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -22,7 +24,7 @@ from asymsearch.training.heads import GeM, GeMHead  # noqa: F401 - historical im
 from asymsearch.training.registry import (BACKBONES, HEADS, BackboneFactory, HeadFactory,  # noqa: F401
                                           lookup, register_backbone, register_head)
 
-__all__ = ["ARCH_KEYS", "BACKBONES", "HEADS", "IMAGENET", "LITE_VARIANTS", "BackboneFactory", "EmbeddingNet", "GeM",
+__all__ = ["ARCH_KEYS", "BACKBONES", "HEADS", "IMAGENET", "LITE_VARIANTS", "BackboneFactory", "EmbeddingNet", "EnsembleNet", "GeM",
            "GeMHead", "HeadFactory", "backbone_preprocessing", "build_model", "create_backbone", "create_head",
            "feature_channels", "parse_head_spec", "register_backbone", "register_head"]
 
@@ -98,14 +100,33 @@ class EmbeddingNet(nn.Module):
         return self.head(self.backbone(images)).float()
 
 
+class EnsembleNet(nn.Module):
+    """An ensemble teacher (`training.ensemble`): members, each images -> unit-norm (N, dim_i), give
+    (N, Σ dim_i) unit-norm embeddings, their concatenation divided by √k."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise UserError(f"an ensemble has at least 2 members, not {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.dim = sum(int(m.dim) for m in members)
+        self.scale = 1.0 / math.sqrt(len(members))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(images) for m in self.members], dim=1) * self.scale
+
+
 ARCH_KEYS = ("backbone", "head", "dim", "pretrained")
 
 
-def build_model(arch: dict) -> EmbeddingNet:
-    """arch = {"backbone": str, "head": spec, "dim": int, "pretrained": str | None} -> EmbeddingNet (train mode).
+def build_model(arch: dict) -> EmbeddingNet | EnsembleNet:
+    """arch = {"backbone": str, "head": spec, "dim": int, "pretrained": str | None} -> EmbeddingNet (train mode);
+    an ensemble's arch (`arch["members"]`, see `training.ensemble`) -> EnsembleNet of its members.
 
     The head is built (and its options checked) before the backbone, so a bad head fails before any weights load.
     """
+    if "members" in arch:
+        return EnsembleNet([build_model(member) for member in arch["members"]])
     missing = [k for k in ("backbone", "head", "dim") if k not in arch]
     if missing:
         raise UserError(f"model architecture lacks {', '.join(missing)}")

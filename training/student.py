@@ -145,6 +145,9 @@ def train_student(cfg: StudentConfig) -> Path:
     if cfg.dim is not None and cfg.dim != teacher_dim:
         raise UserError(f"a student embeds into its teacher's space: dim must be {teacher_dim} (the teacher's), "
                         f"not {cfg.dim}")
+    if cfg.from_teacher and "members" in teacher_ckpt["arch"]:
+        raise UserError(f"--from-teacher copies one network, and {cfg.teacher} is an ensemble of "
+                        f"{len(teacher_ckpt['arch']['members'])}: train the student from --pretrained weights")
     objective = StudentObjective(cfg.loss, create_loss(cfg.loss, **loss_kwargs(cfg)), asymmetric=cfg.asymmetric,
                                  num_negatives=cfg.num_negatives)
     options = AddOnOptions.from_config(cfg)
