@@ -60,6 +60,10 @@ def test_ensemble_embeds_the_members_concatenated_over_sqrt_k(members, ensemble)
                                                                                              "tiny_cnn_narrow"]
     assert [m["model_id"] for m in ckpt["config"]["ensemble"]] == [m["model_id"] for m in member_ckpts]
     assert ckpt["preprocessing"] == member_ckpts[0]["preprocessing"]
+    # members record what they started from, but rebuilding the ensemble never loads (or downloads) those weights
+    elsewhere = {**ckpt, "arch": {**ckpt["arch"], "members": [{**m, "pretrained": "/nowhere/weights.pt"}
+                                                              for m in ckpt["arch"]["members"]]}}
+    assert torch.equal(model_from_checkpoint(elsewhere)(x), e)
 
 
 def test_ensemble_exports_and_onnxruntime_matches_torch(ensemble, tmp_path):

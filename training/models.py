@@ -125,8 +125,8 @@ def build_model(arch: dict) -> EmbeddingNet | EnsembleNet:
 
     The head is built (and its options checked) before the backbone, so a bad head fails before any weights load.
     """
-    if "members" in arch:
-        return EnsembleNet([build_model(member) for member in arch["members"]])
+    if "members" in arch:  # only ever built to load an ensemble checkpoint's weights: no member loads its own
+        return EnsembleNet([build_model({**member, "pretrained": None}) for member in arch["members"]])
     missing = [k for k in ("backbone", "head", "dim") if k not in arch]
     if missing:
         raise UserError(f"model architecture lacks {', '.join(missing)}")
