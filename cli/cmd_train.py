@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from asymsearch.cli.options import Commands, add_config_options, config_from_args
+from asymsearch.cli.options import Commands, add_config_options, config_from_args, existing_path
 from asymsearch.training.config import StudentConfig, TeacherConfig  # torch-free
 
 
@@ -27,16 +27,24 @@ def register(commands: Commands) -> None:
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.set_defaults(func=run_soup)
     p = commands.add("ensemble", group="train",
-                     help="join trained teachers into one ensemble teacher: the concatenation of their embeddings "
-                          "(dim = the sum; costs every member per database image; docs/heads.md)",
+                     help="join trained teachers into one ensemble teacher (their embeddings concatenated: dim = the "
+                          "sum, every member runs per database image), or students of its members into one student "
+                          "of it (--teacher); docs/heads.md",
                      description="Join two or more teacher checkpoints with the same preprocessing into one teacher "
                                  "whose embedding is the concatenation of theirs divided by sqrt(k), so its inner "
                                  "product is the members' mean cosine similarity. Members may differ in backbone, "
                                  "head and dimension. The result is an ordinary teacher checkpoint: export it, index "
-                                 "with it and train students against it (without --from-teacher). Refuses students, "
-                                 "ensembles, repeated members and members that prepare images differently.")
-    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="the member teachers (.pt), in order")
+                                 "with it and train students against it (without --from-teacher). With --teacher "
+                                 "ENSEMBLE.pt, join students instead, one of each of that ensemble's members in its "
+                                 "order (e.g. each trained --from-teacher), into one student of the ensemble. Refuses "
+                                 "a mix of roles, ensembles, repeated members, members that prepare images "
+                                 "differently and students of other teachers.")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="the member teachers (.pt), in order; with --teacher, a student of each of its members, in "
+                        "its members' order")
     p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.add_argument("--teacher", type=existing_path("ensemble teacher checkpoint"),
+                   help="an ensemble teacher: join students of its members into one student of it")
     p.set_defaults(func=run_ensemble)
 
 
@@ -60,5 +68,5 @@ def run_soup(args: argparse.Namespace) -> int:
 
 def run_ensemble(args: argparse.Namespace) -> int:
     from asymsearch.training.ensemble import ensemble_checkpoints
-    print(f"ensemble checkpoint: {ensemble_checkpoints(args.checkpoints, args.out)}")
+    print(f"ensemble checkpoint: {ensemble_checkpoints(args.checkpoints, args.out, teacher=args.teacher)}")
     return 0

@@ -17,7 +17,7 @@ the pairing with an index) is the same for all of them:
 |                |                    | offline at level "extended" (any CPU) or "all" (this x86 CPU only)          |
 
 The embedding head (GeM pooling with its learnable power, the projection and the L2 normalisation) is kept in
-float for the int8 variants by default (`HEAD_PREFIX`): the power p in x^p amplifies quantisation error and the
+float for the int8 variants by default (`HEAD_NODE`; in a joined student, every member's head): the power p in x^p amplifies quantisation error and the
 projection is a negligible share of the compute. Every variant is compared with its parent on fresh random
 inputs; the fp32-equivalent ones (`optimized`, `ort`) and `fp16` must agree within a tolerance, the int8 ones
 record their agreement (their accuracy is measured on real images by `asymsearch export --report`).
@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -42,7 +43,8 @@ from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.core.preprocess import decode_image, preprocess
 
 STUDENT_VARIANTS = ("optimized", "fp16", "int8-dynamic", "int8-static", "ort")  # what `all` makes
-HEAD_PREFIX = "/head/"  # node names the torch exporter gives the embedding head (EmbeddingNet.head)
+# node names the torch exporter gives the embedding head: EmbeddingNet.head, or each member's in an EnsembleNet
+HEAD_NODE = re.compile(r"^(?:/members\.\d+)?/head/")
 TOLERANCE = {"optimized": 1e-4, "ort": 1e-4, "fp16": 2e-2}  # largest |variant - fp32| on random inputs
 DEFAULT_CALIBRATION_IMAGES = 256
 
@@ -145,10 +147,6 @@ class _Reader:
 # ------------------------------------------------------------------------------------------------ builders
 
 
-def _head_nodes(model: onnx.ModelProto) -> list[str]:
-    return [n.name for n in model.graph.node if n.name.startswith(HEAD_PREFIX)]
-
-
 def _preprocessed(parent: Path, workdir: Path) -> Path:
     """onnxruntime's recommended step before quantisation: shape inference and basic graph optimisation."""
     from onnxruntime.quantization import quant_pre_process
@@ -166,8 +164,10 @@ def _node_lists(model: onnx.ModelProto, float_head: bool, float_nodes: Sequence[
     """(nodes_to_quantize, nodes_to_exclude) for onnxruntime's quantizers: nodes whose name starts with one of
     `float_nodes` (and the head's, with `float_head`) stay float. The others are listed explicitly, because
     quantize_dynamic rewrites Gemm into MatMul + Add under new names, so excluding by name alone would miss it."""
-    prefixes = tuple(float_nodes) + ((HEAD_PREFIX,) if float_head else ())
-    kept = {n.name for n in model.graph.node if prefixes and n.name.startswith(prefixes)} | _unfused_bn(model)
+    prefixes = tuple(float_nodes)
+    kept = {n.name for n in model.graph.node
+            if (prefixes and n.name.startswith(prefixes)) or (float_head and HEAD_NODE.match(n.name))}
+    kept |= _unfused_bn(model)
     if not kept:
         return None, []
     return [n.name for n in model.graph.node if n.name not in kept], sorted(kept)

@@ -109,3 +109,62 @@ def test_ensemble_refuses_what_cannot_be_joined(members, ensemble, tmp_path, cap
     assert main(["train", "ensemble", "--out", str(out), str(a), str(c)]) == 2
     err = capsys.readouterr().err.strip()
     assert "share one preprocessing" in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def member_students(members, image_folder, tmp_path_factory):
+    """A --from-teacher student of each member (a: tiny_cnn, b: tiny_cnn_narrow), both at 24 px."""
+    out = tmp_path_factory.mktemp("students")
+    return {m: train_student(StudentConfig(data=str(image_folder), teacher=str(members[m]), out=str(out / f"s{m}.pt"),
+                                           backbone=backbone, from_teacher=True, epochs=1, batch_size=16, workers=0,
+                                           image_size=24, val_fraction=0))
+            for m, backbone in (("a", "tiny_cnn"), ("b", "tiny_cnn_narrow"))}
+
+
+def test_joined_students_search_each_members_part_of_the_database(members, ensemble, member_students, image_folder,
+                                                                   tmp_path):
+    path = ensemble_checkpoints([member_students["a"], member_students["b"]], tmp_path / "joined.pt",
+                                teacher=ensemble)
+    joined, teacher = load_checkpoint(path), load_checkpoint(ensemble)
+    assert joined["role"] == "student" and joined["teacher_id"] == teacher["model_id"] and joined["arch"]["dim"] == 12
+    fa, fb = (model_from_checkpoint(load_checkpoint(member_students[m])) for m in "ab")
+    ga, gb = (model_from_checkpoint(load_checkpoint(members[m])) for m in "ab")
+    f, e = model_from_checkpoint(joined), model_from_checkpoint(teacher)
+    q, d = torch.rand(3, 3, 24, 24), torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        scores = f(q) @ e(d).T
+        for i in range(3):
+            for j in range(4):  # each student against its own teacher's embedding of the database image
+                own = (float(fa(q[i:i + 1])[0] @ ga(d[j:j + 1])[0]) + float(fb(q[i:i + 1])[0] @ gb(d[j:j + 1])[0])) / 2
+                assert float(scores[i, j]) == pytest.approx(own, abs=1e-5)
+    # exported, the joined student pairs with the exported ensemble (same teacher id) for asymmetric retrieval
+    from asymsearch.index.evaluate import evaluate_pair
+    export_checkpoint(path, tmp_path / "joined.onnx")
+    export_checkpoint(ensemble, tmp_path / "ens.onnx")
+    metrics = evaluate_pair(image_folder, tmp_path / "joined.onnx", tmp_path / "ens.onnx", progress=False)
+    assert 0.0 <= metrics["map"] <= 1.0 and metrics["recall@8"] >= metrics["recall@1"]
+
+
+def test_joining_students_refuses_what_does_not_fit(members, ensemble, member_students, tmp_path, capsys):
+    sa, sb, out = member_students["a"], member_students["b"], tmp_path / "j.pt"
+    with pytest.raises(UserError, match="student 1 must be a student of member 1"):
+        ensemble_checkpoints([sb, sa], out, teacher=ensemble)
+    with pytest.raises(UserError, match="has 2 members; give one student of each"):
+        ensemble_checkpoints([sa, sb, _renamed(sa, tmp_path / "sa2.pt")], out, teacher=ensemble)
+    stranger = _renamed(sa, tmp_path / "stranger.pt", teacher_id="0123456789abcdef")
+    with pytest.raises(UserError, match="which is no member of"):
+        ensemble_checkpoints([stranger, sb], out, teacher=ensemble)
+    with pytest.raises(UserError, match="is not an ensemble teacher"):
+        ensemble_checkpoints([sa, sb], out, teacher=members["a"])
+    with pytest.raises(UserError, match="with --teacher, the ensemble joins students"):
+        ensemble_checkpoints([members["a"], members["b"]], out, teacher=ensemble)
+    assert main(["train", "ensemble", "--out", str(out), str(sa), str(sb)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "give --teacher ENSEMBLE.pt" in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def _renamed(path, to, **changes):
+    """A copy of checkpoint `path` with another model id (so it counts as a distinct model) and `changes`."""
+    ckpt = load_checkpoint(path)
+    torch.save({**ckpt, "model_id": "f" * 16, **changes}, to)
+    return to

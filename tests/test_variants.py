@@ -289,12 +289,13 @@ def test_unfused_batch_norm_and_its_slice_stay_float():
              helper.make_node("Slice", ["c", "s0", "s1", "ax"], ["s"], name="/backbone/conv/Slice"),
              helper.make_node("BatchNormalization", ["s", "g", "b", "m", "v"], ["bn"], name="/backbone/bn/BN"),
              helper.make_node("Relu", ["bn"], ["r"], name="/backbone/act/Relu"),
-             helper.make_node("ReduceMean", ["r"], ["embeddings"], name="/head/pool", axes=[2, 3], keepdims=0)]
+             helper.make_node("ReduceMean", ["r"], ["p"], name="/head/pool", axes=[2, 3], keepdims=0),
+             helper.make_node("Relu", ["p"], ["embeddings"], name="/members.1/head/act")]  # a joined student's
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])],
                               [helper.make_tensor_value_info("embeddings", TensorProto.FLOAT, [1, c])], inits)
     model = helper.make_model(graph)
     included, excluded = _node_lists(model, float_head=True)
-    assert excluded == ["/backbone/bn/BN", "/backbone/conv/Slice", "/head/pool"]
+    assert excluded == ["/backbone/bn/BN", "/backbone/conv/Slice", "/head/pool", "/members.1/head/act"]
     assert included == ["/backbone/conv/Conv", "/backbone/act/Relu"]
     included, excluded = _node_lists(model, float_head=False, float_nodes=["/backbone/act/"])
     assert excluded == ["/backbone/act/Relu", "/backbone/bn/BN", "/backbone/conv/Slice"]

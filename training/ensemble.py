@@ -7,11 +7,16 @@ ensemble's inner product is ranking by the members' mean cosine similarity (the 
 metric learning, e.g. Opitz et al., "BIER", ICCV 2017, and Kim et al., "Attention-based ensemble", ECCV 2018).
 
 The asymmetric setting is what makes this affordable: the teacher embeds the database once, offline, so it can
-cost k networks, while queries are embedded by one small student trained against e (its dimension is Σ dim_i).
-Unlike a model soup (`training.soup`), the members need not share an architecture or a start; they must be
-teachers with the same preprocessing, so one prepared image feeds them all. The ensemble is an ordinary
-checkpoint (role teacher, `arch["members"]` = the members' architectures), so export, index, eval and student
-training need nothing else.
+cost k networks. Unlike a model soup (`training.soup`), the members need not share an architecture or a start;
+they must be teachers with the same preprocessing, so one prepared image feeds them all. The ensemble is an
+ordinary checkpoint (role teacher, `arch["members"]` = the members' architectures), so export, index, eval and
+student training need nothing else.
+
+Its queries come from a student of the ensemble's space, made either way:
+- one network trained against e (`train student --teacher ensemble.pt`, dimension Σ dim_i), or
+- a *joined student*: a student f_i of each member g_i (e.g. `--from-teacher`, a member at a cheaper input
+  size), joined in the members' order, f(x) = [f_1(x); ...; f_k(x)] / √k. Block i of f lives in g_i's space, so
+  ⟨f(q), e(d)⟩ = (1/k) Σ_i ⟨f_i(q), g_i(d)⟩: each student searches its own teacher's part of the database.
 """
 from __future__ import annotations
 
@@ -30,18 +35,15 @@ def ensemble_arch(member_archs: list[dict]) -> dict:
             "pretrained": None, "members": [dict(a) for a in member_archs]}
 
 
-def ensemble_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Write the ensemble of the teacher checkpoints at `paths` (in that order) to `out` and return its path.
-
-    The members must be distinct teachers, none itself an ensemble, with one preprocessing; anything else is a
-    `UserError` and nothing is written."""
+def _check_joinable(paths: list, members: list[dict], role: str) -> None:
+    """At least 2 distinct checkpoints of `role`, none an ensemble, with one preprocessing; else `UserError`."""
     if len(paths) < 2:
-        raise UserError(f"an ensemble joins at least 2 teachers, not {len(paths)}")
-    members = [load_checkpoint(p) for p in paths]
+        raise UserError(f"an ensemble joins at least 2 {role}s, not {len(paths)}")
     for path, ckpt in zip(paths, members):
-        if ckpt["role"] != "teacher":
-            raise UserError(f"{path} is a {ckpt['role']}: an ensemble joins teachers (a student embeds queries into "
-                            "one teacher's space)")
+        if ckpt["role"] != role:
+            raise UserError(f"{path} is a {ckpt['role']}: " + (
+                "an ensemble joins teachers (give --teacher ENSEMBLE.pt to join students of its members)"
+                if role == "teacher" else "with --teacher, the ensemble joins students of that ensemble's members"))
         if "members" in ckpt["arch"]:
             raise UserError(f"{path} is already an ensemble: give its members instead")
     first = members[0]
@@ -51,12 +53,45 @@ def ensemble_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike)
                             f"{first['preprocessing']}): ensemble members must share one preprocessing")
     ids = [c["model_id"] for c in members]
     if len(set(ids)) < len(ids):
-        raise UserError("the same model appears twice: an ensemble joins distinct teachers")
+        raise UserError(f"the same model appears twice: an ensemble joins distinct {role}s")
+
+
+def _students_fit(paths: list, students: list[dict], teacher_path, teacher: dict) -> None:
+    """Student i must have been trained against member i of the ensemble `teacher`; else `UserError`."""
+    if teacher["role"] != "teacher" or "members" not in teacher["arch"]:
+        raise UserError(f"{teacher_path} is not an ensemble teacher (made by `asymsearch train ensemble`)")
+    wanted = [m["model_id"] for m in teacher["config"]["ensemble"]]
+    if len(students) != len(wanted):
+        raise UserError(f"{teacher_path} has {len(wanted)} members; give one student of each, in its order "
+                        f"(got {len(students)})")
+    for i, (path, ckpt) in enumerate(zip(paths, students)):
+        if ckpt["teacher_id"] != wanted[i]:
+            where = f"member {wanted.index(ckpt['teacher_id']) + 1}" if ckpt["teacher_id"] in wanted else "no member"
+            raise UserError(f"{path} is a student of teacher {ckpt['teacher_id']}, which is {where} of "
+                            f"{teacher_path}; student {i + 1} must be a student of member {i + 1} ({wanted[i]})")
+
+
+def ensemble_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike, *,
+                         teacher: str | os.PathLike | None = None) -> Path:
+    """Write the ensemble of the checkpoints at `paths` (in that order) to `out` and return its path.
+
+    Without `teacher`: the members are distinct teachers, none itself an ensemble, with one preprocessing; the
+    result is a teacher. With `teacher` (an ensemble teacher): member i is a student of the teacher's member i
+    (same rules otherwise); the result is a student of `teacher`, in its space. Anything else is a `UserError`
+    and nothing is written."""
+    members = [load_checkpoint(p) for p in paths]
+    role = "teacher" if teacher is None else "student"
+    _check_joinable(paths, members, role)
+    if teacher is not None:
+        ens = load_checkpoint(teacher)
+        _students_fit(paths, members, teacher, ens)
     model = EnsembleNet([model_from_checkpoint(c) for c in members]).eval()
     config = {"ensemble": [{"path": str(p), "model_id": c["model_id"], "arch": c["arch"]}
-                           for p, c in zip(paths, members)]}
-    ckpt = make_checkpoint(model, role="teacher", arch=ensemble_arch([c["arch"] for c in members]),
-                           preprocessing=Preprocessing.from_dict(first["preprocessing"]), config=config)
+                           for p, c in zip(paths, members)],
+              **({"teacher": str(teacher)} if teacher is not None else {})}
+    ckpt = make_checkpoint(model, role=role, arch=ensemble_arch([c["arch"] for c in members]),
+                           preprocessing=Preprocessing.from_dict(members[0]["preprocessing"]),
+                           teacher_id=None if teacher is None else ens["model_id"], config=config)
     return save_checkpoint(ckpt, out)
 
 
