@@ -17,10 +17,11 @@ the pairing with an index) is the same for all of them:
 |                |                    | offline at level "extended" (any CPU) or "all" (this x86 CPU only)          |
 
 The embedding head (GeM pooling with its learnable power, the projection and the L2 normalisation) is kept in
-float for the int8 variants by default (`HEAD_NODE`; in a joined student, every member's head): the power p in x^p amplifies quantisation error and the
-projection is a negligible share of the compute. Every variant is compared with its parent on fresh random
-inputs; the fp32-equivalent ones (`optimized`, `ort`) and `fp16` must agree within a tolerance, the int8 ones
-record their agreement (their accuracy is measured on real images by `asymsearch export --report`).
+float for the int8 variants by default (`HEAD_NODE`; in a joined student, every member's head): the power p in
+x^p amplifies quantisation error and the projection is a negligible share of the compute. Every variant is
+compared with its parent on fresh random inputs; the fp32-equivalent ones (`optimized`, `ort`) and `fp16` must
+agree within a tolerance, the int8 ones record their agreement (their accuracy is measured on real images by
+`asymsearch export --report`).
 """
 from __future__ import annotations
 

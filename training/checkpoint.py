@@ -3,7 +3,7 @@
 A checkpoint is a `torch.save`d dict (loadable with `weights_only=True`):
 
     {"format": 1, "role": "teacher" | "student",
-     "arch": {"backbone", "head", "dim", "pretrained"} (an ensemble teacher's also "members": their archs),
+     "arch": {"backbone", "head", "dim", "pretrained"} (an ensemble's also "members": their archs),
      "preprocessing": Preprocessing.to_dict(),
      "state_dict": model.state_dict(),
      "model_id": 16 hex chars, the content id of the state dict (`state_dict_id`),

@@ -24,9 +24,9 @@ from asymsearch.training.heads import GeM, GeMHead  # noqa: F401 - historical im
 from asymsearch.training.registry import (BACKBONES, HEADS, BackboneFactory, HeadFactory,  # noqa: F401
                                           lookup, register_backbone, register_head)
 
-__all__ = ["ARCH_KEYS", "BACKBONES", "HEADS", "IMAGENET", "LITE_VARIANTS", "BackboneFactory", "EmbeddingNet", "EnsembleNet", "GeM",
-           "GeMHead", "HeadFactory", "backbone_preprocessing", "build_model", "create_backbone", "create_head",
-           "feature_channels", "parse_head_spec", "register_backbone", "register_head"]
+__all__ = ["ARCH_KEYS", "BACKBONES", "HEADS", "IMAGENET", "LITE_VARIANTS", "BackboneFactory", "EmbeddingNet",
+           "EnsembleNet", "GeM", "GeMHead", "HeadFactory", "backbone_preprocessing", "build_model", "create_backbone",
+           "create_head", "feature_channels", "parse_head_spec", "register_backbone", "register_head"]
 
 
 @torch.no_grad()
@@ -101,8 +101,8 @@ class EmbeddingNet(nn.Module):
 
 
 class EnsembleNet(nn.Module):
-    """An ensemble teacher (`training.ensemble`): members, each images -> unit-norm (N, dim_i), give
-    (N, Σ dim_i) unit-norm embeddings, their concatenation divided by √k."""
+    """An ensemble (`training.ensemble`: a teacher, or a joined student of one): members, each images -> unit-norm
+    (N, dim_i), give (N, Σ dim_i) unit-norm embeddings, their concatenation divided by √k."""
 
     def __init__(self, members: list[nn.Module]) -> None:
         super().__init__()
