@@ -104,6 +104,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def load_members(paths: list, *, role: str, shared: tuple[str, ...], joins: str, hint: str = "") -> list[dict]:
+    """Load the checkpoints a soup or an ensemble is made of: at least 2, all of `role`, agreeing on the `shared`
+    fields; else `UserError`. `joins` names the operation in messages ("a soup averages"), `hint` is added to the
+    wrong-role one."""
+    if len(paths) < 2:
+        raise UserError(f"{joins} at least 2 {role}s, not {len(paths)}")
+    members = [load_checkpoint(p) for p in paths]
+    for path, ckpt in zip(paths, members):
+        if ckpt["role"] != role:
+            raise UserError(f"{path} is a {ckpt['role']}: {joins} {role}s{hint}")
+    first = members[0]
+    for path, ckpt in zip(paths[1:], members[1:]):
+        for what in shared:
+            if ckpt[what] != first[what]:
+                raise UserError(f"{path} differs from {paths[0]} in {what} ({ckpt[what]} vs {first[what]}): "
+                                f"{joins} {role}s of one {' and '.join(shared)}")
+    return members
+
+
 def model_from_checkpoint(ckpt: dict) -> EmbeddingNet | EnsembleNet:
     """The checkpoint's model, weights loaded, in eval mode (never downloads: `pretrained` is not applied)."""
     model = build_model({**ckpt["arch"], "pretrained": None})

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import Preprocessing
-from asymsearch.training.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from asymsearch.training.checkpoint import (load_checkpoint, load_members, make_checkpoint, model_from_checkpoint,
+                                           save_checkpoint)
 from asymsearch.training.models import EnsembleNet
 
 
@@ -35,25 +36,18 @@ def ensemble_arch(member_archs: list[dict]) -> dict:
             "pretrained": None, "members": [dict(a) for a in member_archs]}
 
 
-def _check_joinable(paths: list, members: list[dict], role: str) -> None:
+def _load_joinable(paths: list, role: str) -> list[dict]:
     """At least 2 distinct checkpoints of `role`, none an ensemble, with one preprocessing; else `UserError`."""
-    if len(paths) < 2:
-        raise UserError(f"an ensemble joins at least 2 {role}s, not {len(paths)}")
+    hint = (" (give --teacher ENSEMBLE.pt to join students of its members)" if role == "teacher" else
+            " of that ensemble's members (with --teacher)")
+    members = load_members(paths, role=role, shared=("preprocessing",), joins="an ensemble joins", hint=hint)
     for path, ckpt in zip(paths, members):
-        if ckpt["role"] != role:
-            raise UserError(f"{path} is a {ckpt['role']}: " + (
-                "an ensemble joins teachers (give --teacher ENSEMBLE.pt to join students of its members)"
-                if role == "teacher" else "with --teacher, the ensemble joins students of that ensemble's members"))
         if "members" in ckpt["arch"]:
             raise UserError(f"{path} is already an ensemble: give its members instead")
-    first = members[0]
-    for path, ckpt in zip(paths[1:], members[1:]):
-        if ckpt["preprocessing"] != first["preprocessing"]:
-            raise UserError(f"{path} prepares images differently from {paths[0]} ({ckpt['preprocessing']} vs "
-                            f"{first['preprocessing']}): ensemble members must share one preprocessing")
     ids = [c["model_id"] for c in members]
     if len(set(ids)) < len(ids):
         raise UserError(f"the same model appears twice: an ensemble joins distinct {role}s")
+    return members
 
 
 def _students_fit(paths: list, students: list[dict], teacher_path, teacher: dict) -> None:
@@ -79,9 +73,8 @@ def ensemble_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike,
     result is a teacher. With `teacher` (an ensemble teacher): member i is a student of the teacher's member i
     (same rules otherwise); the result is a student of `teacher`, in its space. Anything else is a `UserError`
     and nothing is written."""
-    members = [load_checkpoint(p) for p in paths]
     role = "teacher" if teacher is None else "student"
-    _check_joinable(paths, members, role)
+    members = _load_joinable(paths, role)
     if teacher is not None:
         ens = load_checkpoint(teacher)
         _students_fit(paths, members, teacher, ens)

@@ -17,7 +17,7 @@ import torch
 
 from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import Preprocessing
-from asymsearch.training.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from asymsearch.training.checkpoint import load_members, make_checkpoint, model_from_checkpoint, save_checkpoint
 
 
 def starting_point(ckpt: dict) -> tuple:
@@ -30,18 +30,9 @@ def starting_point(ckpt: dict) -> tuple:
 def average_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike) -> Path:
     """Write the uniform soup of the teacher checkpoints at `paths` to `out` and return its path. The members must
     share architecture, preprocessing and starting point; anything else is a `UserError`."""
-    if len(paths) < 2:
-        raise UserError(f"a soup averages at least 2 checkpoints, not {len(paths)}")
-    members = [load_checkpoint(p) for p in paths]
+    # a student's start (its seed, or its teacher) is not recorded the same way: teachers only
+    members = load_members(paths, role="teacher", shared=("arch", "preprocessing"), joins="a soup averages")
     first = members[0]
-    for path, ckpt in zip(paths, members):
-        if ckpt["role"] != "teacher":  # a student's start (its seed, or its teacher) is not recorded the same way
-            raise UserError(f"{path} is a {ckpt['role']}: a soup averages teachers")
-    for path, ckpt in zip(paths[1:], members[1:]):
-        for what in ("arch", "preprocessing"):
-            if ckpt[what] != first[what]:
-                raise UserError(f"{path} differs from {paths[0]} in {what} ({ckpt[what]} vs {first[what]}): "
-                                "a soup averages models of one architecture and preprocessing")
     starts = [starting_point(c) for c in members]
     if len(set(starts)) > 1:
         raise UserError("the checkpoints did not start from the same weights (pretrained, init seed: "
