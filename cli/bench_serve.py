@@ -7,7 +7,7 @@
 2. The in-process limit: the same `Pipeline` (decode pool + batched student + batched search) the server runs,
    with no gRPC, fed by a closed loop of 16, 64 or all queries in flight (the best is the limit; measured before
    and after the server runs, the better one kept); and one batched faiss search of 16 queries.
-3. The server (`asymsearch serve`, its own process) and a pool of client processes (`asymsearch.clients.loadgen`):
+3. The server (`asymsearch serve`, its own process) and a pool of client processes (`asymsearch.bench.loadgen`):
    throughput and p50/p95/p99 at each concurrency for image and vector queries, with the ratio to the limit.
 4. A soak (errors, the server's RSS at start and end), and an overload run (a small queue, far more callers).
 
@@ -367,7 +367,7 @@ def _server_kw(cfg: BenchConfig, **over: Any) -> dict[str, Any]:
 
 
 def run_bench(cfg: BenchConfig, log=print) -> dict[str, Any]:
-    from asymsearch.clients.loadgen import ClientPool
+    from asymsearch.bench.loadgen import ClientPool
 
     art = prepare_artifacts(cfg)
     paths = art["query_paths"]

@@ -38,7 +38,7 @@ def register(commands: Commands) -> None:
 def run(args: argparse.Namespace) -> int:
     from asymsearch.core.data import list_images_flat
     from asymsearch.core.errors import UserError
-    from asymsearch.index.bench import bench_ann, bench_teacher, log_stderr, write_results
+    from asymsearch.bench.index import bench_ann, bench_teacher, check_writable, log_stderr, write_results
     command = "asymsearch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     factories = None
@@ -46,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
         factories = [f.strip() for f in args.factories.split(";" if ";" in args.factories else ",") if f.strip()]
     if bool(args.teacher) != bool(args.images):
         raise UserError("the embedding part needs both --teacher and --images")
-    from asymsearch.index.bench import check_writable
     check_writable(args.out.with_suffix(".json"))  # before minutes of measuring
     teacher = None
     if args.teacher:

@@ -31,7 +31,9 @@ import faiss
 import numpy as np
 
 from asymsearch.core.data import ImageItem
+from asymsearch.core.errors import UserError
 from asymsearch.core.ort import OnnxEmbedder
+from asymsearch.core.provenance import provenance
 from asymsearch.index.faiss_index import add_blocks, apply_search_params, new_index, sample_rows, train_index
 
 K = 10
@@ -190,7 +192,8 @@ def write_results(path_md: Path, command: str, teacher: dict | None, ann: list[d
     check_writable(path_md.with_suffix(".json"))
     payload = {"command": command, "teacher": teacher, "ann": ann,
                "machine": {"cpu_count": os.cpu_count(), "faiss": faiss.__version__,
-                           "faiss_gpus": faiss.get_num_gpus(), "faiss_threads": faiss.omp_get_max_threads()}}
+                           "faiss_gpus": faiss.get_num_gpus(), "faiss_threads": faiss.omp_get_max_threads()},
+               "provenance": provenance()}
     path_md.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = ["# bench index", "", f"Command: `{command}`", "",
              f"Machine: {os.cpu_count()} CPU cores (shared with other jobs), faiss {faiss.__version__} with "
@@ -224,7 +227,6 @@ def check_writable(path: Path) -> None:
         except (OSError, ValueError):
             earlier = None
         if not (isinstance(earlier, dict) and "command" in earlier and "ann" in earlier):
-            from asymsearch.core.errors import UserError
             raise UserError(f"{path} exists and is not a bench result; choose another --out")
 
 

@@ -1,4 +1,4 @@
-"""A load generator for `asymsearch bench serve`: worker processes, each running threads of blocking calls.
+"""The load generator of `asymsearch bench serve`: worker processes, each running threads of blocking calls.
 
 Processes, not threads of the benchmarking process, so that the clients' Python work (protobuf, grpc) does not
 share a GIL with anything it measures. Each worker keeps one channel per address and runs "levels" it receives
