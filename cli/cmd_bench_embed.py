@@ -1,4 +1,4 @@
-"""`asymsearch bench embed`: images/s and per-image latency of torch eager and onnxruntime, side by side."""
+"""`asymsearch bench embed`: images/s, per-image latency and CPU time of torch eager and onnxruntime, side by side."""
 from __future__ import annotations
 
 import argparse
@@ -13,8 +13,9 @@ def register(commands: Commands) -> None:
         "embed", group="bench",
         help="torch eager vs onnxruntime, teacher vs student vs int8 student: images/s and latency side by side",
         description="Time, in one run with the candidates taking turns: torch eager teacher, ORT teacher, torch "
-                    "eager student, ORT student, ORT int8 student, at each batch size, and print the ratios. "
-                    "Missing ONNX files are exported from the checkpoints into a temporary folder.")
+                    "eager student, ORT student, ORT int8 student, each at its own input size, at each batch size: "
+                    "wall ms, process CPU ms and images/s per image, and the ratios. Missing ONNX files are "
+                    "exported from the checkpoints into a temporary folder.")
     p.add_argument("--student", required=True, type=existing_path("student checkpoint"), help="student checkpoint")
     p.add_argument("--teacher", type=existing_path("teacher checkpoint"),
                    help="its teacher's checkpoint (without it: the student rows only)")
@@ -33,13 +34,13 @@ def register(commands: Commands) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="threads for torch and onnxruntime alike (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default: %(default)s)")
-    p.add_argument("--json", type=Path, help="write the result as JSON here")
+    p.add_argument("--json", type=Path, help="write the result (with its provenance) as JSON here")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from asymsearch.core.errors import UserError
-    from asymsearch.export.bench import bench_embed, format_bench
+    from asymsearch.bench.embed import bench_embed, format_bench
     from asymsearch.export.variants import Calibration
 
     try:

@@ -1,7 +1,7 @@
 """What each variant of an exported student costs and loses, measured in one run.
 
 For every variant: file size, per-image latency and throughput at batch 1 and 16 on this machine's CPU (the
-variants take turns, see `export.timing`), and its asymmetric retrieval quality on a labelled image folder —
+variants take turns, see `core.timing`), and its asymmetric retrieval quality on a labelled image folder —
 Recall@K and mAP of the variant's query embeddings against a database embedded by the teacher (or, without a
 teacher, by the fp32 student itself) — with the drop in points against the fp32 student. A variant that loses
 more than `max_recall_drop` points of Recall@1 is marked `lossy`.
@@ -19,12 +19,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from asymsearch.core.data import list_image_folder, select_classes
-from asymsearch.core.errors import InvalidImage, PairingError, UserError
-from asymsearch.core.manifest import Preprocessing
+from asymsearch.core.errors import InvalidImage, UserError
+from asymsearch.core.manifest import Preprocessing, check_pairing, require_teacher
 from asymsearch.core.metrics import DEFAULT_KS, retrieval_metrics
 from asymsearch.core.ort import CPU_PROVIDER, OnnxEmbedder
 from asymsearch.core.preprocess import decode_image, preprocess
-from asymsearch.export.timing import interleaved_timings, summarise
+from asymsearch.core.timing import interleaved_timings, summarise
 
 DEFAULT_BATCH_SIZES = (1, 16)
 DEFAULT_MAX_RECALL_DROP = 1.0  # points of Recall@1
@@ -129,15 +129,12 @@ def variant_report(files: Mapping[str, str | os.PathLike], config: ReportConfig)
                                  inter_op_threads=1) for name, path in files.items()}
     base = models["fp32"].manifest
     for name, m in models.items():
-        if m.manifest.teacher_id != base.teacher_id or m.manifest.dim != base.dim:
-            raise PairingError(f"{files[name]} belongs to teacher {m.manifest.teacher_id} (dim {m.manifest.dim}), "
-                               f"the fp32 export to {base.teacher_id} (dim {base.dim})")
+        check_pairing(m, base, query_name=str(files[name]), database_name="the fp32 export")
     teacher = None
     if config.teacher is not None:
         teacher = OnnxEmbedder(config.teacher, providers=[CPU_PROVIDER], intra_op_threads=config.threads)
-        if teacher.manifest.model_id != base.teacher_id:
-            raise PairingError(f"the student belongs to teacher {base.teacher_id} but {config.teacher} is "
-                               f"teacher {teacher.manifest.model_id}")
+        require_teacher(teacher, str(config.teacher))
+        check_pairing(base, teacher, query_name="the student", database_name=str(config.teacher))
     timings = speed(models, config)
     metrics, images = accuracy(models, config, teacher) if config.data is not None else (None, 0)
     size0 = os.path.getsize(files["fp32"])

@@ -1,4 +1,5 @@
-"""Export variants (optimized, fp16, int8-dynamic, int8-static, ORT format), --verify, --report and bench embed.
+"""Export variants (optimized, fp16, int8-dynamic, int8-static, ORT format), --verify and --report (bench embed:
+tests/test_bench_embed.py).
 
 The models are tiny CNNs whose batch-norm statistics were set by a few forward passes on random images, so their
 outputs depend on the input (a freshly initialised deep net often maps every input to nearly the same vector,
@@ -252,26 +253,6 @@ def test_cli_needs_calibration_for_int8_static(models, tmp_path, capsys):
                  "--variants", "int8-static"]) == 2
     assert "--calibration-data" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
-
-
-def test_bench_embed_times_all_five_side_by_side(models, tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    assert main(["bench", "embed", "--student", str(models["student.pt"]), "--teacher", str(models["teacher.pt"]),
-                 "--teacher-onnx", str(models["teacher"]), "--rounds", "1", "--batch-sizes", "1,2",
-                 "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert sorted(result["rows"]) == sorted(["torch teacher", "ORT teacher", "torch student", "ORT student",
-                                             "ORT int8 student"])
-    assert result["config"]["int8_variant"] == "int8-dynamic"
-    for row in result["rows"].values():
-        assert row["batch2"]["images_per_s"] == pytest.approx(1000 / row["batch2"]["ms_per_image"])
-    r = result["ratios"]["torch student / ORT student"]
-    rows = result["rows"]
-    assert r["batch1"] == pytest.approx(rows["torch student"]["batch1"]["ms_per_image"]
-                                        / rows["ORT student"]["batch1"]["ms_per_image"])
-    assert "ORT int8 student" in capsys.readouterr().out
-    assert main(["bench", "embed", "--student", str(models["student.pt"]), "--teacher", str(models["student.pt"]),
-                 "--rounds", "1"]) == 2
 
 
 def test_unfused_batch_norm_and_its_slice_stay_float():

@@ -1,8 +1,10 @@
 """`asymsearch bench embed`: torch eager against onnxruntime, teacher against student, fp32 against int8.
 
-Every candidate embeds the same random pixels at the manifest's crop; the candidates take turns round after
-round (`export.timing.interleaved_timings`), with the same thread count for torch and onnxruntime, so the
-ratios printed are measured side by side on the same machine state. Absolute figures are for scale only.
+Each model embeds random pixels at its own input size (the teacher at its crop, the student at its own, which is
+what a query and a database image cost); the candidates take turns round after round
+(`asymsearch.core.timing.interleaved`), with the same thread count for torch and onnxruntime, so the ratios
+printed are measured side by side on the same machine state. Every row reports wall time and this process's CPU
+time per image; on a shared machine the CPU figure is the steadier one. Absolute figures are for scale only.
 """
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from asymsearch.core.errors import PairingError, UserError
+from asymsearch.core.errors import UserError
+from asymsearch.core.manifest import check_pairing, require_teacher
 from asymsearch.core.ort import CPU_PROVIDER, OnnxEmbedder, available_providers
+from asymsearch.core.provenance import provenance
+from asymsearch.core.timing import interleaved, summarise
 from asymsearch.export.onnx_export import export_checkpoint
-from asymsearch.export.timing import interleaved_timings, summarise
 from asymsearch.export.variants import Calibration, make_variant, variant_path
 from asymsearch.training.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -55,12 +59,14 @@ def bench_embed(student: str | os.PathLike, *, teacher: str | os.PathLike | None
                 student_int8: str | os.PathLike | None = None, calibration: Calibration | None = None,
                 batch_sizes: Sequence[int] = (1, 16), rounds: int = 10, threads: int = 1, device: str = "cpu",
                 workdir: str | os.PathLike | None = None) -> dict:
-    """Time torch eager and onnxruntime for the student (and the teacher, when given) and the int8 student.
+    """Time torch eager and onnxruntime for the student (and the teacher, when given) and the int8 student, each
+    at its own input size.
 
     Missing ONNX files are exported from the checkpoints into `workdir` (a temporary folder by default); a
     missing int8 student is made as int8-static when `calibration` is given, else int8-dynamic.
-    Returns {"config", "rows": {name: {"batch1": {...}, ...}}, "ratios": {"A / B": {"batch1": x, ...}}} where
-    a ratio is A's per-image latency over B's (above 1: B is faster).
+    Returns {"config", "rows": {name: {"batch1": {...}, ...}}, "ratios": {"A / B": {"batch1": x, ...}},
+    "provenance"} where a row holds wall ms and CPU ms per image and a ratio is A's per-image wall latency over
+    B's (above 1: B is faster).
     """
     if threads < 1:
         raise UserError(f"threads must be at least 1, not {threads}")
@@ -76,9 +82,9 @@ def bench_embed(student: str | os.PathLike, *, teacher: str | os.PathLike | None
         workdir.mkdir(parents=True, exist_ok=True)
         s_ckpt = load_checkpoint(student)
         t_ckpt = load_checkpoint(teacher) if teacher is not None else None
-        if t_ckpt is not None and s_ckpt["teacher_id"] != t_ckpt["model_id"]:
-            raise PairingError(f"{student} belongs to teacher {s_ckpt['teacher_id']}, {teacher} is "
-                               f"{t_ckpt['model_id']}")
+        if t_ckpt is not None:
+            require_teacher(t_ckpt, str(teacher))
+            check_pairing(s_ckpt, t_ckpt, query_name=str(student), database_name=str(teacher))
         if student_onnx is None:
             student_onnx = workdir / "student.onnx"
             export_checkpoint(student, student_onnx)
@@ -100,24 +106,24 @@ def bench_embed(student: str | os.PathLike, *, teacher: str | os.PathLike | None
         sessions = {name: OnnxEmbedder(src, providers=providers, intra_op_threads=threads, inter_op_threads=1)
                     for name, (kind, src) in entries.items() if kind == "ort"}
         for name, emb in sessions.items():
-            if emb.manifest.teacher_id != s_ckpt["teacher_id"]:
-                raise PairingError(f"{emb.path} belongs to teacher {emb.manifest.teacher_id}, the student to "
-                                   f"{s_ckpt['teacher_id']}")
-        crop = int(s_ckpt["preprocessing"]["crop"])
+            check_pairing(emb, s_ckpt, database_name=str(student))
+        crops = {name: (int(src["preprocessing"]["crop"]) if kind == "torch"
+                        else sessions[name].manifest.preprocessing.crop) for name, (kind, src) in entries.items()}
         rows: dict[str, dict[str, dict]] = {name: {} for name in entries}
         rng = np.random.default_rng(0)
         with _torch_threads(threads):
             for batch in batch_sizes:
-                x = rng.normal(size=(batch, 3, crop, crop)).astype(np.float32)
+                pixels = {c: rng.normal(size=(batch, 3, c, c)).astype(np.float32) for c in sorted(set(crops.values()))}
                 calls = {}
                 for name, (kind, src) in entries.items():
+                    x = pixels[crops[name]]
                     if kind == "torch":
                         calls[name] = _torch_call(src, x, device)
                     else:
                         calls[name] = (lambda e=sessions[name], x=x: e.embed_arrays(x))
-                times = interleaved_timings(calls, rounds=rounds, reps=max(1, 16 // batch), warmup=2)
+                times = interleaved(calls, rounds=rounds, reps=max(1, 16 // batch), warmup=2)
                 for name, t in times.items():
-                    rows[name][f"batch{batch}"] = summarise(t, batch)
+                    rows[name][f"batch{batch}"] = summarise(t.wall, batch, t.cpu)
         ratios = {}
         for a, b in RATIOS:
             if a in rows and b in rows:
@@ -125,24 +131,25 @@ def bench_embed(student: str | os.PathLike, *, teacher: str | os.PathLike | None
         files = {name: str(src) for name, (kind, src) in entries.items() if kind == "ort"}
         sizes = {name: os.path.getsize(p) for name, p in files.items()}
         config = {"student": str(student), "teacher": str(teacher) if teacher else None, "files": files,
-                  "bytes": sizes, "threads": threads, "device": device, "rounds": rounds, "crop": crop,
+                  "bytes": sizes, "threads": threads, "device": device, "rounds": rounds, "input_sizes": crops,
                   "batch_sizes": list(batch_sizes), "torch": torch.__version__,
                   "student_arch": s_ckpt["arch"], "teacher_arch": t_ckpt["arch"] if t_ckpt else None,
                   "int8_variant": sessions["ORT int8 student"].manifest.variant}
-        return {"config": config, "rows": rows, "ratios": ratios}
+        return {"config": config, "rows": rows, "ratios": ratios, "provenance": provenance()}
 
 
 def format_bench(result: dict) -> str:
     batches = result["config"]["batch_sizes"]
-    head = ["model"] + [f"{h} b{b}" for b in batches for h in ("ms/img", "img/s")]
+    sizes = result["config"]["input_sizes"]
+    head = ["model", "input px"] + [f"{h} b{b}" for b in batches for h in ("ms/img", "CPU ms/img", "img/s")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in result["rows"].items():
-        cells = [name]
+        cells = [name, str(sizes[name])]
         for b in batches:
             s = row[f"batch{b}"]
-            cells += [f"{s['ms_per_image']:.2f}", f"{s['images_per_s']:.1f}"]
+            cells += [f"{s['ms_per_image']:.2f}", f"{s['cpu_ms_per_image']:.2f}", f"{s['images_per_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| ratio (per-image latency, above 1: the second is faster) | " +
+    lines += ["", "| ratio (per-image wall latency, above 1: the second is faster) | " +
               " | ".join(f"b{b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
     for name, r in result["ratios"].items():
         lines.append(f"| {name} | " + " | ".join(f"{r[f'batch{b}']:.2f}" for b in batches) + " |")

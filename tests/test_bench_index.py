@@ -1,0 +1,31 @@
+"""`asymsearch bench index` at toy scale: the teacher part against its own raw-ORT figures, the faiss part against
+brute force (Flat and an IVF visiting every list are exact), provenance, and no overwriting of a non-result."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from asymsearch.cli.main import main
+
+
+def test_bench_index_command_writes_its_tables(tmp_path, tiny_models, image_folder, capsys):
+    out = tmp_path / "bench.md"
+    assert main(["bench", "index", "--teacher", str(tiny_models["teacher"]), "--images", str(image_folder),
+                 "--limit", "24", "--batch-size", "8", "--reps", "1", "--sizes", "2000", "--queries", "50",
+                 "--factories", "Flat;IVF16,Flat", "--dim", "32", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    teacher = result["teacher"]
+    assert teacher["images"] == 24 and teacher["ratio"] == pytest.approx(
+        teacher["pipeline_img_s"] / teacher["raw_ort_img_s"], rel=0.01, abs=1e-3)
+    rows = {(r["factory"], json.dumps(r["search_params"])): r for r in result["ann"]}
+    assert rows[("Flat", "{}")]["recall@10"] == 1.0  # exact search against the brute-force reference
+    assert rows[("IVF16,Flat", json.dumps({"nprobe": 16}))]["recall@10"] == 1.0  # every list visited: exact
+    assert 0 < rows[("IVF16,Flat", json.dumps({"nprobe": 8}))]["recall@10"] <= 1.0
+    assert "| 2,000 | IVF16,Flat | nprobe=8 |" in out.read_text()
+    assert result["provenance"]["command"] and result["provenance"]["machine"]["cores"]
+    # the results never overwrite a JSON that is not a bench result (e.g. the model's manifest)
+    manifest = tiny_models["teacher"].with_suffix(".json")
+    before = manifest.read_text()
+    assert main(["bench", "index", "--sizes", "", "--out", str(manifest.with_suffix(".md"))]) == 2
+    assert manifest.read_text() == before
