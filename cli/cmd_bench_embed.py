@@ -39,8 +39,8 @@ def register(commands: Commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from asymsearch.core.errors import UserError
     from asymsearch.bench.embed import bench_embed, format_bench
+    from asymsearch.core.errors import UserError
     from asymsearch.export.variants import Calibration
 
     try:

@@ -36,9 +36,9 @@ def register(commands: Commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from asymsearch.bench.index import bench_ann, bench_teacher, check_writable, log_stderr, write_results
     from asymsearch.core.data import list_images_flat
     from asymsearch.core.errors import UserError
-    from asymsearch.bench.index import bench_ann, bench_teacher, check_writable, log_stderr, write_results
     command = "asymsearch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     factories = None

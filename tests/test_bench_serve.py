@@ -1,31 +1,105 @@
-"""`asymsearch bench serve` end to end at toy scale: a real server process, real client processes, the report.
-Speed is not asserted (the figures belong to the benchmark), only that every part ran and was reported."""
+"""`asymsearch bench serve`: the sanity check, the interleaving, the metrics reading, and one end-to-end run at toy
+scale (a real server process, real client processes, idle streams). Speed is never asserted: the figures belong to
+the benchmark (docs/results/bench_serve.md), only that each part ran, was measured and was reported."""
 from __future__ import annotations
 
 import json
 
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from asymsearch.bench.serve import (LIMIT, LimitBeaten, ServeBenchConfig, check_ratio, compare, markdown, median_of,
+                                    refusals, run_bench, run_interleaved)
+from asymsearch.bench.server import parse_metrics, sample_sum
+from asymsearch.cli.main import main
 from asymsearch.index.build import build_index
-from asymsearch.cli.bench_serve import BenchConfig, run_bench
 
 
-def test_bench_serve_writes_json_and_png(tmp_path, image_folder, tiny_models):
+def test_a_ratio_above_1_05_is_refused_not_reported():
+    assert check_ratio(95.0, 100.0) == pytest.approx(0.95)
+    assert check_ratio(105.0, 100.0) == pytest.approx(1.05)
+    with pytest.raises(LimitBeaten, match=r"2.09x the in-process limit's q/s .*no ratio is reported"):
+        check_ratio(209.0, 100.0)
+    with pytest.raises(LimitBeaten, match="answered no query"):
+        check_ratio(10.0, 0.0)
+    medians = {LIMIT: {"qps": 100.0, "cpu_ms_per_query": 4.0, "errors": {}},
+               "server c=1": {"qps": 60.0, "cpu_ms_per_query": 5.0, "errors": {}},
+               "server c=16": {"qps": 120.0, "cpu_ms_per_query": 4.2, "errors": {}}}
+    rows = compare(medians)
+    assert rows["server c=1"] == {"cpu_ratio": pytest.approx(1.25), "qps_ratio": pytest.approx(0.6)}
+    assert rows["server c=16"]["qps_ratio"] is None and "1.20x" in rows["server c=16"]["refused"]
+    assert rows["server c=16"]["cpu_ratio"] == pytest.approx(1.05)  # CPU per query is still reported
+
+
+def test_rounds_alternate_the_candidates_and_medians_are_over_rounds():
+    order: list[str] = []
+
+    def candidate(name, qps):
+        def run():
+            order.append(name)
+            return {"qps": qps.pop(0), "cpu_ms_per_query": 2.0, "errors": {"UNAVAILABLE": 1} if name == "b" else {}}
+        return run
+    runs = run_interleaved({"limit": candidate("limit", [10.0, 30.0, 20.0]), "b": candidate("b", [1.0, 2.0, 9.0]),
+                            "c": candidate("c", [5.0, 5.0, 5.0])}, rounds=3, log=lambda m: None)
+    assert order == ["limit", "b", "c", "b", "c", "limit", "c", "limit", "b"]
+    assert [r["place"] for r in runs["limit"]] == [0, 2, 1] and [r["round"] for r in runs["b"]] == [0, 1, 2]
+    assert median_of(runs["limit"])["qps"] == 20.0 and median_of(runs["b"])["qps"] == 2.0
+    assert median_of(runs["b"])["errors"] == {"UNAVAILABLE": 3}
+
+
+def test_server_figures_are_read_from_the_prometheus_text():
+    registry = CollectorRegistry()
+    requests = Counter("asymsearch_requests", "RPCs", ["method", "code"], registry=registry)
+    requests.labels("/asymsearch.v1.Search/SearchImage", "OK").inc(7)
+    requests.labels("/asymsearch.v1.Search/SearchImage", "RESOURCE_EXHAUSTED").inc(2)
+    requests.labels("/asymsearch.v1.Search/SearchVector", "OK").inc(5)
+    Gauge("asymsearch_open_streams", "open", registry=registry).set(3)
+    samples = parse_metrics(generate_latest(registry).decode())
+    assert sample_sum(samples, "asymsearch_requests_total", method="SearchImage") == 9
+    assert sample_sum(samples, "asymsearch_requests_total", method="SearchVector") == 5
+    assert sample_sum(samples, "asymsearch_open_streams") == 3
+    assert sample_sum(samples, "process_cpu_seconds_total") is None
+
+
+def test_bench_serve_end_to_end_at_toy_scale(tmp_path, image_folder, tiny_models):
     index = tmp_path / "index"
-    build_index(tiny_models["teacher"], image_folder, index, progress=False)
-    cfg = BenchConfig(workdir=tmp_path / "work", out_json=tmp_path / "r.json", out_png=tmp_path / "r.png",
-                      index=index, student=tiny_models["student"], images=image_folder, concurrency=(1, 3),
-                      seconds=0.4, soak_seconds=0.6, soak_concurrency=2, client_processes=2, query_images=8,
-                      overload_concurrency=6, overload_queue=1, lead_s=0.5, workers=8,
-                      limit_images=32, limit_vectors=64, limit_rounds=1)
+    build_index(tiny_models["teacher"], image_folder, index, classes="second-half", progress=False)
+    cfg = ServeBenchConfig(images=image_folder, workdir=tmp_path / "work", out_json=tmp_path / "r.json",
+                           student=tiny_models["student"], index=index, concurrency=(1, 3), rounds=2, seconds=0.4,
+                           lead_s=0.3, client_processes=1, query_images=8, limit_batch=2, idle_streams=24)
     report = run_bench(cfg, log=lambda m: None)
-    assert json.loads((tmp_path / "r.json").read_text())["levels"] == report["levels"]
+    assert json.loads((tmp_path / "r.json").read_text())["kinds"]["image"]["medians"] == \
+        report["kinds"]["image"]["medians"]
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "r.md").read_text()
     for kind in ("image", "vector"):
-        assert report["limit"][f"{kind}_qps"] > 0
-        for c in ("1", "3"):
-            level = report["levels"][kind][c]
-            assert level["ok"] > 0 and level["errors"] == {} and level["p50_ms"] <= level["p99_ms"]
-    assert report["soak"]["ok"] > 0 and report["soak"]["rss_start_mb"] > 0
-    assert report["server_exit_code"] == 0  # SIGTERM drained and exited cleanly
-    over = report["overload"]
-    assert over["server_alive"] and set(over["errors"]) <= {"RESOURCE_EXHAUSTED"} and over["exit_code"] == 0
-    assert set(report["targets"]) == {"soak", "overload"}  # the c=16 targets need a c=16 level
+        data = report["kinds"][kind]
+        assert set(data["runs"]) == {LIMIT, "server c=1", "server c=3"}
+        # every candidate ran in every round, each round in a rotated order
+        assert [[r["round"] for r in runs] for runs in data["runs"].values()] == [[0, 1]] * 3
+        assert [r["place"] for r in data["runs"][LIMIT]] == [0, 2]
+        for name, runs in data["runs"].items():
+            for r in runs:
+                assert r["queries" if name == LIMIT else "server_requests"] > 0 and r["cpu_ms_per_query"] > 0
+                assert not r.get("errors")
+        assert f"## {kind} queries" in page
+    assert report["index"]["count"] == 40  # the second half of the 8 classes of 10
+    assert report["provenance"]["commit"] and report["provenance"]["machine"]["cores"] >= 1
+    idle = report["idle_streams"]
+    assert idle["opened"] + sum(idle["refused"].values()) == 24
+    assert idle["health"]["ok"] + sum(idle["health"]["errors"].values()) == 20
+    assert report["server"]["exit_code"] == 0  # SIGTERM drained and exited cleanly
+    assert "## Idle streams" in page and "## Targets (issue 21)" in page
+    # a refusal is written into the page and makes the command fail, never a ratio above 1.05
+    report["kinds"]["image"]["medians"]["server c=3"]["qps"] = 10 * report["kinds"]["image"]["medians"][LIMIT]["qps"]
+    report["kinds"]["image"]["vs_limit"] = compare(report["kinds"]["image"]["medians"])
+    assert refusals(report) and "**Refused:**" in markdown(report)
+
+
+def test_bench_serve_command_refuses_bad_input(tmp_path, image_folder, tiny_models, capsys):
+    assert main(["bench", "serve", "--images", str(image_folder), "--index", str(tmp_path),
+                 "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "r.json")]) == 2
+    assert "with --index, give the --student" in capsys.readouterr().err
+    assert main(["bench", "serve", "--images", str(image_folder), "--student", str(tiny_models["student"]),
+                 "--rounds", "0", "--out", str(tmp_path / "r.json")]) == 2
+    assert not (tmp_path / "r.json").exists()

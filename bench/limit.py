@@ -1,0 +1,110 @@
+"""The in-process limit of `asymsearch bench serve`: the server's work with nothing around it.
+
+The same steps the server runs for a query, called directly in this process: decode and prepare the image
+(`core.preprocess`), embed it with the real student (`core.ort.OnnxEmbedder`), search the index and look up the
+hits (`index.store.SearchIndex`) — with no gRPC, no queue, no admission and no client in the same CPU budget.
+`threads` workers (default: one per core) each take `batch` queries at a time (one student call and one faiss call
+per batch), so the limit has the batching and parallelism a server could at best have. It runs for a set time and
+reports queries per second and this process's CPU time per query.
+
+A limit is an upper bound: a server that beats it by more than noise means the limit does not do what the server
+does (`asymsearch.bench.serve.check_ratio` refuses such a ratio).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from asymsearch.core.errors import UserError
+from asymsearch.core.manifest import check_pairing
+from asymsearch.core.ort import OnnxEmbedder
+from asymsearch.core.preprocess import decode_image, preprocess
+from asymsearch.index.store import SearchIndex
+
+
+class InProcessLimit:
+    def __init__(self, index: str | os.PathLike, student: str | os.PathLike, *, threads: int | None = None,
+                 batch: int = 8, k: int = 10) -> None:
+        threads = threads or os.cpu_count() or 1
+        if threads < 1 or batch < 1 or k < 1:
+            raise UserError(f"the limit needs threads, batch and k of at least 1 (got {threads}, {batch}, {k})")
+        self.threads, self.batch, self.k = threads, batch, k
+        self.student = OnnxEmbedder(student, intra_op_threads=1, inter_op_threads=1)
+        self.index = SearchIndex.open(Path(index), gpu=False)
+        check_pairing(self.student, self.index.manifest, query_name=str(student), database_name=str(index))
+        self.spec = self.student.manifest.preprocessing
+        try:
+            import faiss
+            faiss.omp_set_num_threads(1)  # the parallelism is the workers'; OpenMP on top would oversubscribe
+        except ImportError:  # pragma: no cover - faiss is a dependency
+            pass
+
+    # the server's steps ------------------------------------------------------------------------------------------
+
+    def _search(self, vectors: np.ndarray) -> int:
+        vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        _, ids = self.index.search(vectors.astype(np.float32), self.k)
+        self.index.lookup_records(sorted({int(i) for i in ids.ravel() if i >= 0}))
+        return len(vectors)
+
+    def image_batch(self, data: Sequence[bytes]) -> int:
+        pixels = np.stack([preprocess(decode_image(d), self.spec) for d in data])
+        return self._search(self.student.embed_arrays(pixels))
+
+    def vector_batch(self, vectors: Sequence[np.ndarray]) -> int:
+        return self._search(np.stack(vectors))
+
+    # a timed run ------------------------------------------------------------------------------------------------
+
+    def run(self, kind: str, payloads: Sequence[Any], seconds: float) -> dict[str, float]:
+        """`threads` workers, each taking the next `batch` payloads (cycling through them) until `seconds` have
+        passed. Returns queries, seconds, q/s and CPU ms per query of this process."""
+        if kind not in ("image", "vector"):
+            raise ValueError(f"kind must be image or vector, not {kind!r}")
+        step = self.image_batch if kind == "image" else self.vector_batch
+        if kind == "image":
+            payloads = [Path(p).read_bytes() if not isinstance(p, bytes) else p for p in payloads]
+        else:
+            payloads = [np.asarray(v, np.float32) for v in payloads]
+        step(payloads[:self.batch])  # warm: the first call of a session allocates
+        counter, lock, done = itertools.count(), threading.Lock(), [0]
+        errors: list[BaseException] = []
+
+        def worker(end: float) -> None:
+            mine = 0
+            try:
+                while time.perf_counter() < end:
+                    with lock:
+                        start = next(counter) * self.batch
+                    mine += step([payloads[(start + i) % len(payloads)] for i in range(self.batch)])
+            except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread below
+                errors.append(e)
+            with lock:
+                done[0] += mine
+
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        workers = [threading.Thread(target=worker, args=(wall0 + seconds,)) for _ in range(self.threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        if errors:
+            raise errors[0]
+        return {"queries": done[0], "seconds": wall, "qps": done[0] / wall,
+                "cpu_ms_per_query": cpu * 1e3 / max(1, done[0])}
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> "InProcessLimit":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
