@@ -49,14 +49,20 @@ def register(commands: Commands) -> None:
 
 
 def run_teacher(args: argparse.Namespace) -> int:
+    cfg = config_from_args(TeacherConfig, args)
+    from asymsearch.training.distributed import check_launch
+    check_launch(cfg)  # under torchrun: the world size divides the batch, before any process group or data
     from asymsearch.training.teacher import train_teacher
-    print(f"teacher checkpoint: {train_teacher(config_from_args(TeacherConfig, args))}")
+    print(f"teacher checkpoint: {train_teacher(cfg)}")
     return 0
 
 
 def run_student(args: argparse.Namespace) -> int:
+    cfg = config_from_args(StudentConfig, args)
+    from asymsearch.training.distributed import check_launch
+    check_launch(cfg)  # under torchrun: the world size divides the batch, before any process group or data
     from asymsearch.training.student import train_student
-    print(f"student checkpoint: {train_student(config_from_args(StudentConfig, args))}")
+    print(f"student checkpoint: {train_student(cfg)}")
     return 0
 
 

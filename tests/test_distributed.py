@@ -27,8 +27,10 @@ from torch import nn
 
 from asymsearch.core.errors import UserError
 from asymsearch.training.data import MPerClassSampler
+from asymsearch.cli.main import main
+from asymsearch.training.config import StudentConfig, TeacherConfig
 from asymsearch.training.distributed import (DistContext, DistributedMPerClassSampler, check_batch_divides,
-                                             launch_info)
+                                             check_launch, launch_info)
 from asymsearch.training.losses import ContrastiveLoss, MultiSimilarityLoss, RegressionLoss
 from asymsearch.training.mining import HardNegativeMiner
 from asymsearch.training.proxies import ProxyAnchorLoss
@@ -118,7 +120,8 @@ def _rank_main(rank: int, port: int, folder: str) -> None:
         torch.set_num_threads(1)
         ctx = DistContext.from_env("cpu", timeout_s=COLLECTIVE_TIMEOUT_S)
         try:
-            results = {"context": (ctx.rank, ctx.world_size, ctx.backend, ctx.is_main)}
+            results = {"context": (ctx.rank, ctx.world_size, ctx.backend, ctx.is_main),
+                       "broadcast": ctx.broadcast_object({"from": ctx.rank})}
             results.update({name: _steps(name, ctx) for name in OBJECTIVES})
         finally:
             ctx.cleanup()
@@ -174,6 +177,7 @@ def reference() -> dict:
 
 def test_ranks_joined_one_gloo_group(ranks):
     assert [r["context"] for r in ranks] == [(0, WORLD, "gloo", True), (1, WORLD, "gloo", False)]
+    assert [r["broadcast"] for r in ranks] == [{"from": 0}] * WORLD  # what rank 0 alone measured, on every rank
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -225,6 +229,36 @@ def test_world_size_that_does_not_divide_the_batch_is_refused_in_one_line():
     check_batch_divides(9, 1, "any")
     with pytest.raises(UserError, match="world size 2 does not divide the batch of 9"):
         DistributedMPerClassSampler([0, 1, 2] * 10, 3, 3, rank=0, world_size=2)
+
+
+def test_launch_check_reads_the_world_size_and_the_batch_rule_of_each_config():
+    torchrun = {"WORLD_SIZE": "3", "RANK": "2", "LOCAL_RANK": "0"}
+    teacher = TeacherConfig(data="d", out="o", classes_per_batch=8, per_class=4)  # 32 images
+    with pytest.raises(UserError, match=r"world size 3 does not divide the batch of 32 images \(classes_per_batch 8 x"):
+        check_launch(teacher, torchrun)
+    assert check_launch(teacher, {**torchrun, "WORLD_SIZE": "4"}).rank == 2
+    assert check_launch(teacher, {}).world_size == 1  # no torchrun: one process, any batch
+    student = StudentConfig(data="d", teacher="t", out="o", batch_size=30, per_class=4)  # 7 classes x 4 = 28
+    with pytest.raises(UserError, match=r"does not divide the batch of 28 images \(batch_size 30: 7 classes"):
+        check_launch(student, torchrun)
+    check_launch(student, {**torchrun, "WORLD_SIZE": "7"})
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_cli_refuses_a_world_size_that_does_not_divide_the_batch_before_starting(role, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """One line, exit status 2, no process group joined and nothing read or written (the data folder and the
+    teacher do not even exist: the check comes first)."""
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False), monkeypatch.delenv("MASTER_PORT", raising=False)
+    out = tmp_path / "model.pt"
+    batch = ["--classes-per-batch", "3", "--per-class", "3"] if role == "teacher" else \
+        ["--batch-size", "9", "--per-class", "3", "--teacher", str(tmp_path / "absent.pt")]
+    code = main(["train", role, "--data", str(tmp_path / "absent"), "--out", str(out), *batch])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "world size 2 does not divide the batch of 9 images" in err
+    assert not torch.distributed.is_initialized() and list(tmp_path.iterdir()) == []
 
 
 def test_without_torchrun_the_context_is_one_process_and_a_no_op(monkeypatch):

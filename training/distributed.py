@@ -88,6 +88,25 @@ def check_batch_divides(batch_size: int, world_size: int, rule: str) -> None:
                         f"another --nproc-per-node")
 
 
+def global_batch(cfg) -> tuple[int, str]:
+    """(images per global batch, how the config makes it) for a teacher config (classes_per_batch x per_class) or
+    a student config (batch_size // per_class classes, at least 2, x per_class): the sampler's rule."""
+    if hasattr(cfg, "classes_per_batch"):
+        return cfg.classes_per_batch * cfg.per_class, \
+            f"classes_per_batch {cfg.classes_per_batch} x per_class {cfg.per_class}"
+    classes = max(2, cfg.batch_size // max(1, cfg.per_class))
+    return classes * cfg.per_class, f"batch_size {cfg.batch_size}: {classes} classes x per_class {cfg.per_class}"
+
+
+def check_launch(cfg, env: Mapping[str, str] | None = None) -> LaunchInfo:
+    """Before a process joins a group or touches data: torchrun's variables are well formed and the world size
+    divides the config's global batch (one-line `UserError`s otherwise). Returns where this process sits."""
+    info = launch_info(env)
+    size, rule = global_batch(cfg)
+    check_batch_divides(size, info.world_size, rule)
+    return info
+
+
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; the gradient times `scale` backward."""
 
@@ -168,6 +187,14 @@ class DistContext:
         """A per-rank seed for what each rank should draw differently (augmentation, loader workers)."""
         return seed + 1_000_003 * self.rank
 
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` (picklable) on every rank, e.g. what rank 0 alone measured (validation)."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     # -- model and gradients ------------------------------------------------------------------------------------
     def wrap(self, module: nn.Module, **ddp_kwargs) -> nn.Module:
         """`module` in DistributedDataParallel (rank 0's weights broadcast to every rank now, gradients averaged
@@ -176,6 +203,11 @@ class DistContext:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=ids, **ddp_kwargs)
+
+    @staticmethod
+    def unwrap(module: nn.Module) -> nn.Module:
+        """The module inside DistributedDataParallel (itself otherwise): what checkpoints and states hold."""
+        return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
     def broadcast_module(self, *modules: nn.Module | None) -> None:
         """Copy rank 0's parameters and buffers of modules kept outside DDP (proxies, add-ons) to every rank."""
@@ -270,5 +302,5 @@ def distributed_context(device: str = "auto", timeout_s: float = 1800.0) -> Iter
         ctx.cleanup()
 
 
-__all__ = ["DistContext", "DistributedMPerClassSampler", "LaunchInfo", "check_batch_divides",
-           "distributed_context", "launch_info"]
+__all__ = ["DistContext", "DistributedMPerClassSampler", "LaunchInfo", "check_batch_divides", "check_launch",
+           "distributed_context", "global_batch", "launch_info"]
