@@ -64,7 +64,8 @@ class ServeBenchConfig:
     client_processes: int = 2
     query_images: int = 64
     limit_threads: int | None = None  # None: one per core
-    limit_batch: int = 8
+    limit_batch: int = 8  # queries per faiss search in the limit
+    limit_embed_batch: int = 1  # images per student call in the limit
     idle_streams: int = 1000  # 0: no idle-stream line
     serve_args: tuple[str, ...] = ()  # passed to `asymsearch serve` as they are
     max_ratio: float = MAX_RATIO
@@ -184,11 +185,13 @@ def run_bench(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -> dict
         "loadavg_start": os.getloadavg(), "kinds": {}}
     log(f"artifacts ({art.source}): index {art.index}, student {art.student}, {len(art.query_paths)} query images")
     with InProcessLimit(art.index, art.student, threads=cfg.limit_threads, batch=cfg.limit_batch,
-                        k=cfg.k) as limit, ClientPool(cfg.client_processes) as pool, \
+                        embed_batch=cfg.limit_embed_batch, k=cfg.k) as limit, \
+            ClientPool(cfg.client_processes) as pool, \
             ServerProcess(art.index, art.student, serve_args=cfg.serve_args,
                           log_path=Path(cfg.workdir) / "server.log") as server:
         report["index"] = {"count": limit.index.count, "dim": limit.index.dim, "factory": limit.index.manifest.factory}
-        report["limit_settings"] = {"threads": limit.threads, "batch": limit.batch, "faiss_threads": 1,
+        report["limit_settings"] = {"threads": limit.threads, "batch": limit.batch,
+                                    "embed_batch": limit.embed_batch, "faiss_threads": 1,
                                     "onnxruntime_threads_per_call": 1}
         report["server"] = {"command": server.command, "start": server.snapshot()}
         for kind in cfg.kinds:
@@ -273,7 +276,9 @@ def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
                f"`{report['index']['factory']}`; {report['artifacts']['query_images']} query images.  ",
              f"Server: `{' '.join(report['server']['command'][3:])}`.  ",
              f"Limit: the same decode + student + faiss steps in the benchmark's process, no gRPC, "
-             f"{report['limit_settings']['threads']} worker threads x batches of {report['limit_settings']['batch']}."
+             f"{report['limit_settings']['threads']} worker threads, each searching "
+             f"{report['limit_settings']['batch']} queries per faiss call and embedding "
+             f"{report['limit_settings'].get('embed_batch', 1)} image(s) per student call."
              f"  ", f"{s['rounds']} interleaved rounds of {s['seconds']:g} s per candidate, medians; "
                     f"{s['client_processes']} client processes.", ""]
     if png_name:

@@ -61,7 +61,10 @@ def register(commands: Commands) -> None:
     p.add_argument("--query-images", type=int, default=64, help="distinct query images (default: %(default)s)")
     p.add_argument("--limit-threads", type=int, default=None, help="the limit's workers (default: one per core)")
     p.add_argument("--limit-batch", type=int, default=8,
-                   help="queries per student and faiss call in the limit (default: %(default)s)")
+                   help="queries per faiss search in the limit (default: %(default)s)")
+    p.add_argument("--limit-embed-batch", type=int, default=1,
+                   help="images per student call in the limit (default: %(default)s, the cheapest per image for "
+                        "EfficientNet-Lite on a CPU)")
     p.add_argument("--idle-streams", type=int, default=1000,
                    help="idle SearchStream calls held open for the resilience line; 0 skips it (default: %(default)s)")
     p.add_argument("--serve-args", default="",
@@ -80,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
                            concurrency=args.concurrency, kinds=args.kinds, rounds=args.rounds, seconds=args.seconds,
                            k=args.k, client_processes=args.client_processes, query_images=args.query_images,
                            limit_threads=args.limit_threads, limit_batch=args.limit_batch,
+                           limit_embed_batch=args.limit_embed_batch,
                            idle_streams=args.idle_streams, serve_args=tuple(shlex.split(args.serve_args)))
     report = run_bench(cfg, log=lambda m: print(m, flush=True))
     print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")
