@@ -34,9 +34,11 @@ from asymsearch.core.data import ImageItem
 from asymsearch.core.errors import UserError
 from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.core.provenance import provenance
+from asymsearch.core.timing import interleaved
 from asymsearch.index.faiss_index import add_blocks, apply_search_params, new_index, sample_rows, train_index
 
 K = 10
+BATCH = 16  # issue 21: a batched Flat search of 16 should cost >= 4x less per query than 16 single ones
 
 
 def synthetic_vectors(n: int, dim: int, seed: int, clusters: int = 1000, latent: int = 64) -> np.ndarray:
@@ -83,6 +85,21 @@ def single_query_ms(index: faiss.Index, queries: np.ndarray, reps: int = 200) ->
         index.search(q[None], K)
         times.append(time.perf_counter() - start)
     return float(np.median(times)) * 1e3
+
+
+def batch_vs_single(index: faiss.Index, queries: np.ndarray, batch: int = BATCH, rounds: int = 5) -> dict[str, float]:
+    """Process CPU ms per query of one search of `batch` queries against `batch` one-query searches of the same
+    queries, interleaved (`core.timing.interleaved`), medians over `rounds`; results checked identical."""
+    qs = np.ascontiguousarray(queries[:batch])
+    singles = np.concatenate([index.search(x[None], K)[1] for x in qs])
+    if not np.array_equal(singles, index.search(qs, K)[1]):
+        raise AssertionError(f"a batched search of {batch} returned other ids than {batch} single searches")
+    t = interleaved({"single": lambda: [index.search(x[None], K) for x in qs], "batch": lambda: index.search(qs, K)},
+                    rounds=rounds, warmup=1)
+    single = statistics.median(t["single"].cpu) * 1e3 / len(qs)
+    batched = statistics.median(t["batch"].cpu) * 1e3 / len(qs)
+    return {"batch": len(qs), "single_cpu_ms_per_query": round(single, 4),
+            "batched_cpu_ms_per_query": round(batched, 4), "single_over_batched": round(single / batched, 2)}
 
 
 def batched_qps(index: faiss.Index, queries: np.ndarray) -> float:
@@ -132,6 +149,7 @@ def bench_ann(sizes: Sequence[int], *, dim: int = 512, queries: int = 1000, fact
                        "recall@10": round(recall(ids, truth), 4)}
                 if factory == "Flat":
                     flat_ms = row["single_query_ms"]
+                    row["batch_vs_single"] = batch_vs_single(index, q)
                 row["speedup_vs_flat"] = round(flat_ms / row["single_query_ms"], 2) if flat_ms else None
                 rows.append(row)
                 log(f"[ann] n={n} {factory} {params or ''}: build {row['build_s']} s, {size / 2**20:.1f} MiB, "
@@ -216,6 +234,15 @@ def write_results(path_md: Path, command: str, teacher: dict | None, ann: list[d
                          f"{r['index_bytes'] / 2**20:.1f} | {r['single_query_ms']} | {r['speedup_vs_flat']} | "
                          f"{r['batched_qps']} | {r['recall@10']} |")
         lines.append("")
+        pairs = [r for r in ann if "batch_vs_single" in r]
+        if pairs:
+            lines += [f"## Flat: one search of {BATCH} queries vs {BATCH} single searches (process CPU, interleaved)",
+                      "", "| n | single CPU ms/query | batched CPU ms/query | single / batched |", "|---|---|---|---|"]
+            for r in pairs:
+                b = r["batch_vs_single"]
+                lines.append(f"| {r['n']:,} | {b['single_cpu_ms_per_query']} | {b['batched_cpu_ms_per_query']} | "
+                             f"{b['single_over_batched']} |")
+            lines.append("")
     path_md.write_text("\n".join(lines))
 
 
