@@ -318,28 +318,25 @@ def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
+    """One row per query kind: q/s and process CPU ms per query of each candidate (medians of the rounds)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     kinds = list(report["kinds"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    width = 0.8 / max(1, len(kinds))
-    for i, kind in enumerate(kinds):
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(10, 3.2 * len(kinds)), squeeze=False)
+    for row, kind in zip(axes, kinds):
         medians = report["kinds"][kind]["medians"]
         names = list(medians)
-        xs = np.arange(len(names)) + i * width
-        for ax, key in zip(axes, ("qps", "cpu_ms_per_query")):
-            ax.bar(xs, [medians[n].get(key, np.nan) for n in names], width, label=kind)
-            ax.set_xticks(np.arange(len(names)) + width * (len(kinds) - 1) / 2, names, fontsize=8)
-    axes[0].set_ylabel("queries / s (median of rounds)")
-    axes[1].set_ylabel("process CPU ms / query (median)")
-    for ax in axes:
-        ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        colours = ["tab:gray" if n == LIMIT else "tab:blue" for n in names]
+        for ax, key, label in zip(row, ("qps", "cpu_ms_per_query"), ("queries / s", "process CPU ms / query")):
+            ax.bar(names, [medians[n].get(key, np.nan) for n in names], color=colours)
+            ax.set_ylabel(f"{kind}: {label}")
+            ax.grid(True, axis="y", alpha=0.3)
+            ax.tick_params(axis="x", labelsize=8)
     m = report["provenance"].get("machine") or {}
-    fig.suptitle(f"asymsearch bench serve: server vs in-process limit ({m.get('cores')} cores, index "
-                 f"{report['index']['count']} items)", fontsize=9)
+    fig.suptitle(f"asymsearch bench serve: server vs in-process limit, medians of {report['settings']['rounds']} "
+                 f"interleaved rounds ({m.get('cores')} cores, index {report['index']['count']} items)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
