@@ -50,19 +50,20 @@ class InProcessLimit:
 
     # the server's steps ------------------------------------------------------------------------------------------
 
-    def _search(self, vectors: np.ndarray) -> int:
+    def _search(self, vectors: np.ndarray) -> np.ndarray:
         vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
         _, ids = self.index.search(vectors.astype(np.float32), self.k)
         self.index.lookup_records(sorted({int(i) for i in ids.ravel() if i >= 0}))
-        return len(vectors)
+        return ids
 
-    def image_batch(self, data: Sequence[bytes]) -> int:
+    def image_batch(self, data: Sequence[bytes]) -> np.ndarray:
+        """Encoded images -> the ids of their k best hits (Q, k), as the server finds them."""
         pixels = np.stack([preprocess(decode_image(d), self.spec) for d in data])
         e = self.embed_batch
         return self._search(np.concatenate([self.student.embed_arrays(pixels[i:i + e])
                                             for i in range(0, len(pixels), e)]))
 
-    def vector_batch(self, vectors: Sequence[np.ndarray]) -> int:
+    def vector_batch(self, vectors: Sequence[np.ndarray]) -> np.ndarray:
         return self._search(np.stack(vectors))
 
     # a timed run ------------------------------------------------------------------------------------------------
@@ -87,7 +88,7 @@ class InProcessLimit:
                 while time.perf_counter() < end:
                     with lock:
                         start = next(counter) * self.batch
-                    mine += step([payloads[(start + i) % len(payloads)] for i in range(self.batch)])
+                    mine += len(step([payloads[(start + i) % len(payloads)] for i in range(self.batch)]))
             except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread below
                 errors.append(e)
             with lock:

@@ -103,3 +103,31 @@ def test_bench_serve_command_refuses_bad_input(tmp_path, image_folder, tiny_mode
     assert main(["bench", "serve", "--images", str(image_folder), "--student", str(tiny_models["student"]),
                  "--rounds", "0", "--out", str(tmp_path / "r.json")]) == 2
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_limit_does_the_servers_work_against_brute_force(tmp_path, image_folder, tiny_models):
+    """A limit that skipped a step would be fast and wrong: its hits must be those of the student's embedding
+    searched exhaustively in the teacher's embeddings of the database (numpy, outside faiss)."""
+    import numpy as np
+
+    from asymsearch.bench.limit import InProcessLimit
+    from asymsearch.core.data import list_image_folder, select_classes
+    from asymsearch.core.ort import OnnxEmbedder
+    from asymsearch.core.preprocess import decode_image
+
+    index = tmp_path / "index"
+    build_index(tiny_models["teacher"], image_folder, index, classes="second-half", progress=False)
+    database = list_image_folder(image_folder, select_classes(image_folder, "second-half"))
+    queries = [it.path for it in list_image_folder(image_folder, select_classes(image_folder, "first-half"))][:6]
+    db = OnnxEmbedder(tiny_models["teacher"]).embed_images([decode_image(it.path) for it in database])
+    q = OnnxEmbedder(tiny_models["student"]).embed_images([decode_image(p) for p in queries])
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    expected = np.argsort(-(q @ db.T), axis=1, kind="stable")[:, :5]  # build ids are listing positions
+    for embed_batch in (1, 4):
+        with InProcessLimit(index, tiny_models["student"], threads=1, batch=6, embed_batch=embed_batch,
+                            k=5) as limit:
+            got = limit.image_batch([open(p, "rb").read() for p in queries])
+            assert np.array_equal(got[:, 0], expected[:, 0]) and np.mean(got == expected) > 0.9
+            run = limit.run("image", queries, 0.2)
+            assert run["queries"] % 6 == 0 and run["queries"] > 0 and run["cpu_ms_per_query"] > 0
