@@ -17,23 +17,26 @@ build) and `index add` embeds new images the same way. `flip=True` adds each ima
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import faiss
 import numpy as np
 
-from asymsearch.core.data import list_image_folder, select_classes
+from asymsearch.core.config import CONFIG_FILE, save_config
+from asymsearch.core.data import ImageItem, list_image_folder, select_classes
 from asymsearch.core.errors import UserError
-from asymsearch.core.manifest import IndexManifest
+from asymsearch.core.manifest import IndexManifest, require_teacher
 from asymsearch.core.multiscale import MULTISCALE_SCALES, SINGLE_SCALE, with_scales
 from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.index import ondisk, versions
+from asymsearch.index.config import DEFAULT_SHARD_SIZE, IndexBuildConfig
 from asymsearch.index.faiss_index import (MAX_TRAIN_VECTORS, add_blocks, apply_search_params, faiss_reason,
                                           new_index, sample_rows, train_index)
 from asymsearch.index.metadata import match_metadata, read_metadata_csv, write_metadata
@@ -41,11 +44,11 @@ from asymsearch.index.pipeline import EmbeddedImages, embed_into_shards, embed_i
 from asymsearch.index.shards import ShardStore, listing_digest
 from asymsearch.index.store import INDEX_FILE, MANIFEST_FILE, META_FILE, SKIPPED_FILE
 
-__all__ = ["build_index", "embed_items", "EmbeddedImages", "report_skipped", "new_index", "MAX_TRAIN_VECTORS",
+__all__ = ["build_index", "IndexBuildConfig", "plan_build", "embed_database", "construct_index", "publish_index",
+           "DEFAULT_SHARD_SIZE", "embed_items", "EmbeddedImages", "report_skipped", "new_index", "MAX_TRAIN_VECTORS",
            "write_index_folder", "work_dir", "faiss_reason"]
 
 METRIC = "inner_product"
-DEFAULT_SHARD_SIZE = 4096  # images per embedding shard: the most work an interruption can lose
 ENGINES = ("local", "ray")
 
 
@@ -61,112 +64,60 @@ def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.work" / "build"
 
 
-def build_index(teacher: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
-                factory: str = "Flat", classes: str = "all", batch_size: int = 64, overwrite: bool = False,
-                progress: bool = True, resume: bool = False, versioned: bool = False, keep: int | None = None,
-                metadata: str | os.PathLike | None = None, search_params: Mapping[str, float] | None = None,
-                auto: Any = None, shard_size: int = DEFAULT_SHARD_SIZE, workers: int | None = None,
-                engine: str = "local", address: str | None = None, on_disk: bool = False,
-                multiscale: bool = False, flip: bool = False) -> IndexManifest:
-    """Embed the images of `images` (ROOT/<class>/<image>) with `teacher` and write the index `out`.
+@dataclasses.dataclass
+class BuildPlan:
+    """What a build will do, checked before any image is decoded (`plan_build`)."""
 
-    `out` becomes a plain index folder, or with `versioned` (or when it already is a versioned root) a new
-    version published through CURRENT, old versions pruned to `keep`. `auto` (an `asymsearch.index.auto.Budget`)
-    replaces `factory` and `search_params` by the choice `asymsearch.index.auto.choose_index` makes for the data.
-    `engine="ray"` embeds on the Ray cluster at `address` (a local one when None) instead of this process.
-    `on_disk` (IVF factories only) keeps the inverted lists in `index.ivfdata` on disk (`asymsearch.index.ondisk`).
-    `multiscale` embeds each image at `MULTISCALE_SCALES` and keeps the re-normalised mean (the teacher needs
-    dynamic height/width, as every `asymsearch export` has); `flip` adds each image's left-right mirror to the mean.
+    config: IndexBuildConfig  # with teacher, images and out resolved to absolute paths
+    teacher: Path
+    images: Path
+    out: Path
+    versioned: bool
+    scales: tuple[float, ...]
+    embedder: Any  # an OnnxEmbedder, or a MultiScaleEmbedder over it
+    items: list[ImageItem]
+    columns: dict  # path -> metadata row
+    budget: Any  # an `asymsearch.index.auto.Budget` with --auto, else None
+    work: dict  # the shard store's plan: a resumed build must match it
+
+
+@dataclasses.dataclass
+class BuiltIndex:
+    """The faiss index made from the shards (`construct_index`) and what chose it."""
+
+    index: faiss.Index
+    factory: str
+    search_params: dict
+    auto_report: dict | None
+    rows: list[int]  # listing positions of the readable images, in id order
+    skipped: list[tuple[str, str]]
+
+
+def build_index(config: IndexBuildConfig | str | os.PathLike, images: str | os.PathLike | None = None,
+                out: str | os.PathLike | None = None, *, progress: bool = True, **fields: Any) -> IndexManifest:
+    """Embed the images of `config.images` (ROOT/<class>/<image>) with `config.teacher` and write the index
+    `config.out`: `plan_build` -> `embed_database` -> `construct_index` -> `publish_index`.
+
+    `build_index(teacher, images, out, factory=..., ...)` is shorthand for an `IndexBuildConfig` of those fields
+    (`auto` may also be an `asymsearch.index.auto.Budget`). `out` becomes a plain index folder, or with `versioned`
+    (or when it already is a versioned root) a new version published through CURRENT, old versions pruned to
+    `keep`. `auto` replaces `factory` and `search_params` by the choice `asymsearch.index.auto.choose_index` makes
+    for the data. `engine="ray"` embeds on the Ray cluster at `address` (a local one when None). `on_disk` (IVF
+    factories only) keeps the inverted lists in `index.ivfdata` on disk (`asymsearch.index.ondisk`). `multiscale`
+    embeds each image at `MULTISCALE_SCALES` and keeps the re-normalised mean; `flip` adds each image's mirror.
+    The merged config is saved in the index folder as `config.yaml` (`asymsearch.core.config`).
     """
     start = time.perf_counter()
-    teacher, images, out = Path(teacher).resolve(), Path(images).resolve(), Path(out).resolve()
-    if engine not in ENGINES:
-        raise UserError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
-    if shard_size < 1 or batch_size < 1:
-        raise UserError(f"shard size and batch size must be at least 1 (got {shard_size}, {batch_size})")
-    if auto is not None and search_params:
-        raise UserError("search parameters are chosen by --auto; leave out --search-param")
-    versioned = versioned or versions.is_versioned_root(out)
-    if (multiscale or flip) and engine == "ray":
-        raise UserError(f"--{'multiscale' if multiscale else 'flip'} is not available with --engine ray yet; "
-                        f"embed with --engine local")
-    _check_out(out, overwrite, versioned)
-    scales = MULTISCALE_SCALES if multiscale else SINGLE_SCALE
-    teacher_model = OnnxEmbedder(teacher)
-    if teacher_model.manifest.role != "teacher":
-        raise UserError(f"{teacher} is a {teacher_model.manifest.role}, not a teacher: the database must be "
-                        f"embedded by the teacher (its manifest role must be 'teacher')")
-    embedder = with_scales(teacher_model, scales, flip)
-    if auto is None:  # a bad factory or search parameter fails before any image is decoded
-        apply_search_params(new_index(embedder.dim, factory), dict(search_params or {}), f" (factory {factory!r})")
-    if on_disk:
-        if auto is not None:
-            raise UserError("--on-disk and --auto do not combine: give an IVF --factory with --on-disk")
-        ondisk.check_factory(embedder.dim, factory)
-    items = list_image_folder(images, select_classes(images, classes))
-    columns = read_metadata_csv(metadata, images) if metadata else {}
-    match_metadata(columns, [item.path for item in items], str(metadata))
-
-    plan = {"teacher_sha256": embedder.manifest.sha256, "dim": embedder.dim, "count": len(items),
-            "listing_sha256": listing_digest(items), "shard_size": shard_size, "batch_size": batch_size,
-            **({"scales": list(scales)} if multiscale else {}), **({"flip": True} if flip else {})}
-    store = ShardStore.open(work_dir(out), plan, resume=resume)
+    if not isinstance(config, IndexBuildConfig):
+        config = config_from_fields(config, images, out, **fields)
+    elif images is not None or out is not None or fields:
+        raise TypeError("build_index(config) takes no other fields; change the config instead")
+    plan = plan_build(config)
+    store = ShardStore.open(work_dir(plan.out), plan.work, resume=config.resume)
     try:
-        if engine == "ray":
-            from asymsearch.index.ray_engine import embed_with_ray  # the `distributed` extra; never imported otherwise
-            embed_with_ray(items, teacher, store, batch_size=batch_size, address=address, progress=progress)
-        else:
-            embed_into_shards(items, embedder, store, batch_size=batch_size, workers=workers, progress=progress,
-                              desc="embedding database")
-        rows, skipped = store.kept_rows()
-        report_skipped(skipped)
-        if len(rows) == 0:
-            raise UserError(f"none of the {len(items)} image files in {images} could be read")
-        auto_report = None
-        if auto is not None:
-            from asymsearch.index.auto import choose_index
-            choice = choose_index(store.all_vectors(), auto, progress=progress)
-            factory, search_params, auto_report = choice.factory, choice.search_params, choice.report
-            index = choice.index
-        elif on_disk:
-            index = ondisk.build_on_disk(_id_blocks(store), _gather(store, sample_rows(_kept_count(store))),
-                                         embedder.dim, factory, store.folder.parent / "ondisk")
-        else:
-            index = index_from_shards(store, embedder.dim, factory)
-        apply_search_params(index, dict(search_params or {}), f" (factory {factory!r})")
-        kept = [items[r] for r in rows]
-        manifest = IndexManifest(
-            teacher_id=embedder.teacher_id, dim=embedder.dim, metric=METRIC, factory=factory,
-            count=int(index.ntotal),
-            teacher_model={"path": str(teacher), "sha256": embedder.manifest.sha256,
-                           "model_id": embedder.manifest.model_id},
-            build={"images": str(images), "classes": classes, "batch_size": batch_size, "shard_size": shard_size,
-                   "engine": engine, "scales": list(scales), "skipped": [path for path, _ in skipped],
-                   "next_id": len(kept),
-                   **({"flip": True} if flip else {}),
-                   **({"on_disk": True} if on_disk else {}),
-                   **({"auto": auto_report} if auto_report else {}),
-                   **({"metadata": str(Path(metadata).resolve())} if metadata else {}),
-                   "seconds": round(time.perf_counter() - start, 3)},
-            search_params=dict(search_params or {}))
-        meta_rows = ((i, item.path, item.label, columns.get(item.path)) for i, item in enumerate(kept))
-        if versioned:
-            with versions.writer_lock(out):
-                versions.clean_stale(out)
-                staged = versions.staging_dir(out)
-                write_index_folder(staged, index, meta_rows, manifest, skipped)
-                versions.crash_point("build:before-publish")
-                versions.publish(out, staged, keep=keep)
-        else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _fresh_dir(out.parent, f".{out.name}.tmp-")
-            try:
-                write_index_folder(tmp, index, meta_rows, manifest, skipped)
-                versions.crash_point("build:before-publish")
-                _move_into_place(tmp, out, overwrite)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+        embed_database(plan, store, progress=progress)
+        built = construct_index(plan, store, progress=progress)
+        manifest = publish_index(plan, built, seconds=time.perf_counter() - start)
     except UserError:
         store.remove()  # the embeddings cannot produce this index: nothing to resume
         shutil.rmtree(store.folder.parent / "ondisk", ignore_errors=True)
@@ -174,6 +125,146 @@ def build_index(teacher: str | os.PathLike, images: str | os.PathLike, out: str 
         raise
     store.remove()
     _remove_if_empty(store.folder.parent)
+    return manifest
+
+
+def config_from_fields(teacher: str | os.PathLike, images: str | os.PathLike | None,
+                       out: str | os.PathLike | None, **fields: Any) -> IndexBuildConfig:
+    """An `IndexBuildConfig` from keyword fields; `auto` may be a `Budget` (its figures become the auto keys)."""
+    auto = fields.pop("auto", False)
+    if auto is not None and not isinstance(auto, bool):  # a Budget
+        fields.update(auto=True, max_memory=str(auto.max_memory), target_ms=float(auto.target_ms),
+                      target_recall=float(auto.target_recall))
+    else:
+        fields["auto"] = bool(auto)
+    if fields.get("search_params") is None:
+        fields["search_params"] = {}
+    fields["search_params"] = dict(fields["search_params"])
+    paths = {k: os.fspath(v) for k, v in (("teacher", teacher), ("images", images), ("out", out)) if v is not None}
+    if fields.get("metadata") is not None:
+        fields["metadata"] = os.fspath(fields["metadata"])
+    return IndexBuildConfig(**paths, **fields)
+
+
+def plan_build(config: IndexBuildConfig) -> BuildPlan:
+    """Check everything that can be checked without decoding an image: options, output folder, the teacher's role,
+    factory and search parameters, the listing and the metadata."""
+    teacher, images, out = (Path(p).resolve() for p in (config.teacher, config.images, config.out))
+    config = dataclasses.replace(config, teacher=str(teacher), images=str(images), out=str(out),
+                                 metadata=str(Path(config.metadata).resolve()) if config.metadata else None)
+    factory, search_params = config.factory, dict(config.search_params)
+    if config.engine not in ENGINES:
+        raise UserError(f"unknown engine {config.engine!r}; use one of {', '.join(ENGINES)}")
+    if config.shard_size < 1 or config.batch_size < 1:
+        raise UserError(f"shard size and batch size must be at least 1 (got {config.shard_size}, "
+                        f"{config.batch_size})")
+    if config.auto and search_params:
+        raise UserError("search parameters are chosen by --auto; leave out --search-param")
+    if config.on_disk and config.auto:
+        raise UserError("--on-disk and --auto do not combine: give an IVF --factory with --on-disk")
+    if (config.multiscale or config.flip) and config.engine == "ray":
+        raise UserError(f"--{'multiscale' if config.multiscale else 'flip'} is not available with --engine ray "
+                        f"yet; embed with --engine local")
+    for path, what in ((teacher, "teacher ONNX model"), (images, "image folder")):
+        if not path.exists():
+            raise UserError(f"{what} not found: {path}")
+    budget = None
+    if config.auto:
+        from asymsearch.index.auto import Budget, parse_size
+        budget = Budget(max_memory=parse_size(config.max_memory), target_ms=config.target_ms,
+                        target_recall=config.target_recall)
+    versioned = config.versioned or versions.is_versioned_root(out)
+    _check_out(out, config.overwrite, versioned)
+    scales = MULTISCALE_SCALES if config.multiscale else SINGLE_SCALE
+    teacher_model = OnnxEmbedder(teacher)
+    require_teacher(teacher_model, str(teacher))
+    embedder = with_scales(teacher_model, scales, config.flip)
+    if budget is None:  # a bad factory or search parameter fails before any image is decoded
+        apply_search_params(new_index(embedder.dim, factory), search_params, f" (factory {factory!r})")
+    if config.on_disk:
+        ondisk.check_factory(embedder.dim, factory)
+    items = list_image_folder(images, select_classes(images, config.classes))
+    columns = read_metadata_csv(config.metadata, images) if config.metadata else {}
+    match_metadata(columns, [item.path for item in items], str(config.metadata))
+    work = {"teacher_sha256": embedder.manifest.sha256, "dim": embedder.dim, "count": len(items),
+            "listing_sha256": listing_digest(items), "shard_size": config.shard_size,
+            "batch_size": config.batch_size, **({"scales": list(scales)} if config.multiscale else {}),
+            **({"flip": True} if config.flip else {})}
+    return BuildPlan(config, teacher, images, out, versioned, tuple(scales), embedder, items, columns, budget, work)
+
+
+def embed_database(plan: BuildPlan, store: ShardStore, *, progress: bool = True) -> None:
+    """Embed every shard of `store` not committed yet, here or on Ray."""
+    config = plan.config
+    if config.engine == "ray":
+        from asymsearch.index.ray_engine import embed_with_ray  # the `distributed` extra; never imported otherwise
+        embed_with_ray(plan.items, plan.teacher, store, batch_size=config.batch_size, address=config.address,
+                       progress=progress)
+    else:
+        embed_into_shards(plan.items, plan.embedder, store, batch_size=config.batch_size, workers=config.workers,
+                          progress=progress, desc="embedding database")
+
+
+def construct_index(plan: BuildPlan, store: ShardStore, *, progress: bool = True) -> BuiltIndex:
+    """The faiss index of the committed shards: chosen by --auto, on disk, or the configured factory."""
+    config = plan.config
+    rows, skipped = store.kept_rows()
+    report_skipped(skipped)
+    if len(rows) == 0:
+        raise UserError(f"none of the {len(plan.items)} image files in {plan.images} could be read")
+    factory, search_params, auto_report = config.factory, dict(config.search_params), None
+    dim = plan.embedder.dim
+    if plan.budget is not None:
+        from asymsearch.index.auto import choose_index
+        choice = choose_index(store.all_vectors(), plan.budget, progress=progress)
+        factory, search_params, auto_report, index = choice.factory, choice.search_params, choice.report, choice.index
+    elif config.on_disk:
+        index = ondisk.build_on_disk(_id_blocks(store), _gather(store, sample_rows(_kept_count(store))),
+                                     dim, factory, store.folder.parent / "ondisk")
+    else:
+        index = index_from_shards(store, dim, factory)
+    apply_search_params(index, search_params, f" (factory {factory!r})")
+    return BuiltIndex(index, factory, dict(search_params), auto_report, list(rows), list(skipped))
+
+
+def publish_index(plan: BuildPlan, built: BuiltIndex, *, seconds: float = 0.0) -> IndexManifest:
+    """Write the index folder (manifest, metadata, skipped files, config.yaml) and put it in place: renamed over
+    a plain folder, or published as a new version of a versioned root."""
+    config, embedder = plan.config, plan.embedder
+    kept = [plan.items[r] for r in built.rows]
+    manifest = IndexManifest(
+        teacher_id=embedder.teacher_id, dim=embedder.dim, metric=METRIC, factory=built.factory,
+        count=int(built.index.ntotal),
+        teacher_model={"path": str(plan.teacher), "sha256": embedder.manifest.sha256,
+                       "model_id": embedder.manifest.model_id},
+        build={"images": str(plan.images), "classes": config.classes, "batch_size": config.batch_size,
+               "shard_size": config.shard_size, "engine": config.engine, "scales": list(plan.scales),
+               "skipped": [path for path, _ in built.skipped], "next_id": len(kept),
+               **({"flip": True} if config.flip else {}),
+               **({"on_disk": True} if config.on_disk else {}),
+               **({"auto": built.auto_report} if built.auto_report else {}),
+               **({"metadata": config.metadata} if config.metadata else {}),
+               "seconds": round(seconds, 3)},
+        search_params=built.search_params)
+    meta_rows = ((i, item.path, item.label, plan.columns.get(item.path)) for i, item in enumerate(kept))
+    out = plan.out
+    if plan.versioned:
+        with versions.writer_lock(out):
+            versions.clean_stale(out)
+            staged = versions.staging_dir(out)
+            write_index_folder(staged, built.index, meta_rows, manifest, built.skipped, config)
+            versions.crash_point("build:before-publish")
+            versions.publish(out, staged, keep=config.keep)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _fresh_dir(out.parent, f".{out.name}.tmp-")
+        try:
+            write_index_folder(tmp, built.index, meta_rows, manifest, built.skipped, config)
+            versions.crash_point("build:before-publish")
+            _move_into_place(tmp, out, config.overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return manifest
 
 
@@ -216,11 +307,14 @@ def _gather(store: ShardStore, positions: np.ndarray) -> np.ndarray:
 
 
 def write_index_folder(folder: Path, index: faiss.Index, meta_rows, manifest: IndexManifest,
-                       skipped: Sequence[tuple[str, str]]) -> None:
-    """Write the files of one complete index folder into the (new, empty) `folder`."""
+                       skipped: Sequence[tuple[str, str]], config: Any = None) -> None:
+    """Write the files of one complete index folder into the (new, empty) `folder`, with the config that made it
+    as `config.yaml` when given."""
     ondisk.write_index(index, folder / INDEX_FILE)  # faiss.write_index, moving an on-disk index's lists beside it
     write_metadata(folder / META_FILE, meta_rows)
     write_skipped(folder / SKIPPED_FILE, skipped)
+    if config is not None:
+        save_config(config, folder / CONFIG_FILE)
     manifest.save(folder / MANIFEST_FILE)
 
 

@@ -142,7 +142,7 @@ def clean_stale(root: str | os.PathLike) -> list[str]:
     for tmp in root.glob(f".{CURRENT_FILE}.tmp*"):
         tmp.unlink(missing_ok=True)
     if current >= 0:  # a plain folder turned into a root, killed before its plain files were removed
-        for name in INDEX_FILES + ("skipped.tsv",):
+        for name in INDEX_FILES + ("skipped.tsv", "config.yaml"):
             (root / name).unlink(missing_ok=True)
     return removed
 
