@@ -4,16 +4,17 @@ from __future__ import annotations
 import argparse
 
 from asymsearch.cli.demo import DemoConfig
-from asymsearch.cli.options import Commands, add_config_options, config_from_args
+from asymsearch.cli.options import Commands, add_config_options, bind_config
 
 
 def register(commands: Commands) -> None:
     p = commands.add("demo", help="the whole pipeline end to end on generated (or given) data")
     add_config_options(p, DemoConfig, required=("workdir",))
     p.set_defaults(func=run)
+    bind_config(p, DemoConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     from asymsearch.cli.demo import run_demo
-    run_demo(config_from_args(DemoConfig, args))
+    run_demo(args.config_object)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from asymsearch.cli.options import CONFIG_HELP, Commands, existing_path
+from asymsearch.cli.options import CONFIG_HELP, Commands, bind_config, existing_path
 
 
 def register(commands: Commands) -> None:
@@ -36,6 +36,7 @@ def register(commands: Commands) -> None:
                         "descriptor of an index built with --flip")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.set_defaults(func=run, parser=p)
+    bind_config(p)  # every option is a key: --config FILE.yaml and KEY=VALUE
 
 
 def run(args: argparse.Namespace) -> int:

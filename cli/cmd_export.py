@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from asymsearch.cli.options import Commands, existing_path
+from asymsearch.cli.options import Commands, bind_config, existing_path
 
 
 def register(commands: Commands) -> None:
@@ -65,6 +65,7 @@ def register(commands: Commands) -> None:
     c.add_argument("--rounds", type=int, default=10, help="timing rounds in the report (default: %(default)s)")
     c.add_argument("--report-json", type=Path, help="where the report goes (default: NAME.report.json)")
     p.set_defaults(func=run)
+    bind_config(p)  # every option is a key; the merged config is saved beside the manifest
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,7 +95,7 @@ def _export(args: argparse.Namespace, variants: list[str], calibration) -> None:
     from asymsearch.export.variants import make_variant, variant_path
 
     m = export_checkpoint(args.checkpoint, args.out, opset=args.opset, tolerance=args.tolerance,
-                          image_size=args.image_size)
+                          image_size=args.image_size, config=_resolved_config(args))
     print(f"{m.role} exported: {args.out} (dim {m.dim}, {m.input_size} px, teacher id {m.teacher_id}, "
           f"max |onnxruntime - torch| {m.extra.get('max_abs_diff', float('nan')):.2e}); "
           f"manifest {manifest_path_for(args.out)}")
@@ -106,6 +107,15 @@ def _export(args: argparse.Namespace, variants: list[str], calibration) -> None:
         agree = vm.extra["vs_parent_random_inputs"]
         print(f"  {v}: {path} ({path.stat().st_size / 1e6:.2f} MB; vs fp32 on random inputs: max |diff| "
               f"{agree['max_abs_diff']:.2e}, min cosine {agree['min_cosine']:.4f})")
+
+
+def _resolved_config(args: argparse.Namespace):
+    """The merged config with the checkpoint and output as absolute paths (so it reproduces from any folder)."""
+    from asymsearch.core.config import to_plain
+    config = to_plain(args.config_merged)
+    for key in ("checkpoint", "out"):
+        config[key] = str(Path(config[key]).resolve())
+    return config
 
 
 def _verify(args: argparse.Namespace, variants: list[str]) -> None:

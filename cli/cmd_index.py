@@ -5,7 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from asymsearch.cli.options import CONFIG_HELP, Commands, existing_path
+from asymsearch.cli.options import CONFIG_HELP, Commands, bind_config, existing_path
+from asymsearch.index.config import IndexAddConfig, IndexBuildConfig  # plain dataclasses, no faiss
 
 
 def register(commands: Commands) -> None:
@@ -56,6 +57,7 @@ def register(commands: Commands) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing index folder (a versioned root gets a new version instead)")
     p.set_defaults(func=run_build)
+    bind_config(p, IndexBuildConfig, keys={"search_param": "search_params"}, converters={"search_param": dict})
 
     p = commands.add("add", group="index", help="embed more images with the teacher and publish a new index version")
     p.add_argument("--index", required=True, type=existing_path("index"), help="index root or plain index folder")
@@ -69,6 +71,7 @@ def register(commands: Commands) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per inference batch (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: CPU count, max 8)")
     p.set_defaults(func=run_add)
+    bind_config(p, IndexAddConfig)
 
     p = commands.add("remove", group="index", help="remove images by id and publish a new index version")
     p.add_argument("--index", required=True, type=existing_path("index"), help="index root or plain index folder")
@@ -107,17 +110,7 @@ def scales_note(scales, flip: bool = False) -> str:
 
 def run_build(args: argparse.Namespace) -> int:
     from asymsearch.index.build import build_index
-    auto = None
-    if args.auto:
-        from asymsearch.index.auto import Budget, parse_size
-        auto = Budget(max_memory=parse_size(args.max_memory), target_ms=args.target_ms,
-                      target_recall=args.target_recall)
-    m = build_index(args.teacher, args.images, args.out, factory=args.factory, classes=args.classes,
-                    batch_size=args.batch_size, overwrite=args.overwrite, resume=args.resume,
-                    versioned=args.versioned, keep=args.keep, metadata=args.metadata,
-                    search_params=dict(args.search_param), auto=auto, shard_size=args.shard_size,
-                    workers=args.workers, engine=args.engine, address=args.address, on_disk=args.on_disk,
-                    multiscale=args.multiscale, flip=args.flip)
+    m = build_index(args.config_object)  # IndexBuildConfig: defaults < --config < KEY=VALUE < flags
     params = "".join(f" {k}={v}" for k, v in m.search_params.items())
     print(f"index {args.out}: {m.count} images, {m.factory}{params}, dim {m.dim}, teacher id {m.teacher_id}"
           f"{scales_note(m.build['scales'], m.build.get('flip', False))}")

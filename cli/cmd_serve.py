@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from asymsearch.cli.options import Commands, existing_path
+from asymsearch.cli.options import Commands, bind_config, existing_path
 from asymsearch.core.errors import UserError
 
 
@@ -68,6 +68,7 @@ def register(commands: Commands) -> None:
     o.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines (default: %(default)s)")
     o.add_argument("--log-level", default="INFO", help="DEBUG logs every RPC (default: %(default)s)")
     p.set_defaults(func=run)
+    bind_config(p)  # --config FILE.yaml and KEY=VALUE over the same keys as the flags
 
 
 def run(args: argparse.Namespace) -> int:

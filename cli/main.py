@@ -36,8 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    binding = getattr(args, "config_binding", None)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")] if binding is not None else []
+    unknown = [a for a in extra if a not in overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        if binding is not None:  # defaults < --config < KEY=VALUE < flags, checked before any work
+            binding.apply(args, overrides)
         return args.func(args)
     except UserError as e:
         print(f"asymsearch: error: {e}", file=sys.stderr)

@@ -231,3 +231,122 @@ def add_cached_maps_options(p: argparse.ArgumentParser, unit: str) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per job (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=1,
                    help=f"({unit}, seed) runs trained in parallel processes (default: %(default)s)")
+
+
+# ---- config files and key=value overrides (asymsearch.core.config) ----
+
+CONFIG_EPILOG = ("Config: every option is also a key. Values come from the defaults, then --config FILE.yaml, then "
+                 "KEY=VALUE arguments (dotted for nested keys), then the flags given; a flag wins over a KEY=VALUE "
+                 "of the same key. The merged config is saved beside what the command makes; `asymsearch info "
+                 "ARTIFACT` prints it.")
+
+
+class ConfigBinding:
+    """How one subcommand's options map onto the keys of its config schema (`bind_config`)."""
+
+    def __init__(self, schema: type, keys: dict[str, str], actions: dict[str, argparse.Action],
+                 converters: dict[str, typing.Callable]) -> None:
+        self.schema, self.keys, self.actions, self.converters = schema, keys, actions, converters
+
+    def apply(self, args: argparse.Namespace, extra_overrides: list[str] = ()) -> None:
+        """Merge defaults < --config < KEY=VALUE < explicit flags; put the values back on `args` (checked as the
+        flag would check them) and the merged config on `args.config_merged` / `args.config_object`."""
+        from asymsearch.core.config import merge_config, to_object
+        from asymsearch.core.errors import UserError
+
+        explicit = {}
+        for dest, key in self.keys.items():
+            if hasattr(args, dest):
+                value = getattr(args, dest)
+                explicit[key] = self.converters[dest](value) if dest in self.converters else value
+        overrides = list(getattr(args, "overrides", None) or []) + list(extra_overrides)
+        merged = merge_config(self.schema, file=getattr(args, "config_file", None), overrides=overrides,
+                              explicit=explicit)
+        for dest, key in self.keys.items():
+            if dest in self.converters or hasattr(args, dest):
+                continue  # the flag's own (already checked) value, or a key the run function reads from the config
+            value = merged
+            for part in key.split("."):
+                value = value[part]
+            action = self.actions[dest]
+            if value is not None and action.choices is not None and value not in action.choices:
+                raise UserError(f"config key {key} must be one of {', '.join(map(str, action.choices))}, not "
+                                f"{value!r}")
+            if isinstance(value, str) and callable(action.type) and action.type not in (str, int, float):
+                try:
+                    value = action.type(value)
+                except (argparse.ArgumentTypeError, ValueError) as e:
+                    raise UserError(f"config key {key}: {e}") from None
+            if hasattr(value, "_content"):  # a ListConfig / DictConfig: hand the run function plain data
+                from omegaconf import OmegaConf
+                value = OmegaConf.to_container(value)
+            setattr(args, dest, value)
+        args.config_merged = merged
+        args.config_object = to_object(merged)
+
+
+def _schema_from_parser(parser: argparse.ArgumentParser, skip: set[str]) -> type:
+    """A config dataclass whose fields are the parser's options (for a command without a schema of its own)."""
+    fields = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in skip or action.dest in ("help",) or action.default == \
+                argparse.SUPPRESS:
+            continue
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                               argparse.BooleanOptionalAction)):
+            kind: typing.Any = bool
+        elif action.nargs not in (None, "?") or isinstance(action, argparse._AppendAction):
+            kind = typing.Any
+        elif action.type in (int, float):
+            kind = action.type
+        else:
+            kind = str
+        default = action.default
+        if isinstance(default, Path):
+            default = str(default)
+        if action.required:
+            fields.append((action.dest, kind, dataclasses.field(default=dataclasses.MISSING)))
+            continue
+        if default is None and kind is not typing.Any:
+            kind = typing.Optional[kind]
+        fields.append((action.dest, kind, dataclasses.field(default_factory=lambda d=default: d)
+                       if isinstance(default, (list, dict)) else dataclasses.field(default=default)))
+    fields.sort(key=lambda f: f[2].default is not dataclasses.MISSING or f[2].default_factory is not
+                dataclasses.MISSING)  # required first, as a dataclass needs
+    name = "".join(w.capitalize() for w in parser.prog.split()[1:]).replace("-", "") + "Config"
+    return dataclasses.make_dataclass(name or "Config", fields)
+
+
+def bind_config(parser: argparse.ArgumentParser, schema: type | None = None, *, keys: dict[str, str] | None = None,
+                converters: dict[str, typing.Callable] | None = None) -> ConfigBinding:
+    """Give a subcommand `--config FILE.yaml` and `KEY=VALUE` overrides over the keys of `schema` (a config
+    dataclass; None: one derived from the parser's own options). Each option whose dest is a key (or is mapped to
+    one by `keys`, with `converters` turning the flag's value into the key's) becomes sugar for it: its default
+    and required-ness come from the schema, and only a flag actually given overrides the other layers."""
+    from asymsearch.core.config import MISSING, schema_fields
+
+    keys, converters = dict(keys or {}), dict(converters or {})
+    if schema is None:
+        schema = _schema_from_parser(parser, set(keys))
+    fields = schema_fields(schema)
+    for action in parser._actions:
+        if action.option_strings and action.dest not in keys and action.dest in fields:
+            keys[action.dest] = action.dest
+    actions = {a.dest: a for a in parser._actions if a.dest in keys}
+    for dest, key in keys.items():
+        action, field = actions[dest], fields[key]
+        action.default = argparse.SUPPRESS
+        action.required = False
+        shown = "required" if field.default is MISSING else field.default
+        if action.help and "%(default)s" in action.help:
+            action.help = action.help.replace("%(default)s", str(shown))
+        elif action.help is not None and "default:" not in action.help:
+            action.help += f" (default: {shown})" if field.default is not MISSING else " (required)"
+    parser.add_argument("--config", dest="config_file", metavar="FILE.yaml",
+                        help="read keys from this YAML file (before KEY=VALUE and the flags)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", default=[],
+                        help=f"set a config key ({schema.__name__}); dotted for nested keys")
+    parser.epilog = ((parser.epilog + " ") if parser.epilog else "") + CONFIG_EPILOG
+    binding = ConfigBinding(schema, keys, actions, converters)
+    parser.set_defaults(config_binding=binding)
+    return binding

@@ -10,12 +10,14 @@ import dataclasses
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
+from asymsearch.core.config import config_path_for, save_config
 from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import ModelManifest, Preprocessing, manifest_path_for, sha256_file
 from asymsearch.training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -73,13 +75,16 @@ def at_image_size(spec: Preprocessing, size: int) -> Preprocessing:
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, opset: int = 17,
-                      tolerance: float = 1e-4, samples: int = 3, image_size: int | None = None) -> ModelManifest:
+                      tolerance: float = 1e-4, samples: int = 3, image_size: int | None = None,
+                      config: Any = None) -> ModelManifest:
     """Export `checkpoint` to the ONNX file `out` and write its manifest at `manifest_path_for(out)`.
 
     The ONNX is written under a temporary name, checked (`onnx.checker`, full check) and compared with torch
     on `samples` random inputs; it is renamed to `out` only when the largest absolute difference is within
     `tolerance` (otherwise `ExportMismatch`, and nothing is left behind). `image_size` replaces the trained
-    crop in the manifest (`at_image_size`); the manifest's extra records the trained one. Returns the manifest.
+    crop in the manifest (`at_image_size`); the manifest's extra records the trained one. The config that made the
+    export (`config`, e.g. the command's merged one; by default these arguments) is saved beside the manifest as
+    `NAME.config.yaml` (`asymsearch.core.config`). Returns the manifest.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     if manifest_path_for(out) == out:
@@ -110,5 +115,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         model_id=ckpt["model_id"], input_name=INPUT_NAME, output_name=OUTPUT_NAME,
         extra={"checkpoint": str(checkpoint), "max_abs_diff": diff,
                **({"trained_preprocessing": trained.to_dict()} if spec != trained else {})})
+    if config is None:
+        config = {"checkpoint": str(checkpoint.resolve()), "out": str(out.resolve()), "opset": opset,
+                  "tolerance": tolerance, "image_size": image_size}
+    save_config(config, config_path_for(out))
     manifest.save(manifest_path_for(out))
     return manifest
