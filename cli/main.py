@@ -18,7 +18,7 @@ EXIT_INTERRUPTED = 130
 
 # Modules under asymsearch.cli, each with `register(commands)`; the order is the order of --help.
 COMMAND_MODULES = ("cmd_train", "cmd_export", "cmd_index", "cmd_serve", "cmd_query", "cmd_web", "cmd_eval",
-                   "cmd_demo", "cmd_experiment_heads", "cmd_bench_embed", "cmd_experiment_losses", "cmd_bench_serve",
+                   "cmd_info", "cmd_demo", "cmd_experiment_heads", "cmd_bench_embed", "cmd_experiment_losses", "cmd_bench_serve",
                    "cmd_bench_index", "cmd_experiment_addons")
 
 
