@@ -4,14 +4,13 @@ from __future__ import annotations
 import argparse
 
 from asymsearch.cli.demo import DemoConfig
-from asymsearch.cli.options import Commands, add_config_options, bind_config
+from asymsearch.cli.options import Commands, add_config_options
 
 
 def register(commands: Commands) -> None:
     p = commands.add("demo", help="the whole pipeline end to end on generated (or given) data")
-    add_config_options(p, DemoConfig, required=("workdir",))
+    add_config_options(p, DemoConfig, required=("workdir",))  # with --config FILE and KEY=VALUE
     p.set_defaults(func=run)
-    bind_config(p, DemoConfig)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if binding is not None:  # defaults < --config < KEY=VALUE < flags, checked before any work
             binding.apply(args, overrides)
-        return args.func(args)
+        status = args.func(args)
+        if binding is not None and status == 0:
+            binding.save_beside_artifact(args)
+        return status
     except UserError as e:
         print(f"asymsearch: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -113,10 +113,24 @@ class Commands:
 
 
 def add_config_options(parser: argparse.ArgumentParser, config_cls: type, required: tuple[str, ...] = ()) -> None:
-    """One `--option` per field of a config dataclass, with its default shown in --help."""
+    """One `--option` per field of a config dataclass, with its default shown in --help; the options of a nested
+    dataclass field are its fields' (`--metrix` for the key `addons.metrix`). Then `bind_config`: `--config FILE`
+    and KEY=VALUE over the same keys, and the merged config saved beside the artifact named by `out`."""
+    keys = _add_field_options(parser, config_cls, required, prefix="")
+    bind_config(parser, config_cls, keys=keys,
+                saves="out" if "out" in {f.name for f in dataclasses.fields(config_cls)} else None)
+
+
+def _add_field_options(parser: argparse.ArgumentParser, config_cls: type, required: tuple[str, ...],
+                       prefix: str) -> dict[str, str]:
+    keys: dict[str, str] = {}
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         kind = hints[field.name]
+        if dataclasses.is_dataclass(kind):
+            keys.update(_add_field_options(parser, kind, required, prefix=f"{prefix}{field.name}."))
+            continue
+        keys[field.name] = prefix + field.name
         args = typing.get_args(kind)
         base = next((a for a in args if a is not type(None)), kind) if args else kind
         kw: dict = {"dest": field.name, "help": CONFIG_HELP.get(field.name, field.name.replace("_", " "))}
@@ -135,9 +149,14 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls: type, requir
         else:
             kw["type"] = str
         parser.add_argument("--" + field.name.replace("_", "-"), **kw)
+    return keys
 
 
 def config_from_args(config_cls: type, args: argparse.Namespace):
+    """The command's merged config (defaults < --config < KEY=VALUE < flags) as a `config_cls` instance."""
+    merged = getattr(args, "config_object", None)
+    if isinstance(merged, config_cls):
+        return merged
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)}
     for key, value in values.items():
         if isinstance(value, list):
@@ -245,8 +264,23 @@ class ConfigBinding:
     """How one subcommand's options map onto the keys of its config schema (`bind_config`)."""
 
     def __init__(self, schema: type, keys: dict[str, str], actions: dict[str, argparse.Action],
-                 converters: dict[str, typing.Callable]) -> None:
+                 converters: dict[str, typing.Callable], saves: str | None = None) -> None:
         self.schema, self.keys, self.actions, self.converters = schema, keys, actions, converters
+        self.saves = saves
+
+    def save_beside_artifact(self, args: argparse.Namespace) -> None:
+        """After the command succeeded: the merged config beside the file named by the `saves` key (a checkpoint),
+        with that path absolute; once, on rank 0 of a torchrun launch."""
+        import os
+
+        from asymsearch.core.config import config_path_for, save_config, to_plain
+        if self.saves is None or getattr(args, "config_merged", None) is None or os.environ.get("RANK", "0") != "0":
+            return
+        config = to_plain(args.config_merged)
+        artifact = Path(config[self.saves]).resolve()
+        if artifact.is_file():
+            config[self.saves] = str(artifact)
+            save_config(config, config_path_for(artifact))
 
     def apply(self, args: argparse.Namespace, extra_overrides: list[str] = ()) -> None:
         """Merge defaults < --config < KEY=VALUE < explicit flags; put the values back on `args` (checked as the
@@ -318,11 +352,12 @@ def _schema_from_parser(parser: argparse.ArgumentParser, skip: set[str]) -> type
 
 
 def bind_config(parser: argparse.ArgumentParser, schema: type | None = None, *, keys: dict[str, str] | None = None,
-                converters: dict[str, typing.Callable] | None = None) -> ConfigBinding:
+                converters: dict[str, typing.Callable] | None = None, saves: str | None = None) -> ConfigBinding:
     """Give a subcommand `--config FILE.yaml` and `KEY=VALUE` overrides over the keys of `schema` (a config
     dataclass; None: one derived from the parser's own options). Each option whose dest is a key (or is mapped to
     one by `keys`, with `converters` turning the flag's value into the key's) becomes sugar for it: its default
-    and required-ness come from the schema, and only a flag actually given overrides the other layers."""
+    and required-ness come from the schema, and only a flag actually given overrides the other layers. `saves`:
+    the key naming the file the command makes, beside which `main` saves the merged config after success."""
     from asymsearch.core.config import MISSING, schema_fields
 
     keys, converters = dict(keys or {}), dict(converters or {})
@@ -347,6 +382,6 @@ def bind_config(parser: argparse.ArgumentParser, schema: type | None = None, *, 
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", default=[],
                         help=f"set a config key ({schema.__name__}); dotted for nested keys")
     parser.epilog = ((parser.epilog + " ") if parser.epilog else "") + CONFIG_EPILOG
-    binding = ConfigBinding(schema, keys, actions, converters)
+    binding = ConfigBinding(schema, keys, actions, converters, saves)
     parser.set_defaults(config_binding=binding)
     return binding
