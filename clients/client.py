@@ -38,7 +38,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from asymsearch.core.errors import PairingError, UserError
+from asymsearch.core import manifest as pairing
+from asymsearch.core.errors import UserError
 from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.core.preprocess import DEFAULT_MAX_PIXELS, decode_image
 from asymsearch.protos.v1 import search_pb2, search_pb2_grpc
@@ -339,14 +340,10 @@ class SearchClient:
 
 
 def check_pairing(embedder: "OnDeviceEmbedder", info: dict[str, Any], address: str) -> None:
-    """Raise `PairingError` unless `embedder` is a student of the teacher that embedded the served index."""
-    served = info["teacher_id"]
-    if embedder.teacher_id != served:
-        raise PairingError(f"the on-device model belongs to teacher {embedder.teacher_id} but the server at "
-                           f"{address} searches an index embedded by teacher {served}")
-    if info.get("dim") and embedder.dim != info["dim"]:
-        raise PairingError(f"the on-device model embeds into {embedder.dim} dimensions but the server at "
-                           f"{address} expects {info['dim']}")
+    """Raise `PairingError` unless `embedder` is a student of the teacher that embedded the served index (the one
+    contract in `asymsearch.core.manifest`)."""
+    pairing.check_pairing(embedder.model, info, query_name="the on-device model",
+                          database_name=f"the server at {address}")
 
 
 class OnDeviceClient:

@@ -150,14 +150,65 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def check_pairing(student: ModelManifest, index: IndexManifest) -> None:
-    """Raise `PairingError` unless the student was trained against the teacher that embedded the index."""
-    if student.teacher_id != index.teacher_id:
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """The embedding space an artifact lives in: the teacher that defines it and its dimension. `what` names the
+    artifact in messages and `says` how it relates to its teacher ("belongs to teacher X", "was embedded by ...")."""
+
+    teacher_id: str
+    dim: int
+    what: str
+    says: str
+
+
+def space_of(x: Any, what: str | None = None) -> Space:
+    """The space of a model manifest, an index manifest, anything with a `.manifest` (an ONNX embedder), a
+    checkpoint dict (`role`, `teacher_id`, `arch.dim`) or a server's `Info` dict (`teacher_id`, `dim`)."""
+    if isinstance(x, IndexManifest):
+        return Space(x.teacher_id, int(x.dim), what or "the index", f"was embedded by teacher {x.teacher_id}")
+    if not isinstance(x, (ModelManifest, dict)) and isinstance(getattr(x, "manifest", None), ModelManifest):
+        what = what or str(getattr(x, "path", None) or "the model")
+        x = x.manifest
+    if isinstance(x, ModelManifest):
+        says = f"is teacher {x.teacher_id}" if x.role == "teacher" else f"belongs to teacher {x.teacher_id}"
+        return Space(x.teacher_id, int(x.dim), what or f"the {x.role}", says)
+    if isinstance(x, dict) and "role" in x and "arch" in x:  # a training checkpoint
+        tid = x["teacher_id"]
+        says = f"is teacher {tid}" if x["role"] == "teacher" else f"belongs to teacher {tid}"
+        return Space(tid, int(x["arch"]["dim"]), what or f"the {x['role']} checkpoint", says)
+    if isinstance(x, dict) and "teacher_id" in x:  # a server's Info
+        dim = int(x.get("dim") or 0)
+        return Space(x["teacher_id"], dim, what or "the server",
+                     f"searches an index embedded by teacher {x['teacher_id']}")
+    raise TypeError(f"no embedding space in {type(x).__name__}")
+
+
+def check_pairing(query: Any, database: Any, *, query_name: str | None = None,
+                  database_name: str | None = None) -> None:
+    """The one pairing contract: raise `PairingError` unless the query side (a student, or any model) and the
+    database side (an index, a teacher, a server, another model) embed into one space — the same teacher id and
+    the same dimension. Every stage that pairs two artifacts calls this; the message names both ids.
+
+    A dimension of 0 (a server that did not say) is not compared."""
+    q, d = space_of(query, query_name), space_of(database, database_name)
+    if q.teacher_id != d.teacher_id:
         raise PairingError(
-            f"student belongs to teacher {student.teacher_id} but the index was embedded by teacher "
-            f"{index.teacher_id}; train the student against that teacher or rebuild the index with its teacher")
-    if student.dim != index.dim:
-        raise PairingError(f"student embeds into {student.dim} dimensions but the index holds {index.dim}")
+            f"{q.what} {q.says}, but {d.what} {d.says}: their embeddings are not comparable; use a student "
+            f"trained against teacher {d.teacher_id}, or rebuild the index with teacher {q.teacher_id}")
+    if q.dim and d.dim and q.dim != d.dim:
+        raise PairingError(f"{q.what} embeds into {q.dim} dimensions but {d.what} into {d.dim} (teacher "
+                           f"{q.teacher_id} both)")
+
+
+def require_teacher(model: Any, what: str | None = None) -> None:
+    """Raise `PairingError` unless `model` (a manifest, an embedder or a checkpoint dict) is a teacher: a
+    database is always embedded by its teacher."""
+    manifest = getattr(model, "manifest", model)
+    role = manifest["role"] if isinstance(manifest, dict) else manifest.role
+    if role != "teacher":
+        what = what or str(getattr(model, "path", None) or "the model")
+        raise PairingError(f"{what} is a {role}, not a teacher: the database must be embedded by a teacher "
+                           f"(its manifest role must be 'teacher')")
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:

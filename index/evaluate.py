@@ -23,8 +23,8 @@ from typing import Sequence
 import numpy as np
 
 from asymsearch.core.data import ImageItem, list_image_folder, select_classes
-from asymsearch.core.errors import PairingError, UserError
-from asymsearch.core.manifest import check_pairing
+from asymsearch.core.errors import UserError
+from asymsearch.core.manifest import check_pairing, require_teacher
 from asymsearch.core.metrics import DEFAULT_KS, ranking_metrics, retrieval_metrics
 from asymsearch.core.multiscale import MULTISCALE_SCALES, SINGLE_SCALE, index_flip, index_scales, with_scales
 from asymsearch.core.ort import OnnxEmbedder
@@ -88,12 +88,7 @@ def evaluate_pair(data: str | os.PathLike, query_model: str | os.PathLike, datab
     ks = tuple(int(k) for k in ks)
     data = Path(data).resolve()
     query, database = OnnxEmbedder(query_model), OnnxEmbedder(database_model)
-    if query.teacher_id != database.teacher_id:
-        raise PairingError(f"{query_model} belongs to teacher {query.teacher_id} but {database_model} to teacher "
-                           f"{database.teacher_id}: their embeddings are not comparable")
-    if query.dim != database.dim:
-        raise PairingError(f"{query_model} embeds into {query.dim} dimensions but {database_model} into "
-                           f"{database.dim}")
+    check_pairing(query, database, query_name=str(query_model), database_name=str(database_model))
     same = Path(query_model).resolve() == Path(database_model).resolve()
     scales = MULTISCALE_SCALES if multiscale else SINGLE_SCALE
     query, database = with_scales(query, scales, flip), with_scales(database, scales, flip)
@@ -125,9 +120,7 @@ def evaluate_revisited(images: str | os.PathLike, ground_truth: str | os.PathLik
     images = Path(images)
     cfg = load_ground_truth(ground_truth)
     query, database = OnnxEmbedder(query_model), OnnxEmbedder(database_model)
-    if query.teacher_id != database.teacher_id or query.dim != database.dim:
-        raise PairingError(f"{query_model} and {database_model} do not embed into one space (teacher "
-                           f"{query.teacher_id} / {database.teacher_id}, dim {query.dim} / {database.dim})")
+    check_pairing(query, database, query_name=str(query_model), database_name=str(database_model))
     scales = MULTISCALE_SCALES if multiscale else SINGLE_SCALE
     query, database = with_scales(query, scales, flip), with_scales(database, scales, flip)
 
@@ -203,11 +196,5 @@ def _fmt(scales: Sequence[float], flip: bool = False) -> str:
 
 
 def _check_models(teacher: OnnxEmbedder, student: OnnxEmbedder) -> None:
-    if teacher.manifest.role != "teacher":
-        raise UserError(f"{teacher.path} is a {teacher.manifest.role}, not a teacher (its manifest role must be "
-                        f"'teacher')")
-    if student.teacher_id != teacher.teacher_id:
-        raise PairingError(f"student {student.path} belongs to teacher {student.teacher_id} but {teacher.path} is "
-                           f"teacher {teacher.teacher_id}")
-    if student.dim != teacher.dim:
-        raise PairingError(f"student embeds into {student.dim} dimensions but the teacher into {teacher.dim}")
+    require_teacher(teacher)
+    check_pairing(student, teacher, query_name=f"student {student.path}")

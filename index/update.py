@@ -24,9 +24,10 @@ from typing import Sequence
 import faiss
 import numpy as np
 
+from asymsearch.core.config import CONFIG_FILE
 from asymsearch.core.data import list_images_flat
-from asymsearch.core.errors import PairingError, UserError
-from asymsearch.core.manifest import IndexManifest
+from asymsearch.core.errors import UserError
+from asymsearch.core.manifest import IndexManifest, check_pairing, require_teacher
 from asymsearch.core.multiscale import index_flip, index_scales, with_scales
 from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.index import versions
@@ -54,14 +55,8 @@ def add_images(root: str | os.PathLike, teacher: str | os.PathLike, images: str 
         current = _current_folder(root)
         manifest = IndexManifest.load(current / MANIFEST_FILE)
         embedder = teacher_model
-        if embedder.manifest.role != "teacher":
-            raise PairingError(f"{teacher} is a {embedder.manifest.role}, not a teacher: the database must be "
-                               f"embedded by the teacher of the index ({manifest.teacher_id})")
-        if embedder.teacher_id != manifest.teacher_id:
-            raise PairingError(f"{teacher} is teacher {embedder.teacher_id}, but the index {root} was embedded by "
-                               f"teacher {manifest.teacher_id}; add images with that teacher's ONNX model")
-        if embedder.dim != manifest.dim:
-            raise PairingError(f"{teacher} embeds into {embedder.dim} dimensions, the index holds {manifest.dim}")
+        require_teacher(embedder, str(teacher))
+        check_pairing(embedder, manifest, query_name=str(teacher), database_name=f"the index {root}")
         scales, flip = index_scales(manifest), index_flip(manifest)
         embedder = with_scales(teacher_model, scales, flip)
         items = list_images_flat(images)
@@ -144,6 +139,8 @@ def _publish_change(root: Path, current: Path, index: faiss.Index, manifest: Ind
     try:
         faiss.write_index(index, str(staged / INDEX_FILE))
         shutil.copyfile(current / META_FILE, staged / META_FILE)
+        if (current / CONFIG_FILE).is_file():  # the config of the build this version descends from
+            shutil.copyfile(current / CONFIG_FILE, staged / CONFIG_FILE)
         con = sqlite3.connect(staged / META_FILE)
         try:
             with con:
@@ -193,14 +190,14 @@ def ensure_versioned(root: Path) -> str:
     """Turn the plain index folder `root` into a versioned root whose first version holds its files. Safe to kill:
     until CURRENT exists the plain files are the index; after, the version is, and the plain files are leftovers."""
     staged = versions.staging_dir(root)
-    for f in (INDEX_FILE, META_FILE, MANIFEST_FILE, SKIPPED_FILE):
+    for f in (INDEX_FILE, META_FILE, MANIFEST_FILE, SKIPPED_FILE, CONFIG_FILE):
         if (root / f).is_file():
             try:
                 os.link(root / f, staged / f)
             except OSError:
                 shutil.copy2(root / f, staged / f)
     name = versions.publish(root, staged)
-    for f in (MANIFEST_FILE, INDEX_FILE, META_FILE, SKIPPED_FILE):
+    for f in (MANIFEST_FILE, INDEX_FILE, META_FILE, SKIPPED_FILE, CONFIG_FILE):
         (root / f).unlink(missing_ok=True)
     return name
 
