@@ -52,8 +52,12 @@ def run_teacher(args: argparse.Namespace) -> int:
     cfg = config_from_args(TeacherConfig, args)
     from asymsearch.training.distributed import check_launch
     check_launch(cfg)  # under torchrun: the world size divides the batch, before any process group or data
+    from asymsearch.training.distributed import distributed_context
     from asymsearch.training.teacher import train_teacher
-    print(f"teacher checkpoint: {train_teacher(cfg)}")
+    with distributed_context(cfg.device) as ctx:  # one process without torchrun
+        path = train_teacher(cfg, ctx)
+        if ctx.is_main:
+            print(f"teacher checkpoint: {path}")
     return 0
 
 

@@ -39,7 +39,8 @@ from asymsearch.training.common import (BestEpoch, check_history_entry, embed_da
                                         prepare_data, report_epoch, resolve_device, seed_everything, weight_average)
 from asymsearch.training.addons import AddOnOptions, TrainingAddOns
 from asymsearch.training.config import TeacherConfig
-from asymsearch.training.data import ImageDataset, MPerClassSampler, eval_transform, train_transform
+from asymsearch.training.data import ImageDataset, eval_transform, train_transform
+from asymsearch.training.distributed import DistContext, DistributedMPerClassSampler
 from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner, MultiSimilarityLoss
 from asymsearch.training.models import backbone_preprocessing, build_model
 from asymsearch.training.proxies import ProxyAnchorLoss
@@ -111,12 +112,18 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def train_teacher(cfg: TeacherConfig) -> Path:
-    """Train a teacher with ℓ_C (seed 001, symmetric contrastive, in-batch hard negatives); return the checkpoint."""
+def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
+    """Train a teacher with ℓ_C (seed 001, symmetric contrastive, in-batch hard negatives); return the checkpoint.
+
+    `ctx` (training.distributed; None: one process on cfg.device): under torchrun each rank trains on its share of
+    every batch, the loss runs over the gathered global batch, and rank 0 alone validates and writes."""
     check_teacher_config(cfg)
+    ctx = ctx if ctx is not None else DistContext(device=resolve_device(cfg.device))
+    if ctx.distributed and (cfg.metrix != "off" or cfg.message_passing):
+        raise UserError("--metrix and --message-passing work inside one process's batch: not under torchrun yet")
     init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
     seed_everything(init_seed)
-    device = resolve_device(cfg.device)
+    device = ctx.device
     out = output_path(cfg.out, "teacher")
     spec = teacher_preprocessing(cfg)
     train_items, val_items, class_to_idx = prepare_data(cfg.data, cfg.classes, cfg.val_fraction)
@@ -141,14 +148,16 @@ def train_teacher(cfg: TeacherConfig) -> Path:
         net = model
         train_set = ImageDataset(train_items, class_to_idx, train_transform(spec))
         val_set = ImageDataset(val_items, class_to_idx, eval_transform(spec)) if val_items else None
-    sampler = MPerClassSampler(train_set.labels, cfg.per_class, cfg.classes_per_batch, seed=cfg.seed)
-    loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs(workers, cfg.seed, device))
+    sampler = DistributedMPerClassSampler(train_set.labels, cfg.per_class, cfg.classes_per_batch, seed=cfg.seed,
+                                          rank=ctx.rank, world_size=ctx.world_size)  # this rank's share
+    loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs(workers, ctx.data_seed(cfg.seed), device))
 
     # Proxy-Anchor's proxies, like the add-ons, train beside the model and stay out of its checkpoint
     proxies = ProxyAnchorLoss(len(class_to_idx), cfg.dim, cfg.proxy_alpha, cfg.proxy_delta).to(device) \
         if cfg.loss == "proxy-anchor" else None
     if init_seed != cfg.seed:  # model and proxies start as in the runs of seed init_seed; the rest follows seed
         seed_everything(cfg.seed)
+    ctx.broadcast_module(proxies, addons)  # outside DDP: every rank starts from rank 0's
     backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else (cfg.lr / 10 if cfg.pretrained else cfg.lr)
     groups = parameter_groups(model, cfg.lr, backbone_lr, cfg.weight_decay) + addons.optimizer_group(cfg.lr,
                                                                                                       cfg.weight_decay)
@@ -179,8 +188,9 @@ def train_teacher(cfg: TeacherConfig) -> Path:
     if cfg.resume:
         start_epoch, history, best = _resume(cfg, model, optimizer, scheduler, scaler, memory, addons, proxies,
                                              ema)
+    train_net = ctx.wrap(net)  # DistributedDataParallel under torchrun (net itself otherwise)
     logfile = log_path(out)
-    if start_epoch == 1:
+    if start_epoch == 1 and ctx.is_main:
         logfile.parent.mkdir(parents=True, exist_ok=True)
         logfile.write_text("")
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -193,14 +203,14 @@ def train_teacher(cfg: TeacherConfig) -> Path:
             freeze_batch_norm(model.backbone)
         losses, seen, t0 = [], 0, time.perf_counter()
         bar = tqdm(loader, desc=f"teacher {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   total=steps_per_epoch)
+                   total=steps_per_epoch, disable=not ctx.is_main)
         for step, (images, labels) in enumerate(bar):
             if step >= steps_per_epoch:
                 break
             images, labels = images.to(device, non_blocking=True), labels.to(device)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                emb, mixed, plan = addons.embed(net, images, labels)  # net(images) (and Metrix's mixed examples)
-            emb = emb.float()
+                emb, mixed, plan = addons.embed(train_net, images, labels)  # (and Metrix's mixed examples)
+            emb, labels = ctx.gather(emb.float()), ctx.all_gather(labels)  # the global batch (one process: as is)
             if proxies is not None:
                 loss = proxies(emb, labels) + addons.extras(emb, labels)
             else:
@@ -209,6 +219,7 @@ def train_teacher(cfg: TeacherConfig) -> Path:
                 loss = loss + cfg.xbm_weight * xbm_loss(criterion, miner, emb, labels, memory)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            ctx.sync_gradients(proxies, addons)  # DDP averages the model's
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -216,30 +227,35 @@ def train_teacher(cfg: TeacherConfig) -> Path:
                 ema.update_parameters(model)
             memory.enqueue(emb, labels)
             losses.append(loss.item())
-            seen += len(images)
+            seen += len(labels)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         seconds = time.perf_counter() - t0
         val = {"recall@1": None, "map": None}
-        if val_set is not None:
+        if val_set is not None and ctx.is_main:
             emb_val = embed_dataset(eval_net, val_set, device, workers)
             val = retrieval_metrics(emb_val, val_set.labels, emb_val, val_set.labels, exclude_self=True)
+        val = ctx.broadcast_object(val)  # rank 0 validates; every rank keeps the same best epoch
         entry = check_history_entry(epoch, float(np.mean(losses)), val["recall@1"])
         entry.update(val_map=val["map"], seconds=seconds, images_per_s=seen / seconds if seconds > 0 else None,
                      lr=[g["lr"] for g in optimizer.param_groups])
         history.append(entry)
-        report_epoch("teacher", entry, cfg.epochs)
         best.offer(kept, entry)
-        with logfile.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-        _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best, addons, proxies,
-                    ema)
+        if ctx.is_main:  # one log, one state
+            report_epoch("teacher", entry, cfg.epochs)
+            with logfile.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+            _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best, addons,
+                        proxies, ema)
 
     best_epoch = best.restore(model, history)  # epochs=0: the untrained (e.g. ImageNet, zero-shot) model as it is
     model.eval()
     config = dataclasses.asdict(cfg)
     config["best_epoch"] = best_epoch
     ckpt = make_checkpoint(model, role="teacher", arch=arch, preprocessing=spec, config=config, history=history)
-    return save_checkpoint(ckpt, out)
+    if ctx.is_main:
+        save_checkpoint(ckpt, out)
+    ctx.barrier()  # every rank returns once the checkpoint is there
+    return out
 
 
 def _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best, addons=None,
