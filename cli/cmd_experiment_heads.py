@@ -52,7 +52,7 @@ def register(commands: Commands) -> None:
     tuned.add_argument("--backbone-lr", type=float, default=None,
                        help="learning rate of the tuned units (default: lr / 10)")
     tuned.add_argument("--loss", default="contr", choices=("contr", "proxy-anchor"),
-                       help="contr (seed 001) or proxy-anchor; the latter needs --tune-units (default: %(default)s)")
+                       help="contr (Budnik & Avrithis 2021) or proxy-anchor; the latter needs --tune-units (default: %(default)s)")
     tuned.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)")
     add_cached_maps_options(p, "head")
     p.add_argument("--recost", action="store_true",

@@ -1,4 +1,4 @@
-"""`asymsearch experiment losses`: one student per AML loss (seed 001) against the same teacher; writes a table of
+"""`asymsearch experiment losses`: one student per AML loss (Budnik & Avrithis 2021) against the same teacher; writes a table of
 symmetric and asymmetric Recall@K / mAP with the student's relative cost into docs/results/."""
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ CONFIG_HELP = {
     "ema": "keep an exponential moving average of the weights with this decay per step (e.g. 0.99; 0 disables): "
            "validation, the best epoch and the checkpoint use the averaged weights (see docs/heads.md)",
     "max_steps_per_epoch": "stop each epoch after N batches (0: full)",
-    "loss": "the loss (seed 001): a teacher takes contr, ms or proxy-anchor (Kim et al. 2020); a student reg, "
+    "loss": "the loss (Budnik & Avrithis 2021): a teacher takes contr, ms or proxy-anchor (Kim et al. 2020); a student reg, "
             "contr, contr+, triplet, ms, rkd, darkrank (see docs/losses.md, docs/heads.md)",
     "tune_units": "partial fine-tuning on a CPU: train only the backbone's last N units (MBConv blocks + head conv "
                   "for EfficientNet-Lite, top-level children otherwise) and the head, on the frozen trunk's maps "
@@ -73,14 +73,14 @@ CONFIG_HELP = {
     "rkd_angle_weight": "RKD angle-term weight",
     "darkrank_scale": "DarkRank similarity scale",
     "cache_dir": "teacher-embedding cache (default: teacher-cache/ beside the output checkpoint)",
-    "metrix": "Metrix mixup (seed 001), training only: off, input, feature or embedding; see docs/addons.md",
+    "metrix": "Metrix mixup (Venkataramanan et al. 2022), training only: off, input, feature or embedding; see docs/addons.md",
     "metrix_alpha": "Metrix: the interpolation factor is drawn from Beta(alpha, alpha)",
     "metrix_weight": "Metrix: weight of the mixed-example loss",
-    "osm_caa": "online soft mining + class-aware attention pair weights (seed 004), training only",
+    "osm_caa": "online soft mining + class-aware attention pair weights (Wang et al. 2019), training only",
     "osm_sigma": "OSM: sigma of the positive-pair weight exp(-d^2/sigma^2)",
     "osm_alpha": "OSM: alpha of the negative-pair weight max(0, alpha - d) (unset: sqrt(2 - 2 margin))",
     "caa_weight": "CAA: weight of the class-centre cross-entropy",
-    "message_passing": "intra-batch message-passing layers (seed 003), training only; 0 disables",
+    "message_passing": "intra-batch message-passing layers (Seidenschwarz et al. 2021), training only; 0 disables",
     "mp_weight": "message passing: weight of its cross-entropy",
 }
 

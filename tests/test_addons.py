@@ -1,5 +1,5 @@
-"""The training add-ons (training.addons): Metrix (seed 001), OSM + CAA (seed 004) and intra-batch message passing
-(seed 003), each against its equations computed by a plain loop on a tiny batch; their options; short teacher and
+"""The training add-ons (training.addons): Metrix (Venkataramanan et al. 2022), OSM + CAA (Wang et al. 2019) and intra-batch message passing
+(Seidenschwarz et al. 2021), each against its equations computed by a plain loop on a tiny batch; their options; short teacher and
 student runs with each on; and the proof that message passing leaves the exported ONNX model unchanged."""
 from __future__ import annotations
 

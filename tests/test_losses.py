@@ -1,4 +1,4 @@
-"""Every AML loss of seed 001 against a plain Python loop over explicit pairs / triplets, symmetric and asymmetric."""
+"""Every AML loss of Budnik & Avrithis 2021 against a plain Python loop over explicit pairs / triplets, symmetric and asymmetric."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Mining against a plain loop: k nearest from non-matching classes, at most one per class (seed 001)."""
+"""Mining against a plain loop: k nearest from non-matching classes, at most one per class (Budnik & Avrithis 2021)."""
 from __future__ import annotations
 
 import pytest

@@ -4,17 +4,17 @@ Each is switched on by one option of `train teacher` and `train student` (the sa
 `StudentConfig`, gathered by `AddOnOptions.from_config`), and each composes with the existing losses of
 `training.losses` instead of copying them:
 
-- **Metrix** (seed 001, "mixup for deep metric learning"; Venkataramanan et al. 2021): `--metrix
+- **Metrix** (Venkataramanan et al. 2022, "mixup for deep metric learning"; Venkataramanan et al. 2021): `--metrix
   input|feature|embedding`. Pairs of batch examples are interpolated, mix_λ(x, x') = λx + (1 − λ)x', λ ~
   Beta(α, α), at the input, at the feature map between backbone and head (f = f_m ∘ g_m), or at the embedding,
   with interpolated labels mix_λ(y, y'); the mixed examples enter the *existing* loss through its generic form
   (`GenericPairLoss.generic`) with weights y and 1 − y. Added to the clean loss with weight `metrix_weight`.
-- **OSM + CAA** (seed 004, Wang et al.): `--osm-caa`. Online soft mining weights every positive pair by
+- **OSM + CAA** (Wang et al. 2019): `--osm-caa`. Online soft mining weights every positive pair by
   s⁺ = exp(−d²/σ²) and every negative by s⁻ = max(0, α − d), times the class-aware attention
   a_ij = min(a_i, a_j), a_i = softmax over learned class centres of the item's own class; the weighted pairs go
   through the existing contrastive loss's ρ⁺, ρ⁻ as weighted averages (soft mining in place of the hard-negative
   miner's 0/1 choice). The centres learn with a cross-entropy term of weight `caa_weight`.
-- **Intra-batch message passing** (seed 003, Seidenschwarz et al.): `--message-passing L`. L attention layers
+- **Intra-batch message passing** (Seidenschwarz et al. 2021): `--message-passing L`. L attention layers
   over the complete graph of the batch, h_i ← Σ_n α_in W h_n, then a classifier and cross-entropy on the updated
   node features, added with weight `mp_weight`. It lives outside the embedding network, so the checkpoint and
   the exported ONNX are those of a model trained without it.
@@ -112,7 +112,7 @@ class MixPlan:
 
 def plan_mixes(labels: torch.Tensor, alpha: float) -> MixPlan:
     """One mixed example per batch example i: i with a partner j drawn uniformly among the batch examples of
-    another class (any other example if the batch has one class), λ ~ Beta(α, α) (seed 001, "input mixup and
+    another class (any other example if the batch has one class), λ ~ Beta(α, α) (Venkataramanan et al. 2022, "input mixup and
     manifold mixup": λ drawn from a Beta distribution). A (positive, negative) mixture for the anchors of i's or
     j's class, a (negative, negative) one for every other anchor: all are elements of V(a). Uses the global torch
     RNG (seeded by the trainer and saved in its resumable state)."""
@@ -136,7 +136,7 @@ def mix(x: torch.Tensor, plan: MixPlan) -> torch.Tensor:
 
 
 def soft_labels(item_labels: torch.Tensor, plan: MixPlan, batch_labels: torch.Tensor) -> torch.Tensor:
-    """(N, K) interpolated pair labels: y(x, v_k) = mix_λk(1[y_x = y_first], 1[y_x = y_second]) (seed 001, "mixing
+    """(N, K) interpolated pair labels: y(x, v_k) = mix_λk(1[y_x = y_first], 1[y_x = y_second]) (Venkataramanan et al. 2022, "mixing
     examples and labels"): how much mixed example k belongs to the class of item x."""
     item_labels = torch.as_tensor(item_labels, device=plan.lam.device)
     lam = plan.lam[None, :]
@@ -155,14 +155,14 @@ def split_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 class Metrix:
-    """Mixup for deep metric learning (seed 001, Metrix slides). Interpolated examples (seed 001, "input mixup
+    """Mixup for deep metric learning (Venkataramanan et al. 2022, Metrix slides). Interpolated examples (Venkataramanan et al. 2022, "input mixup
     and manifold mixup"):
 
         f_λ(x, x') = f(mix_λ(x, x'))                   input mixup
                      f_m(mix_λ(g_m(x), g_m(x')))       feature mixup (g_m = backbone, f_m = head)
                      mix_λ(f(x), f(x'))                embedding mixup (re-normalised to the unit sphere)
 
-    and the loss of an anchor a over the mixed set V(a) = {(f_λ(x, x'), mix_λ(y, y'))} (seed 001, "mixing
+    and the loss of an anchor a over the mixed set V(a) = {(f_λ(x, x'), mix_λ(y, y'))} (Venkataramanan et al. 2022, "mixing
     examples and labels"):
 
         σ⁺( Σ_{(v, y) ∈ V(a)} y ρ⁺(s(a, v)) ) + σ⁻( Σ_{(v, y) ∈ V(a)} (1 − y) ρ⁻(s(a, v)) )
@@ -245,19 +245,19 @@ def _require_generic(loss: nn.Module) -> None:
 
 
 class OSMCAA(nn.Module):
-    """Online soft mining and class-aware attention (seed 004, Wang et al.), as the pair weights of the existing
+    """Online soft mining and class-aware attention (Wang et al. 2019), as the pair weights of the existing
     contrastive loss.
 
-    With d_ij = ‖f_i − f_j‖₂ (seed 004, "Online Soft Mining"):
+    With d_ij = ‖f_i − f_j‖₂ (Wang et al. 2019, "Online Soft Mining"):
 
         s⁺_ij = exp(−d_ij² / σ_OSM²)        positives: closer positives weigh more
         s⁻_ij = max(0, α − d_ij)            negatives: harder (closer) negatives weigh more
 
-    class-aware attention (seed 004, "Class-Aware Attention"), with learned class centres c_k:
+    class-aware attention (Wang et al. 2019, "Class-Aware Attention"), with learned class centres c_k:
 
         a_i = exp(f_iᵀ c_{y_i}) / Σ_{k=1}^{C} exp(f_iᵀ c_k),     a_ij = min(a_i, a_j)
 
-    and the final weight of each pair w⁺_ij = s⁺_ij a_ij, w⁻_ij = s⁻_ij a_ij (seed 004, "Final Weight of Each
+    and the final weight of each pair w⁺_ij = s⁺_ij a_ij, w⁻_ij = s⁻_ij a_ij (Wang et al. 2019, "Final Weight of Each
     Pair"). The weighted contrastive loss is the pair loss's weighted averages
 
         L = Σ_{ij ∈ P} w⁺_ij ρ⁺(s_ij) / Σ_P w⁺_ij + Σ_{ij ∈ N} w⁻_ij ρ⁻(s_ij) / Σ_N w⁻_ij
@@ -326,10 +326,10 @@ class OSMCAA(nn.Module):
 
 
 class MessagePassing(nn.Module):
-    """Intra-batch message passing (seed 003, Seidenschwarz et al.): the batch is a complete graph whose nodes are
+    """Intra-batch message passing (Seidenschwarz et al. 2021): the batch is a complete graph whose nodes are
     the embeddings; each layer l updates every node from all nodes (itself included),
 
-        h_i^{(l+1)} = Σ_{n=1}^{N} α_in^l W^l h_n^{(l)}      (seed 003, "Message Passing Networks")
+        h_i^{(l+1)} = Σ_{n=1}^{N} α_in^l W^l h_n^{(l)}      (Seidenschwarz et al. 2021, "Message Passing Networks")
 
     with attention weights α_in^l = softmax_n((Q^l h_i)ᵀ(K^l h_n) / √d). After the sum a residual connection and
     a layer norm keep the updates stable over layers (h ← LayerNorm(h + Σ α W h); the seed's MPN is a

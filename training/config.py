@@ -32,7 +32,7 @@ class TeacherConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0  # linear warm-up, then cosine decay to 0 (schedule="cosine")
     schedule: str = "cosine"  # cosine | constant
-    loss: str = "contr"  # contr (seed 001's teacher loss) | ms (multi-similarity; num_negatives >= batch: all)
+    loss: str = "contr"  # contr (Budnik & Avrithis 2021's teacher loss) | ms (multi-similarity; num_negatives >= batch: all)
     # | proxy-anchor (training.proxies: one learned proxy per class, no mining)
     margin: float = 0.5
     ms_alpha: float = 2.0
@@ -51,14 +51,14 @@ class TeacherConfig:
     # epoch and checkpoint then use the averaged weights
     max_steps_per_epoch: int = 0  # 0: full epochs; N: stop each epoch after N batches (timing, smoke runs)
     # training add-ons (training.addons; docs/addons.md): none changes the exported model
-    metrix: str = "off"  # Metrix mixup (seed 001): off | input | feature | embedding
+    metrix: str = "off"  # Metrix mixup (Venkataramanan et al. 2022): off | input | feature | embedding
     metrix_alpha: float = 2.0  # λ ~ Beta(α, α)
     metrix_weight: float = 1.0  # weight of the mixed-example loss
-    osm_caa: bool = False  # online soft mining + class-aware attention pair weights (seed 004)
+    osm_caa: bool = False  # online soft mining + class-aware attention pair weights (Wang et al. 2019)
     osm_sigma: float = 0.8  # σ of the positive weight exp(−d²/σ²)
     osm_alpha: float | None = None  # α of the negative weight max(0, α − d); None: √(2 − 2·margin)
     caa_weight: float = 1.0  # weight of the class-centre cross-entropy
-    message_passing: int = 0  # intra-batch message-passing layers, training only (seed 003); 0: off
+    message_passing: int = 0  # intra-batch message-passing layers, training only (Seidenschwarz et al. 2021); 0: off
     mp_weight: float = 1.0  # weight of the message-passing cross-entropy
     seed: int = 0
     init_seed: int | None = None  # None: seed; else head and proxies start as with this seed (runs to average)
@@ -91,14 +91,14 @@ class StudentConfig:
     rkd_angle_weight: float = 2.0
     darkrank_scale: float = 10.0
     # training add-ons (training.addons; docs/addons.md): none changes the exported model
-    metrix: str = "off"  # Metrix mixup (seed 001): off | input | feature | embedding
+    metrix: str = "off"  # Metrix mixup (Venkataramanan et al. 2022): off | input | feature | embedding
     metrix_alpha: float = 2.0  # λ ~ Beta(α, α)
     metrix_weight: float = 1.0  # weight of the mixed-example loss
-    osm_caa: bool = False  # online soft mining + class-aware attention pair weights (seed 004)
+    osm_caa: bool = False  # online soft mining + class-aware attention pair weights (Wang et al. 2019)
     osm_sigma: float = 0.8  # σ of the positive weight exp(−d²/σ²)
     osm_alpha: float | None = None  # α of the negative weight max(0, α − d); None: √(2 − 2·margin)
     caa_weight: float = 1.0  # weight of the class-centre cross-entropy
-    message_passing: int = 0  # intra-batch message-passing layers, training only (seed 003); 0: off
+    message_passing: int = 0  # intra-batch message-passing layers, training only (Seidenschwarz et al. 2021); 0: off
     mp_weight: float = 1.0  # weight of the message-passing cross-entropy
     num_negatives: int = 5  # hard negatives per anchor, mined among the teacher's training-set embeddings
     per_class: int = 4  # images per class in a batch of batch_size (class-balanced batches)

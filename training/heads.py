@@ -72,7 +72,7 @@ register_head("gap")(GAPHead)
 
 
 class GLAMHead(nn.Module):
-    """GLAM, the global-local attention module (seed 001; Song, Han & Avrithis, WACV 2022), then GeM, a
+    """GLAM, the global-local attention module (Song, Han & Avrithis, WACV 2022), then GeM, a
     projection to `dim` and L2 normalisation. F is the (c,h,w) feature map; σ the sigmoid; ⊙ broadcast product.
 
     local channel   A^l_c = σ(conv1d_k(GAP(F)))                                          (c×1×1)
@@ -167,7 +167,7 @@ register_head("glam")(GLAMHead)
 
 
 class GLAPHead(nn.Module):
-    """GLAP, generalized local attention pooling (seed 000; Roig et al.), as implemented here.
+    """GLAP, generalized local attention pooling (Roig et al. 2020), as implemented here.
 
     The seed (a poster) states the idea -- a compact representation pooled with local attention at a higher
     spatial resolution, with fewer parameters -- but no equations; this is our reading of it:
@@ -219,7 +219,7 @@ register_head("glap")(GLAPHead)
 
 
 class DIABLOHead(nn.Module):
-    """DIABLO, dictionary-based attention (seed 002; Jacob et al.), on a backbone feature map F (c,h,w).
+    """DIABLO, dictionary-based attention (Jacob et al. 2020), on a backbone feature map F (c,h,w).
 
     φ: 1x1 conv c→m, ReLU, 1x1 conv m→m (the non-linear function of §3.2); ψ: 1x1 conv + ReLU to `width`
     channels, shared by the N branches (§3.5). A dictionary of N words (`words`) in R^m.

@@ -1,4 +1,4 @@
-"""The losses of seed 001 (AML, Budnik & Avrithis, CVPR 2021), each a small `nn.Module` with one signature.
+"""The losses of Budnik & Avrithis 2021 (AML, Budnik & Avrithis, CVPR 2021), each a small `nn.Module` with one signature.
 
 Notation (f_θ the network being trained, g the frozen teacher, embeddings unit norm, so a similarity is an inner
 product = cosine):
@@ -125,7 +125,7 @@ def _self_similarity(pairs: Pairs, name: str) -> torch.Tensor:
 
 
 class RegressionLoss(AMLLoss):
-    """Reg, seed 001: ℓ_R(a; θ) = −s_θ^asym(a, a) = −sim(f_θ(a), g(a)).
+    """Reg, Budnik & Avrithis 2021: ℓ_R(a; θ) = −s_θ^asym(a, a) = −sim(f_θ(a), g(a)).
 
     The student's embedding of an image pulled onto the frozen teacher's embedding of the same image; labels
     and negatives are not used. Asymmetric only (g(a) is reference row self_idx[a]).
@@ -136,14 +136,14 @@ class RegressionLoss(AMLLoss):
 
 
 class GenericPairLoss(AMLLoss):
-    """The generic form of a pair-based loss (seed 001, Metrix slide "generic loss formulation"):
+    """The generic form of a pair-based loss (Venkataramanan et al. 2022, Metrix slide "generic loss formulation"):
 
         ℓ(a; θ) = σ⁺( Σ_{p ∈ P(a)} ρ⁺(s(a, p)) ) + σ⁻( Σ_{n ∈ N(a)} ρ⁻(s(a, n)) )
 
     written with pair weights, ℓ(a) = σ⁺(Σ_x w⁺(a,x) ρ⁺(s(a,x))) + σ⁻(Σ_x w⁻(a,x) ρ⁻(s(a,x))): the plain loss
     has w⁺ = 1[x ∈ P(a)], w⁻ = 1[x ∈ N(a)] (`compute`); the training add-ons (`training.addons`) put other weights
     in their place through `generic` -- Metrix the interpolated labels y and 1 − y ("mixing examples and labels":
-    σ⁺(Σ_{(v,y) ∈ V(a)} y ρ⁺(s(a,v))) + σ⁻(Σ (1 − y) ρ⁻(s(a,v)))), OSM + CAA its soft-mining weights (seed 004).
+    σ⁺(Σ_{(v,y) ∈ V(a)} y ρ⁺(s(a,v))) + σ⁻(Σ (1 − y) ρ⁻(s(a,v)))), OSM + CAA its soft-mining weights (Wang et al. 2019).
     A subclass defines ρ⁺, ρ⁻ and, when not the identity, σ⁺, σ⁻.
     """
 
@@ -176,7 +176,7 @@ class GenericPairLoss(AMLLoss):
 
 
 class _ContrastiveForm(GenericPairLoss):
-    """ℓ_C in the generic form: σ⁺ = σ⁻ = identity, ρ⁺(s) = −s, ρ⁻(s) = [s − m]_+ (seed 001)."""
+    """ℓ_C in the generic form: σ⁺ = σ⁻ = identity, ρ⁺(s) = −s, ρ⁻(s) = [s − m]_+ (Budnik & Avrithis 2021)."""
 
     def __init__(self, margin: float = 0.5) -> None:
         super().__init__()
@@ -190,7 +190,7 @@ class _ContrastiveForm(GenericPairLoss):
 
 
 class ContrastiveLoss(_ContrastiveForm):
-    """Contr, seed 001: ℓ_C(a; θ) = Σ_{n ∈ N(a)} [s_θ(a, n) − m]_+ − Σ_{p ∈ P(a)} s_θ(a, p).
+    """Contr, Budnik & Avrithis 2021: ℓ_C(a; θ) = Σ_{n ∈ N(a)} [s_θ(a, n) − m]_+ − Σ_{p ∈ P(a)} s_θ(a, p).
 
     Symmetric: the teacher's training loss. Asymmetric: AML's Contr (P(a) leaves out g(a) itself when
     `self_idx` says where it is). The legacy keyword `exclude_self=True` means self_idx = arange(N) (reference row
@@ -211,7 +211,7 @@ class ContrastiveLoss(_ContrastiveForm):
 
 
 class ContrastivePlusLoss(_ContrastiveForm):
-    """Contr⁺, seed 001: ℓ_C⁺(a; θ) = Σ_{n ∈ N(a)} [s_θ(a, n) − m]_+ − Σ_{p ∈ P(a)} s_θ(a, p) − s_θ(a, a):
+    """Contr⁺, Budnik & Avrithis 2021: ℓ_C⁺(a; θ) = Σ_{n ∈ N(a)} [s_θ(a, n) − m]_+ − Σ_{p ∈ P(a)} s_θ(a, p) − s_θ(a, a):
     asymmetric contrastive plus the regression term (g(a) at reference row self_idx[a]). The pair part has the
     generic form of ℓ_C."""
 
@@ -221,7 +221,7 @@ class ContrastivePlusLoss(_ContrastiveForm):
 
 
 class TripletLoss(AMLLoss):
-    """Triplet, seed 001: ℓ_T(a; θ) = Σ_{(p, n) ∈ L(a)} [s_θ(a, n) − s_θ(a, p) + m]_+, L(a) = P(a) × N(a)."""
+    """Triplet, Budnik & Avrithis 2021: ℓ_T(a; θ) = Σ_{(p, n) ∈ L(a)} [s_θ(a, n) − s_θ(a, p) + m]_+, L(a) = P(a) × N(a)."""
 
     def __init__(self, margin: float = 0.1) -> None:
         super().__init__()
@@ -235,10 +235,10 @@ class TripletLoss(AMLLoss):
 
 
 class MultiSimilarityLoss(GenericPairLoss):
-    """MS, seed 001: ℓ_MS(a; θ) = (1/α) log(1 + Σ_{p ∈ P(a)} e^{−α(s_θ(a,p) − m)})
+    """MS, Budnik & Avrithis 2021: ℓ_MS(a; θ) = (1/α) log(1 + Σ_{p ∈ P(a)} e^{−α(s_θ(a,p) − m)})
                                  + (1/β) log(1 + Σ_{n ∈ N(a)} e^{β(s_θ(a,n) − m)}).
 
-    Generic form (seed 001, Metrix): ρ⁺(s) = e^{−α(s − m)}, σ⁺(t) = (1/α) log(1 + t), ρ⁻(s) = e^{β(s − m)},
+    Generic form (Venkataramanan et al. 2022, Metrix): ρ⁺(s) = e^{−α(s − m)}, σ⁺(t) = (1/α) log(1 + t), ρ⁻(s) = e^{β(s − m)},
     σ⁻(t) = (1/β) log(1 + t); evaluated stably as a log-sum-exp with log-weights."""
 
     def __init__(self, alpha: float = 2.0, beta: float = 50.0, margin: float = 0.5) -> None:
@@ -285,7 +285,7 @@ def _teacher_views(pairs: Pairs, teacher_anchors, teacher_reference, name: str):
 
 
 class RKDLoss(AMLLoss):
-    """RKD, seed 001 (relational knowledge distillation, Park et al. 2019):
+    """RKD, Budnik & Avrithis 2021 (relational knowledge distillation, Park et al. 2019):
     ℓ_RKD(a; θ) = Σ_{(x, …) ∈ U(a)^n} −sim(ψ(f_θ(a), r(x), …), ψ(g(a), g(x), …)), over the random pool U(a) (the
     reference without a), with r = f_θ (symmetric) or g (asymmetric), and two measurements:
 
@@ -330,7 +330,7 @@ def _angles(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class DarkRankLoss(AMLLoss):
-    """DarkRank, seed 001 (Chen et al. 2018, listwise): with U(a) the random pool (the reference without a),
+    """DarkRank, Budnik & Avrithis 2021 (Chen et al. 2018, listwise): with U(a) the random pool (the reference without a),
 
         ℓ_DR(a; θ) = −Σ_{x ∈ U(a)} ( σ s_θ(a, x) − log Σ_{y ∈ V(a, x)} e^{σ s_θ(a, y)} )
 
@@ -356,7 +356,7 @@ class DarkRankLoss(AMLLoss):
         return -terms.sum(dim=1).mean()
 
 
-# name -> factory(**hyper-parameters); the names are those of seed 001's tables
+# name -> factory(**hyper-parameters); the names are those of Budnik & Avrithis 2021's tables
 LOSSES: dict[str, type[AMLLoss]] = {
     "reg": RegressionLoss, "contr": ContrastiveLoss, "contr+": ContrastivePlusLoss, "triplet": TripletLoss,
     "ms": MultiSimilarityLoss, "rkd": RKDLoss, "darkrank": DarkRankLoss,

@@ -1,4 +1,4 @@
-"""Mining, a piece of its own (seed 001): which reference items each anchor is compared with.
+"""Mining, a piece of its own (Budnik & Avrithis 2021): which reference items each anchor is compared with.
 
 - `HardNegativeMiner`: in-batch hard negatives, N(a) = the k reference items most similar to anchor a among
   those of another label (teacher training, symmetric students).

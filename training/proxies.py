@@ -1,5 +1,5 @@
 """Proxy-Anchor loss (Kim, Kim, Cho, Kwak, "Proxy Anchor Loss for Deep Metric Learning", CVPR 2020), a teacher
-loss of ours beside seed 001's ℓ_C and multi-similarity.
+loss of ours beside Budnik & Avrithis 2021's ℓ_C and multi-similarity.
 
 One learnable proxy p per training class; each proxy is the anchor, and the batch's embeddings are its positives
 (X_p⁺, the embeddings of its class) and negatives (X_p⁻, all others). Equation (4) of the paper:

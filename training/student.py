@@ -1,4 +1,4 @@
-"""Student training (asymmetric metric learning, seed 001): the teacher g is frozen, the student f_θ trains with one
+"""Student training (asymmetric metric learning, Budnik & Avrithis 2021): the teacher g is frozen, the student f_θ trains with one
 of the AML losses (`training.losses.LOSSES`) so that its queries land in the teacher's space and search a database
 the teacher embedded.
 

@@ -1,4 +1,4 @@
-"""Teacher training (symmetric metric learning), seed 001: the teacher g is trained with the contrastive loss
+"""Teacher training (symmetric metric learning), Budnik & Avrithis 2021: the teacher g is trained with the contrastive loss
 ℓ_C(a) = Σ_{n∈N(a)} [s(a,n) − m]_+ − Σ_{p∈P(a)} s(a,p) on m-per-class batches with in-batch hard negatives,
 optionally plus the same loss against a cross-batch memory of recent embeddings (XBM).
 
@@ -8,7 +8,7 @@ CUDA; after every epoch, validation Recall@1 on held-out training classes, a lin
 full training state in `OUT.state.pt` (model, optimiser, scheduler, scaler, memory, RNG, history), from which
 `resume=OUT.state.pt` continues exactly. With `tune_units=N`, only the backbone's last N units and the head
 train, on the frozen trunk's maps computed once and cached (`training.trunk`: partial fine-tuning on a CPU).
-`loss=ms` trains with seed 001's multi-similarity loss instead of ℓ_C. The checkpoint written to OUT holds the
+`loss=ms` trains with Budnik & Avrithis 2021's multi-similarity loss instead of ℓ_C. The checkpoint written to OUT holds the
 weights of the epoch with the best validation Recall@1 (the last epoch when validation is disabled).
 `epochs=0` writes the model untrained: with `head=gap` and ImageNet weights, the zero-shot baseline for `asymsearch export` / `asymsearch eval`.
 The training add-ons (`metrix`, `osm_caa`, `message_passing`; `training.addons`, docs/addons.md) compose with the
@@ -113,7 +113,7 @@ def _set_rng_state(s: dict) -> None:
 
 
 def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
-    """Train a teacher with ℓ_C (seed 001, symmetric contrastive, in-batch hard negatives); return the checkpoint.
+    """Train a teacher with ℓ_C (Budnik & Avrithis 2021, symmetric contrastive, in-batch hard negatives); return the checkpoint.
 
     `ctx` (training.distributed; None: one process on cfg.device): under torchrun each rank trains on its share of
     every batch, the loss runs over the gathered global batch, and rank 0 alone validates and writes."""

@@ -1,4 +1,4 @@
-"""`asymsearch experiment losses`: one student per AML loss of seed 001 against the same teacher, tested
+"""`asymsearch experiment losses`: one student per AML loss of Budnik & Avrithis 2021 against the same teacher, tested
 symmetrically (student queries, student database) and asymmetrically (student queries, teacher database).
 
 Protocol (CPU-sized; the table states it):
@@ -28,7 +28,7 @@ import numpy as np
 
 from asymsearch.core.errors import UserError
 
-# (row name, loss, trained asymmetrically, uses the teacher): the rows of seed 001's table, plus the asymmetric
+# (row name, loss, trained asymmetrically, uses the teacher): the rows of Budnik & Avrithis 2021's table, plus the asymmetric
 # forms of RKD and DarkRank, and the student trained alone (no teacher) as the symmetric baseline
 VARIANTS = (
     ("Contr (student alone)", "contr", False),
@@ -314,7 +314,7 @@ def render_markdown(result: dict) -> str:
         f"are the {cfg['num_negatives']} nearest teacher embeddings of other classes in the whole training set, "
         "at most one per class, re-mined every step with the current student; Reg compares f(a) with g(a) only; "
         "RKD/DarkRank use the batch as their random pool. Symmetric training: student-student similarities (RKD and DarkRank matching the "
-        "teacher's relations, as seed 001 trains them). Each student keeps the epoch with the best validation "
+        "teacher's relations, as Budnik & Avrithis 2021 trains them). Each student keeps the epoch with the best validation "
         "Recall@1 in the setting it trained for. "
         "Testing: **sym** = student queries against student-embedded test images; **asym** = student queries "
         "against the teacher-embedded test images (the query itself excluded). The *GAP, no training* rows "
