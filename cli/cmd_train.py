@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import subprocess
+import sys
 
 from asymsearch.cli.options import Commands, add_config_options, config_from_args, existing_path
 from asymsearch.training.config import StudentConfig, TeacherConfig  # torch-free
@@ -11,6 +15,11 @@ def register(commands: Commands) -> None:
     p = commands.add("teacher", group="train",
                      help="symmetric metric learning: contrastive loss, in-batch hard negatives, GeM")
     add_config_options(p, TeacherConfig, required=("data", "out"))
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="train on N processes of this machine with DistributedDataParallel (torchrun --standalone; "
+                        "one GPU each on CUDA, gloo on the CPU), each on its share of every batch: N must divide "
+                        "the batch, checked before any starts. For several machines run torchrun yourself: "
+                        "torchrun --nproc-per-node N ... -m asymsearch.cli.main train teacher ... (default: 1)")
     p.set_defaults(func=run_teacher)
     p = commands.add("student", group="train",
                      help="asymmetric metric learning against the frozen teacher (--loss reg by default; see docs/losses.md)")
@@ -51,6 +60,12 @@ def register(commands: Commands) -> None:
 def run_teacher(args: argparse.Namespace) -> int:
     cfg = config_from_args(TeacherConfig, args)
     from asymsearch.training.distributed import check_launch
+    if args.nproc_per_node != 1 and "WORLD_SIZE" not in os.environ:  # launch the workers (they run the branch below)
+        if args.nproc_per_node < 1:
+            from asymsearch.core.errors import UserError
+            raise UserError(f"--nproc-per-node must be at least 1, not {args.nproc_per_node}")
+        check_launch(cfg, {"WORLD_SIZE": str(args.nproc_per_node), "RANK": "0", "LOCAL_RANK": "0"})
+        return _torchrun(args.nproc_per_node, ["train", "teacher", *config_argv(cfg)])
     check_launch(cfg)  # under torchrun: the world size divides the batch, before any process group or data
     from asymsearch.training.distributed import distributed_context
     from asymsearch.training.teacher import train_teacher
@@ -64,10 +79,39 @@ def run_teacher(args: argparse.Namespace) -> int:
 def run_student(args: argparse.Namespace) -> int:
     cfg = config_from_args(StudentConfig, args)
     from asymsearch.training.distributed import check_launch
-    check_launch(cfg)  # under torchrun: the world size divides the batch, before any process group or data
+    if check_launch(cfg).world_size > 1:  # the batch rule first, then what is not there yet
+        from asymsearch.core.errors import UserError
+        raise UserError("train student runs in one process; under torchrun only train teacher is distributed so far")
     from asymsearch.training.student import train_student
     print(f"student checkpoint: {train_student(cfg)}")
     return 0
+
+
+def config_argv(cfg) -> list[str]:
+    """The command-line options that rebuild `cfg` (a config dataclass) through `add_config_options`: every field
+    that differs from its default, and the required ones."""
+    argv: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        if value is None:
+            from asymsearch.core.errors import UserError
+            raise UserError(f"{f.name} None cannot be passed to the worker processes as an option")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (tuple, list)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """`torchrun --standalone --nproc-per-node N -m asymsearch.cli.main ARGV`; its exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "asymsearch.cli.main", *argv]
+    return subprocess.run(cmd, check=False).returncode
 
 
 def run_soup(args: argparse.Namespace) -> int:

@@ -12,9 +12,12 @@ Both ranks run every objective in one spawn (module fixture), so the test pays t
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -27,7 +30,10 @@ from torch import nn
 
 from asymsearch.core.errors import UserError
 from asymsearch.training.data import MPerClassSampler
-from asymsearch.cli.main import main
+from asymsearch.cli import cmd_train
+from asymsearch.cli.main import build_parser, main
+from asymsearch.cli.options import config_from_args
+from asymsearch.training.checkpoint import load_checkpoint
 from asymsearch.training.config import StudentConfig, TeacherConfig
 from asymsearch.training.distributed import (DistContext, DistributedMPerClassSampler, check_batch_divides,
                                              check_launch, launch_info)
@@ -259,6 +265,56 @@ def test_cli_refuses_a_world_size_that_does_not_divide_the_batch_before_starting
     assert code == 2
     assert err.count("\n") == 1 and "world size 2 does not divide the batch of 9 images" in err
     assert not torch.distributed.is_initialized() and list(tmp_path.iterdir()) == []
+
+
+def test_the_launcher_refuses_a_world_size_that_does_not_divide_the_batch_before_any_worker(tmp_path, monkeypatch,
+                                                                                         capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cmd_train.subprocess, "run", lambda *a, **k: pytest.fail("a worker was started"))
+    code = main(["train", "teacher", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "t.pt"),
+                 "--nproc-per-node", "2", "--classes-per-batch", "3", "--per-class", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "world size 2 does not divide the batch of 9 images" in err
+    assert main(["train", "teacher", "--data", "d", "--out", "o", "--nproc-per-node", "0"]) == 2
+    assert "--nproc-per-node must be at least 1" in capsys.readouterr().err
+
+
+def test_the_workers_get_the_launchers_config_back():
+    argv = ["train", "teacher", "--data", "d x", "--out", "o.pt", "--no-amp", "--freeze-bn", "--mean", "0.1", "0.2",
+            "0.3", "--lr", "0.003", "--loss", "ms", "--classes-per-batch", "6", "--init-seed", "4"]
+    def parsed(argv):  # as main() does: flags over the config layers
+        args = build_parser().parse_args(argv)
+        args.config_binding.apply(args)
+        return config_from_args(TeacherConfig, args)
+
+    cfg = parsed(argv)
+    rebuilt = parsed(["train", "teacher", *cmd_train.config_argv(cfg)])
+    assert rebuilt == cfg and cfg.amp is False and cfg.mean == (0.1, 0.2, 0.3) and cfg.init_seed == 4
+
+
+def test_train_student_under_torchrun_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("LOCAL_RANK", "0")
+    code = main(["train", "student", "--data", str(tmp_path), "--teacher", "t.pt", "--out", str(tmp_path / "s.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "only train teacher is distributed" in err
+
+
+def test_train_teacher_on_two_cpu_processes_end_to_end(image_folder, tmp_path):
+    """`asymsearch train teacher --nproc-per-node 2` (torchrun, gloo): one checkpoint, one log, one console report,
+    written by rank 0; both ranks trained the same model (DDP), so the checkpoint holds every epoch's history."""
+    out = tmp_path / "teacher.pt"
+    cmd = [sys.executable, "-m", "asymsearch.cli.main", "train", "teacher", "--nproc-per-node", "2", "--data",
+           str(image_folder), "--out", str(out), "--backbone", "tiny_cnn_narrow", "--dim", "8", "--image-size", "32",
+           "--epochs", "2", "--lr", "1e-3", "--workers", "0", "--classes-per-batch", "4", "--per-class", "4",
+           "--loss", "proxy-anchor", "--val-fraction", "0.25", "--device", "cpu"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("teacher checkpoint:") == 1 and run.stdout.count("teacher epoch 2/2") == 1
+    log = [json.loads(line) for line in (tmp_path / "teacher.log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1, 2]
+    ckpt = load_checkpoint(out)
+    assert [h["epoch"] for h in ckpt["history"]] == [1, 2] and ckpt["config"]["loss"] == "proxy-anchor"
+    assert (tmp_path / "teacher.state.pt").is_file()
 
 
 def test_without_torchrun_the_context_is_one_process_and_a_no_op(monkeypatch):
