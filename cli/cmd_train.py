@@ -15,15 +15,12 @@ def register(commands: Commands) -> None:
     p = commands.add("teacher", group="train",
                      help="symmetric metric learning: contrastive loss, in-batch hard negatives, GeM")
     add_config_options(p, TeacherConfig, required=("data", "out"))
-    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
-                   help="train on N processes of this machine with DistributedDataParallel (torchrun --standalone; "
-                        "one GPU each on CUDA, gloo on the CPU), each on its share of every batch: N must divide "
-                        "the batch, checked before any starts. For several machines run torchrun yourself: "
-                        "torchrun --nproc-per-node N ... -m asymsearch.cli.main train teacher ... (default: 1)")
+    _add_nproc_option(p, "teacher")
     p.set_defaults(func=run_teacher)
     p = commands.add("student", group="train",
                      help="asymmetric metric learning against the frozen teacher (--loss reg by default; see docs/losses.md)")
     add_config_options(p, StudentConfig, required=("data", "teacher", "out"))
+    _add_nproc_option(p, "student")
     p.set_defaults(func=run_student)
     p = commands.add("soup", group="train",
                      help="average the weights of teachers fine-tuned from the same start into one model (uniform "
@@ -57,16 +54,32 @@ def register(commands: Commands) -> None:
     p.set_defaults(func=run_ensemble)
 
 
-def run_teacher(args: argparse.Namespace) -> int:
-    cfg = config_from_args(TeacherConfig, args)
+def _add_nproc_option(p: argparse.ArgumentParser, role: str) -> None:
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="train on N processes of this machine with DistributedDataParallel (torchrun --standalone; "
+                        "one GPU each on CUDA, gloo on the CPU), each on its share of every batch: N must divide "
+                        "the batch, checked before any starts. For several machines run torchrun yourself: "
+                        f"torchrun --nproc-per-node N ... -m asymsearch.cli.main train {role} ... (default: 1)")
+
+
+def _launch(role: str, cfg, args: argparse.Namespace) -> int | None:
+    """With --nproc-per-node N > 1 outside torchrun: check the batch rule for N, run the N workers, their status.
+    None: this process trains (one process, or a torchrun worker: its world size is checked here too)."""
+    from asymsearch.core.errors import UserError
     from asymsearch.training.distributed import check_launch
-    if args.nproc_per_node != 1 and "WORLD_SIZE" not in os.environ:  # launch the workers (they run the branch below)
+    if args.nproc_per_node != 1 and "WORLD_SIZE" not in os.environ:  # the workers take the branch below
         if args.nproc_per_node < 1:
-            from asymsearch.core.errors import UserError
             raise UserError(f"--nproc-per-node must be at least 1, not {args.nproc_per_node}")
         check_launch(cfg, {"WORLD_SIZE": str(args.nproc_per_node), "RANK": "0", "LOCAL_RANK": "0"})
-        return _torchrun(args.nproc_per_node, ["train", "teacher", *config_argv(cfg)])
+        return _torchrun(args.nproc_per_node, ["train", role, *config_argv(cfg)])
     check_launch(cfg)  # under torchrun: the world size divides the batch, before any process group or data
+    return None
+
+
+def run_teacher(args: argparse.Namespace) -> int:
+    cfg = config_from_args(TeacherConfig, args)
+    if (status := _launch("teacher", cfg, args)) is not None:
+        return status
     from asymsearch.training.distributed import distributed_context
     from asymsearch.training.teacher import train_teacher
     with distributed_context(cfg.device) as ctx:  # one process without torchrun
@@ -78,12 +91,14 @@ def run_teacher(args: argparse.Namespace) -> int:
 
 def run_student(args: argparse.Namespace) -> int:
     cfg = config_from_args(StudentConfig, args)
-    from asymsearch.training.distributed import check_launch
-    if check_launch(cfg).world_size > 1:  # the batch rule first, then what is not there yet
-        from asymsearch.core.errors import UserError
-        raise UserError("train student runs in one process; under torchrun only train teacher is distributed so far")
+    if (status := _launch("student", cfg, args)) is not None:
+        return status
+    from asymsearch.training.distributed import distributed_context
     from asymsearch.training.student import train_student
-    print(f"student checkpoint: {train_student(cfg)}")
+    with distributed_context(cfg.device) as ctx:  # one process without torchrun
+        path = train_student(cfg, ctx)
+        if ctx.is_main:
+            print(f"student checkpoint: {path}")
     return 0
 
 

@@ -40,7 +40,8 @@ from asymsearch.training.common import (BestEpoch, check_history_entry, embed_da
                                         prepare_data, report_epoch, resolve_device, seed_everything)
 from asymsearch.training.config import StudentConfig
 from asymsearch.training.addons import AddOnOptions, TrainingAddOns
-from asymsearch.training.data import ImageDataset, MPerClassSampler, eval_transform
+from asymsearch.training.data import ImageDataset, eval_transform
+from asymsearch.training.distributed import DistContext, DistributedMPerClassSampler
 from asymsearch.training.losses import (ASYMMETRIC_ONLY, LOSSES, MINED_LOSSES, RELATIONAL_LOSSES, AMLLoss,
                                         create_loss)
 from asymsearch.training.mining import HardNegativeMiner, mine_hard_negatives
@@ -127,16 +128,21 @@ def student_preprocessing(teacher_spec: Preprocessing, image_size: int | None) -
     return dataclasses.replace(teacher_spec, resize=resize, crop=image_size)
 
 
-def train_student(cfg: StudentConfig) -> Path:
+def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
     """Train a student onto a frozen teacher with the AML loss `cfg.loss`; return the checkpoint.
 
     The student's embedding dimension is the teacher's (asking for another is an error); its checkpoint records
     the teacher's id. Validation: asymmetric Recall@1 of student-embedded held-out images against the
     teacher-embedded same images (self excluded); the checkpoint keeps the epoch where it was best (the last
-    epoch without validation).
+    epoch without validation). `ctx` (training.distributed; None: one process on cfg.device): under torchrun each
+    rank trains on its share of every batch, the objective runs over the gathered global batch, and rank 0 alone
+    computes the teacher cache first, validates and writes.
     """
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    ctx = ctx if ctx is not None else DistContext(device=resolve_device(cfg.device))
+    if ctx.distributed and (cfg.metrix != "off" or cfg.message_passing):
+        raise UserError("--metrix and --message-passing work inside one process's batch: not under torchrun yet")
+    device = ctx.device
     out = output_path(cfg.out, "student")
     teacher_ckpt = load_checkpoint(cfg.teacher)
     if teacher_ckpt["role"] != "teacher":
@@ -185,10 +191,14 @@ def train_student(cfg: StudentConfig) -> Path:
 
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out.parent / "teacher-cache"
     log = tqdm.write
+    if not ctx.is_main:
+        ctx.barrier()  # rank 0 fills the teacher cache first; the others read it
     teacher_pool = torch.from_numpy(teacher_embeddings(
         teacher, teacher_id, teacher_spec, train_items, ImageDataset(train_items, class_to_idx,
                                                                      eval_transform(teacher_spec)),
         cache_dir, device, workers=cfg.workers, log=log)).to(device)
+    if ctx.is_main:
+        ctx.barrier()
     def student_set(items, views=1):
         if not cfg.tune_units:
             return ImageDataset(items, class_to_idx, eval_transform(spec))
@@ -198,10 +208,12 @@ def train_student(cfg: StudentConfig) -> Path:
 
     train_set = student_set(train_items, cfg.trunk_views)
     pool_labels = torch.as_tensor(train_set.labels, device=device)
-    sampler = MPerClassSampler(train_set.labels, cfg.per_class, max(2, cfg.batch_size // cfg.per_class), seed=cfg.seed)
-    loader = DataLoader(_Indexed(train_set), batch_sampler=sampler, **loader_kwargs(workers, cfg.seed, device))
+    sampler = DistributedMPerClassSampler(train_set.labels, cfg.per_class, max(2, cfg.batch_size // cfg.per_class),
+                                          seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size)  # this rank's share
+    loader = DataLoader(_Indexed(train_set), batch_sampler=sampler,
+                        **loader_kwargs(workers, ctx.data_seed(cfg.seed), device))
     val_set, val_teacher = None, None
-    if val_items:
+    if val_items and ctx.is_main:  # rank 0 alone validates
         val_set = student_set(val_items)
         val_teacher = teacher_embeddings(teacher, teacher_id, teacher_spec, val_items,
                                          ImageDataset(val_items, class_to_idx, eval_transform(teacher_spec)),
@@ -213,18 +225,23 @@ def train_student(cfg: StudentConfig) -> Path:
                                    *addons.optimizer_group(cfg.lr, cfg.weight_decay)], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     history, best = [], BestEpoch()
+    ctx.broadcast_module(addons)  # outside DDP: every rank starts from rank 0's
+    train_net = ctx.wrap(net)  # DistributedDataParallel under torchrun (net itself otherwise)
     for epoch in range(1, cfg.epochs + 1):
         sampler.set_epoch(epoch)
         net.train()  # the teacher stays in eval mode throughout, and is not run: its embeddings are cached
         addons.train()
         losses = []
-        bar = tqdm(loader, desc=f"student {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"student {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not ctx.is_main)
         for images, labels, idx in bar:
             images, labels, idx = images.to(device, non_blocking=True), labels.to(device), idx.to(device)
-            emb, mixed, plan = addons.embed(net, images, labels)  # net(images) (and Metrix's mixed examples)
+            emb, mixed, plan = addons.embed(train_net, images, labels)  # (and Metrix's mixed examples)
+            emb, labels, idx = ctx.gather(emb), ctx.all_gather(labels), ctx.all_gather(idx)  # the global batch
             loss = addons.student_loss(objective, emb, labels, idx, teacher_pool, pool_labels, mixed, plan)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            ctx.sync_gradients(addons)  # DDP averages the student's
             optimizer.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -233,15 +250,20 @@ def train_student(cfg: StudentConfig) -> Path:
             queries = embed_dataset(net, val_set, device, workers)
             recall = retrieval_metrics(queries, val_set.labels, val_teacher, val_set.labels,
                                        exclude_self=True)["recall@1"]
+        recall = ctx.broadcast_object(recall)  # rank 0 validates; every rank keeps the same best epoch
         history.append(check_history_entry(epoch, float(np.mean(losses)), recall))
-        report_epoch("student", history[-1], cfg.epochs)
+        if ctx.is_main:
+            report_epoch("student", history[-1], cfg.epochs)
         best.offer(student, history[-1])
 
     best_epoch = best.restore(student, history)
     student.eval()
     ckpt = make_checkpoint(student, role="student", arch=arch, preprocessing=spec, teacher_id=teacher_id,
                            config={**dataclasses.asdict(cfg), "best_epoch": best_epoch}, history=history)
-    return save_checkpoint(ckpt, out)
+    if ctx.is_main:
+        save_checkpoint(ckpt, out)
+    ctx.barrier()  # every rank returns once the checkpoint is there
+    return out
 
 
 __all__ = ["RELATIONAL_LOSSES", "StudentObjective", "loss_kwargs", "student_preprocessing", "train_student"]
