@@ -13,8 +13,8 @@ dataclasses are dotted (`addons.metrix=input`).
 Bad input is refused before any work, as a `UserError` of one line: a key the schema does not have (naming the
 closest valid keys), a value of the wrong type (`epochs=ten`), a required key that no layer set, an unreadable file.
 
-The merged config is saved beside what the stage made (`save_config`): `NAME.config.yaml` beside a checkpoint
-`NAME.pt` or an ONNX model `NAME.onnx`, `config.yaml` inside an index folder. Loading that file back with
+The merged config is saved beside what the stage made (`save_config`): `NAME.pt.config.yaml` beside a
+checkpoint `NAME.pt`, `NAME.onnx.config.yaml` beside an ONNX model, `config.yaml` inside an index folder. Loading that file back with
 `--config` reproduces the same config. This module is the ground floor: it imports no stage.
 """
 from __future__ import annotations
@@ -36,17 +36,19 @@ __all__ = ["CONFIG_FILE", "MISSING", "config_path_for", "schema_fields", "merge_
            "save_config", "load_config_file", "config_yaml", "parse_overrides"]
 
 CONFIG_FILE = "config.yaml"  # inside an index folder (each version has its own)
-CONFIG_SUFFIX = ".config.yaml"  # beside a file artifact: NAME.pt / NAME.onnx -> NAME.config.yaml
+CONFIG_SUFFIX = ".config.yaml"  # beside a file artifact: NAME.pt -> NAME.pt.config.yaml
 
 
 def config_path_for(artifact: str | os.PathLike) -> Path:
-    """Where the config that made `artifact` is saved: `DIR/config.yaml` for an index folder, else
-    `NAME.config.yaml` beside `NAME.pt` / `NAME.onnx` / `NAME.json`."""
+    """Where the config that made `artifact` is saved: `DIR/config.yaml` for an index folder, else the file's
+    name + `.config.yaml` (`teacher.pt.config.yaml`, `teacher.onnx.config.yaml`: a checkpoint and its export
+    usually share a stem). A model manifest `NAME.json` answers for its `NAME.onnx`."""
     path = Path(artifact)
     if path.is_dir():
         return path / CONFIG_FILE
-    return path.with_name(path.name.rsplit(".", 1)[0] + CONFIG_SUFFIX) if "." in path.name else \
-        path.with_name(path.name + CONFIG_SUFFIX)
+    if path.suffix == ".json":
+        path = path.with_suffix(".onnx")
+    return path.with_name(path.name + CONFIG_SUFFIX)
 
 
 @dataclasses.dataclass(frozen=True)

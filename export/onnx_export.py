@@ -84,7 +84,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     `tolerance` (otherwise `ExportMismatch`, and nothing is left behind). `image_size` replaces the trained
     crop in the manifest (`at_image_size`); the manifest's extra records the trained one. The config that made the
     export (`config`, e.g. the command's merged one; by default these arguments) is saved beside the manifest as
-    `NAME.config.yaml` (`asymsearch.core.config`). Returns the manifest.
+    `NAME.onnx.config.yaml` (`asymsearch.core.config`). Returns the manifest.
     """
     checkpoint, out = Path(checkpoint), Path(out)
     if manifest_path_for(out) == out:
