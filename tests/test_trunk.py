@@ -202,7 +202,7 @@ def test_student_from_teacher_starts_as_the_teacher_and_caches_its_trunk(image_f
 def test_an_unreadable_image_leaves_no_half_written_cache(image_folder, tmp_path, tiny_weights):
     from asymsearch.core.data import ImageItem
     from asymsearch.core.errors import InvalidImage
-    from asymsearch.training.experiments.featcache import feature_maps
+    from asymsearch.training.featcache import feature_maps
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not a jpeg")

@@ -5,7 +5,7 @@ computed once.
 and a trainable *tail* of its last N units (`training.backbones.split_backbone`: MBConv blocks plus the head
 conv for EfficientNet-Lite, top-level children for the sequential backbones). The trunk is run once per
 image, in eval mode on the serving preprocessing (centre crop), and its maps are cached on disk
-(`training.experiments.featcache`, keyed by backbone, weights, preprocessing, split and the image list), so an
+(`training.featcache`, keyed by backbone, weights, preprocessing, split and the image list), so an
 epoch costs only the tail, head and loss. Augmentation: a horizontal flip of the trunk map, and with
 `trunk_views = K` > 1 each training image also has K − 1 cached augmented views (`training.data.augmented_view`:
 the random resized crop and flip of whole-network training, drawn once and reproducibly); every epoch picks one
@@ -82,7 +82,7 @@ def trunk_maps(items: list[ImageItem], backbone: str, pretrained: str | None, sp
     serving preprocessing; the others augmented), each computed once and cached in `cache_dir`. `weights`: take
     the trunk from this backbone (e.g. a student started from its teacher) instead of `backbone` + `pretrained`;
     the cache is then keyed by the trunk's own weights."""
-    from asymsearch.training.experiments.featcache import feature_maps
+    from asymsearch.training.featcache import feature_maps
 
     if not items:
         raise UserError("no images to compute trunk maps of")

@@ -178,7 +178,7 @@ def run_addons_experiment(cfg: AddonsExperimentConfig, log=print) -> dict:
     from asymsearch.core.data import list_image_folder, select_classes
     from asymsearch.core.manifest import Preprocessing
     from asymsearch.training.common import split_train_val
-    from asymsearch.training.experiments.featcache import feature_maps
+    from asymsearch.training.featcache import feature_maps
     from asymsearch.training.models import backbone_preprocessing, create_head
 
     torch.set_num_threads(max(1, cfg.threads))

@@ -378,7 +378,7 @@ def run_heads_experiment(cfg: HeadsExperimentConfig, log=print) -> dict:
     from asymsearch.core.data import list_image_folder, select_classes
     from asymsearch.core.manifest import Preprocessing
     from asymsearch.training.common import split_train_val
-    from asymsearch.training.experiments.featcache import cache_key, feature_maps
+    from asymsearch.training.featcache import cache_key, feature_maps
     from asymsearch.training.models import backbone_preprocessing, create_head, parse_head_spec
 
     # the maps are computed before the jobs fork: with every job's threads; each job then sets its own

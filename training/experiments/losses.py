@@ -177,7 +177,7 @@ def run_losses_experiment(cfg: LossesExperimentConfig, log=print) -> dict:
     from asymsearch.core.data import list_image_folder, select_classes
     from asymsearch.training.checkpoint import make_checkpoint, save_checkpoint
     from asymsearch.training.common import split_train_val
-    from asymsearch.training.experiments.featcache import feature_maps
+    from asymsearch.training.featcache import feature_maps
     from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner, create_loss
     from asymsearch.training.models import EmbeddingNet, create_backbone
     from asymsearch.training.student import StudentObjective

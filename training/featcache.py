@@ -1,6 +1,7 @@
 """Frozen-backbone feature maps, computed once and cached on disk.
 
-Heads are compared on a frozen pretrained backbone: its (C,h,w) feature map of every image is computed once
+What `--tune-units` trains on (`training.trunk`: the frozen trunk's maps) and what the comparison experiments
+(`experiments/` in the repository) train heads on: the (C,h,w) feature map of every image is computed once
 with the serving preprocessing (`core.preprocess.preprocess`) and stored as float16 in `CACHE/<key>.npy`
 (with `<key>.json` listing the images), keyed by backbone, weights, preprocessing and the image list (paths,
 sizes, modification times). A second run with the same key reads the file instead of running the backbone.
