@@ -88,7 +88,6 @@ CONFIG_HELP = {
 GROUP_HELP = {
     "train": "train the teacher or a student",
     "index": "build and maintain the database index",
-    "experiment": "experiments that write result tables into docs/results/",
     "bench": "speed measurements, side by side in one run",
 }
 
@@ -174,14 +173,6 @@ def existing_path(kind: str):
     return check
 
 
-def seeds(text: str) -> tuple[int, ...]:
-    """argparse type of `--seeds 0,1,2`."""
-    try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, not {text!r}") from None
-
-
 def add_connection_options(p: argparse.ArgumentParser, retries: int = 3) -> None:
     """How a command reaches a search server: --timeout, --retries, the bearer token and TLS
     (`connection_kwargs` turns them into `SearchClient` keyword arguments)."""
@@ -238,18 +229,6 @@ def server_addresses(values: list[str]) -> list[str]:
                     break
             out.append(address)
     return out
-
-
-def add_cached_maps_options(p: argparse.ArgumentParser, unit: str) -> None:
-    """The options of an experiment that trains heads on cached frozen-backbone maps, one run per (`unit`, seed):
-    validation split, cache folder, threads and parallel jobs."""
-    p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="training classes held out to pick the best epoch (default: %(default)s)")
-    p.add_argument("--cache-dir", default="~/.cache/asymsearch/featmaps",
-                   help="feature-map cache folder (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per job (default: %(default)s)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help=f"({unit}, seed) runs trained in parallel processes (default: %(default)s)")
 
 
 # ---- config files and key=value overrides (asymsearch.core.config) ----

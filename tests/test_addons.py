@@ -472,52 +472,6 @@ def test_message_passing_adds_nothing_to_the_exported_model(image_folder, tmp_pa
     assert not all(torch.equal(weights["plain"][k], weights["mp"][k]) for k in weights["plain"])
 
 
-# ------------------------------------------------------------------------------------------------ experiment
-
-
-def test_summary_pairs_seeds_and_calls_noise_noise():
-    from asymsearch.training.experiments.addons import summarize, verdict
-
-    def run(seed, r1, m):
-        return {"seed": seed, "train_seconds": 1.0,
-                "metrics": {"recall@1": r1, "recall@2": 0, "recall@4": 0, "recall@8": 0, "map": m}}
-    rows = [{"variant": "baseline", "runs": [run(0, 0.80, 0.5), run(1, 0.82, 0.5), run(2, 0.81, 0.5)]},
-            {"variant": "x", "runs": [run(2, 0.84, 0.51), run(0, 0.83, 0.49), run(1, 0.85, 0.50)]}]
-    summarize(rows)
-    d = rows[1]["delta"]["recall@1"]
-    assert d["per_seed"] == pytest.approx([0.03, 0.03, 0.03])  # paired by seed, not by position
-    assert d["mean"] == pytest.approx(0.03) and d["verdict"] == "gain"
-    assert rows[1]["delta"]["map"]["verdict"] == "within noise"  # +0.01, -0.01, 0.0
-    assert verdict([-0.02, -0.03, -0.01], baseline_std=0.005) == "loss"
-    assert verdict([0.002, 0.003, 0.001], baseline_std=0.005) == "within noise"  # smaller than the spread
-
-
-def test_addons_experiment_writes_its_table(tmp_path):
-    """`asymsearch experiment addons` end to end on a tiny synthetic folder and the tiny CNN (one epoch, one seed)."""
-    import json
-
-    from asymsearch.cli.main import main
-    from asymsearch.core.synthetic import make_synthetic_dataset
-    data = make_synthetic_dataset(tmp_path / "images", num_classes=12, per_class=6, size=32, seed=3)
-    out = tmp_path / "results" / "addons"
-    assert main(["experiment", "addons", "--data", str(data), "--out", str(out), "--backbone", "tiny_cnn",
-                 "--pretrained", "none", "--image-size", "32", "--dim", "8", "--epochs", "1", "--seeds", "0",
-                 "--variant", "baseline", "--variant", "metrix=input,osm_caa=true,message_passing=1",
-                 "--cache-dir", str(tmp_path / "cache")]) == 0
-    result = json.loads(out.with_suffix(".json").read_text())
-    assert [r["variant"] for r in result["rows"]] == ["baseline", "metrix=input,osm_caa=true,message_passing=1"]
-    on = result["rows"][1]
-    assert on["options"]["metrix"] == "input" and on["options"]["osm_caa"] and on["options"]["message_passing"] == 1
-    assert on["delta"]["recall@1"]["per_seed"][0] == pytest.approx(
-        on["runs"][0]["metrics"]["recall@1"] - result["rows"][0]["runs"][0]["metrics"]["recall@1"])
-    table = out.with_suffix(".md").read_text()
-    assert "Command: `asymsearch experiment addons" in table and "| `baseline` |" in table
-    assert main(["experiment", "addons", "--data", str(data), "--variant", "baseline", "--variant", "metrix=feature",
-                 "--cache-dir", str(tmp_path / "cache")]) == 2  # no backbone/head split on cached maps
-    assert main(["experiment", "addons", "--data", str(data), "--variant", "baseline", "--variant", "mixup=on",
-                 "--cache-dir", str(tmp_path / "cache")]) == 2
-
-
 def test_teacher_with_multi_similarity_takes_metrix_but_not_osm(image_folder, tmp_path, baseline_teacher):
     ckpt = load_checkpoint(train_teacher(teacher_cfg(image_folder, tmp_path / "ms.pt", loss="ms", metrix="embedding")))
     assert all(math.isfinite(h["loss"]) for h in ckpt["history"]) and ckpt["config"]["loss"] == "ms"

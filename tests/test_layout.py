@@ -59,3 +59,25 @@ def test_one_namespace_and_no_generic_top_level_modules(tmp_path):
             "import asymsearch.training, asymsearch.server, asymsearch.protos.v1.search_pb2\n")
     r = run_python(code, tmp_path)
     assert r.returncode == 0, r.stderr
+
+
+PRODUCT = ("core", "training", "export", "index", "server", "clients", "protos")
+
+
+@pytest.mark.parametrize("folder", PRODUCT)
+def test_product_never_imports_research_or_benchmarks(folder):
+    """Research (`experiments/`, run from the repository) and speed measurement (`asymsearch.bench`) sit beside
+    the product: only the command line (the top floor) may reach `bench`, and nothing installed reaches
+    `experiments`."""
+    bad = [m for m in imported_modules(ROOT / folder)
+           if m.split(".")[0] == "experiments" or m == "asymsearch.bench" or m.startswith("asymsearch.bench.")
+           or ".experiments" in m]
+    assert not bad, (folder, bad)
+
+
+def test_benchmarks_and_the_cli_never_import_research():
+    for folder in ("bench", "cli"):
+        if (ROOT / folder).is_dir():
+            bad = [m for m in imported_modules(ROOT / folder) if m.split(".")[0] == "experiments"
+                   or ".experiments" in m]
+            assert not bad, (folder, bad)

@@ -21,7 +21,7 @@ Each is switched on by one option of `train teacher` and `train student` (the sa
 
 The add-on modules that hold parameters (CAA centres, the message-passing network) are trained with the model
 (their own optimiser group) but are not part of the checkpoint's model; the teacher's resumable state keeps them.
-docs/addons.md is the guide; docs/results/addons.md the ablation (`asymsearch experiment addons`).
+docs/addons.md is the guide; docs/results/addons.md the ablation (`python -m experiments addons`, from a checkout).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""`asymsearch experiment addons`: each training add-on (training.addons) off and on, over several seeds.
+"""`python -m experiments addons`: each training add-on (training.addons) off and on, over several seeds.
 
-Protocol (stated in the table it writes): the heads experiment's (training.experiments.heads) -- frozen pretrained
+Protocol (stated in the table it writes): the heads experiment's (experiments.heads) -- frozen pretrained
 backbone whose feature maps are cached once (`featcache`), first half of the classes trains (a fifth of them held
 out to pick the best epoch), second half evaluates -- with one pooling head trained per (variant, seed) by the
 teacher's objective: contrastive loss with in-batch hard negatives, composed with the add-ons exactly as
@@ -105,7 +105,7 @@ def train_with_addons(cfg: AddonsExperimentConfig, options, channels: int, train
                       log=print) -> tuple[object, list[dict]]:
     """Train head `cfg.head` on cached maps with the add-ons `options`; return (head at its best validation epoch,
     per-epoch history): `heads.train_head_on_maps`, the add-ons switched on."""
-    from asymsearch.training.experiments.heads import train_head_on_maps
+    from experiments.heads import train_head_on_maps
 
     return train_head_on_maps(cfg.head, cfg, channels, train_maps, train_labels, val_maps, val_labels, seed,
                               log=log, addons=options, name=options.describe())
@@ -116,7 +116,7 @@ _SHARED: tuple | None = None  # the data of the current experiment, inherited by
 
 def _run_one(task: tuple[str, int]) -> dict:
     import torch
-    from asymsearch.training.experiments.heads import _embed, _metrics
+    from experiments.heads import _embed, _metrics
 
     spec, seed = task
     cfg, channels, fit_maps, fit_labels, val_maps, val_labels, eval_maps, eval_labels = _SHARED
@@ -293,7 +293,7 @@ def write_results(result: dict, out: Path) -> tuple[Path, Path]:
 def canonical_command(cfg: AddonsExperimentConfig) -> str:
     """The full command line that reproduces `cfg` (every option spelled out)."""
     import shlex
-    parts = ["asymsearch", "experiment", "addons", "--data", cfg.data, "--out", cfg.out, "--backbone", cfg.backbone,
+    parts = ["python", "-m", "experiments", "addons", "--data", cfg.data, "--out", cfg.out, "--backbone", cfg.backbone,
              "--pretrained", str(cfg.pretrained), "--head", cfg.head]
     if cfg.image_size:
         parts += ["--image-size", str(cfg.image_size)]

@@ -1,4 +1,4 @@
-"""`asymsearch experiment heads`: every pooling head on the same pretrained backbone, over several seeds.
+"""`python -m experiments heads`: every pooling head on the same pretrained backbone, over several seeds.
 
 Protocol (stated in the table it writes):
 - data: class folders sorted; the first half trains, the second half is the evaluation set (each image queries
@@ -543,7 +543,7 @@ def recost(out: str | Path, threads: int = 1, log=print) -> dict:
                                                        result["image_size"], channels)):
         row.update(cost)
     result["machine"] = result["machine"].rsplit(",", 1)[0] + f", {threads} thread(s)"
-    result["recost_command"] = f"asymsearch experiment heads --recost --out {out} --threads {threads}"
+    result["recost_command"] = f"python -m experiments heads --recost --out {out} --threads {threads}"
     write_results(result, out)
     return result
 
@@ -551,7 +551,7 @@ def recost(out: str | Path, threads: int = 1, log=print) -> dict:
 def canonical_command(cfg: HeadsExperimentConfig) -> str:
     """The full command line that reproduces `cfg` (every option spelled out)."""
     import shlex
-    parts = ["asymsearch", "experiment", "heads", "--data", cfg.data, "--out", cfg.out, "--backbone", cfg.backbone,
+    parts = ["python", "-m", "experiments", "heads", "--data", cfg.data, "--out", cfg.out, "--backbone", cfg.backbone,
              "--pretrained", str(cfg.pretrained)]
     if cfg.image_size:
         parts += ["--image-size", str(cfg.image_size)]

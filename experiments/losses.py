@@ -1,4 +1,4 @@
-"""`asymsearch experiment losses`: one student per AML loss of Budnik & Avrithis 2021 against the same teacher, tested
+"""`python -m experiments losses`: one student per AML loss of Budnik & Avrithis 2021 against the same teacher, tested
 symmetrically (student queries, student database) and asymmetrically (student queries, teacher database).
 
 Protocol (CPU-sized; the table states it):
@@ -295,7 +295,7 @@ def render_markdown(result: dict) -> str:
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     lines = [
         f"# AML losses: one student per loss against the same teacher ({result['data']})", "",
-        f"Command: `{cfg['command'] or 'asymsearch experiment losses --data DATA'}`", "",
+        f"Command: `{cfg['command'] or 'python -m experiments losses --data DATA'}`", "",
         f"Protocol. Data: the class folders sorted by name; the first half trains ({sp['train']['classes']} "
         f"classes, {sp['train']['images']} images; {sp['val']['classes']} more classes, {sp['val']['images']} "
         f"images, evenly spaced through the first half, are held out to pick each model's best epoch), the "

@@ -1,1 +1,0 @@
-"""Experiments: commands that train and measure, and write result tables into docs/results/ (not tests)."""
