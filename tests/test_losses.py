@@ -227,3 +227,25 @@ def test_bad_calls_are_clear():
         ContrastiveLoss()(s, labels, None, unit(4, 5, 0), labels)
     with pytest.raises(UserError, match="choose one of"):
         create_loss("arcface")
+
+
+def test_every_registered_loss_is_built_from_a_training_config_by_name():
+    """The loss registry (training.registry): each trainer's losses by name, hyper-parameters from the config's fields,
+    Proxy-Anchor (per-class parameters) included; a name a trainer does not take lists the ones it does."""
+    from asymsearch.training.config import StudentConfig, TeacherConfig
+    from asymsearch.training.proxies import ProxyAnchorLoss
+    from asymsearch.training.registry import loss_names
+
+    teacher = TeacherConfig(data="d", out="o", margin=0.3, ms_alpha=3.0, proxy_alpha=16.0)
+    assert loss_names("teacher") == ("contr", "ms", "proxy-anchor")
+    assert create_loss("contr", teacher, role="teacher").margin == 0.3
+    assert create_loss("ms", teacher, role="teacher").alpha == 3.0
+    proxies = create_loss("proxy-anchor", teacher, role="teacher", num_classes=5, dim=8)
+    assert isinstance(proxies, ProxyAnchorLoss) and proxies.alpha == 16.0 and proxies.proxies.shape == (5, 8)
+    student = StudentConfig(data="d", teacher="t", out="o", triplet_margin=0.2, darkrank_scale=4.0)
+    assert set(loss_names("student")) == set(LOSSES)
+    assert create_loss("triplet", student).margin == 0.2 and create_loss("darkrank", student).scale == 4.0
+    with pytest.raises(UserError, match="choose one of: contr, ms, proxy-anchor"):
+        create_loss("triplet", teacher, role="teacher")
+    with pytest.raises(UserError, match="unknown student loss 'proxy-anchor'"):
+        create_loss("proxy-anchor", student)

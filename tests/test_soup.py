@@ -9,7 +9,7 @@ from asymsearch.core.errors import UserError
 from asymsearch.training.checkpoint import load_checkpoint, model_from_checkpoint, state_dict_id
 from asymsearch.training.config import TeacherConfig
 from asymsearch.training.soup import average_checkpoints
-from asymsearch.training import teacher as teacher_module
+from asymsearch.training import proxies as proxies_module
 from asymsearch.training.teacher import train_teacher
 
 
@@ -29,14 +29,14 @@ def test_init_seed_fixes_the_start_and_seed_the_rest(image_folder, tmp_path, mon
     again = teacher(image_folder, tmp_path / "t0b.pt", seed=0, init_seed=0)["state_dict"]
     assert state_dict_id(again) == state_dict_id(trained[0])  # init_seed = seed: the run of seed alone
     proxies = []  # Proxy-Anchor's proxies as each run draws them: part of the start
-    real = teacher_module.ProxyAnchorLoss
+    real = proxies_module.ProxyAnchorLoss
 
     def record(*a, **kw):
         proxies.append(real(*a, **kw))
         proxies[-1].initial = proxies[-1].proxies.detach().clone()
         return proxies[-1]
 
-    monkeypatch.setattr(teacher_module, "ProxyAnchorLoss", record)
+    monkeypatch.setattr(proxies_module, "ProxyAnchorLoss", record)  # what the loss registry builds
     for seed, init in ((0, None), (1, 0), (1, None)):
         teacher(image_folder, tmp_path / f"p{seed}.pt", seed=seed, init_seed=init, loss="proxy-anchor")
     assert torch.equal(proxies[0].initial, proxies[1].initial) and not torch.equal(proxies[0].initial,

@@ -411,10 +411,13 @@ class TrainingAddOns(nn.Module):
 
     def teacher_loss(self, criterion: GenericPairLoss, miner, emb: torch.Tensor, labels: torch.Tensor,
                      mixed: torch.Tensor | None = None, plan: MixPlan | None = None) -> torch.Tensor:
-        """Symmetric training (the teacher; the heads experiment): ℓ_C with mined negatives -- or, with OSM +
-        CAA, weighted over every pair of the batch -- plus the Metrix term and the classification terms."""
+        """Symmetric training (the teacher; the heads experiment): the loss with mined negatives (`miner` None: a
+        loss that mines nothing, Proxy-Anchor, on the batch and its labels) -- or, with OSM + CAA, weighted over
+        every pair of the batch -- plus the Metrix term and the classification terms."""
         if self.osm is not None:
             loss = self.osm.loss(criterion, emb, labels)
+        elif miner is None:
+            loss = criterion(emb, labels)
         else:
             loss = criterion(emb, labels, miner(emb, labels))
         if self.metrix is not None and self.metrix.weight:

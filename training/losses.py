@@ -31,9 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from asymsearch.training.mining import HardNegativeMiner  # noqa: F401 - re-exported (teacher training imports it here)
+from asymsearch.training.registry import LOSS_REGISTRY, loss_names, register_loss
+from asymsearch.training.registry import create_loss as registry_create_loss
 
 __all__ = ["LOSSES", "AMLLoss", "ContrastiveLoss", "ContrastivePlusLoss", "DarkRankLoss", "GenericPairLoss",
-           "HardNegativeMiner", "MultiSimilarityLoss", "RKDLoss", "RegressionLoss", "TripletLoss", "create_loss"]
+           "HardNegativeMiner", "MultiSimilarityLoss", "RKDLoss", "RegressionLoss", "TripletLoss", "create_loss",
+           "negative_miner"]
 
 
 @dataclass
@@ -356,22 +359,35 @@ class DarkRankLoss(AMLLoss):
         return -terms.sum(dim=1).mean()
 
 
-# name -> factory(**hyper-parameters); the names are those of Budnik & Avrithis 2021's tables
-LOSSES: dict[str, type[AMLLoss]] = {
-    "reg": RegressionLoss, "contr": ContrastiveLoss, "contr+": ContrastivePlusLoss, "triplet": TripletLoss,
-    "ms": MultiSimilarityLoss, "rkd": RKDLoss, "darkrank": DarkRankLoss,
-}
+# name -> (loss, the config field of each hyper-parameter, the trainers that take it); the names are those of Budnik &
+# Avrithis 2021's tables. Every loss is built through the registry (`training.registry.create_loss`).
+_STUDENT, _BOTH = ("student",), ("teacher", "student")
+for _name, _cls, _options, _roles in (
+        ("reg", RegressionLoss, {}, _STUDENT),
+        ("contr", ContrastiveLoss, {"margin": "margin"}, _BOTH),
+        ("contr+", ContrastivePlusLoss, {"margin": "margin"}, _STUDENT),
+        ("triplet", TripletLoss, {"margin": "triplet_margin"}, _STUDENT),
+        ("ms", MultiSimilarityLoss, {"alpha": "ms_alpha", "beta": "ms_beta", "margin": "margin"}, _BOTH),
+        ("rkd", RKDLoss, {"distance_weight": "rkd_distance_weight", "angle_weight": "rkd_angle_weight"}, _STUDENT),
+        ("darkrank", DarkRankLoss, {"scale": "darkrank_scale"}, _STUDENT)):
+    register_loss(_name, options=_options, roles=_roles)(_cls)
+# the AML (student) losses, name -> class
+LOSSES: dict[str, type[AMLLoss]] = {n: LOSS_REGISTRY[n].factory for n in loss_names("student")}
 # which losses use labels with mined hard negatives, which use a random pool and the teacher's relations
 MINED_LOSSES = ("contr", "contr+", "triplet", "ms")
 RELATIONAL_LOSSES = ("rkd", "darkrank")
 ASYMMETRIC_ONLY = ("reg", "contr+")
 
 
-def create_loss(name: str, **kwargs) -> AMLLoss:
-    """`LOSSES[name](**kwargs)`; an unknown name raises `UserError` listing the valid ones."""
-    from asymsearch.core.errors import UserError
-    try:
-        cls = LOSSES[name]
-    except KeyError:
-        raise UserError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}") from None
-    return cls(**kwargs)
+def create_loss(name: str, config=None, *, role: str = "student", **kwargs) -> nn.Module:
+    """`training.registry.create_loss`: loss `name` with its hyper-parameters from `config` and `kwargs`; an
+    unknown name raises `UserError` listing the valid ones. (Proxy-Anchor registers in `training.proxies`.)"""
+    import asymsearch.training.proxies  # noqa: F401 - registers proxy-anchor, a teacher loss
+
+    return registry_create_loss(name, config, role=role, **kwargs)
+
+
+def negative_miner(name: str, num_negatives: int) -> HardNegativeMiner | None:
+    """The in-batch hard-negative miner of a symmetric run with loss `name` (None for a loss that mines nothing:
+    Proxy-Anchor compares every embedding with the class proxies)."""
+    return HardNegativeMiner(num_negatives) if name in MINED_LOSSES else None

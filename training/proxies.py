@@ -22,6 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from asymsearch.training.losses import log1p_sum_exp
+from asymsearch.training.registry import register_loss
+
+
+@register_loss("proxy-anchor", options={"alpha": "proxy_alpha", "delta": "proxy_delta"}, roles=("teacher",),
+               per_class=True, lr_option="proxy_lr")
+def proxy_anchor(num_classes: int, dim: int, alpha: float = 32.0, delta: float = 0.1) -> ProxyAnchorLoss:
+    """The registry's factory (`ProxyAnchorLoss` looked up when called)."""
+    return ProxyAnchorLoss(num_classes, dim, alpha, delta)
 
 
 class ProxyAnchorLoss(nn.Module):

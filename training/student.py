@@ -51,15 +51,6 @@ from asymsearch.training.teacher_cache import teacher_embeddings
 from asymsearch.training.trunk import MapsDataset, TailNet, check_trunk_views, trunk_maps
 
 
-def loss_kwargs(cfg: StudentConfig) -> dict:
-    """The hyper-parameters of `cfg.loss` taken from the config."""
-    return {"reg": {}, "contr": {"margin": cfg.margin}, "contr+": {"margin": cfg.margin},
-            "triplet": {"margin": cfg.triplet_margin},
-            "ms": {"alpha": cfg.ms_alpha, "beta": cfg.ms_beta, "margin": cfg.margin},
-            "rkd": {"distance_weight": cfg.rkd_distance_weight, "angle_weight": cfg.rkd_angle_weight},
-            "darkrank": {"scale": cfg.darkrank_scale}}.get(cfg.loss, {})
-
-
 class StudentObjective:
     """The loss of one batch: builds the reference (teacher or student embeddings), mines, calls the loss.
 
@@ -154,7 +145,7 @@ def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
     if cfg.from_teacher and "members" in teacher_ckpt["arch"]:
         raise UserError(f"--from-teacher copies one network, and {cfg.teacher} is an ensemble of "
                         f"{len(teacher_ckpt['arch']['members'])}: train the student from --pretrained weights")
-    objective = StudentObjective(cfg.loss, create_loss(cfg.loss, **loss_kwargs(cfg)), asymmetric=cfg.asymmetric,
+    objective = StudentObjective(cfg.loss, create_loss(cfg.loss, cfg), asymmetric=cfg.asymmetric,
                                  num_negatives=cfg.num_negatives)
     options = AddOnOptions.from_config(cfg)
     options.check()
@@ -266,4 +257,4 @@ def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
     return out
 
 
-__all__ = ["RELATIONAL_LOSSES", "StudentObjective", "loss_kwargs", "student_preprocessing", "train_student"]
+__all__ = ["RELATIONAL_LOSSES", "StudentObjective", "student_preprocessing", "train_student"]

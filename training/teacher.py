@@ -41,15 +41,15 @@ from asymsearch.training.addons import AddOnOptions, TrainingAddOns
 from asymsearch.training.config import TeacherConfig
 from asymsearch.training.data import ImageDataset, eval_transform, train_transform
 from asymsearch.training.distributed import DistContext, DistributedMPerClassSampler
-from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner, MultiSimilarityLoss
+from asymsearch.training.losses import create_loss, negative_miner
 from asymsearch.training.models import backbone_preprocessing, build_model
-from asymsearch.training.proxies import ProxyAnchorLoss
+from asymsearch.training.proxies import ProxyAnchorLoss  # noqa: F401 - registers the proxy-anchor loss
+from asymsearch.training.registry import loss_names, loss_parameter_groups
 from asymsearch.training.schedule import make_scheduler, parameter_groups
 from asymsearch.training.trunk import MapsDataset, TailNet, check_trunk_views, trunk_maps
 from asymsearch.training.xbm import CrossBatchMemory, xbm_loss
 
 STATE_FORMAT = 1
-TEACHER_LOSSES = ("contr", "ms", "proxy-anchor")
 
 
 def teacher_preprocessing(cfg: TeacherConfig) -> Preprocessing:
@@ -80,8 +80,8 @@ def check_teacher_config(cfg: TeacherConfig) -> None:
         raise UserError("epochs must be >= 0 (0 writes the untrained model), lr positive, backbone_lr >= 0")
     if cfg.xbm < 0 or cfg.warmup_epochs < 0 or cfg.max_steps_per_epoch < 0:
         raise UserError("xbm, warmup_epochs and max_steps_per_epoch must be >= 0")
-    if cfg.loss not in TEACHER_LOSSES:
-        raise UserError(f"a teacher trains with loss {', '.join(TEACHER_LOSSES)}, not {cfg.loss!r}")
+    if cfg.loss not in loss_names("teacher"):
+        raise UserError(f"a teacher trains with loss {', '.join(loss_names('teacher'))}, not {cfg.loss!r}")
     if cfg.loss == "proxy-anchor" and (cfg.xbm or cfg.metrix != "off"):
         raise UserError("proxy-anchor compares the batch with class proxies, not with pairs: it takes neither --xbm "
                         "nor --metrix")
@@ -152,18 +152,16 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
                                           rank=ctx.rank, world_size=ctx.world_size)  # this rank's share
     loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs(workers, ctx.data_seed(cfg.seed), device))
 
-    # Proxy-Anchor's proxies, like the add-ons, train beside the model and stay out of its checkpoint
-    proxies = ProxyAnchorLoss(len(class_to_idx), cfg.dim, cfg.proxy_alpha, cfg.proxy_delta).to(device) \
-        if cfg.loss == "proxy-anchor" else None
+    # the loss, from the registry; its own parameters (Proxy-Anchor's proxies), like the add-ons, train beside the
+    # model and stay out of its checkpoint
+    criterion = create_loss(cfg.loss, cfg, role="teacher", num_classes=len(class_to_idx), dim=cfg.dim).to(device)
     if init_seed != cfg.seed:  # model and proxies start as in the runs of seed init_seed; the rest follows seed
         seed_everything(cfg.seed)
-    ctx.broadcast_module(proxies, addons)  # outside DDP: every rank starts from rank 0's
+    ctx.broadcast_module(criterion, addons)  # outside DDP: every rank starts from rank 0's
     backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else (cfg.lr / 10 if cfg.pretrained else cfg.lr)
     groups = parameter_groups(model, cfg.lr, backbone_lr, cfg.weight_decay) + addons.optimizer_group(cfg.lr,
                                                                                                       cfg.weight_decay)
-    if proxies is not None:
-        groups.append({"params": list(proxies.parameters()), "lr": cfg.proxy_lr, "weight_decay": 0.0,
-                       "name": "proxies"})
+    groups += loss_parameter_groups(cfg.loss, criterion, cfg)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = min(len(sampler), cfg.max_steps_per_epoch or len(sampler))
     total = cfg.epochs * steps_per_epoch
@@ -172,9 +170,7 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
         make_scheduler(optimizer, 10 ** 12, warmup)  # constant after warm-up (the cosine never starts to fall)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    criterion = ContrastiveLoss(cfg.margin) if cfg.loss == "contr" else \
-        MultiSimilarityLoss(cfg.ms_alpha, cfg.ms_beta, cfg.margin)
-    miner = HardNegativeMiner(cfg.num_negatives)
+    miner = negative_miner(cfg.loss, cfg.num_negatives)
     memory = CrossBatchMemory(cfg.xbm, cfg.dim, device)
     # with ema, the averaged weights are the ones validated, kept as the best epoch and written out
     ema = weight_average(model, cfg.ema)
@@ -186,7 +182,7 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
     history: list[dict] = []
     best, start_epoch = BestEpoch(), 1
     if cfg.resume:
-        start_epoch, history, best = _resume(cfg, model, optimizer, scheduler, scaler, memory, addons, proxies,
+        start_epoch, history, best = _resume(cfg, model, optimizer, scheduler, scaler, memory, addons, criterion,
                                              ema)
     train_net = ctx.wrap(net)  # DistributedDataParallel under torchrun (net itself otherwise)
     logfile = log_path(out)
@@ -211,15 +207,12 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 emb, mixed, plan = addons.embed(train_net, images, labels)  # (and Metrix's mixed examples)
             emb, labels = ctx.gather(emb.float()), ctx.all_gather(labels)  # the global batch (one process: as is)
-            if proxies is not None:
-                loss = proxies(emb, labels) + addons.extras(emb, labels)
-            else:
-                loss = addons.teacher_loss(criterion, miner, emb, labels, mixed, plan)
+            loss = addons.teacher_loss(criterion, miner, emb, labels, mixed, plan)
             if cfg.xbm:
                 loss = loss + cfg.xbm_weight * xbm_loss(criterion, miner, emb, labels, memory)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            ctx.sync_gradients(proxies, addons)  # DDP averages the model's
+            ctx.sync_gradients(criterion, addons)  # DDP averages the model's
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -245,7 +238,7 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
             with logfile.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
             _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best, addons,
-                        proxies, ema)
+                        criterion, ema)
 
     best_epoch = best.restore(model, history)  # epochs=0: the untrained (e.g. ImageNet, zero-shot) model as it is
     model.eval()
