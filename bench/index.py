@@ -36,6 +36,7 @@ from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.core.provenance import provenance
 from asymsearch.core.timing import interleaved
 from asymsearch.index.faiss_index import add_blocks, apply_search_params, new_index, sample_rows, train_index
+from asymsearch.index.store import search_faiss
 
 K = 10
 BATCH = 16  # issue 21: a batched Flat search of 16 should cost >= 4x less per query than 16 single ones
@@ -89,13 +90,14 @@ def single_query_ms(index: faiss.Index, queries: np.ndarray, reps: int = 200) ->
 
 def batch_vs_single(index: faiss.Index, queries: np.ndarray, batch: int = BATCH, rounds: int = 5) -> dict[str, float]:
     """Process CPU ms per query of one search of `batch` queries against `batch` one-query searches of the same
-    queries, interleaved (`core.timing.interleaved`), medians over `rounds`; results checked identical."""
+    queries, interleaved (`core.timing.interleaved`), medians over `rounds`; results checked identical. Both
+    go through `index.store.search_faiss`, as the server's searches do (BLAS for batches, the scan for one query)."""
     qs = np.ascontiguousarray(queries[:batch])
-    singles = np.concatenate([index.search(x[None], K)[1] for x in qs])
-    if not np.array_equal(singles, index.search(qs, K)[1]):
+    singles = np.concatenate([search_faiss(index, x[None], K)[1] for x in qs])
+    if not np.array_equal(singles, search_faiss(index, qs, K)[1]):
         raise AssertionError(f"a batched search of {batch} returned other ids than {batch} single searches")
-    t = interleaved({"single": lambda: [index.search(x[None], K) for x in qs], "batch": lambda: index.search(qs, K)},
-                    rounds=rounds, warmup=1)
+    t = interleaved({"single": lambda: [search_faiss(index, x[None], K) for x in qs],
+                     "batch": lambda: search_faiss(index, qs, K)}, rounds=rounds, warmup=1)
     single = statistics.median(t["single"].cpu) * 1e3 / len(qs)
     batched = statistics.median(t["batch"].cpu) * 1e3 / len(qs)
     return {"batch": len(qs), "single_cpu_ms_per_query": round(single, 4),

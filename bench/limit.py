@@ -58,7 +58,7 @@ class InProcessLimit:
 
     def image_batch(self, data: Sequence[bytes]) -> np.ndarray:
         """Encoded images -> the ids of their k best hits (Q, k), as the server finds them."""
-        pixels = np.stack([preprocess(decode_image(d), self.spec) for d in data])
+        pixels = np.stack([preprocess(decode_image(d, min_side=self.spec.resize), self.spec) for d in data])
         e = self.embed_batch
         return self._search(np.concatenate([self.student.embed_arrays(pixels[i:i + e])
                                             for i in range(0, len(pixels), e)]))

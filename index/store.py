@@ -27,6 +27,26 @@ META_FILE = "meta.sqlite"  # items(id INTEGER PRIMARY KEY, path TEXT NOT NULL UN
 MANIFEST_FILE = "manifest.json"  # IndexManifest
 SKIPPED_FILE = "skipped.tsv"  # the build's report of unreadable files: path<TAB>reason
 OPEN_ATTEMPTS = 3  # a version pruned between reading CURRENT and opening its files: read CURRENT again
+# faiss (1.15) computes exact inner products query by query below `distance_compute_blas_threshold` queries (its
+# default is 128k), so a batch costs as much per query as single searches. Batches of at least this many queries
+# take the BLAS path (one matrix product); smaller ones keep the scan, which is faster for them. Measured on
+# 100k x 256 Flat, one thread, CPU ms per query: 1 query scan 4.6 / BLAS 12.9; 4: 4.0 / 2.0; 16: 5.0 / 0.9.
+BLAS_MIN_QUERIES = 4
+_blas_lock = threading.Lock()  # the threshold is a faiss global: batched calls set and restore it one at a time
+
+
+def search_faiss(index: faiss.Index, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search`, on faiss's BLAS path for batches of `BLAS_MIN_QUERIES` or more and on its scan path for
+    fewer (whatever the global threshold says). Same ids as the scan; scores equal to float rounding."""
+    if len(vectors) < BLAS_MIN_QUERIES:
+        return index.search(vectors, k)
+    with _blas_lock:
+        before = faiss.cvar.distance_compute_blas_threshold
+        faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES  # a single query meanwhile still scans
+        try:
+            return index.search(vectors, k)
+        finally:
+            faiss.cvar.distance_compute_blas_threshold = before
 
 
 class SearchIndex:
@@ -115,7 +135,8 @@ class SearchIndex:
             raise ValueError(f"k must be at least 1, not {k}")
         if self._index is None:
             raise ValueError(f"index {self.folder} is closed")
-        scores, ids = self._index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(int(k), self.count))
+        scores, ids = search_faiss(self._index, np.ascontiguousarray(vectors, dtype=np.float32),
+                                   min(int(k), self.count))
         return scores, ids
 
     def lookup(self, ids: Sequence[int]) -> list[tuple[str, str]]:
