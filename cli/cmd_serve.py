@@ -6,6 +6,7 @@ from pathlib import Path
 
 from asymsearch.cli.options import Commands, bind_config, existing_path
 from asymsearch.core.errors import UserError
+from asymsearch.server import defaults
 
 
 def register(commands: Commands) -> None:
@@ -18,29 +19,56 @@ def register(commands: Commands) -> None:
                    help="student .onnx (with its .json)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=50051, help="port (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=64, help="RPC threads (default: %(default)s)")
-    g = p.add_argument_group("batching and limits")
+    p.add_argument("--workers", type=int, default=None,
+                   help="ignored: RPCs are coroutines on grpc.aio and hold no thread (kept for old scripts)")
+    g = p.add_argument_group("batching and executors (defaults sized from this machine)")
     g.add_argument("--batch-max-size", type=int, default=32,
-                   help="most queries per student / faiss batch (default: %(default)s)")
-    g.add_argument("--embed-max-batch", type=int, default=None,
-                   help="most images per student call (default: --batch-max-size)")
+                   help="most queries per faiss batch (default: %(default)s)")
+    g.add_argument("--embed-max-batch", type=int, default=defaults.EMBED_BATCH,
+                   help="most images per student call (default: %(default)s)")
+    g.add_argument("--embed-workers", type=int, default=defaults.EMBED_WORKERS,
+                   help="student calls running at once, one per core up to 4 (default here: %(default)s)")
     g.add_argument("--embed-threads", type=int, default=1,
-                   help="onnxruntime threads of the student; 0: all cores (default: %(default)s)")
+                   help="onnxruntime threads of each student call; 0: all cores (default: %(default)s)")
     g.add_argument("--search-threads", type=int, default=1,
                    help="faiss OpenMP threads; 0: faiss's default (default: %(default)s)")
     g.add_argument("--batch-max-delay-ms", type=float, default=1.0,
                    help="longest wait for a batch to fill, ms (default: %(default)s)")
-    g.add_argument("--queue-size", type=int, default=256,
+    g.add_argument("--decode-workers", type=int, default=defaults.DECODE_WORKERS,
+                   help="image decoding threads, one per core, at least 2 (default here: %(default)s)")
+    a = p.add_argument_group("admission and limits (every refusal names the limit it hit)")
+    a.add_argument("--queue-size", type=int, default=defaults.MAX_QUEUE,
                    help="most queries in progress; more get RESOURCE_EXHAUSTED (default: %(default)s)")
-    g.add_argument("--decode-workers", type=int, default=2, help="image decoding threads (default: %(default)s)")
-    g.add_argument("--max-pixels", type=int, default=None,
+    a.add_argument("--memory-budget-mb", type=float, default=round(defaults.MEMORY_BUDGET_BYTES / 2**20),
+                   help="memory the queries in progress may occupy (their bytes and decoded images, from the "
+                        "header before decoding); more get RESOURCE_EXHAUSTED (default: a quarter of RAM, "
+                        "%(default)s here)")
+    a.add_argument("--max-pixels", type=int, default=None,
                    help="largest query image, in pixels (default: 40,000,000)")
-    g.add_argument("--max-k", type=int, default=1000, help="largest k a query may ask (default: %(default)s)")
-    g.add_argument("--default-k", type=int, default=10, help="k of a query that asks 0 (default: %(default)s)")
-    g.add_argument("--max-message-mb", type=float, default=16.0,
+    a.add_argument("--max-k", type=int, default=1000, help="largest k a query may ask (default: %(default)s)")
+    a.add_argument("--default-k", type=int, default=10, help="k of a query that asks 0 (default: %(default)s)")
+    a.add_argument("--max-message-mb", type=float, default=16.0,
                    help="largest request or reply, MiB (default: %(default)s)")
-    g.add_argument("--max-batch-queries", type=int, default=1024,
-                   help="most queries in one BatchSearch call (default: %(default)s)")
+    a.add_argument("--max-batch-queries", type=int, default=None,
+                   help=f"most queries in one BatchSearch call, at most --queue-size (default: "
+                        f"{defaults.MAX_BATCH_QUERIES}, or --queue-size if smaller)")
+    a.add_argument("--max-streams", type=int, default=defaults.MAX_STREAMS,
+                   help="SearchStream calls open at once, all clients together (default: %(default)s)")
+    a.add_argument("--max-concurrent-streams", type=int, default=defaults.MAX_CONCURRENT_STREAMS,
+                   help="RPCs in progress on one connection (HTTP/2 streams; a client beyond it waits) "
+                        "(default: %(default)s)")
+    a.add_argument("--max-calls-per-peer", type=int, default=defaults.MAX_CALLS_PER_PEER,
+                   help="Search calls in progress from one client address, streams included "
+                        "(default: %(default)s)")
+    a.add_argument("--stream-idle-s", type=float, default=defaults.STREAM_IDLE_S,
+                   help="close a stream with no query in progress for this long (default: %(default)s)")
+    a.add_argument("--keepalive-s", type=float, default=60.0,
+                   help="ping a silent connection after this long; close it when no answer comes within "
+                        "20 s (default: %(default)s)")
+    a.add_argument("--min-ping-interval-s", type=float, default=10.0,
+                   help="disconnect clients that ping more often than this (default: %(default)s)")
+    a.add_argument("--max-connection-idle-s", type=float, default=300.0,
+                   help="close a connection with no RPC for this long (default: %(default)s)")
     s = p.add_argument_group("security")
     s.add_argument("--tls-cert", type=existing_path("TLS certificate"), help="server certificate (PEM)")
     s.add_argument("--tls-key", type=existing_path("TLS private key"), help="server private key (PEM)")
@@ -85,17 +113,23 @@ def run(args: argparse.Namespace) -> int:
     try:
         batching = BatchingConfig(max_batch=args.batch_max_size, max_delay_ms=args.batch_max_delay_ms,
                                   max_queue=args.queue_size, decode_workers=args.decode_workers,
-                                  max_embed_batch=args.embed_max_batch, search_threads=args.search_threads)
+                                  max_embed_batch=args.embed_max_batch, search_threads=args.search_threads,
+                                  embed_workers=args.embed_workers,
+                                  memory_budget_bytes=int(args.memory_budget_mb * 2**20))
     except ValueError as e:
         raise UserError(str(e)) from None
     options = ServeOptions(
-        host=args.host, port=args.port, max_workers=args.workers,
+        host=args.host, port=args.port,
         max_message_bytes=int(args.max_message_mb * 1024 * 1024), batching=batching,
         max_batch_queries=args.max_batch_queries, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, token=token, search_requires_token=args.search_requires_token,
         admin=args.admin, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         follow_current=args.follow_current, poll_s=args.poll_s, drain_s=args.drain_s,
-        drain_announce_s=args.drain_announce_s, embed_threads=args.embed_threads)
+        drain_announce_s=args.drain_announce_s, embed_threads=args.embed_threads,
+        max_streams=args.max_streams, max_concurrent_streams=args.max_concurrent_streams,
+        max_calls_per_peer=args.max_calls_per_peer, stream_idle_s=args.stream_idle_s,
+        keepalive_time_s=args.keepalive_s, min_ping_interval_s=args.min_ping_interval_s,
+        max_connection_idle_s=args.max_connection_idle_s)
     configure_logging(args.log_format, args.log_level)
     engine_kw = {"max_k": args.max_k, "default_k": args.default_k}
     if args.max_pixels is not None:

@@ -3,16 +3,20 @@
     image query ──decode pool──> embed batcher ──(one ORT call per batch)──> search batcher ──> reply
     vector query ──────────────────────────────────────────────────────────> search batcher ──> reply
 
-Each batcher is a thread that takes the first waiting job, then keeps taking jobs until it holds `max_batch` of
+Each batcher is one or more threads (the embed batcher runs `embed_workers` of them, so the student uses more
+than one core) that take the first waiting job, then keeps taking jobs until it holds `max_batch` of
 them or `max_delay` has passed since the first one, and runs the batch. It waits only while other admitted
 queries exist that could still join (so a lone query at low load never waits: measured, a 1 ms timed wait cost
 20 ms at p50 on a busy 2-core machine, where a sleeping thread is woken late). While a batch runs, new jobs queue
 up, so under load batches fill by themselves. Decoding (Pillow) runs in a worker
 pool so that the request threads and the batchers never decode.
 
-Backpressure: at most `max_queue` queries are admitted at once (from admission to reply); one more is refused
-at once with `Overloaded` (RESOURCE_EXHAUSTED on the wire), so the queue and the latency of admitted queries
-stay bounded. A job whose deadline has passed (or whose caller went away) when its batch is formed is dropped
+Backpressure (`asymsearch.server.admission`): at most `max_queue` queries, and at most `memory_budget_bytes` of
+what they occupy, are admitted at once (from admission to reply). An image query costs its encoded bytes, its
+decoded 8-bit RGB image (w x h x 3, read from the header before any pixel is decoded; released once it is
+decoded) and the student's input; a vector query its values. A query beyond either limit is refused at once with
+`Overloaded` (RESOURCE_EXHAUSTED on the wire, the message naming the limit), so memory, the queue and the latency
+of admitted queries stay bounded. A job whose deadline has passed (or whose caller went away) when its batch is formed is dropped
 with `Expired` instead of being computed.
 """
 from __future__ import annotations
@@ -27,35 +31,33 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from asymsearch.server.admission import Admission, Overloaded
+from asymsearch.server.defaults import (DECODE_WORKERS, EMBED_BATCH, EMBED_WORKERS, MAX_QUEUE,
+                                        MEMORY_BUDGET_BYTES)
 from asymsearch.server.engine import InvalidQuery, QueryEngine, SearchResult
 
 log = logging.getLogger(__name__)
-
-
-class Overloaded(Exception):
-    """The server holds `max_queue` queries already; retry later."""
 
 
 class Expired(Exception):
     """The query's deadline passed (or its caller cancelled) before it was computed: dropped."""
 
 
-class Closed(Exception):
-    """The server is shutting down and takes no new queries."""
-
-
 @dataclasses.dataclass(frozen=True)
 class BatchingConfig:
     max_batch: int = 32  # most queries in one faiss call (and one student call unless max_embed_batch says)
     max_delay_ms: float = 1.0  # longest wait for a batch to fill once its first query arrived
-    max_queue: int = 256  # most queries admitted at once; more are refused (RESOURCE_EXHAUSTED)
-    decode_workers: int = 2  # threads decoding and preprocessing images
-    max_embed_batch: int | None = None  # most images in one student call (None: max_batch)
+    max_queue: int = MAX_QUEUE  # most queries admitted at once; more are refused (RESOURCE_EXHAUSTED)
+    decode_workers: int = DECODE_WORKERS  # threads decoding and preprocessing images
+    max_embed_batch: int | None = EMBED_BATCH  # most images in one student call (None: max_batch)
     search_threads: int = 1  # faiss OpenMP threads of the search batcher (0: faiss's default, all cores)
+    embed_workers: int = EMBED_WORKERS  # student calls running at once (each with the session's own threads)
+    memory_budget_bytes: int = MEMORY_BUDGET_BYTES  # what admitted queries may occupy; more are refused
 
     def __post_init__(self) -> None:
         if (self.max_batch < 1 or self.max_queue < 1 or self.decode_workers < 1 or self.max_delay_ms < 0
-                or (self.max_embed_batch is not None and self.max_embed_batch < 1) or self.search_threads < 0):
+                or (self.max_embed_batch is not None and self.max_embed_batch < 1) or self.search_threads < 0
+                or self.embed_workers < 1 or self.memory_budget_bytes < 1):
             raise ValueError(f"invalid batching configuration: {self}")
 
     @property
@@ -74,6 +76,8 @@ class Metrics:
 
     def dropped(self, reason: str, n: int = 1) -> None: ...
 
+    def admitted_bytes(self, nbytes: int) -> None: ...
+
 
 @dataclasses.dataclass(eq=False)
 class Job:
@@ -87,6 +91,8 @@ class Job:
     decode_ms: float = 0.0
     embed_ms: float = 0.0
     ready: float = 0.0  # when the job entered its current queue
+    nbytes: int = 0  # held in the memory budget until the job is done
+    decoded_nbytes: int = 0  # of which the decoded image, released as soon as it is decoded
 
     def expired(self, now: float) -> bool:
         return (self.deadline is not None and now >= self.deadline) or (self.alive is not None and not self.alive())
@@ -104,7 +110,7 @@ class Batcher:
     def __init__(self, name: str, process: Callable[[list[Job]], None], config: BatchingConfig,
                  metrics: Metrics, max_batch: int | None = None,
                  more_coming: Callable[[int], bool] = lambda n: True,
-                 on_start: Callable[[], None] | None = None) -> None:
+                 on_start: Callable[[], None] | None = None, workers: int = 1) -> None:
         self.name = name
         self._on_start = on_start
         self._process = process
@@ -113,16 +119,20 @@ class Batcher:
         self._max_delay = config.max_delay_ms / 1e3
         self._metrics = metrics
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"batch-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"batch-{name}-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
 
     def put(self, job: Job) -> None:
         job.ready = time.perf_counter()
         self._queue.put(job)
 
     def stop(self, timeout: float | None = None) -> None:
-        self._queue.put(self._STOP)
-        self._thread.join(timeout)
+        for _ in self._threads:
+            self._queue.put(self._STOP)
+        for t in self._threads:
+            t.join(timeout)
 
     def _collect(self) -> tuple[list[Job], bool]:
         first = self._queue.get()
@@ -181,6 +191,9 @@ def _set_omp_threads(n: int) -> None:
         faiss.omp_set_num_threads(n)
 
 
+VECTOR_OVERHEAD_BYTES = 64  # a vector query's fixed share of the budget beside its values
+
+
 class Pipeline:
     """Admission, decoding pool and the two batchers in front of a `QueryEngine`.
 
@@ -193,52 +206,69 @@ class Pipeline:
         self.engine = engine
         self.config = config
         self.metrics = metrics or Metrics()
-        self._lock = threading.Lock()
-        self._in_flight = 0
+        self.admission = Admission(config.max_queue, config.memory_budget_bytes)
         self._pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
-        more = lambda n: self._in_flight > n  # noqa: E731 - other admitted queries may still join the batch
-        self._embedder = Batcher("embed", self._embed, config, self.metrics, config.embed_batch, more)
+        more = lambda n: self.admission.queries > n  # noqa: E731 - other admitted queries may still join the batch
+        self._embedder = Batcher("embed", self._embed, config, self.metrics, config.embed_batch, more,
+                                 workers=config.embed_workers)
         self._searcher = Batcher("search", self._search, config, self.metrics, more_coming=more,
                                  on_start=lambda: _set_omp_threads(config.search_threads))
-        self._idle = threading.Condition(self._lock)
-        self._closed = False
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self.admission.queries
+
+    @property
+    def held_bytes(self) -> int:
+        return self.admission.bytes
 
     # -- admission ------------------------------------------------------------------------------------------
 
-    def _admit(self, n: int, deadline: float | None, alive: Callable[[], bool] | None) -> list[Job]:
-        with self._lock:
-            if self._closed:
-                raise Closed("the server is shutting down")
-            if self._in_flight + n > self.config.max_queue:
-                self.metrics.dropped("overloaded", n)
-                raise Overloaded(f"server busy: {self._in_flight} queries in progress, the limit is "
-                                 f"{self.config.max_queue}; retry later")
-            self._in_flight += n
-            depth = self._in_flight
-        self.metrics.queue_depth(depth)
+    def _admit(self, costs: Sequence[tuple[int, int]], deadline: float | None,
+               alive: Callable[[], bool] | None) -> list[Job]:
+        """One job per (bytes, of which decoded) cost, admitted together or not at all."""
+        total = sum(c for c, _ in costs)
+        try:
+            self.admission.admit(len(costs), total)
+        except Overloaded as e:
+            self.metrics.dropped("memory_budget" if "memory budget" in str(e) else "overloaded", len(costs))
+            raise
+        self._report()
         jobs = []
-        for _ in range(n):
-            job = Job(0, deadline, alive, Future())
-            job.future.add_done_callback(self._done)
+        for nbytes, decoded in costs:
+            job = Job(0, deadline, alive, Future(), nbytes=nbytes, decoded_nbytes=decoded)
+            job.future.add_done_callback(lambda _, job=job: self._done(job))
             jobs.append(job)
         return jobs
 
-    def _done(self, _: Future) -> None:
-        with self._lock:
-            self._in_flight -= 1
-            depth = self._in_flight
-            if depth == 0:
-                self._idle.notify_all()
-        self.metrics.queue_depth(depth)
+    def _report(self) -> None:
+        self.metrics.queue_depth(self.admission.queries)
+        self.metrics.admitted_bytes(self.admission.bytes)
+
+    def _done(self, job: Job) -> None:
+        self.admission.release(1, job.nbytes)
+        job.nbytes = job.decoded_nbytes = 0
+        self._report()
+
+    def _release_decoded(self, job: Job) -> None:
+        if job.decoded_nbytes:
+            self.admission.release(0, job.decoded_nbytes)
+            job.nbytes -= job.decoded_nbytes
+            job.decoded_nbytes = 0
+
+    def image_cost(self, data: bytes) -> tuple[int, int]:
+        """(bytes, of which the decoded image) an image query holds; `InvalidQuery` for a header that is not an
+        image's."""
+        decoded, prepared = self.engine.image_nbytes(data)
+        return len(data) + decoded + prepared, decoded
+
+    def vector_cost(self, vector: np.ndarray) -> tuple[int, int]:
+        return VECTOR_OVERHEAD_BYTES + vector.nbytes, 0
 
     def submit_image(self, data: bytes, k: int, *, deadline: float | None = None,
                      alive: Callable[[], bool] | None = None) -> Future:
         k = self.engine.resolve_k(k)
-        (job,) = self._admit(1, deadline, alive)
+        (job,) = self._admit([self.image_cost(data)], deadline, alive)
         job.k = k
         self._pool.submit(self._decode, job, data)
         return job.future
@@ -247,25 +277,39 @@ class Pipeline:
                       alive: Callable[[], bool] | None = None) -> Future:
         k = self.engine.resolve_k(k)
         v = self.engine.check_vector(vector)
-        (job,) = self._admit(1, deadline, alive)
+        (job,) = self._admit([self.vector_cost(v)], deadline, alive)
         job.k, job.vector = k, v
         self._searcher.put(job)
         return job.future
 
     def submit_many(self, queries: Sequence[tuple[str, object, int]], *, deadline: float | None = None,
                     alive: Callable[[], bool] | None = None) -> list[Future]:
-        """("image", bytes, k) / ("vector", values, k) queries admitted together (all or none); a query that is
-        invalid gets a failed future instead of failing the others."""
-        jobs = self._admit(len(queries), deadline, alive)
-        for job, (kind, payload, k) in zip(jobs, queries):
+        """("image", bytes, k) / ("vector", values, k) queries admitted together (all or none, by count and by
+        bytes); a query that is invalid gets a failed future instead of failing the others."""
+        checked: list[tuple[str, object, int] | InvalidQuery] = []
+        costs: list[tuple[int, int]] = []
+        for kind, payload, k in queries:
             try:
-                job.k = self.engine.resolve_k(k)
+                k = self.engine.resolve_k(k)
                 if kind == "vector":
-                    job.vector = self.engine.check_vector(payload)
+                    payload = self.engine.check_vector(payload)
+                    cost = self.vector_cost(payload)
+                else:
+                    cost = self.image_cost(payload)
             except InvalidQuery as e:
-                job.fail(e)
+                checked.append(e)
+                costs.append((0, 0))
                 continue
+            checked.append((kind, payload, k))
+            costs.append(cost)
+        jobs = self._admit(costs, deadline, alive)
+        for job, query in zip(jobs, checked):
+            if isinstance(query, InvalidQuery):
+                job.fail(query)
+                continue
+            kind, payload, job.k = query
             if kind == "vector":
+                job.vector = payload
                 self._searcher.put(job)
             else:
                 self._pool.submit(self._decode, job, payload)
@@ -288,9 +332,12 @@ class Pipeline:
             log.exception("decoding failed unexpectedly")
             job.fail(e)
             return
+        finally:
+            self._release_decoded(job)
         seconds = time.perf_counter() - start
         job.decode_ms = seconds * 1e3
         self.metrics.stage("decode", seconds)
+        self._report()
         self._embedder.put(job)
 
     def _embed(self, jobs: list[Job]) -> None:
@@ -327,9 +374,7 @@ class Pipeline:
 
     def close(self, timeout: float | None = None) -> bool:
         """Refuse new queries, wait up to `timeout` s for the admitted ones, stop the threads; True if drained."""
-        with self._lock:
-            self._closed = True
-            drained = self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+        drained = self.admission.close(timeout)
         self._embedder.stop(1.0)
         self._searcher.stop(1.0)
         self._pool.shutdown(wait=False, cancel_futures=True)

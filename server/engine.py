@@ -38,21 +38,15 @@ from asymsearch.core.errors import InvalidImage, PairingError, UserError
 from asymsearch.core.manifest import check_pairing
 from asymsearch.core.multiscale import SINGLE_SCALE, index_flip, index_scales
 from asymsearch.core.ort import OnnxEmbedder
-from asymsearch.core.preprocess import DEFAULT_MAX_PIXELS, decode_image, preprocess
+from asymsearch.core.preprocess import DEFAULT_MAX_PIXELS, decode_image, decoded_nbytes, preprocess
 from asymsearch.index.store import SearchIndex
+from asymsearch.index.versions import resolve_index_folder
 
 log = logging.getLogger(__name__)
-
-CURRENT_FILE = "CURRENT"  # index root layout (see asymsearch.index.versions): ROOT/CURRENT names ROOT/versions/<v>/
-VERSIONS_DIR = "versions"
 
 
 class InvalidQuery(UserError):
     """A query the engine refuses: an empty or undecodable image, a malformed vector, or a k out of range."""
-
-
-class NoIndex(UserError):
-    """The engine has no index to search (closed)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,29 +67,6 @@ class SearchResult:
     queue_ms: float = 0.0
     decode_ms: float = 0.0
     batch_size: int = 1
-
-
-def resolve_index_folder(path: str | os.PathLike) -> tuple[Path, str | None]:
-    """(folder to open, version name) for an index root with `CURRENT` + `versions/`, or (folder, None) for a
-    plain index folder. Uses `asymsearch.index.versions.resolve_index_folder` when that module exists."""
-    try:
-        from asymsearch.index.versions import resolve_index_folder as resolve  # the index stage's own reader
-    except ImportError:
-        resolve = None
-    if resolve is not None:
-        folder, version = resolve(path)
-        return Path(folder), version
-    root = Path(path)
-    current = root / CURRENT_FILE
-    if current.is_file():
-        name = current.read_text(encoding="utf-8").strip()
-        if not name or "/" in name or name in (".", ".."):
-            raise UserError(f"{current} does not name a version folder (it holds {name!r})")
-        folder = root / VERSIONS_DIR / name
-        if not folder.is_dir():
-            raise UserError(f"{current} names version {name!r} but {folder} does not exist")
-        return folder, name
-    return root, None
 
 
 class ServedIndex:
@@ -170,10 +141,9 @@ class QueryEngine:
         constructor. Raises `PairingError` naming both teacher ids on a mismatch.
         """
         student = OnnxEmbedder(student_onnx, intra_op_threads=intra_op_threads)
-        folder, version = resolve_index_folder(index_dir)
-        index = SearchIndex.open(folder)
+        index = SearchIndex.open(index_dir)  # resolves CURRENT, retrying when a version is pruned meanwhile
         try:
-            return cls(index, student, version=version, source=index_dir, **kw)
+            return cls(index, student, version=index.version, source=index_dir, **kw)
         except BaseException:
             index.close()
             raise
@@ -218,7 +188,11 @@ class QueryEngine:
             if folder.resolve() == Path(current.index.folder).resolve() and (version or "") == current.version:
                 return False, current.version
             start = time.perf_counter()
-            new_index = SearchIndex.open(folder)
+            new_index = SearchIndex.open(source)  # CURRENT again, retried if that version was pruned meanwhile
+            folder, version = new_index.folder, new_index.version
+            if Path(folder).resolve() == Path(current.index.folder).resolve() and (version or "") == current.version:
+                new_index.close()  # CURRENT moved back between the two reads
+                return False, current.version
             try:
                 check_pairing(self.student.manifest, new_index.manifest)
                 if new_index.count:  # warm the new index before it takes traffic
@@ -276,10 +250,25 @@ class QueryEngine:
         if not data:
             raise InvalidQuery("empty image: the query carries no image bytes")
         try:
-            image = decode_image(bytes(data), self.max_pixels)
+            image = decode_image(bytes(data), self.max_pixels,
+                                 min_side=self.student.manifest.preprocessing.resize)
         except InvalidImage as e:
             raise InvalidQuery(str(e)) from None
         return preprocess(image, self.student.manifest.preprocessing)
+
+    def image_nbytes(self, data: bytes) -> tuple[int, int]:
+        """(decoded, prepared) bytes an image query will occupy: its 8-bit RGB image, computed from the header
+        before any pixel is decoded, and the student's float32 input. `InvalidQuery` for an empty image or a header
+        that is not an image's. The memory budget admits image queries on these figures."""
+        if not data:
+            raise InvalidQuery("empty image: the query carries no image bytes")
+        try:
+            decoded = decoded_nbytes(bytes(data), self.max_pixels,
+                                     min_side=self.student.manifest.preprocessing.resize)
+        except InvalidImage as e:
+            raise InvalidQuery(str(e)) from None
+        crop = self.student.manifest.preprocessing.crop
+        return decoded, 3 * crop * crop * 4
 
     def embed_prepared(self, pixels: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) -> (N, dim) raw student embeddings (normalise each with `normalise`)."""
@@ -362,20 +351,12 @@ def _log_scales(index: SearchIndex) -> None:
 
 
 def _lookup(index: SearchIndex, ids: list[int]) -> dict[int, tuple[str, str, dict[str, str]]]:
-    """id -> (path, label, other metadata columns as text), with `lookup_records` when the index has it."""
-    if not ids:
-        return {}
-    records = getattr(index, "lookup_records", None)
-    if records is not None:
-        out = {}
-        for rec in records(ids):
-            rec = dict(rec)
-            i = int(rec.pop("id"))
-            path, label = str(rec.pop("path")), str(rec.pop("label"))
-            out[i] = (path, label, {str(k): "" if v is None else str(v) for k, v in rec.items()})
-        return out
-    return {i: (path, label, {}) for i, (path, label) in zip(ids, index.lookup(ids))}
+    """id -> (path, label, the user's other metadata columns as text)."""
+    out = {}
+    for rec in index.lookup_records(ids):
+        i, path, label = int(rec.pop("id")), str(rec.pop("path")), str(rec.pop("label"))
+        out[i] = (path, label, {str(k): "" if v is None else str(v) for k, v in rec.items()})
+    return out
 
 
-__all__ = ["CURRENT_FILE", "Hit", "InvalidQuery", "NoIndex", "PairingError", "QueryEngine", "SearchResult",
-           "ServedIndex", "resolve_index_folder"]
+__all__ = ["Hit", "InvalidQuery", "PairingError", "QueryEngine", "SearchResult", "ServedIndex"]

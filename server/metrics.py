@@ -5,7 +5,11 @@
     asymsearch_stage_seconds{stage}                  decode / queue / embed / search / total (per query or batch)
     asymsearch_batch_size{stage}                     queries per student (embed) and faiss (search) batch
     asymsearch_queue_depth                           queries admitted and not yet answered
-    asymsearch_dropped_total{reason}                 queries refused (overloaded) or dropped (expired)
+    asymsearch_dropped_total{reason}                 queries refused (overloaded, memory_budget, peer_limit,
+                                                     stream_limit) or dropped (expired)
+    asymsearch_admitted_bytes                        bytes the admitted queries hold (of the memory budget)
+    asymsearch_memory_budget_bytes                   the memory budget (--memory-budget-mb)
+    asymsearch_open_streams                          SearchStream calls open now
     asymsearch_index_info{version, teacher_id}       1 for the served index version
     asymsearch_index_items                           items in the served index
     asymsearch_index_swaps_total{result}             reloads: swapped / unchanged / refused
@@ -36,6 +40,10 @@ class ServerMetrics(Metrics):
                                     registry=r)
         self.depth = Gauge("asymsearch_queue_depth", "queries admitted and not yet answered", registry=r)
         self.dropped_total = Counter("asymsearch_dropped", "queries refused or dropped", ["reason"], registry=r)
+        self.held_bytes = Gauge("asymsearch_admitted_bytes", "bytes the admitted queries hold", registry=r)
+        self.budget_bytes = Gauge("asymsearch_memory_budget_bytes", "the memory budget of admitted queries",
+                                  registry=r)
+        self.streams = Gauge("asymsearch_open_streams", "SearchStream calls open now", registry=r)
         self.index_info = Gauge("asymsearch_index_info", "the served index version (value 1)",
                                 ["version", "teacher_id"], registry=r)
         self.index_items = Gauge("asymsearch_index_items", "items in the served index", registry=r)
@@ -55,6 +63,9 @@ class ServerMetrics(Metrics):
 
     def dropped(self, reason: str, n: int = 1) -> None:
         self.dropped_total.labels(reason).inc(n)
+
+    def admitted_bytes(self, nbytes: int) -> None:
+        self.held_bytes.set(nbytes)
 
     # the server's own
     def request(self, method: str, code: str, seconds: float) -> None:

@@ -69,7 +69,8 @@ def test_batched_answers_equal_single_answers_and_batches_form(engine, images):
     expected_img = [engine.search_image(d, 7) for d in images[:40]]
     expected_vec = [engine.search_vector(v, 5) for v in vectors]
     gate = Gate(engine, "embed_prepared")
-    pipeline = Pipeline(engine, BatchingConfig(max_batch=16, max_delay_ms=50, max_queue=100, decode_workers=2))
+    pipeline = Pipeline(engine, BatchingConfig(max_batch=16, max_delay_ms=50, max_queue=100, decode_workers=2,
+                                               max_embed_batch=None, embed_workers=1))
     try:
         img_futures = [pipeline.submit_image(d, 7) for d in images[:40]]
         vec_futures = [pipeline.submit_vector(v, 5) for v in vectors]
@@ -85,6 +86,34 @@ def test_batched_answers_equal_single_answers_and_batches_form(engine, images):
         np.testing.assert_allclose([h.score for h in got.hits], [h.score for h in want.hits], atol=1e-5)
         assert [(h.path, h.label) for h in got.hits] == [(h.path, h.label) for h in want.hits]
     assert max(r.batch_size for r in got_img + got_vec) > 1
+
+
+def test_embed_workers_run_the_student_side_by_side(engine, images):
+    """With two embed workers, two student calls are in progress at once (both held inside the model), and the
+    answers equal the one-at-a-time ones."""
+    expected = [[h.id for h in engine.search_image(images[i], 5).hits] for i in range(6)]
+    inside, both, release = [0], threading.Event(), threading.Event()
+    lock = threading.Lock()
+    inner = engine.embed_prepared
+
+    def held(pixels):
+        with lock:
+            inside[0] += 1
+            if inside[0] == 2:
+                both.set()
+        assert release.wait(30)
+        return inner(pixels)
+    engine.embed_prepared = held
+    pipeline = Pipeline(engine, BatchingConfig(max_batch=8, max_delay_ms=0, max_queue=16, decode_workers=2,
+                                               max_embed_batch=1, embed_workers=2))
+    try:
+        futures = [pipeline.submit_image(images[i], 5) for i in range(6)]
+        assert both.wait(20), "the second embed worker never entered the student"
+        release.set()
+        assert [[h.id for h in f.result(30).hits] for f in futures] == expected
+    finally:
+        release.set()
+        pipeline.close(5)
 
 
 def test_full_queue_is_refused_at_once_and_frees_up(engine, images):
@@ -111,7 +140,8 @@ def test_expired_queries_are_dropped_not_computed(engine, images):
     """Queries whose deadline passes while an earlier batch holds the student are failed with Expired and never
     reach the model; a query without a deadline queued beside them is answered."""
     gate = Gate(engine, "embed_prepared")
-    pipeline = Pipeline(engine, BatchingConfig(max_batch=64, max_delay_ms=0, max_queue=64, decode_workers=1))
+    pipeline = Pipeline(engine, BatchingConfig(max_batch=64, max_delay_ms=0, max_queue=64, decode_workers=1,
+                                               embed_workers=1))
     try:
         first = pipeline.submit_image(images[0], 3)
         assert gate.entered.wait(10)  # the student is now busy with `first`

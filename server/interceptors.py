@@ -1,0 +1,248 @@
+"""Cross-cutting concerns, one interceptor each, in the order the server applies them (outermost first):
+
+    MetricsInterceptor   requests by method and status code, latency (every RPC but health's Watch)
+    LoggingInterceptor   one access-log line per RPC at DEBUG (costs nothing at INFO)
+    AuthInterceptor      the bearer token: always for Admin, for Search too when asked
+    LimitsInterceptor    Search calls in progress per client address, SearchStream calls open in total
+
+Health, Info and reflection are never limited: whatever the load, they answer.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections import defaultdict
+from typing import Any, Awaitable, Callable, Sequence
+
+import grpc
+import grpc.aio
+
+from asymsearch.protos.v1 import search_pb2
+from asymsearch.server.errors import LimitReached
+from asymsearch.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["Search"].full_name  # "asymsearch.v1.Search"
+ADMIN_SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["Admin"].full_name  # "asymsearch.v1.Admin"
+UNLIMITED = {f"/{SERVICE_NAME}/Info"}  # Search methods outside the limits
+STREAM_METHOD = f"/{SERVICE_NAME}/SearchStream"
+
+
+def _rebuild(handler: grpc.RpcMethodHandler, unary=None, stream=None) -> grpc.RpcMethodHandler:
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary and unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary, **kw)
+    if handler.stream_stream and stream is not None:
+        return grpc.stream_stream_rpc_method_handler(stream, **kw)
+    if handler.unary_stream and stream is not None:
+        return grpc.unary_stream_rpc_method_handler(stream, **kw)
+    if handler.stream_unary and unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+    return handler
+
+
+def _behaviour(handler: grpc.RpcMethodHandler) -> Callable:
+    return handler.unary_unary or handler.stream_stream or handler.unary_stream or handler.stream_unary
+
+
+class _Around(grpc.aio.ServerInterceptor):
+    """Runs `around(method, context, call)` around every unary or streaming RPC it `applies` to; `call()` runs the
+    RPC (awaited for a unary one; for a streaming one `around` gets an async iterator of the replies)."""
+
+    def applies(self, method: str) -> bool:
+        return True
+
+    async def unary(self, method: str, context, call: Callable[[], Awaitable[Any]]) -> Any:
+        return await call()
+
+    async def stream(self, method: str, context, replies):
+        async for reply in replies:
+            yield reply
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not self.applies(details.method):
+            return handler
+        method, behaviour = details.method, _behaviour(handler)
+        if handler.unary_stream and not self.wraps_unary_stream:
+            return handler
+
+        async def unary(request, context):
+            return await self.unary(method, context, lambda: behaviour(request, context))
+
+        async def stream(request, context):
+            async for reply in self.stream(method, context, behaviour(request, context)):
+                yield reply
+        return _rebuild(handler, unary, stream)
+
+    wraps_unary_stream = False  # health's Watch stays as it is
+
+
+class MetricsInterceptor(_Around):
+    """`asymsearch_requests_total{method, code}` and `asymsearch_request_seconds{method}`."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+
+    def _record(self, method: str, context, start: float, failed: bool) -> None:
+        code = context.code()
+        name = code.name if isinstance(code, grpc.StatusCode) else ("UNKNOWN" if failed else "OK")
+        if name == "OK" and failed:
+            name = "CANCELLED"
+        self._metrics.request(method.rsplit("/", 1)[-1], name, time.perf_counter() - start)
+
+    async def unary(self, method, context, call):
+        start, failed = time.perf_counter(), True
+        try:
+            reply = await call()
+            failed = False
+            return reply
+        finally:
+            self._record(method, context, start, failed)
+
+    async def stream(self, method, context, replies):
+        start, failed = time.perf_counter(), True
+        try:
+            async for reply in replies:
+                yield reply
+            failed = False
+        finally:
+            self._record(method, context, start, failed)
+
+
+class LoggingInterceptor(_Around):
+    """An access-log line per RPC (method, code, ms, peer) at DEBUG; at INFO it does not wrap anything."""
+
+    def applies(self, method: str) -> bool:
+        return log.isEnabledFor(logging.DEBUG)
+
+    def _line(self, method: str, context, start: float) -> None:
+        code = context.code()
+        name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+        ms = (time.perf_counter() - start) * 1e3
+        log.debug("%s %s %.1f ms", method, name, ms,
+                  extra={"event": "rpc", "method": method.rsplit("/", 1)[-1], "code": name, "ms": round(ms, 3),
+                         "peer": context.peer()})
+
+    async def unary(self, method, context, call):
+        start = time.perf_counter()
+        try:
+            return await call()
+        finally:
+            self._line(method, context, start)
+
+    async def stream(self, method, context, replies):
+        start = time.perf_counter()
+        try:
+            async for reply in replies:
+                yield reply
+        finally:
+            self._line(method, context, start)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """The bearer token (metadata `authorization: Bearer TOKEN`): always for Admin, for Search when asked."""
+
+    def __init__(self, token: str | None, search_requires_token: bool) -> None:
+        self._token = token
+        self._protected = (f"/{ADMIN_SERVICE_NAME}/",) + ((f"/{SERVICE_NAME}/",) if search_requires_token else ())
+
+    def refusal(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+        """None when authorised, else why not."""
+        if not self._token:
+            return "this server has no token configured, so this service is closed"
+        values = [v for k, v in (metadata or ()) if k == "authorization"]
+        if not values:
+            return "missing bearer token (metadata 'authorization: Bearer TOKEN')"
+        value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
+        scheme, _, given = value.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token.encode()):
+            return "invalid bearer token"
+        return None
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self._protected):
+            return handler
+        refused = self.refusal(details.invocation_metadata)
+        if refused is None:
+            return handler
+
+        async def unary(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refused)
+
+        async def stream(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refused)
+            yield  # pragma: no cover
+        return _rebuild(handler, unary, stream)
+
+
+def peer_address(peer: str) -> str:
+    """"ipv4:10.0.0.7:51234" -> "10.0.0.7", "ipv6:[::1]:5000" -> "::1"; a unix socket peer stays as it is."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host = rest.rpartition(":")[0] or rest
+        return host.strip("[]")
+    return peer
+
+
+class LimitsInterceptor(_Around):
+    """RESOURCE_EXHAUSTED, naming the limit, for a Search call beyond `max_per_peer` calls in progress from its
+    client address, or a SearchStream beyond `max_streams` open in total. Counted on the event loop (one thread),
+    so no lock is needed."""
+
+    def __init__(self, max_per_peer: int, max_streams: int, metrics: ServerMetrics) -> None:
+        self.max_per_peer = max_per_peer
+        self.max_streams = max_streams
+        self.by_peer: defaultdict[str, int] = defaultdict(int)
+        self.streams = 0
+        self._metrics = metrics
+
+    def applies(self, method: str) -> bool:
+        return method.startswith(f"/{SERVICE_NAME}/") and method not in UNLIMITED
+
+    def _enter(self, method: str, context) -> str:
+        peer = peer_address(context.peer())
+        if self.by_peer[peer] >= self.max_per_peer:
+            self._metrics.dropped("peer_limit")
+            raise LimitReached(f"{self.by_peer[peer]} calls in progress from {peer}; the limit per client address "
+                               f"is {self.max_per_peer} (--max-calls-per-peer)")
+        if method == STREAM_METHOD:
+            if self.streams >= self.max_streams:
+                self._metrics.dropped("stream_limit")
+                raise LimitReached(f"{self.streams} streams open; the limit is {self.max_streams} (--max-streams)")
+            self.streams += 1
+            self._metrics.streams.set(self.streams)
+        self.by_peer[peer] += 1
+        return peer
+
+    def _leave(self, method: str, peer: str) -> None:
+        self.by_peer[peer] -= 1
+        if not self.by_peer[peer]:
+            del self.by_peer[peer]
+        if method == STREAM_METHOD:
+            self.streams -= 1
+            self._metrics.streams.set(self.streams)
+
+    async def unary(self, method, context, call):
+        try:
+            peer = self._enter(method, context)
+        except LimitReached as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        try:
+            return await call()
+        finally:
+            self._leave(method, peer)
+
+    async def stream(self, method, context, replies):
+        try:
+            peer = self._enter(method, context)
+        except LimitReached as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        try:
+            async for reply in replies:
+                yield reply
+        finally:
+            self._leave(method, peer)
