@@ -24,8 +24,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asymsearch.clients.client import (Address, Hit, OnDeviceEmbedder, SearchError, ServerUnavailable,
-                                       TlsOptions, _display, _hits, _is_pil, _query, _read_file, _result,
-                                       _translate, _update, _vector, open_channel,
+                                       TlsOptions, _display, _hits, _is_pil, _query, _read_file,
+                                       _translate, _update, _vector, in_order, open_channel, split_batch,
                                        check_pairing, encode_pil)
 from asymsearch.core.preprocess import DEFAULT_MAX_PIXELS
 from asymsearch.protos.v1 import search_pb2, search_pb2_grpc
@@ -83,9 +83,18 @@ class AsyncSearchClient:
         return await self.search_vector(vector, k)
 
     async def batch_search(self, queries: Sequence[Any], k: int = 10) -> list[list[Hit] | SearchError]:
-        request = search_pb2.BatchSearchRequest(queries=[_query(q, k, tag) for tag, q in enumerate(queries)])
-        reply = await self._call(self._stub.BatchSearch, request)
-        return [_result(r, self.address) for r in reply.results]
+        """Many queries; split into several calls, one after another, when larger than the server takes in one
+        (as `SearchClient.batch_search`); one entry per query, in order."""
+        request = [_query(q, k, tag) for tag, q in enumerate(queries)]
+        if not request:
+            return []
+        if self._server_info is None:
+            self._server_info = await self.info()
+        results = []
+        for part in split_batch(request, self._server_info):
+            reply = await self._call(self._stub.BatchSearch, search_pb2.BatchSearchRequest(queries=request[part]))
+            results.extend(reply.results)
+        return in_order(results, len(request), self.address)
 
     async def info(self) -> dict[str, Any]:
         reply = await self._call(self._stub.Info, search_pb2.InfoRequest())

@@ -254,10 +254,19 @@ class SearchClient:
     def batch_search(self, queries: Sequence[ImageSource | Sequence[float] | np.ndarray], k: int = 10
                      ) -> list[list[Hit] | SearchError]:
         """Many queries in one call: images (paths or bytes) and/or vectors. One entry per query, in order: its
-        hits, or the `SearchError` (e.g. `InvalidRequest`) that query alone failed with."""
-        request = search_pb2.BatchSearchRequest(queries=[_query(q, k, tag) for tag, q in enumerate(queries)])
-        reply = self._call(self._stub.BatchSearch, request)
-        return [_result(r, self.address) for r in reply.results]
+        hits, or the `SearchError` (e.g. `InvalidRequest`) that query alone failed with.
+
+        A batch larger than the server takes in one call (`max_batch_queries` and `max_message_bytes` in its
+        Info, asked once and remembered) is sent as several calls, one after another, and the results are put back
+        in the order of `queries`."""
+        request = [_query(q, k, tag) for tag, q in enumerate(queries)]
+        if not request:
+            return []
+        if self._server_info is None:
+            self._server_info = self.info()
+        replies = [self._call(self._stub.BatchSearch, search_pb2.BatchSearchRequest(queries=request[part]))
+                   for part in split_batch(request, self._server_info)]
+        return in_order([r for reply in replies for r in reply.results], len(request), self.address)
 
     def stream_search(self, queries: Iterable[ImageSource | Sequence[float] | np.ndarray], k: int = 10
                       ) -> Iterator[tuple[int, list[Hit] | SearchError]]:
@@ -472,6 +481,39 @@ def _query(q: ImageSource | Sequence[float] | np.ndarray, k: int, tag: int) -> s
     if _is_pil(q):
         return search_pb2.Query(image=encode_pil(q), k=k, tag=tag)
     return search_pb2.Query(vector=search_pb2.FloatVector(values=_vector(q)), k=k, tag=tag)
+
+
+BATCH_FRAMING_BYTES = 64 * 1024  # room left in a BatchSearch message beside its queries' own bytes
+
+
+def split_batch(queries: Sequence[search_pb2.Query], info: dict[str, Any]) -> list[slice]:
+    """Consecutive parts of `queries`, each within what the server takes in one BatchSearch call: at most
+    `info["max_batch_queries"]` queries and `info["max_message_bytes"]` bytes (either 0: no limit). A query larger
+    than the byte limit alone goes in a part of its own, for the server to refuse by itself."""
+    max_queries = int(info.get("max_batch_queries") or 0) or len(queries)
+    max_bytes = int(info.get("max_message_bytes") or 0)
+    budget = max(1, max_bytes - BATCH_FRAMING_BYTES) if max_bytes else None
+    parts, start, size = [], 0, 0
+    for i, q in enumerate(queries):
+        n = q.ByteSize() + 8  # the field's tag and length
+        if i > start and (i - start >= max_queries or (budget is not None and size + n > budget)):
+            parts.append(slice(start, i))
+            start, size = i, 0
+        size += n
+    parts.append(slice(start, len(queries)))
+    return parts
+
+
+def in_order(results: Sequence[search_pb2.QueryResult], n: int, address: str) -> list[list[Hit] | SearchError]:
+    """The results of parts sent separately, by their tags (the position of each query), checked complete."""
+    out: list[Any] = [None] * n
+    for r in results:
+        if not 0 <= r.tag < n or out[r.tag] is not None:
+            raise SearchError(f"server at {address} answered a batch with an unexpected tag {r.tag}")
+        out[r.tag] = _result(r, address)
+    if any(o is None for o in out):
+        raise SearchError(f"server at {address} left {sum(o is None for o in out)} queries of a batch unanswered")
+    return out
 
 
 def _result(r: search_pb2.QueryResult, address: str) -> list[Hit] | SearchError:
