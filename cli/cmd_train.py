@@ -108,6 +108,9 @@ def config_argv(cfg) -> list[str]:
     argv: list[str] = []
     for f in dataclasses.fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if dataclasses.is_dataclass(value):  # a nested config (the add-ons): its fields are flags of their own
+            argv += config_argv(value)
+            continue
         if f.default is not dataclasses.MISSING and value == f.default:
             continue
         if value is None:

@@ -7,7 +7,8 @@ import dataclasses
 import typing
 from pathlib import Path
 
-# Help for the options generated from config dataclasses (field name -> text).
+# Help for the options generated from config dataclasses (field name -> text); a field may carry its own instead,
+# as `metadata["help"]` (the add-on options, `training.config.AddOnOptions`).
 CONFIG_HELP = {
     "data": "image folder with one subfolder per class",
     "out": "checkpoint file to write",
@@ -73,15 +74,6 @@ CONFIG_HELP = {
     "rkd_angle_weight": "RKD angle-term weight",
     "darkrank_scale": "DarkRank similarity scale",
     "cache_dir": "teacher-embedding cache (default: teacher-cache/ beside the output checkpoint)",
-    "metrix": "Metrix mixup (Venkataramanan et al. 2022), training only: off, input, feature or embedding; see docs/addons.md",
-    "metrix_alpha": "Metrix: the interpolation factor is drawn from Beta(alpha, alpha)",
-    "metrix_weight": "Metrix: weight of the mixed-example loss",
-    "osm_caa": "online soft mining + class-aware attention pair weights (Wang et al. 2019), training only",
-    "osm_sigma": "OSM: sigma of the positive-pair weight exp(-d^2/sigma^2)",
-    "osm_alpha": "OSM: alpha of the negative-pair weight max(0, alpha - d) (unset: sqrt(2 - 2 margin))",
-    "caa_weight": "CAA: weight of the class-centre cross-entropy",
-    "message_passing": "intra-batch message-passing layers (Seidenschwarz et al. 2021), training only; 0 disables",
-    "mp_weight": "message passing: weight of its cross-entropy",
 }
 
 # Command groups: `asymsearch GROUP NAME ...`.
@@ -132,7 +124,8 @@ def _add_field_options(parser: argparse.ArgumentParser, config_cls: type, requir
         keys[field.name] = prefix + field.name
         args = typing.get_args(kind)
         base = next((a for a in args if a is not type(None)), kind) if args else kind
-        kw: dict = {"dest": field.name, "help": CONFIG_HELP.get(field.name, field.name.replace("_", " "))}
+        text = field.metadata.get("help") or CONFIG_HELP.get(field.name, field.name.replace("_", " "))
+        kw: dict = {"dest": field.name, "help": text}
         if field.name in required:
             kw["required"] = True
         else:
@@ -156,10 +149,14 @@ def config_from_args(config_cls: type, args: argparse.Namespace):
     merged = getattr(args, "config_object", None)
     if isinstance(merged, config_cls):
         return merged
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)}
-    for key, value in values.items():
-        if isinstance(value, list):
-            values[key] = tuple(value)
+    hints = typing.get_type_hints(config_cls)
+    values = {}
+    for f in dataclasses.fields(config_cls):
+        if dataclasses.is_dataclass(hints[f.name]):  # a nested config: its fields are options of their own
+            values[f.name] = config_from_args(hints[f.name], args)
+            continue
+        value = getattr(args, f.name)
+        values[f.name] = tuple(value) if isinstance(value, list) else value
     return config_cls(**values)
 
 

@@ -5,15 +5,18 @@ A `UserError` from an experiment becomes one line on stderr and exit status 2, a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 
 from asymsearch.core.errors import UserError
+from asymsearch.training.config import AddOnOptions
 
-from experiments.addons import DEFAULT_VARIANTS
+from experiments.addons import BASE_OPTIONS, DEFAULT_VARIANTS
 from experiments.heads import DEFAULT_HEADS
 from experiments.losses import VARIANTS
 
+ADDON_FIELDS = tuple(f.name for f in dataclasses.fields(AddOnOptions))
 EXIT_USER_ERROR = 2
 PROG = "python -m experiments"
 
@@ -187,20 +190,18 @@ def add_addons(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None, help="input size (default: the backbone's own)")
     p.add_argument("--head", default="gem", help="pooling head spec (default: %(default)s)")
     p.add_argument("--variant", dest="variants", action="append", default=None,
-                   help="baseline, or add-on options key=value[,key=value] (metrix, metrix_alpha, metrix_weight, "
-                        "osm_caa, osm_sigma, osm_alpha, caa_weight, message_passing, mp_weight); repeat for several, "
-                        f"the first is the reference (default: {' '.join(DEFAULT_VARIANTS)})")
+                   help=f"baseline, or add-on options key=value[,key=value] ({', '.join(ADDON_FIELDS)}); repeat for "
+                        f"several, the first is the reference (default: {' '.join(DEFAULT_VARIANTS)})")
     p.add_argument("--seeds", type=seeds, default=(0, 1, 2), help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--dim", type=int, default=512, help="embedding dimension (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=4, help="epochs per variant and seed (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
-    p.add_argument("--metrix-alpha", type=float, default=2.0, help="Metrix λ ~ Beta(α, α) (default: %(default)s)")
-    p.add_argument("--metrix-weight", type=float, default=1.0, help="Metrix loss weight (default: %(default)s)")
-    p.add_argument("--osm-sigma", type=float, default=0.8, help="OSM σ (default: %(default)s)")
-    p.add_argument("--osm-alpha", type=float, default=None, help="OSM α (default: √(2 − 2·margin))")
-    p.add_argument("--caa-weight", type=float, default=1.0, help="CAA cross-entropy weight (default: %(default)s)")
-    p.add_argument("--mp-weight", type=float, default=1.0,
-                   help="message-passing cross-entropy weight (default: %(default)s)")
+    base = p.add_argument_group("add-on hyper-parameters", "the values every variant starts from (a variant may "
+                                "set them too)")
+    for f in dataclasses.fields(AddOnOptions):  # the one list of add-on options (training.config.AddOnOptions)
+        if f.name in BASE_OPTIONS:
+            base.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=float, default=f.default,
+                              help=f.metadata["help"] + " (default: %(default)s)")
     add_cached_maps_options(p, "variant")
     p.set_defaults(func=run_addons)
 
@@ -211,8 +212,7 @@ def run_addons(args: argparse.Namespace) -> int:
     cfg = AddonsExperimentConfig(
         data=args.data, out=args.out, backbone=args.backbone, pretrained=args.pretrained, image_size=args.image_size,
         head=args.head, variants=tuple(args.variants or DEFAULT_VARIANTS), seeds=args.seeds, dim=args.dim,
-        epochs=args.epochs, lr=args.lr, metrix_alpha=args.metrix_alpha, metrix_weight=args.metrix_weight,
-        osm_sigma=args.osm_sigma, osm_alpha=args.osm_alpha, caa_weight=args.caa_weight, mp_weight=args.mp_weight,
+        epochs=args.epochs, lr=args.lr, addons=AddOnOptions(**{name: getattr(args, name) for name in BASE_OPTIONS}),
         val_fraction=args.val_fraction, cache_dir=args.cache_dir, threads=args.threads, jobs=args.jobs)
     result = main_from_cli(cfg)
     print(f"wrote {cfg.out}.md and {cfg.out}.json ({len(result['rows'])} rows)")

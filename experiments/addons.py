@@ -23,8 +23,12 @@ from pathlib import Path
 
 import numpy as np
 from asymsearch.core.errors import UserError
+from asymsearch.training.config import AddOnOptions
 
 DEFAULT_VARIANTS = ("baseline", "metrix=input", "metrix=embedding", "osm_caa=true", "message_passing=2")
+# the add-on options a variant switches on; the others are the hyper-parameters every variant starts from (flags)
+SWITCHES = ("metrix", "osm_caa", "message_passing")
+BASE_OPTIONS = tuple(f.name for f in fields(AddOnOptions) if f.name not in SWITCHES)
 
 
 @dataclass
@@ -48,12 +52,7 @@ class AddonsExperimentConfig:
     num_negatives: int = 5
     val_fraction: float = 0.2
     flip: bool = True
-    metrix_alpha: float = 2.0  # the add-on hyper-parameters every variant starts from (AddOnOptions)
-    metrix_weight: float = 1.0
-    osm_sigma: float = 0.8
-    osm_alpha: float | None = None
-    caa_weight: float = 1.0
-    mp_weight: float = 1.0
+    addons: AddOnOptions = field(default_factory=AddOnOptions)  # the add-on options every variant starts from
     cache_dir: str = "~/.cache/asymsearch/featmaps"
     threads: int = 1
     jobs: int = 1
@@ -63,10 +62,7 @@ class AddonsExperimentConfig:
 
 def parse_variant(spec: str, cfg: AddonsExperimentConfig):
     """"baseline" or "key=value[,key=value]" over the `AddOnOptions` fields -> AddOnOptions (checked)."""
-    from asymsearch.training.addons import AddOnOptions
-
-    base = AddOnOptions(metrix_alpha=cfg.metrix_alpha, metrix_weight=cfg.metrix_weight, osm_sigma=cfg.osm_sigma,
-                        osm_alpha=cfg.osm_alpha, caa_weight=cfg.caa_weight, mp_weight=cfg.mp_weight)
+    base = cfg.addons
     spec = spec.strip()
     if spec in ("baseline", "off", ""):
         return base
@@ -300,13 +296,13 @@ def canonical_command(cfg: AddonsExperimentConfig) -> str:
     for v in cfg.variants:
         parts += ["--variant", v]
     parts += ["--seeds", ",".join(map(str, cfg.seeds)), "--dim", str(cfg.dim), "--epochs", str(cfg.epochs),
-              "--lr", str(cfg.lr), "--metrix-alpha", str(cfg.metrix_alpha), "--metrix-weight", str(cfg.metrix_weight),
-              "--osm-sigma", str(cfg.osm_sigma)]
-    if cfg.osm_alpha is not None:
-        parts += ["--osm-alpha", str(cfg.osm_alpha)]
-    parts += ["--caa-weight", str(cfg.caa_weight), "--mp-weight", str(cfg.mp_weight), "--val-fraction",
-              str(cfg.val_fraction), "--cache-dir", cfg.cache_dir, "--threads", str(cfg.threads), "--jobs",
-              str(cfg.jobs)]
+              "--lr", str(cfg.lr)]
+    for name in BASE_OPTIONS:  # the add-on options the variants start from
+        value = getattr(cfg.addons, name)
+        if value is not None:
+            parts += ["--" + name.replace("_", "-"), str(value)]
+    parts += ["--val-fraction", str(cfg.val_fraction), "--cache-dir", cfg.cache_dir, "--threads", str(cfg.threads),
+              "--jobs", str(cfg.jobs)]
     return " ".join(shlex.quote(p) for p in parts)
 
 

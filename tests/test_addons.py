@@ -3,6 +3,7 @@
 student runs with each on; and the proof that message passing leaves the exported ONNX model unchanged."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 
@@ -394,10 +395,17 @@ def test_no_add_on_leaves_the_loss_as_it_was():
 # ------------------------------------------------------------------------------------------------ training
 
 
+def with_addons(kw: dict) -> dict:
+    """Config keywords with the add-on fields among them gathered into the nested `addons` config."""
+    names = {f.name for f in dataclasses.fields(AddOnOptions)}
+    rest = {k: v for k, v in kw.items() if k not in names}
+    return {**rest, "addons": AddOnOptions(**{k: v for k, v in kw.items() if k in names})}
+
+
 def teacher_cfg(data, out, **kw) -> TeacherConfig:
     base = {"backbone": "tiny_cnn_narrow", "dim": 8, "image_size": 32, "epochs": 1, "lr": 1e-3, "workers": 0,
             "classes_per_batch": 4, "max_steps_per_epoch": 3, "val_fraction": 0}
-    return TeacherConfig(data=str(data), out=str(out), **{**base, **kw})
+    return TeacherConfig(data=str(data), out=str(out), **with_addons({**base, **kw}))
 
 
 @pytest.fixture(scope="module")
@@ -413,7 +421,7 @@ def test_train_teacher_with_an_add_on(image_folder, tmp_path, baseline_teacher, 
     assert all(math.isfinite(h["loss"]) for h in ckpt["history"])
     assert ckpt["history"][0]["loss"] != pytest.approx(baseline_teacher["history"][0]["loss"])  # it did something
     assert ckpt["state_dict"].keys() == baseline_teacher["state_dict"].keys()  # nothing of the add-on exported
-    assert all(ckpt["config"][k] == v for k, v in addon.items())
+    assert all((ckpt["config"]["addons"] if k != "xbm" else ckpt["config"])[k] == v for k, v in addon.items())
     state = torch.load(state_path(out), weights_only=False)
     if "metrix" not in addon:  # its modules' weights are kept for resume
         assert state["addons"] and any(k.startswith(("osm.", "mpn.")) for k in state["addons"])
@@ -432,17 +440,18 @@ def teacher_ckpt(image_folder, tmp_path_factory):
 def test_train_student_with_an_add_on(teacher_ckpt, image_folder, tmp_path, loss, addon):
     path = train_student(StudentConfig(data=str(image_folder), teacher=str(teacher_ckpt), out=str(tmp_path),
                                        backbone="tiny_cnn_narrow", loss=loss, epochs=1, batch_size=16, workers=0,
-                                       image_size=24, val_fraction=0, **addon))
+                                       image_size=24, val_fraction=0, **with_addons(addon)))
     ckpt = load_checkpoint(path)
     assert all(np.isfinite(h["loss"]) for h in ckpt["history"])
     assert not any(k.startswith(("osm", "mpn", "centres")) for k in ckpt["state_dict"])
-    assert all(ckpt["config"][k] == v for k, v in addon.items())
+    assert all(ckpt["config"]["addons"][k] == v for k, v in addon.items())
 
 
 def test_student_refuses_an_add_on_without_a_form(teacher_ckpt, image_folder, tmp_path):
     with pytest.raises(UserError, match="OSM"):
         train_student(StudentConfig(data=str(image_folder), teacher=str(teacher_ckpt), out=str(tmp_path),
-                                    backbone="tiny_cnn_narrow", loss="reg", osm_caa=True, workers=0))
+                                    backbone="tiny_cnn_narrow", loss="reg", addons=AddOnOptions(osm_caa=True),
+                                    workers=0))
 
 
 def test_message_passing_adds_nothing_to_the_exported_model(image_folder, tmp_path):

@@ -254,3 +254,32 @@ def test_info_on_each_artifact_kind(trained, tmp_path, image_folder):
     assert "not found" in line
     (tmp_path / "x.txt").write_text("hi")
     assert "is not a checkpoint" in one_line_error(run_cli("info", tmp_path / "x.txt"))
+
+
+def test_the_add_on_options_are_one_nested_config_of_both_trainers_with_their_flags_as_sugar(tmp_path):
+    """`addons.metrix=input`, `--metrix input` and a YAML `addons:` section set the same key of TeacherConfig and
+    StudentConfig (training.config.AddOnOptions); the launcher hands the nested keys to torchrun workers as flags."""
+    from asymsearch.cli import cmd_train
+    from asymsearch.cli.main import build_parser
+    from asymsearch.cli.options import config_from_args
+    from asymsearch.training.config import AddOnOptions, StudentConfig, TeacherConfig
+
+    def parsed(cls, *argv):  # as main() does: flags over the config layers
+        args = build_parser().parse_args(list(argv))
+        args.config_binding.apply(args)
+        return config_from_args(cls, args)
+
+    teacher = ("train", "teacher", "--data", "d", "--out", "o.pt")
+    want = AddOnOptions(metrix="input", osm_alpha=0.3, message_passing=2)
+    by_keys = parsed(TeacherConfig, *teacher, "addons.metrix=input", "addons.osm_alpha=0.3", "addons.message_passing=2")
+    by_flags = parsed(TeacherConfig, *teacher, "--metrix", "input", "--osm-alpha", "0.3", "--message-passing", "2")
+    (tmp_path / "c.yaml").write_text("addons:\n  metrix: input\n  osm_alpha: 0.3\n  message_passing: 2\n")
+    by_file = parsed(TeacherConfig, *teacher, "--config", str(tmp_path / "c.yaml"))
+    assert by_keys.addons == by_flags.addons == by_file.addons == want
+    assert parsed(TeacherConfig, *teacher, "addons.metrix=embedding", "--metrix", "input").addons.metrix == "input"
+    student = parsed(StudentConfig, "train", "student", "--data", "d", "--teacher", "t.pt", "--out", "s.pt",
+                     "--osm-caa", "addons.caa_weight=0.5")
+    assert student.addons == AddOnOptions(osm_caa=True, caa_weight=0.5)
+    assert parsed(TeacherConfig, "train", "teacher", *cmd_train.config_argv(by_flags)) == by_flags
+    with pytest.raises(UserError, match="addons.metrix"):
+        parsed(TeacherConfig, *teacher, "metrix=input")  # the key is the nested one

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from asymsearch.core.errors import UserError
 from asymsearch.training.checkpoint import load_checkpoint
-from asymsearch.training.config import TeacherConfig
+from asymsearch.training.config import AddOnOptions, TeacherConfig
 from asymsearch.training.proxies import ProxyAnchorLoss
 from asymsearch.training import teacher as teacher_module
 from asymsearch.training.teacher import state_path, train_teacher
@@ -74,7 +74,8 @@ def test_teacher_trains_the_proxies_and_leaves_them_out_of_the_checkpoint(image_
     assert not any("prox" in k for k in ckpt["state_dict"])  # the checkpoint is the network alone
 
 
-@pytest.mark.parametrize("bad,match", [({"xbm": 16}, "neither --xbm"), ({"metrix": "embedding"}, "neither --xbm"),
+@pytest.mark.parametrize("bad,match", [({"xbm": 16}, "neither --xbm"),
+                                       ({"addons": AddOnOptions(metrix="embedding")}, "neither --xbm"),
                                        ({"loss": "triplet"}, "contr, ms, proxy-anchor")])
 def test_teacher_refuses_what_proxy_anchor_cannot_take(image_folder, tmp_path, bad, match):
     with pytest.raises(UserError, match=match):

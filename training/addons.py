@@ -1,7 +1,7 @@
 """Training add-ons: three seeds that change how a metric is learned, never what is exported.
 
-Each is switched on by one option of `train teacher` and `train student` (the same fields in `TeacherConfig` and
-`StudentConfig`, gathered by `AddOnOptions.from_config`), and each composes with the existing losses of
+Each is switched on by one option of `train teacher` and `train student` (the fields of `AddOnOptions`, the
+nested `addons` config of `TeacherConfig` and `StudentConfig`: flag `--metrix`, key `addons.metrix`), and each composes with the existing losses of
 `training.losses` instead of copying them:
 
 - **Metrix** (Venkataramanan et al. 2022, "mixup for deep metric learning"; Venkataramanan et al. 2021): `--metrix
@@ -26,11 +26,12 @@ docs/addons.md is the guide; docs/results/addons.md the ablation (`python -m exp
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from asymsearch.core.errors import UserError
+from asymsearch.training.config import METRIX_MODES, AddOnOptions
 from asymsearch.training.losses import (
     ContrastivePlusLoss,
     GenericPairLoss,
@@ -40,63 +41,6 @@ from asymsearch.training.losses import (
     resolve_pairs,
 )
 from torch import nn
-
-METRIX_MODES = ("off", "input", "feature", "embedding")
-
-
-@dataclass(frozen=True)
-class AddOnOptions:
-    """The add-on fields shared by `TeacherConfig` and `StudentConfig` (same names, same defaults)."""
-
-    metrix: str = "off"  # off | input | feature | embedding
-    metrix_alpha: float = 2.0  # λ ~ Beta(α, α)
-    metrix_weight: float = 1.0  # weight of the mixed-example loss
-    osm_caa: bool = False
-    osm_sigma: float = 0.8  # σ_OSM of s⁺ = exp(−d²/σ²)
-    osm_alpha: float | None = None  # α of s⁻ = max(0, α − d); None: √(2 − 2m), where the loss's hinge ends
-    caa_weight: float = 1.0  # weight of the class-centre cross-entropy
-    message_passing: int = 0  # message-passing layers (0: off)
-    mp_weight: float = 1.0  # weight of the cross-entropy on the updated node features
-
-    @classmethod
-    def from_config(cls, cfg) -> AddOnOptions:
-        """The add-on fields of a training config (any object with these attributes)."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
-
-    def with_overrides(self, **kw) -> AddOnOptions:
-        return replace(self, **kw)
-
-    @property
-    def any(self) -> bool:
-        return self.metrix != "off" or self.osm_caa or self.message_passing > 0
-
-    def check(self) -> None:
-        """`UserError` for a value that has no meaning."""
-        if self.metrix not in METRIX_MODES:
-            raise UserError(f"metrix must be one of {', '.join(METRIX_MODES)}, not {self.metrix!r}")
-        if not (self.metrix_alpha > 0 and math.isfinite(self.metrix_alpha)):
-            raise UserError(f"metrix_alpha (of Beta(α, α)) must be positive, not {self.metrix_alpha}")
-        if not self.osm_sigma > 0:
-            raise UserError(f"osm_sigma must be positive, not {self.osm_sigma}")
-        if self.osm_alpha is not None and not self.osm_alpha > 0:
-            raise UserError(f"osm_alpha must be positive (or unset), not {self.osm_alpha}")
-        if not 0 <= self.message_passing <= 16:
-            raise UserError(f"message_passing is a number of layers in 0..16 (0: off), not {self.message_passing}")
-        for name in ("metrix_weight", "caa_weight", "mp_weight"):
-            if not getattr(self, name) >= 0:
-                raise UserError(f"{name} must be >= 0, not {getattr(self, name)}")
-
-    def describe(self) -> str:
-        parts = []
-        if self.metrix != "off":
-            parts.append(f"Metrix ({self.metrix}, α={self.metrix_alpha:g}, weight {self.metrix_weight:g})")
-        if self.osm_caa:
-            parts.append(f"OSM+CAA (σ={self.osm_sigma:g}, α={self.osm_alpha if self.osm_alpha else '√(2−2m)'}, "
-                         f"CE weight {self.caa_weight:g})")
-        if self.message_passing:
-            parts.append(f"message passing ({self.message_passing} layers, CE weight {self.mp_weight:g})")
-        return ", ".join(parts) or "none"
-
 
 # ------------------------------------------------------------------------------------------------- Metrix
 

@@ -1,11 +1,81 @@
 """Training configurations: plain dataclasses, importable without torch (the CLI builds its options from them).
 
-Every field is a command-line option of `asymsearch train teacher` / `train student`; the whole config is saved
-in the checkpoint, so every model says how it was made.
+Every field is a command-line option of `asymsearch train teacher` / `train student` (a nested dataclass's fields
+too: `--metrix` for the key `addons.metrix`); the whole config is saved in the checkpoint, so every model says how it
+was made.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, replace
+
+from asymsearch.core.errors import UserError
+
+METRIX_MODES = ("off", "input", "feature", "embedding")
+
+
+def _opt(default, help: str):
+    """A field with its command-line help (`asymsearch.cli.options` reads `metadata["help"]`)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class AddOnOptions:
+    """The training add-ons (`training.addons`; docs/addons.md), one nested config of every trainer (`addons.*` keys,
+    flags `--metrix` ...) and of the add-ons experiment. None changes the exported model."""
+
+    metrix: str = _opt("off", "Metrix mixup (Venkataramanan et al. 2022), training only: off, input, feature or "
+                              "embedding; see docs/addons.md")
+    metrix_alpha: float = _opt(2.0, "Metrix: the interpolation factor is drawn from Beta(alpha, alpha)")
+    metrix_weight: float = _opt(1.0, "Metrix: weight of the mixed-example loss")
+    osm_caa: bool = _opt(False, "online soft mining + class-aware attention pair weights (Wang et al. 2019), "
+                                "training only")
+    osm_sigma: float = _opt(0.8, "OSM: sigma of the positive-pair weight exp(-d^2/sigma^2)")
+    osm_alpha: float | None = _opt(None, "OSM: alpha of the negative-pair weight max(0, alpha - d) (unset: "
+                                         "sqrt(2 - 2 margin))")
+    caa_weight: float = _opt(1.0, "CAA: weight of the class-centre cross-entropy")
+    message_passing: int = _opt(0, "intra-batch message-passing layers (Seidenschwarz et al. 2021), training only; "
+                                   "0 disables")
+    mp_weight: float = _opt(1.0, "message passing: weight of its cross-entropy")
+
+    def with_overrides(self, **kw) -> AddOnOptions:
+        return replace(self, **kw)
+
+    @property
+    def any(self) -> bool:
+        return self.metrix != "off" or self.osm_caa or self.message_passing > 0
+
+    @property
+    def batch_wide(self) -> bool:
+        """An add-on that works inside one process's batch (Metrix's pairs, the message-passing graph)."""
+        return self.metrix != "off" or self.message_passing > 0
+
+    def check(self) -> None:
+        """`UserError` for a value that has no meaning."""
+        if self.metrix not in METRIX_MODES:
+            raise UserError(f"metrix must be one of {', '.join(METRIX_MODES)}, not {self.metrix!r}")
+        if not (self.metrix_alpha > 0 and math.isfinite(self.metrix_alpha)):
+            raise UserError(f"metrix_alpha (of Beta(α, α)) must be positive, not {self.metrix_alpha}")
+        if not self.osm_sigma > 0:
+            raise UserError(f"osm_sigma must be positive, not {self.osm_sigma}")
+        if self.osm_alpha is not None and not self.osm_alpha > 0:
+            raise UserError(f"osm_alpha must be positive (or unset), not {self.osm_alpha}")
+        if not 0 <= self.message_passing <= 16:
+            raise UserError(f"message_passing is a number of layers in 0..16 (0: off), not {self.message_passing}")
+        for name in ("metrix_weight", "caa_weight", "mp_weight"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"{name} must be >= 0, not {getattr(self, name)}")
+
+    def describe(self) -> str:
+        parts = []
+        if self.metrix != "off":
+            parts.append(f"Metrix ({self.metrix}, α={self.metrix_alpha:g}, weight {self.metrix_weight:g})")
+        if self.osm_caa:
+            parts.append(f"OSM+CAA (σ={self.osm_sigma:g}, α={self.osm_alpha if self.osm_alpha else '√(2−2m)'}, "
+                         f"CE weight {self.caa_weight:g})")
+        if self.message_passing:
+            parts.append(f"message passing ({self.message_passing} layers, CE weight {self.mp_weight:g})")
+        return ", ".join(parts) or "none"
 
 
 @dataclass
@@ -51,15 +121,7 @@ class TeacherConfig:
     # epoch and checkpoint then use the averaged weights
     max_steps_per_epoch: int = 0  # 0: full epochs; N: stop each epoch after N batches (timing, smoke runs)
     # training add-ons (training.addons; docs/addons.md): none changes the exported model
-    metrix: str = "off"  # Metrix mixup (Venkataramanan et al. 2022): off | input | feature | embedding
-    metrix_alpha: float = 2.0  # λ ~ Beta(α, α)
-    metrix_weight: float = 1.0  # weight of the mixed-example loss
-    osm_caa: bool = False  # online soft mining + class-aware attention pair weights (Wang et al. 2019)
-    osm_sigma: float = 0.8  # σ of the positive weight exp(−d²/σ²)
-    osm_alpha: float | None = None  # α of the negative weight max(0, α − d); None: √(2 − 2·margin)
-    caa_weight: float = 1.0  # weight of the class-centre cross-entropy
-    message_passing: int = 0  # intra-batch message-passing layers, training only (Seidenschwarz et al. 2021); 0: off
-    mp_weight: float = 1.0  # weight of the message-passing cross-entropy
+    addons: AddOnOptions = field(default_factory=AddOnOptions)
     seed: int = 0
     init_seed: int | None = None  # None: seed; else head and proxies start as with this seed (runs to average)
     workers: int = 2
@@ -91,15 +153,7 @@ class StudentConfig:
     rkd_angle_weight: float = 2.0
     darkrank_scale: float = 10.0
     # training add-ons (training.addons; docs/addons.md): none changes the exported model
-    metrix: str = "off"  # Metrix mixup (Venkataramanan et al. 2022): off | input | feature | embedding
-    metrix_alpha: float = 2.0  # λ ~ Beta(α, α)
-    metrix_weight: float = 1.0  # weight of the mixed-example loss
-    osm_caa: bool = False  # online soft mining + class-aware attention pair weights (Wang et al. 2019)
-    osm_sigma: float = 0.8  # σ of the positive weight exp(−d²/σ²)
-    osm_alpha: float | None = None  # α of the negative weight max(0, α − d); None: √(2 − 2·margin)
-    caa_weight: float = 1.0  # weight of the class-centre cross-entropy
-    message_passing: int = 0  # intra-batch message-passing layers, training only (Seidenschwarz et al. 2021); 0: off
-    mp_weight: float = 1.0  # weight of the message-passing cross-entropy
+    addons: AddOnOptions = field(default_factory=AddOnOptions)
     num_negatives: int = 5  # hard negatives per anchor, mined among the teacher's training-set embeddings
     per_class: int = 4  # images per class in a batch of batch_size (class-balanced batches)
     cache_dir: str | None = None  # teacher-embedding cache; None: teacher-cache/ beside the output checkpoint

@@ -39,7 +39,7 @@ from asymsearch.training.checkpoint import freeze, load_checkpoint, make_checkpo
 from asymsearch.training.common import (BestEpoch, check_history_entry, embed_dataset, loader_kwargs, output_path,
                                         prepare_data, report_epoch, resolve_device, seed_everything)
 from asymsearch.training.config import StudentConfig
-from asymsearch.training.addons import AddOnOptions, TrainingAddOns
+from asymsearch.training.addons import TrainingAddOns
 from asymsearch.training.data import ImageDataset, eval_transform
 from asymsearch.training.distributed import DistContext, DistributedMPerClassSampler
 from asymsearch.training.losses import (ASYMMETRIC_ONLY, LOSSES, MINED_LOSSES, RELATIONAL_LOSSES, AMLLoss,
@@ -131,7 +131,7 @@ def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
     """
     seed_everything(cfg.seed)
     ctx = ctx if ctx is not None else DistContext(device=resolve_device(cfg.device))
-    if ctx.distributed and (cfg.metrix != "off" or cfg.message_passing):
+    if ctx.distributed and cfg.addons.batch_wide:
         raise UserError("--metrix and --message-passing work inside one process's batch: not under torchrun yet")
     device = ctx.device
     out = output_path(cfg.out, "student")
@@ -147,15 +147,14 @@ def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
                         f"{len(teacher_ckpt['arch']['members'])}: train the student from --pretrained weights")
     objective = StudentObjective(cfg.loss, create_loss(cfg.loss, cfg), asymmetric=cfg.asymmetric,
                                  num_negatives=cfg.num_negatives)
-    options = AddOnOptions.from_config(cfg)
-    options.check()
+    cfg.addons.check()
     if cfg.batch_size < 2 * cfg.per_class or cfg.per_class < 1:
         raise UserError(f"batch_size ({cfg.batch_size}) must hold at least two classes of per_class "
                         f"({cfg.per_class}) images")
     train_items, val_items, class_to_idx = prepare_data(cfg.data, cfg.classes, cfg.val_fraction)
     if len(train_items) < 2:
         raise UserError(f"a student needs at least 2 training images, found {len(train_items)}")
-    addons = TrainingAddOns(options, dim=teacher_dim, num_classes=len(class_to_idx), seed=cfg.seed).to(device)
+    addons = TrainingAddOns(cfg.addons, dim=teacher_dim, num_classes=len(class_to_idx), seed=cfg.seed).to(device)
     addons.check_student_loss(cfg.loss, cfg.asymmetric)
     teacher = freeze(model_from_checkpoint(teacher_ckpt)).to(device)
     teacher_spec = Preprocessing.from_dict(teacher_ckpt["preprocessing"])

@@ -11,8 +11,8 @@ train, on the frozen trunk's maps computed once and cached (`training.trunk`: pa
 `loss=ms` trains with Budnik & Avrithis 2021's multi-similarity loss instead of ℓ_C. The checkpoint written to OUT holds the
 weights of the epoch with the best validation Recall@1 (the last epoch when validation is disabled).
 `epochs=0` writes the model untrained: with `head=gap` and ImageNet weights, the zero-shot baseline for `asymsearch export` / `asymsearch eval`.
-The training add-ons (`metrix`, `osm_caa`, `message_passing`; `training.addons`, docs/addons.md) compose with the
-loss of each step; their modules are kept in the resumable state, never in the checkpoint.
+The training add-ons (config `addons`: `addons.metrix`, `addons.osm_caa`, `addons.message_passing`; `training.addons`,
+docs/addons.md) compose with the loss of each step; their modules are kept in the resumable state, never in the checkpoint.
 `ema=D` validates, keeps and writes an exponential moving average of the weights (`common.weight_average`).
 `init_seed=S` starts the head and the proxies as the run of seed S does while `seed` draws the rest, so that runs
 sharing a start can be averaged (`training.soup`).
@@ -37,8 +37,8 @@ from asymsearch.training.backbones import freeze_batch_norm
 from asymsearch.training.checkpoint import make_checkpoint, save_checkpoint
 from asymsearch.training.common import (BestEpoch, check_history_entry, embed_dataset, loader_kwargs, output_path,
                                         prepare_data, report_epoch, resolve_device, seed_everything, weight_average)
-from asymsearch.training.addons import AddOnOptions, TrainingAddOns
-from asymsearch.training.config import TeacherConfig
+from asymsearch.training.addons import TrainingAddOns
+from asymsearch.training.config import AddOnOptions, TeacherConfig
 from asymsearch.training.data import ImageDataset, eval_transform, train_transform
 from asymsearch.training.distributed import DistContext, DistributedMPerClassSampler
 from asymsearch.training.losses import create_loss, negative_miner
@@ -82,7 +82,7 @@ def check_teacher_config(cfg: TeacherConfig) -> None:
         raise UserError("xbm, warmup_epochs and max_steps_per_epoch must be >= 0")
     if cfg.loss not in loss_names("teacher"):
         raise UserError(f"a teacher trains with loss {', '.join(loss_names('teacher'))}, not {cfg.loss!r}")
-    if cfg.loss == "proxy-anchor" and (cfg.xbm or cfg.metrix != "off"):
+    if cfg.loss == "proxy-anchor" and (cfg.xbm or cfg.addons.metrix != "off"):
         raise UserError("proxy-anchor compares the batch with class proxies, not with pairs: it takes neither --xbm "
                         "nor --metrix")
     if cfg.tune_units < 0:
@@ -94,8 +94,8 @@ def check_teacher_config(cfg: TeacherConfig) -> None:
         raise UserError("tune_units with backbone_lr 0 leaves nothing of the backbone to tune; drop one of them")
     if not 0 <= cfg.ema < 1:
         raise UserError(f"ema is the averaging decay per step, in [0, 1) (0 disables), not {cfg.ema}")
-    AddOnOptions.from_config(cfg).check()
-    if cfg.osm_caa and getattr(cfg, "loss", "contr") != "contr":
+    cfg.addons.check()
+    if cfg.addons.osm_caa and cfg.loss != "contr":
         raise UserError("OSM + CAA weights the pairs of the contrastive loss: use it with --loss contr")
 
 
@@ -119,7 +119,7 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
     every batch, the loss runs over the gathered global batch, and rank 0 alone validates and writes."""
     check_teacher_config(cfg)
     ctx = ctx if ctx is not None else DistContext(device=resolve_device(cfg.device))
-    if ctx.distributed and (cfg.metrix != "off" or cfg.message_passing):
+    if ctx.distributed and cfg.addons.batch_wide:
         raise UserError("--metrix and --message-passing work inside one process's batch: not under torchrun yet")
     init_seed = cfg.seed if cfg.init_seed is None else cfg.init_seed
     seed_everything(init_seed)
@@ -130,8 +130,7 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
     arch = {"backbone": cfg.backbone, "head": cfg.head, "dim": cfg.dim, "pretrained": cfg.pretrained}
     model = build_model(arch).to(device)
     # Metrix / OSM + CAA / message passing (training.addons): their modules train beside the model, never in it
-    addons = TrainingAddOns(AddOnOptions.from_config(cfg), dim=cfg.dim, num_classes=len(class_to_idx),
-                            seed=cfg.seed).to(device)
+    addons = TrainingAddOns(cfg.addons, dim=cfg.dim, num_classes=len(class_to_idx), seed=cfg.seed).to(device)
 
     workers = cfg.workers
     if cfg.tune_units:  # train tail + head on the frozen trunk's cached maps (training.trunk)
@@ -267,6 +266,22 @@ def _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, hi
 _RESUMABLE_CHANGES = {"resume", "epochs", "workers", "device", "out"}
 
 
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """A saved config as dotted keys (`addons.metrix`); a config saved before the add-ons were one nested config had
+    their fields at the top level (`metrix`): they are read as the nested keys."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    if not prefix:
+        for name in (f.name for f in dataclasses.fields(AddOnOptions)):
+            if name in flat:
+                flat[f"addons.{name}"] = flat.pop(name)
+    return flat
+
+
 def _resume(cfg, model, optimizer, scheduler, scaler, memory, addons, proxies=None, ema=None):
     path = Path(cfg.resume)
     if not path.is_file():
@@ -278,9 +293,10 @@ def _resume(cfg, model, optimizer, scheduler, scaler, memory, addons, proxies=No
     if not isinstance(state, dict) or state.get("kind") != "asymsearch-teacher-state":
         raise UserError(f"{path} is not a teacher training state (OUT.state.pt)")
     # a field that a state saved before it existed lacks (add-ons, trunk views, Proxy-Anchor) had its default
-    absent = dataclasses.asdict(TeacherConfig(data="", out=""))
-    changed = sorted(k for k, v in dataclasses.asdict(cfg).items()
-                     if k not in _RESUMABLE_CHANGES and state["config"].get(k, absent.get(k)) != v)
+    absent = flat_config(dataclasses.asdict(TeacherConfig(data="", out="")))
+    saved = flat_config(state["config"])
+    changed = sorted(k for k, v in flat_config(dataclasses.asdict(cfg)).items()
+                     if k not in _RESUMABLE_CHANGES and saved.get(k, absent.get(k)) != v)
     if changed:
         raise UserError(f"cannot resume {path}: the config differs in {', '.join(changed)}")
     model.load_state_dict(state["model"])
