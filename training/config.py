@@ -6,6 +6,7 @@ was made.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, replace
 
@@ -166,3 +167,19 @@ class StudentConfig:
     seed: int = 0
     workers: int = 2
     device: str = "auto"
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """A saved config as dotted keys (`addons.metrix`); a config saved before the add-ons were one nested config had
+    their fields at the top level (`metrix`): they are read as the nested keys."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    if not prefix:
+        for name in (f.name for f in dataclasses.fields(AddOnOptions)):
+            if name in flat:
+                flat[f"addons.{name}"] = flat.pop(name)
+    return flat

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -36,12 +35,13 @@ from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import Preprocessing
 from asymsearch.core.metrics import retrieval_metrics
 from asymsearch.training.checkpoint import freeze, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
-from asymsearch.training.common import (BestEpoch, check_history_entry, embed_dataset, loader_kwargs, output_path,
-                                        prepare_data, report_epoch, resolve_device, seed_everything)
+from asymsearch.training.common import embed_dataset, loader_kwargs, output_path, prepare_data, resolve_device, \
+    seed_everything
 from asymsearch.training.config import StudentConfig
 from asymsearch.training.addons import TrainingAddOns
 from asymsearch.training.data import ImageDataset, eval_transform
 from asymsearch.training.distributed import DistContext, DistributedMPerClassSampler
+from asymsearch.training.engine import Engine, StudentStepObjective
 from asymsearch.training.losses import (ASYMMETRIC_ONLY, LOSSES, MINED_LOSSES, RELATIONAL_LOSSES, AMLLoss,
                                         create_loss)
 from asymsearch.training.mining import HardNegativeMiner, mine_hard_negatives
@@ -214,39 +214,20 @@ def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
     optimizer = torch.optim.AdamW([*parameter_groups(student, cfg.lr, cfg.backbone_lr, cfg.weight_decay),
                                    *addons.optimizer_group(cfg.lr, cfg.weight_decay)], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    history, best = [], BestEpoch()
-    ctx.broadcast_module(addons)  # outside DDP: every rank starts from rank 0's
-    train_net = ctx.wrap(net)  # DistributedDataParallel under torchrun (net itself otherwise)
-    for epoch in range(1, cfg.epochs + 1):
-        sampler.set_epoch(epoch)
-        net.train()  # the teacher stays in eval mode throughout, and is not run: its embeddings are cached
-        addons.train()
-        losses = []
-        bar = tqdm(loader, desc=f"student {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not ctx.is_main)
-        for images, labels, idx in bar:
-            images, labels, idx = images.to(device, non_blocking=True), labels.to(device), idx.to(device)
-            emb, mixed, plan = addons.embed(train_net, images, labels)  # (and Metrix's mixed examples)
-            emb, labels, idx = ctx.gather(emb), ctx.all_gather(labels), ctx.all_gather(idx)  # the global batch
-            loss = addons.student_loss(objective, emb, labels, idx, teacher_pool, pool_labels, mixed, plan)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            ctx.sync_gradients(addons)  # DDP averages the student's
-            optimizer.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        recall = None
-        if val_set is not None:
-            queries = embed_dataset(net, val_set, device, workers)
-            recall = retrieval_metrics(queries, val_set.labels, val_teacher, val_set.labels,
-                                       exclude_self=True)["recall@1"]
-        recall = ctx.broadcast_object(recall)  # rank 0 validates; every rank keeps the same best epoch
-        history.append(check_history_entry(epoch, float(np.mean(losses)), recall))
-        if ctx.is_main:
-            report_epoch("student", history[-1], cfg.epochs)
-        best.offer(student, history[-1])
 
-    best_epoch = best.restore(student, history)
+    def validate():  # asymmetric Recall@1 of the student's queries against the teacher's embeddings (rank 0)
+        if val_set is None:
+            return None
+        queries = embed_dataset(net, val_set, device, workers)
+        return retrieval_metrics(queries, val_set.labels, val_teacher, val_set.labels, exclude_self=True)["recall@1"]
+
+    # the teacher stays in eval mode throughout, and is not run: its embeddings are cached
+    engine = Engine(model=student, net=net, objective=StudentStepObjective(objective, addons, teacher_pool,
+                                                                           pool_labels),
+                    optimizer=optimizer, loader=loader, sampler=sampler, addons=addons, validate=validate, ctx=ctx,
+                    name="student")
+    history = engine.run(cfg.epochs)
+    best_epoch = engine.restore_best()
     student.eval()
     ckpt = make_checkpoint(student, role="student", arch=arch, preprocessing=spec, teacher_id=teacher_id,
                            config={**dataclasses.asdict(cfg), "best_epoch": best_epoch}, history=history)

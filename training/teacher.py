@@ -16,16 +16,13 @@ docs/addons.md) compose with the loss of each step; their modules are kept in th
 `ema=D` validates, keeps and writes an exponential moving average of the weights (`common.weight_average`).
 `init_seed=S` starts the head and the proxies as the run of seed S does while `seed` draws the rest, so that runs
 sharing a start can be averaged (`training.soup`).
+Every epoch runs through the one training loop (`training.engine.Engine`); this module chooses its pieces.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import random
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -33,24 +30,23 @@ from tqdm.auto import tqdm
 from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import Preprocessing
 from asymsearch.core.metrics import retrieval_metrics
+from asymsearch.training.addons import TrainingAddOns
 from asymsearch.training.backbones import freeze_batch_norm
 from asymsearch.training.checkpoint import make_checkpoint, save_checkpoint
-from asymsearch.training.common import (BestEpoch, check_history_entry, embed_dataset, loader_kwargs, output_path,
-                                        prepare_data, report_epoch, resolve_device, seed_everything, weight_average)
-from asymsearch.training.addons import TrainingAddOns
-from asymsearch.training.config import AddOnOptions, TeacherConfig
+from asymsearch.training.common import embed_dataset, loader_kwargs, output_path, prepare_data, resolve_device, \
+    seed_everything
+from asymsearch.training.config import TeacherConfig
 from asymsearch.training.data import ImageDataset, eval_transform, train_transform
 from asymsearch.training.distributed import DistContext, DistributedMPerClassSampler
+from asymsearch.training.engine import (Engine, EpochLog, OnEpochDone, OnEpochStart, SymmetricObjective,
+                                        WeightAverage, read_training_state, save_training_state)
 from asymsearch.training.losses import create_loss, negative_miner
 from asymsearch.training.models import backbone_preprocessing, build_model
 from asymsearch.training.proxies import ProxyAnchorLoss  # noqa: F401 - registers the proxy-anchor loss
 from asymsearch.training.registry import loss_names, loss_parameter_groups
 from asymsearch.training.schedule import make_scheduler, parameter_groups
 from asymsearch.training.trunk import MapsDataset, TailNet, check_trunk_views, trunk_maps
-from asymsearch.training.xbm import CrossBatchMemory, xbm_loss
-
-STATE_FORMAT = 1
-
+from asymsearch.training.xbm import CrossBatchMemory, MemoryLoss
 
 def teacher_preprocessing(cfg: TeacherConfig) -> Preprocessing:
     """The config's size and normalisation, each defaulting to the backbone's own (`backbone_preprocessing`)."""
@@ -99,19 +95,6 @@ def check_teacher_config(cfg: TeacherConfig) -> None:
         raise UserError("OSM + CAA weights the pairs of the contrastive loss: use it with --loss contr")
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
     """Train a teacher with ℓ_C (Budnik & Avrithis 2021, symmetric contrastive, in-batch hard negatives); return the checkpoint.
 
@@ -156,7 +139,6 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
     criterion = create_loss(cfg.loss, cfg, role="teacher", num_classes=len(class_to_idx), dim=cfg.dim).to(device)
     if init_seed != cfg.seed:  # model and proxies start as in the runs of seed init_seed; the rest follows seed
         seed_everything(cfg.seed)
-    ctx.broadcast_module(criterion, addons)  # outside DDP: every rank starts from rank 0's
     backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else (cfg.lr / 10 if cfg.pretrained else cfg.lr)
     groups = parameter_groups(model, cfg.lr, backbone_lr, cfg.weight_decay) + addons.optimizer_group(cfg.lr,
                                                                                                       cfg.weight_decay)
@@ -167,79 +149,37 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     scheduler = make_scheduler(optimizer, total, warmup) if cfg.schedule == "cosine" else \
         make_scheduler(optimizer, 10 ** 12, warmup)  # constant after warm-up (the cosine never starts to fall)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     miner = negative_miner(cfg.loss, cfg.num_negatives)
-    memory = CrossBatchMemory(cfg.xbm, cfg.dim, device)
+
+    handlers = [OnEpochStart(lambda epoch: _backbone_mode(model, backbone_lr, cfg.freeze_bn))]
+    if cfg.xbm:
+        handlers.append(MemoryLoss(CrossBatchMemory(cfg.xbm, cfg.dim, device), criterion, miner, cfg.xbm_weight))
     # with ema, the averaged weights are the ones validated, kept as the best epoch and written out
-    ema = weight_average(model, cfg.ema)
     kept, eval_net = model, net
-    if ema is not None:
+    if cfg.ema:
+        handlers.append(ema := WeightAverage(model, cfg.ema))
         kept = ema.module
         eval_net = TailNet(kept, cfg.tune_units) if cfg.tune_units else kept
+    # one log line and one state file per epoch, rank 0 (`_save_state` looked up at each call)
+    handlers += [EpochLog(log_path(out)), OnEpochDone(lambda engine, entry: _save_state(out, cfg, entry["epoch"],
+                                                                                        engine))]
 
-    history: list[dict] = []
-    best, start_epoch = BestEpoch(), 1
+    def validate():
+        if val_set is None:
+            return None
+        emb_val = embed_dataset(eval_net, val_set, device, workers)
+        return retrieval_metrics(emb_val, val_set.labels, emb_val, val_set.labels, exclude_self=True)
+
+    engine = Engine(model=model, net=net, objective=SymmetricObjective(criterion, miner, addons), optimizer=optimizer,
+                    scheduler=scheduler, loader=loader, sampler=sampler, addons=addons, beside={"proxies": criterion},
+                    handlers=handlers, validate=validate, kept=kept, ctx=ctx, amp=cfg.amp,
+                    max_steps=cfg.max_steps_per_epoch, name="teacher")
     if cfg.resume:
-        start_epoch, history, best = _resume(cfg, model, optimizer, scheduler, scaler, memory, addons, criterion,
-                                             ema)
-    train_net = ctx.wrap(net)  # DistributedDataParallel under torchrun (net itself otherwise)
-    logfile = log_path(out)
-    if start_epoch == 1 and ctx.is_main:
-        logfile.parent.mkdir(parents=True, exist_ok=True)
-        logfile.write_text("")
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        sampler.set_epoch(epoch)
-        net.train()
-        addons.train()
-        if backbone_lr == 0:
-            model.backbone.eval()  # frozen: batch-norm statistics stay the pretrained ones too
-        elif cfg.freeze_bn:  # the weights train; batch norm normalises with the pretrained statistics
-            freeze_batch_norm(model.backbone)
-        losses, seen, t0 = [], 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"teacher {epoch}/{cfg.epochs}", leave=False, dynamic_ncols=True,
-                   total=steps_per_epoch, disable=not ctx.is_main)
-        for step, (images, labels) in enumerate(bar):
-            if step >= steps_per_epoch:
-                break
-            images, labels = images.to(device, non_blocking=True), labels.to(device)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                emb, mixed, plan = addons.embed(train_net, images, labels)  # (and Metrix's mixed examples)
-            emb, labels = ctx.gather(emb.float()), ctx.all_gather(labels)  # the global batch (one process: as is)
-            loss = addons.teacher_loss(criterion, miner, emb, labels, mixed, plan)
-            if cfg.xbm:
-                loss = loss + cfg.xbm_weight * xbm_loss(criterion, miner, emb, labels, memory)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            ctx.sync_gradients(criterion, addons)  # DDP averages the model's
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            memory.enqueue(emb, labels)
-            losses.append(loss.item())
-            seen += len(labels)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        seconds = time.perf_counter() - t0
-        val = {"recall@1": None, "map": None}
-        if val_set is not None and ctx.is_main:
-            emb_val = embed_dataset(eval_net, val_set, device, workers)
-            val = retrieval_metrics(emb_val, val_set.labels, emb_val, val_set.labels, exclude_self=True)
-        val = ctx.broadcast_object(val)  # rank 0 validates; every rank keeps the same best epoch
-        entry = check_history_entry(epoch, float(np.mean(losses)), val["recall@1"])
-        entry.update(val_map=val["map"], seconds=seconds, images_per_s=seen / seconds if seconds > 0 else None,
-                     lr=[g["lr"] for g in optimizer.param_groups])
-        history.append(entry)
-        best.offer(kept, entry)
-        if ctx.is_main:  # one log, one state
-            report_epoch("teacher", entry, cfg.epochs)
-            with logfile.open("a") as f:
-                f.write(json.dumps(entry) + "\n")
-            _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best, addons,
-                        criterion, ema)
+        engine.load_state_dict(read_training_state(cfg.resume, kind=STATE_KIND, config=cfg,
+                                                   resumable=_RESUMABLE_CHANGES))
+    history = engine.run(cfg.epochs)
 
-    best_epoch = best.restore(model, history)  # epochs=0: the untrained (e.g. ImageNet, zero-shot) model as it is
+    best_epoch = engine.restore_best()  # epochs=0: the untrained (e.g. ImageNet, zero-shot) model as it is
     model.eval()
     config = dataclasses.asdict(cfg)
     config["best_epoch"] = best_epoch
@@ -250,64 +190,23 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
     return out
 
 
-def _save_state(out, cfg, epoch, model, optimizer, scheduler, scaler, memory, history, best, addons=None,
-                proxies=None, ema=None):
-    state = {"format": STATE_FORMAT, "kind": "asymsearch-teacher-state", "epoch": epoch,
-             "config": dataclasses.asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "memory": memory.state_dict(),
-             "history": history, "best_recall": best.score, "best_state": best.state, "rng": _rng_state(),
-             "addons": addons.state_dict() if addons is not None else {},
-             "proxies": proxies.state_dict() if proxies is not None else {},
-             "ema": ema.state_dict() if ema is not None else {}}
-    save_checkpoint(state, state_path(out))
+def _backbone_mode(model, backbone_lr: float, freeze_bn: bool) -> None:
+    """At each epoch's start: a frozen backbone (lr 0) in eval mode, its batch-norm statistics the pretrained ones
+    too; with `freeze_bn` the weights train and batch norm normalises with the pretrained statistics."""
+    if backbone_lr == 0:
+        model.backbone.eval()
+    elif freeze_bn:
+        freeze_batch_norm(model.backbone)
+
+
+STATE_KIND = "asymsearch-teacher-state"
+
+
+def _save_state(out: Path, cfg: TeacherConfig, epoch: int, engine: Engine) -> None:
+    """The resumable state after `epoch` at OUT.state.pt: the engine's (model, optimiser, schedule, scaler,
+    memory, add-ons, proxies, weight average, RNG, history, best epoch) with the config."""
+    save_training_state(state_path(out), engine, kind=STATE_KIND, config=cfg)
 
 
 # what may differ between the interrupted run and the resumed one
 _RESUMABLE_CHANGES = {"resume", "epochs", "workers", "device", "out"}
-
-
-def flat_config(config: dict, prefix: str = "") -> dict:
-    """A saved config as dotted keys (`addons.metrix`); a config saved before the add-ons were one nested config had
-    their fields at the top level (`metrix`): they are read as the nested keys."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    if not prefix:
-        for name in (f.name for f in dataclasses.fields(AddOnOptions)):
-            if name in flat:
-                flat[f"addons.{name}"] = flat.pop(name)
-    return flat
-
-
-def _resume(cfg, model, optimizer, scheduler, scaler, memory, addons, proxies=None, ema=None):
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise UserError(f"resume state not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - an unreadable file is the user's to fix
-        raise UserError(f"cannot read resume state {path}: {e.__class__.__name__}") from None
-    if not isinstance(state, dict) or state.get("kind") != "asymsearch-teacher-state":
-        raise UserError(f"{path} is not a teacher training state (OUT.state.pt)")
-    # a field that a state saved before it existed lacks (add-ons, trunk views, Proxy-Anchor) had its default
-    absent = flat_config(dataclasses.asdict(TeacherConfig(data="", out="")))
-    saved = flat_config(state["config"])
-    changed = sorted(k for k, v in flat_config(dataclasses.asdict(cfg)).items()
-                     if k not in _RESUMABLE_CHANGES and saved.get(k, absent.get(k)) != v)
-    if changed:
-        raise UserError(f"cannot resume {path}: the config differs in {', '.join(changed)}")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    memory.load_state_dict(state["memory"])
-    addons.load_state_dict(state.get("addons", {}))
-    if proxies is not None:
-        proxies.load_state_dict(state["proxies"])
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
-    _set_rng_state(state["rng"])
-    return state["epoch"] + 1, list(state["history"]), BestEpoch(state["best_recall"], state["best_state"])

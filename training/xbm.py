@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from asymsearch.training.engine import Handler
+
 
 class CrossBatchMemory:
     """Ring buffer of up to `size` (embedding, label) pairs. `enqueue` after each step; `get()` returns the
@@ -54,3 +56,26 @@ def xbm_loss(criterion, miner, emb: torch.Tensor, labels: torch.Tensor, memory: 
         return emb.sum() * 0.0
     negatives = miner(emb, labels, mem_emb, mem_labels)
     return criterion(emb, labels, negatives, mem_emb, mem_labels)
+
+
+class MemoryLoss(Handler):
+    """The cross-batch memory as a handler of the training loop (`training.engine`): each step adds
+    `weight` × `xbm_loss` of the batch against the memory to the loss, then enqueues the (gathered) batch; the
+    memory is kept in the training state."""
+
+    name = "memory"
+
+    def __init__(self, memory: CrossBatchMemory, criterion, miner, weight: float = 1.0) -> None:
+        self.memory, self.criterion, self.miner, self.weight = memory, criterion, miner, weight
+
+    def loss_term(self, step) -> torch.Tensor:
+        return self.weight * xbm_loss(self.criterion, self.miner, step.emb, step.labels, self.memory)
+
+    def step_done(self, step) -> None:
+        self.memory.enqueue(step.emb, step.labels)
+
+    def state_dict(self) -> dict:
+        return self.memory.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.memory.load_state_dict(state)
