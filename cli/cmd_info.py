@@ -7,7 +7,6 @@ a checkpoint also carries its own inside.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
@@ -50,6 +49,7 @@ def _saved_config(path: Path):
 def _index(path: Path) -> dict:
     from asymsearch.core.errors import UserError
     from asymsearch.core.manifest import IndexManifest
+    from asymsearch.index.store import manifest_id
     from asymsearch.index.versions import resolve_index_folder
 
     folder, version = resolve_index_folder(path)
@@ -59,7 +59,7 @@ def _index(path: Path) -> dict:
     m = IndexManifest.load(manifest_file)
     config_file, config = _saved_config(folder)
     return {"kind": "index", "path": str(path), "folder": str(folder), "version": version,
-            "ids": {"index_manifest_id": hashlib.sha256(manifest_file.read_bytes()).hexdigest()[:16],
+            "ids": {"index_manifest_id": manifest_id(manifest_file.parent),
                     "teacher_id": m.teacher_id, "teacher_model_id": m.teacher_model.get("model_id"),
                     "teacher_sha256": m.teacher_model.get("sha256")},
             "count": m.count, "dim": m.dim, "factory": m.factory, "config_file": config_file, "config": config}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from asymsearch.cli.options import Commands, bind_config, existing_path
 from asymsearch.core.errors import UserError
@@ -17,7 +16,9 @@ def register(commands: Commands) -> None:
     p.add_argument("--index", required=True, type=existing_path("index folder"), help="index folder or root")
     p.add_argument("--student", required=True, type=existing_path("student ONNX model"),
                    help="student .onnx (with its .json)")
-    p.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s, this machine only; another address without TLS "
+                        "needs --insecure)")
     p.add_argument("--port", type=int, default=50051, help="port (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None,
                    help="ignored: RPCs are coroutines on grpc.aio and hold no thread (kept for old scripts)")
@@ -75,9 +76,21 @@ def register(commands: Commands) -> None:
     s.add_argument("--tls-client-ca", type=existing_path("client CA certificate"),
                    help="require client certificates signed by this CA (PEM)")
     s.add_argument("--token-file", type=existing_path("token file"),
-                   help="file holding the bearer token (Admin always requires it)")
-    s.add_argument("--search-requires-token", action="store_true", help="require the token for Search too")
-    s.add_argument("--admin", action="store_true", help="enable the Admin service (needs --token-file)")
+                   help="bearer tokens, one per line after its scope: 'search TOKEN' or 'admin TOKEN' (admin "
+                        "includes search; a token alone is an admin token); read again on SIGHUP")
+    s.add_argument("--search-requires-token", action="store_true",
+                   help="Search needs a search- or admin-scope token too (default: Search is open)")
+    s.add_argument("--admin", action="store_true",
+                   help="enable the Admin service (needs an admin token, and TLS unless bound to loopback)")
+    s.add_argument("--admin-root", action="append", default=[], type=existing_path("admin root folder"),
+                   metavar="DIR", help="a folder whose images a path-based AddImages may add (repeatable; "
+                   "default: none, images are sent over the wire with `asymsearch index push`)")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow plaintext on an address other machines can reach (without it, such a --host "
+                        "needs --tls-cert and --tls-key)")
+    s.add_argument("--expose-paths", action="store_true",
+                   help="Search replies carry the server paths of the hits (default: ids, labels and metadata "
+                        "only)")
     s.add_argument("--teacher", type=existing_path("teacher ONNX model"),
                    help="teacher .onnx, for the Admin service's AddImages")
     s.add_argument("--keep", type=int, default=None, help="index versions kept by Admin updates (default: all)")
@@ -105,11 +118,6 @@ def run(args: argparse.Namespace) -> int:
     from asymsearch.server.logs import configure_logging
     from asymsearch.server.service import ServeOptions, serve
 
-    token = None
-    if args.token_file:
-        token = Path(args.token_file).read_text(encoding="utf-8").strip()
-        if not token:
-            raise UserError(f"the token file {args.token_file} is empty")
     try:
         batching = BatchingConfig(max_batch=args.batch_max_size, max_delay_ms=args.batch_max_delay_ms,
                                   max_queue=args.queue_size, decode_workers=args.decode_workers,
@@ -122,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
         host=args.host, port=args.port,
         max_message_bytes=int(args.max_message_mb * 1024 * 1024), batching=batching,
         max_batch_queries=args.max_batch_queries, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca, token=token, search_requires_token=args.search_requires_token,
+        tls_client_ca=args.tls_client_ca, token_file=args.token_file,
+        search_requires_token=args.search_requires_token, insecure=args.insecure, expose_paths=args.expose_paths,
+        admin_roots=tuple(str(r) for r in args.admin_root),
         admin=args.admin, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         follow_current=args.follow_current, poll_s=args.poll_s, drain_s=args.drain_s,
         drain_announce_s=args.drain_announce_s, embed_threads=args.embed_threads,

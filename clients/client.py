@@ -32,7 +32,7 @@ import random
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -302,6 +302,47 @@ class SearchClient:
         index as a new version, which the server then serves."""
         return _update(self._call(self._admin.AddImages, search_pb2.AddImagesRequest(
             folder=str(folder), metadata_csv=str(metadata_csv or ""))))
+
+    def push_images(self, images: Iterable[tuple[ImageSource, str, Mapping[str, str] | None]], *,
+                    timeout: float | None = None) -> dict[str, Any]:
+        """Send images over the wire to be embedded by the server's teacher and added as a new index version
+        (Admin.UploadImages; needs an admin token). Each item is (image path or bytes, label, metadata or None);
+        a path is read here and sent under its file name. Not retried: an upload is not idempotent. `timeout`
+        bounds the whole call (default: none, an upload of many images takes long)."""
+        seen: set[tuple[str, str]] = set()
+
+        def messages() -> Iterator[search_pb2.UploadImage]:
+            for n, (image, label, metadata) in enumerate(images, start=1):
+                if isinstance(image, bytes):
+                    data, name = image, f"{n:06d}.jpg" if image[:3] == b"\xff\xd8\xff" else f"{n:06d}.png"
+                else:
+                    data, name = _read_file(Path(image)), Path(image).name
+                stem, suffix, k = Path(name).stem, Path(name).suffix, 1
+                while (label, name) in seen:  # the same file name under two folders of one label
+                    k += 1
+                    name = f"{stem}-{k}{suffix}"
+                seen.add((label, name))
+                yield search_pb2.UploadImage(name=name, label=label, data=data, metadata=dict(metadata or {}))
+        try:
+            reply = self._admin.UploadImages(messages(), timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise _translate(e, self.address) from None
+        return _update(reply)
+
+    def push_folder(self, folder: str | os.PathLike, metadata_csv: str | os.PathLike | None = None, *,
+                    timeout: float | None = None) -> dict[str, Any]:
+        """`push_images` of every image below `folder` (label: its parent folder's name, as `index add`), with
+        user metadata from a CSV with a `path` column (relative to `folder`, or absolute)."""
+        from asymsearch.core.data import list_images_flat
+        from asymsearch.index.metadata import read_metadata_csv
+
+        items = list_images_flat(folder)
+        columns = read_metadata_csv(metadata_csv, folder) if metadata_csv else {}
+        unknown = set(columns) - {i.path for i in items}
+        if unknown:
+            raise UserError(f"metadata CSV {metadata_csv} names {len(unknown)} path(s) that are not images below "
+                            f"{folder}")
+        return self.push_images(((i.path, i.label, columns.get(i.path)) for i in items), timeout=timeout)
 
     def remove_images(self, ids: Sequence[int]) -> dict[str, Any]:
         return _update(self._call(self._admin.RemoveImages, search_pb2.RemoveImagesRequest(ids=list(ids))))

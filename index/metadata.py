@@ -70,21 +70,23 @@ def read_metadata_csv(csv_path: str | os.PathLike, image_root: str | os.PathLike
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             if "path" not in header:
-                raise UserError(f"metadata CSV {csv_path} needs a 'path' column; its columns are {header}")
+                raise UserError(f"metadata CSV {csv_path} needs a 'path' column (its header has {len(header)} "
+                                f"column(s), none named 'path')")
             bad = [c for c in header if c in ("id", "label") or not c]
             if bad:
-                raise UserError(f"metadata CSV {csv_path}: column name(s) {bad} are reserved or empty")
+                raise UserError(f"metadata CSV {csv_path}: the column names id and label are reserved, and empty ones "
+                                f"are not allowed")
             out: dict[str, dict[str, str]] = {}
             for line, row in enumerate(reader, start=2):
                 p = Path(row.pop("path") or "")
                 key = str((p if p.is_absolute() else image_root / p).resolve())
                 if key in out:
-                    raise UserError(f"metadata CSV {csv_path} line {line}: path {key} is listed twice")
+                    raise UserError(f"metadata CSV {csv_path} line {line}: an image is listed twice")
                 out[key] = {k: v for k, v in row.items() if k is not None}
     except FileNotFoundError:
         raise UserError(f"metadata CSV not found: {csv_path}") from None
     except (UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"cannot read metadata CSV {csv_path}: {e}") from None
+        raise UserError(f"cannot read metadata CSV {csv_path}: not UTF-8 CSV ({e.__class__.__name__})") from None
     return out
 
 
@@ -92,5 +94,5 @@ def match_metadata(columns: dict[str, dict[str, str]], paths: Sequence[str], csv
     """Refuse CSV rows that name no listed image (a typo would otherwise be silently dropped)."""
     unknown = sorted(set(columns) - set(paths))
     if unknown:
-        raise UserError(f"metadata CSV {csv_path} names {len(unknown)} path(s) that are not among the images, "
-                        f"e.g. {unknown[0]}")
+        raise UserError(f"metadata CSV {csv_path} names {len(unknown)} path(s) that are not among the images "
+                        f"being added")

@@ -7,6 +7,7 @@ opened, even after a newer one is published or the old folder is pruned (its fil
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -49,6 +50,15 @@ def search_faiss(index: faiss.Index, vectors: np.ndarray, k: int) -> tuple[np.nd
             faiss.cvar.distance_compute_blas_threshold = before
 
 
+def manifest_id(folder: str | os.PathLike) -> str:
+    """The id of the index in `folder`: the first 16 hex digits of the SHA-256 of its manifest.json (what
+    `asymsearch info` prints). Two versions with the same name but other content have other ids."""
+    try:
+        return hashlib.sha256((Path(folder) / MANIFEST_FILE).read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        raise UserError(f"cannot read the manifest of {folder}: {e.strerror or e}") from None
+
+
 class SearchIndex:
     """An opened index folder. `search` returns inner-product scores and ids (best first); `lookup` turns ids into
     (path, label). An approximate index may return fewer than k real hits for a query: the rest are id -1."""
@@ -58,6 +68,7 @@ class SearchIndex:
         self.folder = folder  # the folder the files were read from (the version folder of a versioned root)
         self.root = root or folder  # what was opened: the versioned root, or the plain folder itself
         self.version = version  # e.g. "v000003", or None for a plain folder
+        self.manifest_id = ""  # the digest of manifest.json (`manifest_id`): which index this is, whatever its name
         self.manifest = manifest
         self._index = index
         self._db = db
@@ -84,6 +95,7 @@ class SearchIndex:
             if not (folder / name).is_file():
                 raise UserError(f"index folder {folder} is incomplete: {folder / name} is missing")
         manifest = IndexManifest.load(folder / MANIFEST_FILE)
+        digest = manifest_id(folder)
         try:
             index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)  # index.ivfdata beside it
         except RuntimeError as e:
@@ -112,7 +124,9 @@ class SearchIndex:
             db.close()
             raise ManifestError(f"{folder / META_FILE} lists {rows} images but the index holds {manifest.count}; "
                                 f"rebuild the index")
-        return cls(folder, manifest, index, db, root=root, version=version)
+        opened = cls(folder, manifest, index, db, root=root, version=version)
+        opened.manifest_id = digest
+        return opened
 
     @property
     def dim(self) -> int:

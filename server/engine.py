@@ -173,9 +173,10 @@ class QueryEngine:
         finally:
             served.release()
 
-    def reload(self, path: str | os.PathLike | None = None, *, drain_timeout: float | None = None
-               ) -> tuple[bool, str]:
-        """Serve the version `path` (default: `source`) resolves to; return (changed, version).
+    def reload(self, path: str | os.PathLike | None = None, *, drain_timeout: float | None = None,
+               keep_source: bool = False) -> tuple[bool, str]:
+        """Serve the version `path` (default: `source`) resolves to; return (changed, version). A `path` becomes
+        the new `source` (what later reloads and updates act on) unless `keep_source`.
 
         The new index is opened and checked beside the served one; on any failure (a missing file, a student of
         another teacher) the old one keeps serving and the error propagates. `drain_timeout` > 0 waits that long
@@ -190,6 +191,8 @@ class QueryEngine:
             start = time.perf_counter()
             new_index = SearchIndex.open(source)  # CURRENT again, retried if that version was pruned meanwhile
             folder, version = new_index.folder, new_index.version
+            if keep_source and version is None:
+                version = Path(folder).name  # a version folder of the source root, served by its name
             if Path(folder).resolve() == Path(current.index.folder).resolve() and (version or "") == current.version:
                 new_index.close()  # CURRENT moved back between the two reads
                 return False, current.version
@@ -204,7 +207,7 @@ class QueryEngine:
             new = ServedIndex(new_index, version)
             with self._ref_lock:
                 old, self._served = self._served, new
-            if path is not None:
+            if path is not None and not keep_source:
                 self.source = source
             log.info("now serving index version %r (%d items) from %s; loaded in %.0f ms, draining %r",
                      new.version, new_index.count, folder, (time.perf_counter() - start) * 1e3, old.version,

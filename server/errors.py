@@ -3,7 +3,7 @@
     InvalidQuery, UserError -> INVALID_ARGUMENT     Overloaded, LimitReached -> RESOURCE_EXHAUSTED
     Expired, DeadlineExceeded, StreamIdle -> DEADLINE_EXCEEDED
     NotReady, Closed -> UNAVAILABLE                 PairingError (on reload) -> FAILED_PRECONDITION
-    Unimplemented -> UNIMPLEMENTED
+    Unimplemented -> UNIMPLEMENTED                  PermissionDenied (Admin confinement) -> PERMISSION_DENIED
     anything unexpected -> INTERNAL with a short message (the traceback goes to the log); the server keeps serving
 
 Servicer methods raise; `rpc_errors` (a decorator for unary coroutines and streaming async generators alike)
@@ -20,6 +20,7 @@ import grpc
 import grpc.aio
 
 from asymsearch.core.errors import PairingError, UserError
+from asymsearch.server.admin import PermissionDenied
 from asymsearch.server.admission import Closed, Overloaded
 from asymsearch.server.batching import Expired
 from asymsearch.server.engine import InvalidQuery
@@ -53,6 +54,7 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED), (StreamIdle, grpc.StatusCode.DEADLINE_EXCEEDED),
     (Closed, grpc.StatusCode.UNAVAILABLE), (NotReady, grpc.StatusCode.UNAVAILABLE),
     (PairingError, grpc.StatusCode.FAILED_PRECONDITION), (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (UserError, grpc.StatusCode.INVALID_ARGUMENT)]
 
 

@@ -2,14 +2,13 @@
 
     MetricsInterceptor   requests by method and status code, latency (every RPC but health's Watch)
     LoggingInterceptor   one access-log line per RPC at DEBUG (costs nothing at INFO)
-    AuthInterceptor      the bearer token: always for Admin, for Search too when asked
+    AuthInterceptor      scoped bearer tokens: admin for Admin, search (or admin) for Search when asked
     LimitsInterceptor    Search calls in progress per client address, SearchStream calls open in total
 
 Health, Info and reflection are never limited: whatever the load, they answer.
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections import defaultdict
@@ -21,6 +20,7 @@ import grpc.aio
 from asymsearch.protos.v1 import search_pb2
 from asymsearch.server.errors import LimitReached
 from asymsearch.server.metrics import ServerMetrics
+from asymsearch.server.tokens import ADMIN, SEARCH, TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -143,38 +143,56 @@ class LoggingInterceptor(_Around):
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """The bearer token (metadata `authorization: Bearer TOKEN`): always for Admin, for Search when asked."""
+    """Bearer tokens (metadata `authorization: Bearer TOKEN`) with scopes (`server.tokens`): Admin always needs an
+    admin token; Search needs a search (or admin) token when asked. An unknown token is UNAUTHENTICATED; a known
+    one without the scope the service needs is PERMISSION_DENIED. Health and reflection need nothing."""
 
-    def __init__(self, token: str | None, search_requires_token: bool) -> None:
-        self._token = token
-        self._protected = (f"/{ADMIN_SERVICE_NAME}/",) + ((f"/{SERVICE_NAME}/",) if search_requires_token else ())
+    def __init__(self, store: TokenStore, search_requires_token: bool) -> None:
+        self._store = store
+        self._search = search_requires_token
 
-    def refusal(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
-        """None when authorised, else why not."""
-        if not self._token:
-            return "this server has no token configured, so this service is closed"
+    def needs(self, method: str) -> str | None:
+        if method.startswith(f"/{ADMIN_SERVICE_NAME}/"):
+            return ADMIN
+        if self._search and method.startswith(f"/{SERVICE_NAME}/"):
+            return SEARCH
+        return None
+
+    def refusal(self, metadata: Sequence[tuple[str, Any]] | None, scope: str
+                ) -> tuple[grpc.StatusCode, str] | None:
+        """None when authorised, else (code, why not)."""
+        tokens = self._store.tokens
+        if not tokens.has(scope):
+            return grpc.StatusCode.UNAUTHENTICATED, f"this server has no {scope} token configured, so this " \
+                                                    f"service is closed"
         values = [v for k, v in (metadata or ()) if k == "authorization"]
         if not values:
-            return "missing bearer token (metadata 'authorization: Bearer TOKEN')"
+            return grpc.StatusCode.UNAUTHENTICATED, "missing bearer token (metadata 'authorization: Bearer TOKEN')"
         value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
-        scheme, _, given = value.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token.encode()):
-            return "invalid bearer token"
+        kind, _, given = value.partition(" ")
+        allowed = tokens.scopes_of(given.strip()) if kind.lower() == "bearer" else set()
+        if not allowed:
+            return grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token"
+        if scope not in allowed:
+            return grpc.StatusCode.PERMISSION_DENIED, f"this token's scope does not include {scope}: the " \
+                                                      f"{'Admin service' if scope == ADMIN else 'Search service'} " \
+                                                      f"needs a token of scope {scope}"
         return None
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(self._protected):
+        scope = self.needs(details.method) if handler is not None else None
+        if scope is None:
             return handler
-        refused = self.refusal(details.invocation_metadata)
+        refused = self.refusal(details.invocation_metadata, scope)
         if refused is None:
             return handler
 
         async def unary(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refused)
+            await context.abort(*refused)
 
         async def stream(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refused)
+            await context.abort(*refused)
             yield  # pragma: no cover
         return _rebuild(handler, unary, stream)
 

@@ -32,6 +32,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from asymsearch.core.errors import UserError
+from asymsearch.index.store import manifest_id
 from asymsearch.index.versions import resolve_index_folder
 from asymsearch.protos.v1 import search_pb2_grpc
 from asymsearch.server.batching import Pipeline
@@ -41,6 +42,7 @@ from asymsearch.server.interceptors import (ADMIN_SERVICE_NAME, SERVICE_NAME, Au
 from asymsearch.server.metrics import ServerMetrics
 from asymsearch.server.options import ServeOptions
 from asymsearch.server.servicers import AdminServicer, SearchServicer
+from asymsearch.server.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ class SearchServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-aio", daemon=True)
         self._thread.start()
+        self.tokens = TokenStore(options.all_tokens, options.token_file)
         self.limits = LimitsInterceptor(options.max_calls_per_peer, options.max_streams, self.metrics)
         self._grpc, self.health = self._call(self._build())
 
@@ -91,7 +94,7 @@ class SearchServer:
         server = grpc.aio.server(
             options=o.grpc_options(),
             interceptors=[MetricsInterceptor(self.metrics), LoggingInterceptor(),
-                          AuthInterceptor(o.token, o.search_requires_token), self.limits])
+                          AuthInterceptor(self.tokens, o.search_requires_token), self.limits])
         search_pb2_grpc.add_SearchServicer_to_server(SearchServicer(self), server)
         services = [SERVICE_NAME, HEALTH_SERVICE_NAME]
         if o.admin:
@@ -150,17 +153,30 @@ class SearchServer:
             self._follower = threading.Thread(target=self._follow, name="follow-current", daemon=True)
             self._follower.start()
 
+    def reload_tokens(self) -> bool:
+        """Read the token file again (SIGHUP); True when the new tokens are in use. A file that does not parse is
+        logged (by line number, never its content) and the tokens in use stay."""
+        try:
+            tokens = self.tokens.reload()
+        except UserError as e:
+            log.error("token file not reloaded, the tokens in use stay: %s", e, extra={"event": "tokens_refused"})
+            return False
+        log.info("token file reloaded: %d token(s)", len(tokens), extra={"event": "tokens_reloaded",
+                                                                         "tokens": len(tokens)})
+        return True
+
     def _report_index(self) -> None:
         e = self.engine
         self.metrics.served_index(e.index_version, e.index.teacher_id, e.index.count)
 
-    def reload(self, path: str | os.PathLike | None = None) -> tuple[bool, str]:
-        """Load the version `path` (default: the engine's source, its CURRENT) beside the served one and switch.
+    def reload(self, path: str | os.PathLike | None = None, *, keep_source: bool = False) -> tuple[bool, str]:
+        """Load the version `path` (default: the engine's source, its CURRENT) beside the served one and switch;
+        `keep_source`: serve `path` now but keep following the source (Admin's Reload of one version).
 
         Raises (and keeps the old version serving) when the new one cannot be opened or does not pair."""
         with self._reload_lock:
             try:
-                changed, version = self.engine.reload(path)
+                changed, version = self.engine.reload(path, keep_source=keep_source)
             except Exception as e:
                 self.metrics.swaps.labels("refused").inc()
                 log.error("reload refused, still serving version %r: %s", self.engine.index_version, e,
@@ -171,21 +187,24 @@ class SearchServer:
             return changed, version
 
     def _follow(self) -> None:
-        """Poll the engine's source; reload when its CURRENT names a version other than the served one."""
-        refused: Path | None = None  # a version that failed to load is retried only once CURRENT changes again
+        """Poll the engine's source; reload when its CURRENT names another index than the served one.
+
+        Versions are told apart by manifest id (the digest of their manifest), not by folder name: a version
+        that failed to load is retried as soon as CURRENT names different content, even under a reused name."""
+        refused: str | None = None  # the manifest id of a version that failed to load
         while not self._stopping.wait(self.options.poll_s):
             try:
-                folder = resolve_index_folder(self.engine.source)[0].resolve()
+                current = manifest_id(resolve_index_folder(self.engine.source)[0])
             except Exception as e:
                 log.warning("cannot resolve %s: %s", self.engine.source, e, extra={"event": "follow_failed"})
                 continue
-            if folder == Path(self.engine.index.folder).resolve() or folder == refused:
+            if current == self.engine.index.manifest_id or current == refused:
                 continue
             try:
                 self.reload()
                 refused = None
             except Exception:
-                refused = folder
+                refused = current
 
     # -- drain and stop -------------------------------------------------------------------------------------
 
@@ -248,20 +267,21 @@ def create_server(engine: QueryEngine, options: ServeOptions | None = None, *,
     return server, port
 
 
-def serve(index: str | os.PathLike, student: str | os.PathLike, *, host: str = "0.0.0.0", port: int = 50051,
+def serve(index: str | os.PathLike, student: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 50051,
           max_workers: int | None = None, options: ServeOptions | None = None,
           updater: IndexUpdater | None = None, **engine_kw: Any) -> None:
     """Serve `student` queries against `index` (a folder, or a root with CURRENT) until SIGINT or SIGTERM.
 
     Listens first (health NOT_SERVING), then loads; raises `PairingError` (and stops listening) when the student
     does not belong to the index's teacher. On a signal, health turns NOT_SERVING, new RPCs are refused and
-    in-flight ones get `options.drain_s` seconds to finish. Must run on the main thread (signals arrive there).
+    in-flight ones get `options.drain_s` seconds to finish. SIGHUP reads `options.token_file` again (a file that
+    does not parse is logged and the tokens in use stay). Must run on the main thread (signals arrive there).
     `engine_kw` (default_k, max_k, max_pixels) go to `QueryEngine.open`; `max_workers` is ignored (kept for
     callers of the thread-pool server).
     """
     options = dataclasses.replace(options or ServeOptions(), host=host, port=port)
     engine_kw.setdefault("intra_op_threads", options.embed_threads)
-    with _signals_caught(signal.SIGINT, signal.SIGTERM) as received:
+    with _signals_caught(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as received:
         server = SearchServer(options, updater=updater)
         bound = server.start()
         try:
@@ -278,8 +298,13 @@ def serve(index: str | os.PathLike, student: str | os.PathLike, *, host: str = "
                                                   "embed_workers": b.embed_workers, "embed_batch": b.embed_batch,
                                                   "decode_workers": b.decode_workers,
                                                   "memory_budget_mb": round(b.memory_budget_bytes / 2**20)})
-            while not received:
-                time.sleep(0.2)
+            while True:
+                while not received:
+                    time.sleep(0.2)
+                if received[0] != signal.SIGHUP:
+                    break
+                received.pop(0)
+                server.reload_tokens()
             log.info("%s received: draining in-flight requests for up to %.0f s",
                      signal.Signals(received[0]).name, options.drain_s, extra={"event": "draining"})
             server.stop(options.drain_s)

@@ -16,10 +16,12 @@ Health, Info and /metrics are outside every one of these.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from typing import Any
 
 from asymsearch.core.errors import UserError
 from asymsearch.server.batching import BatchingConfig
+from asymsearch.server.tokens import ADMIN, Tokens, read_token_file
 
 from asymsearch.server.defaults import (MAX_BATCH_QUERIES, MAX_CALLS_PER_PEER, MAX_CONCURRENT_STREAMS,
                                         MAX_STREAMS, STREAM_IDLE_S)
@@ -41,9 +43,15 @@ class ServeOptions:
     tls_cert: str | None = None  # PEM files; cert + key turn TLS on
     tls_key: str | None = None
     tls_client_ca: str | None = None  # when given, clients must present a certificate signed by it
-    token: str | None = None  # the bearer token; always required by Admin
+    token: str | None = None  # shorthand for one admin-scope token (admin includes search)
+    tokens: Tokens | None = None  # scoped tokens (server.tokens); with `token_file` they are read from it
+    token_file: str | None = None  # read at start and again on SIGHUP
     search_requires_token: bool = False
     admin: bool = False
+    admin_roots: tuple[str, ...] = ()  # folders a path-based AddImages may read (resolved); none: path adds off
+    insecure: bool = False  # allow plaintext on an address other machines can reach
+    expose_paths: bool = False  # Search replies carry the server paths of the hits (off: ids, labels, metadata)
+    max_upload_bytes: int = 1 << 30  # what one UploadImages call may carry, all images together
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; 0 picks a free port, None: off
     metrics_host: str = "127.0.0.1"
     follow_current: bool = False  # reload when the index root's CURRENT names another version
@@ -62,8 +70,20 @@ class ServeOptions:
     max_connection_idle_s: float = 300.0
 
     def __post_init__(self) -> None:
-        if self.admin and not self.token:
-            raise UserError("the admin service needs a bearer token (--token-file); it never runs without one")
+        if self.token_file and self.tokens is None:
+            object.__setattr__(self, "tokens", read_token_file(self.token_file))
+        if self.admin and not self.all_tokens.has(ADMIN):
+            raise UserError("the admin service needs an admin-scope bearer token (--token-file with a line "
+                            "'admin TOKEN'); it never runs without one")
+        if self.search_requires_token and not len(self.all_tokens):
+            raise UserError("--search-requires-token needs tokens (--token-file)")
+        if not self.tls_cert and not is_loopback(self.host):
+            if self.admin:
+                raise UserError(f"the admin service over plaintext is only served on a loopback address, not "
+                                f"{self.host}: give --tls-cert and --tls-key, or bind 127.0.0.1")
+            if not self.insecure:
+                raise UserError(f"binding {self.host} (reachable from other machines) without TLS needs "
+                                f"--insecure; or give --tls-cert and --tls-key, or bind 127.0.0.1 (the default)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise UserError("TLS needs both a certificate and its private key (--tls-cert and --tls-key)")
         if self.tls_client_ca and not self.tls_cert:
@@ -80,6 +100,12 @@ class ServeOptions:
             raise UserError(f"max_batch_queries ({self.max_batch_queries}, --max-batch-queries) exceeds the queries "
                             f"admission takes at once ({self.batching.max_queue}, --queue-size): such a batch "
                             f"could never be admitted; lower the first or raise the second")
+
+    @property
+    def all_tokens(self) -> Tokens:
+        """`tokens` plus the `token` shorthand (an admin token)."""
+        extra = Tokens.of(admin=[self.token]) if self.token else Tokens()
+        return Tokens((self.tokens.entries if self.tokens else ()) + extra.entries)
 
     @property
     def batch_query_limit(self) -> int:
@@ -101,3 +127,14 @@ class ServeOptions:
                 ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_ping_interval_s)),
                 ("grpc.http2.max_ping_strikes", 2),
                 ("grpc.max_connection_idle_ms", ms(self.max_connection_idle_s))]
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach: localhost, 127.0.0.0/8, ::1."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost, "0.0.0.0", "::": reachable from elsewhere

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from asymsearch.protos.v1 import search_pb2, search_pb2_grpc
+from asymsearch.server.admin import Upload, confined_folder, confined_version
 from asymsearch.server.batching import Pipeline
 from asymsearch.server.engine import InvalidQuery, SearchResult
 from asymsearch.server.errors import DeadlineExceeded, NotReady, StreamIdle, Unimplemented, rpc_errors, status_of
@@ -25,20 +26,22 @@ _END = object()
 
 # -- requests and replies ----------------------------------------------------------------------------------------
 
-def search_reply(result: SearchResult) -> search_pb2.SearchReply:
+def search_reply(result: SearchResult, expose_paths: bool = False) -> search_pb2.SearchReply:
+    """The reply of one query; the hits' server paths only when the server exposes them (`--expose-paths`)."""
     return search_pb2.SearchReply(
-        hits=[search_pb2.Hit(id=h.id, score=h.score, path=h.path, label=h.label, metadata=h.metadata)
+        hits=[search_pb2.Hit(id=h.id, score=h.score, path=h.path if expose_paths else "", label=h.label,
+                             metadata=h.metadata)
               for h in result.hits],
         embed_ms=result.embed_ms, search_ms=result.search_ms, index_version=result.index_version,
         queue_ms=max(0.0, result.queue_ms), decode_ms=result.decode_ms, batch_size=result.batch_size)
 
 
 def query_result(tag: int, future: concurrent.futures.Future | None = None,
-                 error: BaseException | None = None) -> search_pb2.QueryResult:
+                 error: BaseException | None = None, expose_paths: bool = False) -> search_pb2.QueryResult:
     if future is not None:
         error = future.exception()
         if error is None:
-            return search_pb2.QueryResult(tag=tag, code=0, reply=search_reply(future.result()))
+            return search_pb2.QueryResult(tag=tag, code=0, reply=search_reply(future.result(), expose_paths))
     code, message = status_of(error, "a batched query")
     return search_pb2.QueryResult(tag=tag, code=code.value[0], message=message)
 
@@ -120,7 +123,7 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
         caller = Caller(context)
         future = submit(payload, k, deadline=caller.deadline, alive=caller.alive)
         await wait_all([future], caller, context, "the query")
-        return search_reply(future.result())
+        return search_reply(future.result(), self._server.options.expose_paths)
 
     @rpc_errors
     async def SearchImage(self, request, context):
@@ -149,9 +152,10 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
         caller = Caller(context)
         submitted = pipeline.submit_many(valid, deadline=caller.deadline, alive=caller.alive)
         await wait_all(submitted, caller, context, "the batch")
-        futures = iter(submitted)
+        futures, expose = iter(submitted), self._server.options.expose_paths
         return search_pb2.BatchSearchReply(results=[
-            query_result(q.tag, error=p) if isinstance(p, InvalidQuery) else query_result(q.tag, next(futures))
+            query_result(q.tag, error=p) if isinstance(p, InvalidQuery)
+            else query_result(q.tag, next(futures), expose_paths=expose)
             for q, p in zip(request.queries, parsed)])
 
     @rpc_errors
@@ -202,7 +206,8 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
                     continue
                 in_progress[0] -= 1
                 window.release()
-                yield item if isinstance(item, search_pb2.QueryResult) else query_result(*item)
+                yield item if isinstance(item, search_pb2.QueryResult) else \
+                    query_result(*item, expose_paths=self._server.options.expose_paths)
         finally:
             caller.waiting = False
             reader.cancel()
@@ -238,8 +243,9 @@ class AdminServicer(search_pb2_grpc.AdminServicer):
 
     @rpc_errors
     async def Reload(self, request, context):
-        self._engine()
-        return self._reply(*await asyncio.to_thread(self._server.reload, request.path or None))
+        engine = self._engine()
+        version = confined_version(request.path, Path(engine.source)) if request.path else None
+        return self._reply(*await asyncio.to_thread(self._server.reload, version, keep_source=True))
 
     async def _update(self, what: str, apply: Callable[[Path], None]) -> search_pb2.UpdateReply:
         engine = self._engine()
@@ -256,8 +262,31 @@ class AdminServicer(search_pb2_grpc.AdminServicer):
     async def AddImages(self, request, context):
         if not request.folder:
             raise InvalidQuery("AddImages needs the folder of the images to add")
-        return await self._update("AddImages",
-                                  lambda root: self._updater.add(root, request.folder, request.metadata_csv or None))
+        roots = self._server.options.admin_roots
+        folder, csv_file = await asyncio.to_thread(confined_folder, request.folder, request.metadata_csv, roots)
+        return await self._update("AddImages", lambda root: self._updater.add(
+            root, str(folder), str(csv_file) if csv_file else None))
+
+    @rpc_errors
+    async def UploadImages(self, request_iterator, context):
+        engine = self._engine()
+        if self._updater is None:
+            raise Unimplemented("UploadImages is not available on this server (it needs an index updater, e.g. "
+                                "`serve --admin --teacher T.onnx`)")
+        upload = await asyncio.to_thread(Upload, Path(engine.source), self._server.options.max_upload_bytes)
+        try:
+            async for image in request_iterator:
+                await asyncio.to_thread(upload.add, image.name, image.label, image.data, dict(image.metadata))
+            if upload.count == 0:
+                raise InvalidQuery("UploadImages received no image")
+            csv_file = await asyncio.to_thread(upload.metadata_csv)
+            reply = await self._update("UploadImages", lambda root: self._updater.add(
+                root, str(upload.folder), str(csv_file) if csv_file else None))
+        except BaseException:
+            await asyncio.to_thread(upload.discard)
+            raise
+        reply.message = f"{upload.count} image(s) received ({upload.bytes / 2**20:.1f} MiB), kept as upload {upload.id}"
+        return reply
 
     @rpc_errors
     async def RemoveImages(self, request, context):

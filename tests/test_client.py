@@ -21,7 +21,7 @@ def address(tmp_path_factory, image_folder, tiny_models):
     out = tmp_path_factory.mktemp("client") / "index"
     build_index(tiny_models["teacher"], image_folder, out, progress=False)
     with QueryEngine.open(out, tiny_models["student"], max_k=100) as engine:
-        server, port = create_server(engine, max_workers=4)
+        server, port = create_server(engine, max_workers=4, expose_paths=True)
         yield f"127.0.0.1:{port}"
         server.stop(None)
 

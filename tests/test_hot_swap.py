@@ -106,7 +106,7 @@ def test_follow_current_swaps_under_load_without_a_failed_request(root, folders,
     engine = QueryEngine.open(root, tiny_models["student"])
     assert engine.index_version == "v000001" and engine.index.count == 80
     first = engine._served
-    server, port = create_server(engine, max_workers=16, follow_current=True, poll_s=0.05)
+    server, port = create_server(engine, max_workers=16, follow_current=True, poll_s=0.05, expose_paths=True)
     load = Load(port, images)
     try:
         _wait_for(lambda: len(load.versions) >= 20)
@@ -156,16 +156,52 @@ def test_a_foreign_index_is_refused_and_the_old_version_keeps_serving(root, fold
         engine.close()
 
 
-def test_reload_call_swaps_to_a_given_folder(root, folders, tiny_models, images):
+def test_the_follower_knows_versions_by_manifest_id_not_by_name(root, folders, tiny_models, images):
+    """A refused version is not retried while CURRENT names the same content, but the same name published again
+    with other (good) content is picked up: versions are told apart by manifest id."""
     engine = QueryEngine.open(root, tiny_models["student"])
+    server, port = create_server(engine, follow_current=True, poll_s=0.05)
+    try:
+        publish(root, "v000002", folders["foreign"])
+        _wait_for(lambda: 'result="refused"' in server.metrics.text())
+        refusals = server.metrics.registry.get_sample_value("asymsearch_index_swaps_total", {"result": "refused"})
+        time.sleep(0.5)  # ten polls: the same refused content is not loaded again
+        assert server.metrics.registry.get_sample_value("asymsearch_index_swaps_total",
+                                                        {"result": "refused"}) == refusals
+        shutil.rmtree(root / "versions" / "v000002")
+        shutil.copytree(folders["half"], root / "versions" / "v000002")  # the same name, other content
+        _wait_for(lambda: engine.index.count == 40)
+        assert engine.index_version == "v000002"
+        with SearchClient(f"127.0.0.1:{port}") as client:
+            assert len(client.search_image(images[0], k=3)) == 3
+    finally:
+        server.stop(None)
+        engine.close()
+
+
+def test_reload_call_serves_a_given_version_of_the_root_and_nothing_else(root, folders, tiny_models, images):
+    """Reload(version) serves that version of the served root (its name or its folder) under load; any other
+    folder is PERMISSION_DENIED with the same message whether it exists or not, and the root stays the source."""
+    publish(root, "v000002", folders["half"])
+    engine = QueryEngine.open(root, tiny_models["student"])  # serves CURRENT, v000002
     server, port = create_server(engine, max_workers=8, admin=True, token=TOKEN)
     load = Load(port, images, threads=2)
     try:
         with SearchClient(f"127.0.0.1:{port}", token=TOKEN) as client:
             _wait_for(lambda: len(load.versions) >= 10)
-            assert client.reload(str(folders["half"])) == {"index_version": "", "count": 40, "changed": True,
-                                                           "message": ""}
-            assert client.reload(str(folders["half"]))["changed"] is False
+            assert client.reload("v000001") == {"index_version": "v000001", "count": 80, "changed": True,
+                                                "message": ""}
+            assert client.reload(str(root / "versions" / "v000002"))["count"] == 40
+            assert client.reload("v000002")["changed"] is False
+            messages = set()
+            for outside in (str(folders["half"]), "/etc", "/no/such/folder", "../versions/v000001", "v1"):
+                with pytest.raises(Exception) as refused:
+                    client.reload(outside)
+                assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED, outside
+                messages.add(str(refused.value).split(": ", 1)[1])
+            assert len(messages) == 1 and "only versions of the served index root" in messages.pop()
+            assert engine.source == root  # still following the root
+            assert client.reload()["index_version"] == "v000002"  # CURRENT
             n = len(load.versions)
             _wait_for(lambda: len(load.versions) >= n + 10)
     finally:
@@ -261,8 +297,8 @@ def test_admin_add_and_remove_publish_and_serve_new_versions(root, tiny_models, 
     new = make_synthetic_dataset(tmp_path / "new", num_classes=2, per_class=3, size=48, seed=9)
     new_paths = sorted(str(p.resolve()) for p in new.rglob("*.jpg"))
     engine = QueryEngine.open(root, tiny_models["student"], max_k=200)
-    server, port = create_server(engine, max_workers=8, admin=True, token=TOKEN,
-                                 updater=TeacherUpdater(tiny_models["teacher"]))
+    server, port = create_server(engine, max_workers=8, admin=True, token=TOKEN, expose_paths=True,
+                                 admin_roots=(str(tmp_path),), updater=TeacherUpdater(tiny_models["teacher"]))
     load = Load(port, images, threads=2)
     try:
         with SearchClient(f"127.0.0.1:{port}", token=TOKEN) as client:

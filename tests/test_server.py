@@ -43,7 +43,7 @@ def engine(index_dir, tiny_models):
 
 @pytest.fixture(scope="module")
 def channel(engine):
-    server, port = create_server(engine, max_workers=4)
+    server, port = create_server(engine, max_workers=4, expose_paths=True)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         yield ch
     server.stop(None)

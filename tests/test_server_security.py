@@ -163,7 +163,7 @@ def test_admin_is_off_by_default_and_never_without_a_token(engine):
             assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         server.stop(None)
-    with pytest.raises(UserError, match="needs a bearer token"):
+    with pytest.raises(UserError, match="needs an admin-scope bearer token"):
         ServeOptions(admin=True)
     with pytest.raises(UserError, match="both a certificate and its private key"):
         ServeOptions(tls_cert="x.pem")
@@ -175,5 +175,5 @@ def test_cli_refuses_admin_without_token(tmp_path, tiny_models, capsys, engine):
                  "--admin", "--port", "0", "--host", "127.0.0.1"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("asymsearch: error: the admin service needs a bearer token (--token-file); "
-                       "it never runs without one")
+    assert err[-1] == ("asymsearch: error: the admin service needs an admin-scope bearer token (--token-file "
+                       "with a line 'admin TOKEN'); it never runs without one")

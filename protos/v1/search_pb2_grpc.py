@@ -290,6 +290,11 @@ class AdminStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.UploadImages = channel.stream_unary(
+                '/asymsearch.v1.Admin/UploadImages',
+                request_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.UploadImage.SerializeToString,
+                response_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.FromString,
+                _registered_method=True)
         self.AddImages = channel.unary_unary(
                 '/asymsearch.v1.Admin/AddImages',
                 request_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.AddImagesRequest.SerializeToString,
@@ -312,9 +317,17 @@ class AdminServicer:
     needs the bearer token (metadata `authorization: Bearer TOKEN`), even from loopback.
     """
 
+    def UploadImages(self, request_iterator, context):
+        """Embed images sent over the wire with the teacher, publish a new index version that holds them, and serve it.
+        The server keeps the images under its index root (uploads/); no client-supplied path is ever opened.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AddImages(self, request, context):
         """Embed the images of a folder on the server's disk with the teacher, publish a new index version that holds
-        them, and serve it.
+        them, and serve it. Only for folders under the server's --admin-root folders (off without one).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -328,7 +341,8 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Reload(self, request, context):
-        """Load the index's CURRENT version (or the given folder) beside the served one and switch to it atomically.
+        """Load the index's CURRENT version (or the given version of the served index root) beside the served one and
+        switch to it atomically.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -337,6 +351,11 @@ class AdminServicer:
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'UploadImages': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadImages,
+                    request_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.UploadImage.FromString,
+                    response_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.SerializeToString,
+            ),
             'AddImages': grpc.unary_unary_rpc_method_handler(
                     servicer.AddImages,
                     request_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.AddImagesRequest.FromString,
@@ -364,6 +383,33 @@ class Admin:
     """Changes the served index. Off unless the server was started with the admin service enabled, and every call
     needs the bearer token (metadata `authorization: Bearer TOKEN`), even from loopback.
     """
+
+    @staticmethod
+    def UploadImages(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/asymsearch.v1.Admin/UploadImages',
+            asymsearch_dot_protos_dot_v1_dot_search__pb2.UploadImage.SerializeToString,
+            asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def AddImages(request,
