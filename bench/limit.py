@@ -3,7 +3,7 @@
 The same steps the server runs for a query, called directly in this process: decode and prepare the image
 (`core.preprocess`), embed it with the real student (`core.ort.OnnxEmbedder`), search the index and look up the
 hits (`index.store.SearchIndex`) — with no gRPC, no queue, no admission and no client in the same CPU budget.
-`threads` workers (default: one per core) each take `batch` queries at a time: the student embeds them
+`threads` workers (default: as many as the server's decode and embed workers, `default_threads`) each take `batch` queries at a time: the student embeds them
 `embed_batch` at a time (default 1: with EfficientNet-Lite on a CPU a larger batch costs as much or more per image)
 and faiss searches the whole batch in one call (a batched Flat search is cheaper per query), so the limit has the
 cheapest batching and the parallelism a server could at best have. It runs for a set time and
@@ -30,10 +30,19 @@ from asymsearch.core.preprocess import decode_image, preprocess
 from asymsearch.index.store import SearchIndex
 
 
+def default_threads() -> int:
+    """As many worker threads as the server runs compute threads (its decode plus embed workers, from the same
+    machine-sized defaults): on a machine shared with other jobs the scheduler shares the cores by runnable
+    thread, so a limit with fewer threads than the server gets less of the machine than the server does (measured:
+    a 2-thread limit got one of two cores at load 4 and the server beat it by 1.17x in q/s)."""
+    from asymsearch.server.defaults import DECODE_WORKERS, EMBED_WORKERS
+    return DECODE_WORKERS + EMBED_WORKERS
+
+
 class InProcessLimit:
     def __init__(self, index: str | os.PathLike, student: str | os.PathLike, *, threads: int | None = None,
                  batch: int = 8, embed_batch: int = 1, k: int = 10) -> None:
-        threads = threads or os.cpu_count() or 1
+        threads = threads or default_threads()
         if min(threads, batch, embed_batch, k) < 1:
             raise UserError(f"the limit needs threads, batch, embed batch and k of at least 1 (got {threads}, "
                             f"{batch}, {embed_batch}, {k})")

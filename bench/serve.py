@@ -63,7 +63,7 @@ class ServeBenchConfig:
     k: int = 10
     client_processes: int = 2
     query_images: int = 64
-    limit_threads: int | None = None  # None: one per core
+    limit_threads: int | None = None  # None: the server's decode + embed workers (bench.limit.default_threads)
     limit_batch: int = 8  # queries per faiss search in the limit
     limit_embed_batch: int = 1  # images per student call in the limit
     idle_streams: int = 1000  # 0: no idle-stream line

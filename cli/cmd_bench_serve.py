@@ -59,7 +59,8 @@ def register(commands: Commands) -> None:
                    help="load generator processes (default: %(default)s)")
     p.add_argument("-k", type=int, default=10, help="results per query (default: %(default)s)")
     p.add_argument("--query-images", type=int, default=64, help="distinct query images (default: %(default)s)")
-    p.add_argument("--limit-threads", type=int, default=None, help="the limit's workers (default: one per core)")
+    p.add_argument("--limit-threads", type=int, default=None, help="the limit's workers (default: as many as the server's decode + embed workers, so that a "
+                        "shared machine gives both the same share)")
     p.add_argument("--limit-batch", type=int, default=8,
                    help="queries per faiss search in the limit (default: %(default)s)")
     p.add_argument("--limit-embed-batch", type=int, default=1,
