@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from asymsearch.core.errors import UserError
+from asymsearch.training.common import best_epoch
 from asymsearch.training.config import AddOnOptions
 
 DEFAULT_VARIANTS = ("baseline", "metrix=input", "metrix=embedding", "osm_caa=true", "message_passing=2")
@@ -112,7 +113,8 @@ _SHARED: tuple | None = None  # the data of the current experiment, inherited by
 
 def _run_one(task: tuple[str, int]) -> dict:
     import torch
-    from experiments.heads import _embed, _metrics
+    from experiments.common import embed_maps
+    from experiments.heads import _metrics
 
     spec, seed = task
     cfg, channels, fit_maps, fit_labels, val_maps, val_labels, eval_maps, eval_labels = _SHARED
@@ -120,7 +122,7 @@ def _run_one(task: tuple[str, int]) -> dict:
     start = time.perf_counter()
     head, history = train_with_addons(cfg, parse_variant(spec, cfg), channels, fit_maps, fit_labels, val_maps,
                                       val_labels, seed, log=lambda msg: print(msg, flush=True))
-    metrics = _metrics(_embed(head, eval_maps), eval_labels)
+    metrics = _metrics(embed_maps(head, eval_maps), eval_labels)
     print(f"{spec} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
     return {"seed": seed, "metrics": metrics, "history": history, "train_seconds": time.perf_counter() - start}
 
@@ -143,14 +145,6 @@ def verdict(deltas: list[float], baseline_std: float) -> str:
     return "within noise"
 
 
-def _best_epoch(history: list[dict]) -> int | None:
-    """The epoch whose weights were evaluated: the first with the best validation Recall@1 (the last without)."""
-    scored = [h for h in history if h.get("val_recall@1") is not None]
-    if not scored:
-        return history[-1]["epoch"] if history else None
-    return max(scored, key=lambda h: (h["val_recall@1"], -h["epoch"]))["epoch"]
-
-
 def summarize(rows: list[dict]) -> None:
     """Per row: mean ± std of each metric over seeds; for every row after the first (the reference), the per-seed
     paired change against it (same seed), mean ± std, and the verdict."""
@@ -158,7 +152,7 @@ def summarize(rows: list[dict]) -> None:
     for row in rows:
         row["summary"] = {k: _stats([r["metrics"][k] for r in row["runs"]]) for k in KEYS}
         row["train_seconds"] = statistics.fmean(r["train_seconds"] for r in row["runs"])
-        row["best_epochs"] = [_best_epoch(r.get("history", [])) for r in row["runs"]]
+        row["best_epochs"] = [best_epoch(r.get("history", [])) for r in row["runs"]]
         if row is ref:
             continue
         ref_by_seed = {r["seed"]: r["metrics"] for r in ref["runs"]}

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -39,6 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from asymsearch.core.errors import UserError
+
+from experiments.common import embed_maps, train_on_maps
 
 DEFAULT_HEADS = ("gem", "glam:channels=256", "glam:channels=256,global=false", "glam:channels=256,local=false",
                  "glap", "diablo:channels=256", "diablo:channels=256,select=feature,attention=post")
@@ -85,16 +86,6 @@ def _metrics(emb: np.ndarray, labels: list) -> dict:
     return {k: float(m[k]) for k in ("recall@1", "recall@2", "recall@4", "recall@8", "map")}
 
 
-def _embed(head, maps: np.ndarray, batch: int = 128) -> np.ndarray:
-    import torch
-    head.eval()
-    out = []
-    with torch.no_grad():
-        for lo in range(0, len(maps), batch):
-            out.append(head(torch.from_numpy(np.asarray(maps[lo:lo + batch], np.float32))).numpy())
-    return np.concatenate(out)
-
-
 def train_head_on_maps(spec: str, cfg, channels: int, train_maps: np.ndarray,
                        train_labels: list[int], val_maps: np.ndarray, val_labels: list[int], seed: int,
                        log=print, addons=None, name: str | None = None) -> tuple[object, list[dict]]:
@@ -102,64 +93,33 @@ def train_head_on_maps(spec: str, cfg, channels: int, train_maps: np.ndarray,
 
     `cfg` is a `HeadsExperimentConfig` or any config with its training fields (`xbm` may be absent: off);
     `addons` the training add-ons' options (`training.addons.AddOnOptions`, default all off: plain ℓ_C)."""
-    import torch
-
     from asymsearch.training.addons import AddOnOptions, TrainingAddOns
-    from asymsearch.training.common import BestEpoch, seed_everything
-    from asymsearch.training.data import MPerClassSampler
+    from asymsearch.training.common import seed_everything
+    from asymsearch.training.engine import SymmetricObjective
     from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner
     from asymsearch.training.models import create_head
-    from asymsearch.training.schedule import make_scheduler
-    from asymsearch.training.xbm import CrossBatchMemory, xbm_loss
+    from asymsearch.training.xbm import CrossBatchMemory, MemoryLoss
 
     seed_everything(seed)
     name = name or spec
     head = create_head(spec, channels, cfg.dim).train()
     extras = TrainingAddOns(addons or AddOnOptions(), dim=cfg.dim, num_classes=int(max(train_labels)) + 1,
                             seed=seed).train()
-    sampler = MPerClassSampler(train_labels, cfg.per_class, cfg.classes_per_batch, seed=seed)
-    steps = cfg.epochs * len(sampler)
-    opt = torch.optim.AdamW([{"params": list(head.parameters())}, *extras.optimizer_group(cfg.lr, cfg.weight_decay)],
-                            lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = make_scheduler(opt, steps, int(cfg.warmup_epochs * len(sampler)))
     miner, criterion = HardNegativeMiner(cfg.num_negatives), ContrastiveLoss(cfg.margin)
     xbm = getattr(cfg, "xbm", 0)
-    memory = CrossBatchMemory(xbm, cfg.dim)
-    labels_t = torch.as_tensor(train_labels)
-    gen = torch.Generator().manual_seed(seed)
-    best, history = BestEpoch(), []
-    for epoch in range(1, cfg.epochs + 1):
-        sampler.set_epoch(epoch)
-        head.train()
-        losses, start = [], time.perf_counter()
-        for batch in sampler:
-            x = torch.from_numpy(np.asarray(train_maps[np.sort(batch)], np.float32))
-            order = np.argsort(np.argsort(batch))  # rows back in the sampler's order
-            x = x[torch.as_tensor(order)]
-            if cfg.flip:
-                flip = torch.rand(len(x), generator=gen) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            y = labels_t[torch.as_tensor(batch)]
-            emb, mixed, plan = extras.embed(head, x, y)  # head(x) (and Metrix's mixed examples)
-            loss = extras.teacher_loss(criterion, miner, emb, y, mixed, plan)
-            if xbm:
-                loss = loss + cfg.xbm_weight * xbm_loss(criterion, miner, emb, y, memory)
-                memory.enqueue(emb, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        if not math.isfinite(float(np.mean(losses))):
-            raise UserError(f"{name} diverged at epoch {epoch}; lower --lr")
-        val = _metrics(_embed(head, val_maps), val_labels)["recall@1"] if len(val_maps) else None
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_recall@1": val,
-                        "seconds": time.perf_counter() - start})
-        log(f"  {name} seed {seed} epoch {epoch}/{cfg.epochs}: loss {history[-1]['loss']:.4f} "
-            f"val R@1 {val if val is None else round(val, 4)} ({history[-1]['seconds']:.0f} s)")
-        best.offer(head, history[-1])  # without validation: the last epoch
-    best.restore(head, history)
-    return head.eval(), history
+    handlers = [MemoryLoss(CrossBatchMemory(xbm, cfg.dim), criterion, miner, cfg.xbm_weight)] if xbm else []
+
+    def report(entry, epochs):
+        val = entry["val_recall@1"]
+        log(f"  {name} seed {seed} epoch {entry['epoch']}/{epochs}: loss {entry['loss']:.4f} "
+            f"val R@1 {val if val is None else round(val, 4)} ({entry['seconds']:.0f} s)")
+
+    history = train_on_maps(
+        head, SymmetricObjective(criterion, miner, extras), train_maps, train_labels, per_class=cfg.per_class,
+        classes_per_batch=cfg.classes_per_batch, epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        warmup_epochs=cfg.warmup_epochs, seed=seed, addons=extras, handlers=handlers, flip=cfg.flip, report=report,
+        validate=lambda: _metrics(embed_maps(head, val_maps), val_labels)["recall@1"] if len(val_maps) else None)
+    return head.eval(), history  # the best validation epoch's weights (without validation: the last epoch's)
 
 
 def teacher_config(cfg: HeadsExperimentConfig, spec: str, seed: int, out: str):
@@ -214,7 +174,7 @@ def _run_one(task: tuple[str, int]) -> tuple[tuple[str, int], dict]:
     else:
         head, history = train_head_on_maps(spec, cfg, channels, fit_maps, fit_labels, val_maps, val_labels, seed,
                                            log=lambda msg: print(msg, flush=True))
-        emb = _embed(head, eval_maps)
+        emb = embed_maps(head, eval_maps)
     metrics = _metrics(emb, eval_labels)
     print(f"{spec} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
     return task, {"seed": seed, "metrics": metrics, "history": history, "train_seconds": time.perf_counter() - start}
@@ -424,7 +384,7 @@ def run_heads_experiment(cfg: HeadsExperimentConfig, log=print) -> dict:
     _SHARED = (cfg, channels, fit_maps, fit_labels, val_maps, val_labels, eval_maps, eval_labels, eval_trunk)
 
     zero = create_head("gap", channels, channels)
-    zero_metrics = _metrics(_embed(zero, eval_maps), eval_labels)
+    zero_metrics = _metrics(embed_maps(zero, eval_maps), eval_labels)
     torch.set_num_threads(max(1, cfg.threads))  # the runs and the cost columns: cfg.threads each
     log(f"zero-shot GAP: {zero_metrics}")
     rows = [{"head": "gap (zero-shot, no training)", "spec": "gap", "runs": [{"seed": None, "metrics": zero_metrics}],

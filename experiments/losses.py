@@ -19,7 +19,6 @@ Protocol (CPU-sized; the table states it):
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from asymsearch.core.errors import UserError
+
+from experiments.common import embed_maps, train_on_maps
 
 # (row name, loss, trained asymmetrically, uses the teacher): the rows of Budnik & Avrithis 2021's table, plus the asymmetric
 # forms of RKD and DarkRank, and the student trained alone (no teacher) as the symmetric baseline
@@ -75,77 +76,35 @@ class LossesExperimentConfig:
     results: list = field(default_factory=list)
 
 
-def _embed(head, maps: np.ndarray, batch: int = 256) -> np.ndarray:
-    import torch
-    head.eval()
-    out = []
-    with torch.no_grad():
-        for lo in range(0, len(maps), batch):
-            out.append(head(torch.from_numpy(np.asarray(maps[lo:lo + batch], np.float32))).numpy())
-    return np.concatenate(out).astype(np.float32)
-
-
 def _metrics(queries: np.ndarray, database: np.ndarray, labels) -> dict:
     from asymsearch.core.metrics import retrieval_metrics
     m = retrieval_metrics(queries, labels, database, labels, exclude_self=True)
     return {k: float(m[k]) for k in METRIC_KEYS}
 
 
-def _batches(sampler, maps: np.ndarray):
-    import torch
-    for batch in sampler:
-        batch = np.asarray(batch)
-        order = np.argsort(batch, kind="stable")
-        rows = np.empty_like(order)
-        rows[order] = np.arange(len(batch))
-        x = torch.from_numpy(np.asarray(maps[batch[order]], np.float32))[torch.as_tensor(rows)]
-        yield x, torch.as_tensor(batch)
-
-
-def train_head(cfg: LossesExperimentConfig, channels: int, maps: np.ndarray, labels: list[int], step_loss,
+def train_head(cfg: LossesExperimentConfig, channels: int, maps: np.ndarray, labels: list[int], objective,
                validate, epochs: int, name: str, seed: int, lr: float, log=print):
-    """A GeM head trained on cached maps with `step_loss(emb, labels, idx)`; the epoch with the best
-    `validate(head)` is kept. Returns (head, history).
+    """A GeM head trained on cached maps with `objective` (`training.engine.Step` -> loss) through the product's
+    training loop; the epoch with the best `validate(head)` is kept. Returns (head, history).
 
     The teacher's and the students' heads must start from *different* random weights (different seeds): with
     the same initial projection of channel-aligned features (one backbone at two resolutions) a student would
     share the teacher's space before any training, and even a student trained alone would look asymmetric-ready.
     """
-    import torch
-
     from asymsearch.training.common import seed_everything
-    from asymsearch.training.data import MPerClassSampler
     from asymsearch.training.models import create_head
-    from asymsearch.training.schedule import make_scheduler
 
     seed_everything(seed)
     head = create_head("gem", channels, cfg.dim)
-    sampler = MPerClassSampler(labels, cfg.per_class, cfg.classes_per_batch, seed=seed)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    sched = make_scheduler(opt, epochs * len(sampler), int(cfg.warmup_epochs * len(sampler)))
-    labels_t = torch.as_tensor(labels)
-    best, best_state, history = -math.inf, None, []
-    for epoch in range(1, epochs + 1):
-        sampler.set_epoch(epoch)
-        head.train()
-        losses, start = [], time.perf_counter()
-        for x, idx in _batches(sampler, maps):
-            loss = step_loss(head(x), labels_t[idx], idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        if not math.isfinite(float(np.mean(losses))):
-            raise UserError(f"{name} diverged at epoch {epoch}; lower --lr")
-        val = validate(head)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_recall@1": val,
-                        "seconds": time.perf_counter() - start})
-        log(f"  {name} epoch {epoch}/{epochs}: loss {history[-1]['loss']:.4f} val R@1 {val:.4f} "
-            f"({history[-1]['seconds']:.1f} s)")
-        if val > best:
-            best, best_state = val, {k: v.detach().clone() for k, v in head.state_dict().items()}
-    head.load_state_dict(best_state)
+
+    def report(entry, epochs):
+        log(f"  {name} epoch {entry['epoch']}/{epochs}: loss {entry['loss']:.4f} val R@1 {entry['val_recall@1']:.4f} "
+            f"({entry['seconds']:.1f} s)")
+
+    history = train_on_maps(head, objective, maps, labels, per_class=cfg.per_class,
+                            classes_per_batch=cfg.classes_per_batch, epochs=epochs, lr=lr,
+                            weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, seed=seed,
+                            validate=lambda: validate(head), report=report)
     return head.eval(), history
 
 
@@ -175,8 +134,10 @@ def run_losses_experiment(cfg: LossesExperimentConfig, log=print) -> dict:
     import torch
 
     from asymsearch.core.data import list_image_folder, select_classes
+    from asymsearch.training.addons import AddOnOptions, TrainingAddOns
     from asymsearch.training.checkpoint import make_checkpoint, save_checkpoint
-    from asymsearch.training.common import split_train_val
+    from asymsearch.training.common import best_epoch, split_train_val
+    from asymsearch.training.engine import StudentStepObjective, SymmetricObjective
     from asymsearch.training.featcache import feature_maps
     from asymsearch.training.losses import ContrastiveLoss, HardNegativeMiner, create_loss
     from asymsearch.training.models import EmbeddingNet, create_backbone
@@ -215,10 +176,12 @@ def run_losses_experiment(cfg: LossesExperimentConfig, log=print) -> dict:
     t_train, t_val, t_test = (maps_subset(t_maps, split[n]) for n in ("train", "val", "test"))
     y_train, y_val, y_test = (labels[split[n]].tolist() for n in ("train", "val", "test"))
     miner, contrastive = HardNegativeMiner(cfg.num_negatives), ContrastiveLoss(cfg.margin)
+    no_addons = TrainingAddOns(AddOnOptions(), dim=cfg.dim, num_classes=len(classes))  # the plain losses
     log(f"teacher: {cfg.teacher_backbone}@{t_spec.crop} frozen + GeM head, {len(y_train)} training images")
     teacher_head, teacher_history = train_head(
-        cfg, t_maps.shape[1], t_train, y_train, lambda e, y, i: contrastive(e, y, miner(e, y)),
-        lambda h: _metrics(_embed(h, t_val), _embed(h, t_val), y_val)["recall@1"], cfg.teacher_epochs, "teacher",
+        cfg, t_maps.shape[1], t_train, y_train, SymmetricObjective(contrastive, miner, no_addons),
+        lambda h: _metrics(embed_maps(h, t_val, 256), embed_maps(h, t_val, 256), y_val)["recall@1"],
+        cfg.teacher_epochs, "teacher",
         cfg.seed, cfg.teacher_lr, log)
     backbone, _ = create_backbone(cfg.teacher_backbone, cfg.pretrained)
     teacher = EmbeddingNet(backbone, teacher_head, cfg.dim).eval()
@@ -231,7 +194,7 @@ def run_losses_experiment(cfg: LossesExperimentConfig, log=print) -> dict:
     save_checkpoint(ckpt, workdir / f"teacher-{teacher_id}.pt")
     key = {"kind": "teacher-embeddings", "teacher_id": teacher_id, "preprocessing": t_spec.to_dict(),
            "augmentation": "none", "items": items_fingerprint(items), "count": len(items)}
-    t_all = cached_array(workdir, f"teacher-{teacher_id}", key, lambda: _embed(teacher_head, t_maps), log=log)
+    t_all = cached_array(workdir, f"teacher-{teacher_id}", key, lambda: embed_maps(teacher_head, t_maps, 256), log=log)
     pool, pool_labels = torch.from_numpy(t_all[split["train"]]), torch.as_tensor(y_train)
     g_val, g_test = t_all[split["val"]], t_all[split["test"]]
     teacher_metrics = _metrics(g_test, g_test, y_test)
@@ -254,16 +217,16 @@ def run_losses_experiment(cfg: LossesExperimentConfig, log=print) -> dict:
                                      num_negatives=cfg.num_negatives)
 
         def validate(head, asymmetric=asymmetric):
-            f = _embed(head, s_val)
+            f = embed_maps(head, s_val, 256)
             return _metrics(f, g_val if asymmetric else f, y_val)["recall@1"]
         start = time.perf_counter()
         head, history = train_head(cfg, s_maps.shape[1], s_train, y_train,
-                                   lambda e, y, i, o=objective: o(e, y, i, pool, pool_labels), validate,
+                                   StudentStepObjective(objective, no_addons, pool, pool_labels), validate,
                                    cfg.student_epochs, name, cfg.seed + 1, cfg.lr, log)  # not the teacher's init
-        f_test = _embed(head, s_test)
+        f_test = embed_maps(head, s_test, 256)
         row = {"variant": name, "loss": loss_name, "trained_asymmetric": asymmetric,
                "symmetric": _metrics(f_test, f_test, y_test), "asymmetric": _metrics(f_test, g_test, y_test),
-               "best_epoch": int(np.argmax([h["val_recall@1"] for h in history])) + 1,
+               "best_epoch": best_epoch(history),
                "train_seconds": time.perf_counter() - start}
         log(f"{name}: sym {_fmt(row['symmetric'])} | asym {_fmt(row['asymmetric'])}")
         rows.append(row)

@@ -288,3 +288,14 @@ def test_experiment_heads_with_tune_units_scores_what_train_teacher_trains(image
     untrained[untrained.index(tiny_weights)] = "none"
     assert main(untrained) == 2
     assert len(list(cache.glob("*.npy"))) == 5
+
+
+def test_experiment_heads_with_a_cross_batch_memory_trains(image_folder, tmp_path):
+    """`--xbm N` on frozen maps (the memory is enqueued after the step: before the loop was the product's, enqueueing
+    before backward broke the memory term's graph)."""
+    from experiments import heads
+
+    got = heads.run_heads_experiment(tiny_heads_config(image_folder, tmp_path, "res/heads", heads=("gem",), xbm=8),
+                                     log=lambda *_: None)
+    history = got["rows"][1]["runs"][0]["history"]
+    assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)

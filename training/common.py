@@ -126,7 +126,12 @@ class BestEpoch:
         """Load the kept weights into `model` (unchanged when no epoch ran); the best epoch's number, or None."""
         if self.state is not None:
             model.load_state_dict(self.state)
-        return next((h["epoch"] for h in reversed(history) if h.get("best")), None)
+        return best_epoch(history)
+
+
+def best_epoch(history: list[dict]) -> int | None:
+    """The epoch whose weights `BestEpoch` kept (the last one it marked best in the history), or None."""
+    return next((h["epoch"] for h in reversed(history) if h.get("best")), None)
 
 
 def report_epoch(role: str, entry: dict, epochs: int) -> None:
