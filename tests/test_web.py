@@ -2,22 +2,27 @@
 headless Chromium (an image from the database must find its own entry first)."""
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import os
 import shutil
 import socket
+import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from asymsearch.clients.client import SearchClient
-from asymsearch.clients.web import GatewayOptions, start_gateway
+from asymsearch.clients.web import DEFAULT_MAX_UPLOAD_BYTES, GatewayOptions, start_gateway
 from asymsearch.core.data import list_image_folder
 from asymsearch.index.build import build_index
 from asymsearch.server.engine import QueryEngine
+from asymsearch.server.options import ServeOptions
 from asymsearch.server.service import create_server
 
 TOKEN = "web-token-123"
@@ -36,8 +41,10 @@ def servers(tmp_path_factory, image_folder, tiny_models):
     out = tmp_path_factory.mktemp("web") / "index"
     build_index(tiny_models["teacher"], image_folder, out, progress=False)
     engines = [QueryEngine.open(out, tiny_models["student"], max_k=50) for _ in range(2)]
-    started = [create_server(engines[0], max_workers=4),
-               create_server(engines[1], max_workers=4, token=TOKEN, search_requires_token=True)]
+    # the gateway runs beside the images here: the server tells it their paths, so it can show thumbnails
+    paths = {"expose_paths": True} if "expose_paths" in {f.name for f in dataclasses.fields(ServeOptions)} else {}
+    started = [create_server(engines[0], **paths),
+               create_server(engines[1], token=TOKEN, search_requires_token=True, **paths)]
     yield {"open": f"127.0.0.1:{started[0][1]}", "token": f"127.0.0.1:{started[1][1]}"}
     for (s, _), e in zip(started, engines):
         s.stop(None)
@@ -52,13 +59,15 @@ def _closed_port() -> int:
 
 @pytest.fixture
 def gateway_for():
-    """gateway_for(address, **client_kw) -> a running gateway's base URL; all stopped after the test."""
+    """gateway_for(address, **client_kw) -> a running gateway's base URL; all stopped after the test. The SDK
+    client of the last one started is `gateway_for.client` (its `attempts` count the calls sent to the server)."""
     running = []
 
     def start(address: str, options: GatewayOptions = GatewayOptions(), **client_kw) -> str:
         client = SearchClient(address, **{"timeout": 5, "retries": 0, **client_kw})
         gateway = start_gateway(client, port=0, options=options)
         running.append((gateway, client))
+        start.client = client
         return gateway.url
 
     yield start
@@ -142,18 +151,25 @@ def test_bad_input_is_one_json_line_and_the_gateway_keeps_serving(servers, items
     assert status == 400
     _assert_error(body, "not a readable image")
     assert _search(base, b"")[0] == 400
-    status, body = _search(base, good, k=0)
-    assert status == 400 and "k must be" in body["error"]
+    # every malformed k is a 400 naming k, never a 500 (int('\u00b2') raises; 99999999999 overflows the int32)
+    for k in ("0", "-1", "\u00b2", "\u0663", "1.5", "abc", "1e3", "99999999999", "%FF", "5%00", "0x10",
+              "9" * 40):
+        status, body = _request(f"{base}api/search?k={urllib.parse.quote(k, safe='%')}", good,
+                                {"Content-Type": "application/octet-stream"})[:2]
+        assert status == 400, (k, status, body)
+        _assert_error(body, "k")
     status, body = _search(base, good, k=51)
     assert status == 400 and "50" in _assert_error(body, "k")  # the server's max_k
     status, body = _search(base, b"\xff" * 10_000)
     assert status == 413 and "limit" in _assert_error(body, "MiB")
-    for path in ("api/nothing", "thumb/abc"):
-        status, body, _ = _request(base + path)
-        assert status == 404 and "error" in body
-    # after all of that, a good search on the same gateway
-    status, body = _search(base, good)
-    assert status == 200 and body["hits"][0]["id"] == 2
+    for path in ("api/nothing", "thumb/abc", "thumb/\u00b2", "thumb/" + "9" * 30):
+        status, body, _ = _request(base + urllib.parse.quote(path))
+        assert status == 404 and "error" in body, (path, status)
+    status, body, _ = _request(base + "api/search")  # a GET where only POST is served
+    assert status == 405 and "error" in body
+    # after all of that, a good search on the same gateway (k repeated: the last one counts)
+    status, body, _ = _request(f"{base}api/search?k=abc&k=2", good, {"Content-Type": "application/octet-stream"})
+    assert status == 200 and body["hits"][0]["id"] == 2 and len(body["hits"]) == 2
 
 
 def test_thumbnails_only_for_files_the_server_named(servers, items, gateway_for, tmp_path):
@@ -196,6 +212,130 @@ def test_missing_or_wrong_token_is_401(servers, items, gateway_for):
     base = gateway_for(servers["token"], token=TOKEN)
     status, body = _search(base, image)
     assert status == 200 and body["hits"][0]["id"] == 0
+
+
+# -- hostile clients: limits, timeouts, Host and Origin; each followed by a good request ---------------------------
+
+def _host_port(base: str) -> tuple[str, int]:
+    host, port = base[len("http://"):].rstrip("/").rsplit(":", 1)
+    return host, int(port)
+
+
+def _raw(base: str, head: str, body: bytes = b"", *, timeout: float = 30) -> socket.socket:
+    """A raw connection that has sent `head` (CRLF line ends added) and `body`, nothing more."""
+    sock = socket.create_connection(_host_port(base), timeout=timeout)
+    sock.sendall(head.replace("\n", "\r\n").encode() + body)
+    return sock
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict]:
+    """The status and JSON body of the response on `sock` (the gateway closes after a refused upload)."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    status, body = response.status, response.read()
+    sock.close()
+    return status, json.loads(body)
+
+
+def _post_head(base: str, length: int | None, host: str | None = None) -> str:
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return (f"POST /api/search?k=3 HTTP/1.1\nHost: {'{}:{}'.format(*_host_port(base)) if host is None else host}\n"
+            f"Content-Type: application/octet-stream\n{framing}\n\n")
+
+
+def test_upload_limit_is_enforced_while_the_body_streams_in(servers, items, gateway_for):
+    limit = 4096
+    base = gateway_for(servers["open"], GatewayOptions(max_upload_bytes=limit))
+    # exactly the limit is accepted: it reaches the server, which finds it is no image
+    status, body = _search(base, b"\x01" * limit)
+    assert status == 400 and "not a readable image" in body["error"]
+    # one byte more, declared: refused from the headers alone, before a byte of the body is sent
+    status, body = _answer(_raw(base, _post_head(base, limit + 1)))
+    assert status == 413 and str(limit) in _assert_error(body, "limit")
+    # one byte more, chunked, the body never finished: refused as soon as the count passes the limit
+    sock = _raw(base, _post_head(base, None), f"{limit:x}\r\n".encode() + b"\x01" * limit + b"\r\n1\r\n\x01\r\n")
+    status, body = _answer(sock)  # no terminating chunk was sent: the answer cannot have waited for it
+    assert status == 413
+    # a good search on the same gateway
+    status, body = _search(base, Path(items[5].path).read_bytes())
+    assert status == 200 and body["hits"][0]["id"] == 5
+
+
+def test_the_default_limit_is_what_one_message_to_the_server_holds(servers, gateway_for):
+    base = gateway_for(servers["open"])
+    assert DEFAULT_MAX_UPLOAD_BYTES > 15.9 * 2**20
+    status, body = _search(base, b"\x01" * DEFAULT_MAX_UPLOAD_BYTES)  # the server's answer, not a 503 from its size
+    assert status == 400 and "not a readable image" in body["error"], body
+    status, body = _answer(_raw(base, _post_head(base, DEFAULT_MAX_UPLOAD_BYTES + 1)))
+    assert status == 413
+
+
+def test_foreign_host_and_cross_site_origin_are_refused_before_the_server(servers, items, gateway_for):
+    base = gateway_for(servers["open"], GatewayOptions(allow_hosts=("search.example",),
+                                                       allow_origins=("https://portal.example",)))
+    client = gateway_for.client
+    image = Path(items[7].path).read_bytes()
+    own = "http://{}:{}".format(*_host_port(base))
+    port = _host_port(base)[1]
+    for host in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1.attacker.example:{port}", ""):
+        for head in (f"GET /api/info HTTP/1.1\nHost: {host}\n\n", _post_head(base, len(image), host=host)):
+            status, body = _answer(_raw(base, head, image if head.startswith("POST") else b""))
+            assert status == 400, (host, head)
+            _assert_error(body, "--allow-host")
+    for origin in ("http://attacker.example", f"http://attacker.example:{port}", "null",
+                   f"http://localhost:{port}",  # another origin than the page's own, even if on this machine
+                   "https://portal.example.attacker.example"):
+        status, body = _search(base, image, Origin=origin)
+        assert status == 403, origin
+        _assert_error(body, "--allow-origin")
+    assert client.attempts == 0  # none of it reached the server
+    # the page's own origin, an allowed origin, an allowed host name, a loopback name: answered
+    for headers in ({"Origin": own}, {"Origin": "https://portal.example"}, {"Host": f"search.example:{port}"},
+                    {"Host": f"localhost:{port}"}, {}):
+        status, body = _search(base, image, **headers)
+        assert status == 200 and body["hits"][0]["id"] == 7, headers
+
+
+def test_slow_and_half_open_clients_are_timed_out_and_capped(servers, items, gateway_for):
+    """Many connections that never finish their headers: no thread each, the cap answers 503 while they are open,
+    the header timeout closes them all, then a good request is answered."""
+    options = GatewayOptions(max_connections=20, header_timeout=1.0, body_timeout=1.0)
+    base = gateway_for(servers["open"], options)
+    image = Path(items[9].path).read_bytes()
+    assert _search(base, image)[0] == 200
+    threads = threading.active_count()
+    idle = [socket.create_connection(_host_port(base), timeout=30) for _ in range(20)]
+    partial = [_raw(base, "GET / HTTP/1.1\nHost: 127.0.0.1\nX-Slow: 1") for _ in range(20)]  # headers unfinished
+    assert threading.active_count() <= threads + 2  # a waiting connection holds no thread
+    deadline = time.monotonic() + 30
+    while (status := _search(base, image)[0]) != 503 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the cap counts connections the gateway has accepted
+    assert status == 503
+    for sock in idle + partial:  # each closed by the gateway: EOF, within a bounded wait
+        sock.settimeout(30)
+        assert sock.recv(1024) == b""
+        sock.close()
+    # an upload that stops halfway: 408 after the body timeout
+    status, body = _answer(_raw(base, _post_head(base, len(image)), image[: len(image) // 2]))
+    assert status == 408 and "did not arrive" in _assert_error(body, "s")
+    # headers growing past the h11 limit, unfinished: 400 without waiting for their end, connection closed
+    sock = _raw(base, f"GET / HTTP/1.1\nHost: 127.0.0.1\nX-Big: {'a' * (2 * options.max_header_bytes)}")
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    assert response.status == 400
+    sock.close()
+    status, body = _search(base, image)
+    assert status == 200 and body["hits"][0]["id"] == 9
+
+
+def test_the_token_is_never_shown_to_the_page(servers, items, gateway_for):
+    base = gateway_for(servers["token"], token=TOKEN)
+    answers = [_request(base), _request(base + "api/info"), _request(base + "healthz"),
+               _request(f"{base}api/search?k=3", Path(items[0].path).read_bytes()),
+               _request(f"{base}api/search?k=3", b"not an image"), _request(f"{base}api/search?k=x", b"x")]
+    assert [a[0] for a in answers] == [200, 200, 200, 200, 400, 400]
+    for status, body, _ in answers:
+        assert TOKEN not in (body.decode("utf-8", "replace") if isinstance(body, bytes) else json.dumps(body))
 
 
 # -- the page in a real browser ---------------------------------------------------------------------------------
@@ -290,24 +430,50 @@ def test_page_says_when_the_server_is_down(browser, items, gateway_for):
     assert "unavailable" in error and "\n" not in error
 
 
-def test_cli_prints_the_url_and_serves_until_interrupted(servers, items):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_cli_serves_until_a_signal_and_exits_cleanly_under_load(servers, items, stop):
+    """`asymsearch web` in a subprocess: it prints its URL and serves (with --allow-host); with connections still
+    sending headers and uploads half sent, SIGINT or SIGTERM ends it with status 0 and nothing alarming: the
+    unfinished uploads are answered 503, the bounded wait below is far beyond the second it needs."""
     import signal
     import subprocess
     import sys
     proc = subprocess.Popen([sys.executable, "-m", "asymsearch.cli.main", "web", "--server", servers["open"],
-                             "--port", "0", "-k", "3", "--log-level", "WARNING"],
+                             "--port", "0", "-k", "3", "--log-level", "WARNING", "--allow-host", "search.example"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    held = []
     try:
         line = proc.stdout.readline()
         assert line.startswith("asymsearch web: serving http://127.0.0.1:"), line
         base = line.split()[3]
-        status, body = _search(base, Path(items[4].path).read_bytes(), k=None)
+        image = Path(items[4].path).read_bytes()
+        status, body = _search(base, image, k=None, Host=f"search.example:{_host_port(base)[1]}")
         assert status == 200 and [h["rank"] for h in body["hits"]] == [1, 2, 3] and body["hits"][0]["id"] == 4
+        held = [_raw(base, "GET / HTTP/1.1\nHost: 127.0.0.1\nX-Slow: 1") for _ in range(10)]
+        uploads = [_raw(base, _post_head(base, len(image)), image[:100]) for _ in range(5)]
+        assert _search(base, image)[0] == 200  # all of them accepted and waiting
     finally:
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130 and "Traceback" not in err
+        proc.send_signal(getattr(signal, stop))
+        try:
+            _, err = proc.communicate(timeout=10)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, err
+    for word in ("Traceback", "ERROR", "Exception", "Cancel"):
+        assert word not in err, err
     assert "serves 80 images" in err
+    assert [_answer(sock)[0] for sock in uploads] == [503] * 5
+    for sock in held:
+        sock.settimeout(10)
+        assert sock.recv(1024) == b""
+        sock.close()
+
+
+def test_cli_refuses_an_upload_limit_the_server_cannot_take(servers, capsys):
+    from asymsearch.cli.main import main
+    assert main(["web", "--server", servers["open"], "--port", "0", "--max-upload-mb", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("asymsearch: error: --max-upload-mb 16 is more than one message to the server holds")
 
 
 def test_cli_port_in_use_is_one_line(servers, capsys):
