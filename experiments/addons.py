@@ -26,39 +26,20 @@ from asymsearch.core.errors import UserError
 from asymsearch.training.common import best_epoch
 from asymsearch.training.config import AddOnOptions
 
+from experiments.common import MapsExperimentConfig, cache_maps, embed_maps
+
 DEFAULT_VARIANTS = ("baseline", "metrix=input", "metrix=embedding", "osm_caa=true", "message_passing=2")
 # the add-on options a variant switches on; the others are the hyper-parameters every variant starts from (flags)
 SWITCHES = ("metrix", "osm_caa", "message_passing")
 BASE_OPTIONS = tuple(f.name for f in fields(AddOnOptions) if f.name not in SWITCHES)
 
 
-@dataclass
-class AddonsExperimentConfig:
-    data: str
+@dataclass(kw_only=True)
+class AddonsExperimentConfig(MapsExperimentConfig):
     out: str = "docs/results/addons"  # writes OUT.md and OUT.json
-    backbone: str = "efficientnet_lite0"
-    pretrained: str = "imagenet"
-    image_size: int | None = None  # None: the backbone's own size
     head: str = "gem"
     variants: tuple = DEFAULT_VARIANTS  # "baseline" or add-on options key=value[,key=value]; the first is the reference
-    seeds: tuple = (0, 1, 2)
-    dim: int = 512
-    epochs: int = 4
-    classes_per_batch: int = 8
-    per_class: int = 4
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    margin: float = 0.5
-    num_negatives: int = 5
-    val_fraction: float = 0.2
-    flip: bool = True
     addons: AddOnOptions = field(default_factory=AddOnOptions)  # the add-on options every variant starts from
-    cache_dir: str = "~/.cache/asymsearch/featmaps"
-    threads: int = 1
-    jobs: int = 1
-    command: str = ""
-    results: list = field(default_factory=list)
 
 
 def parse_variant(spec: str, cfg: AddonsExperimentConfig):
@@ -113,7 +94,6 @@ _SHARED: tuple | None = None  # the data of the current experiment, inherited by
 
 def _run_one(task: tuple[str, int]) -> dict:
     import torch
-    from experiments.common import embed_maps
     from experiments.heads import _metrics
 
     spec, seed = task
@@ -165,11 +145,7 @@ def summarize(rows: list[dict]) -> None:
 
 def run_addons_experiment(cfg: AddonsExperimentConfig, log=print) -> dict:
     import torch
-    from asymsearch.core.data import list_image_folder, select_classes
-    from asymsearch.core.manifest import Preprocessing
-    from asymsearch.training.common import split_train_val
-    from asymsearch.training.featcache import feature_maps
-    from asymsearch.training.models import backbone_preprocessing, create_head
+    from asymsearch.training.models import create_head
 
     torch.set_num_threads(max(1, cfg.threads))
     if not Path(cfg.data).is_dir():
@@ -180,28 +156,10 @@ def run_addons_experiment(cfg: AddonsExperimentConfig, log=print) -> dict:
         raise UserError("epochs and jobs must be at least 1")
     options = [parse_variant(v, cfg) for v in cfg.variants]  # fail before any computation
     create_head(cfg.head, 16, cfg.dim)
-    pre = backbone_preprocessing(cfg.backbone)
-    size = cfg.image_size or pre["image_size"]
-    spec_pre = Preprocessing(resize=size, crop=size, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
-    train_classes, eval_classes = select_classes(cfg.data, "first-half"), select_classes(cfg.data, "second-half")
-    fit_classes, val_classes = split_train_val(train_classes, cfg.val_fraction)
-    items = list_image_folder(cfg.data, train_classes + eval_classes)
     t0 = time.perf_counter()
-    pretrained = None if str(cfg.pretrained).lower() in ("", "none") else cfg.pretrained
-    maps = feature_maps(items, cfg.backbone, pretrained, spec_pre, cfg.cache_dir, log=log).maps
-    channels = maps.shape[1]
-    cls_index = {c: i for i, c in enumerate(train_classes + eval_classes)}
-    labels = np.array([cls_index[it.label] for it in items])
-
-    def subset(classes):
-        keep = {cls_index[c] for c in classes}
-        idx = np.array([i for i in range(len(items)) if labels[i] in keep])
-        return np.asarray(maps[idx]) if len(idx) else maps[:0], labels[idx].tolist()
-
-    fit_maps, fit_labels = subset(fit_classes)
-    val_maps, val_labels = subset(val_classes)
-    eval_maps, eval_labels = subset(eval_classes)
-    log(f"maps {tuple(maps.shape[1:])}: train {len(fit_labels)} / val {len(val_labels)} / eval {len(eval_labels)}")
+    data = cache_maps(cfg, log)
+    size, spec_pre, maps, channels = data.size, data.spec, data.maps, data.channels
+    (fit_maps, fit_labels), (val_maps, val_labels), (eval_maps, eval_labels) = data.fit, data.val, data.eval
     global _SHARED
     _SHARED = (cfg, channels, fit_maps, fit_labels, val_maps, val_labels, eval_maps, eval_labels)
     tasks = [(v, seed) for v in cfg.variants for seed in cfg.seeds]
@@ -217,9 +175,7 @@ def run_addons_experiment(cfg: AddonsExperimentConfig, log=print) -> dict:
     summarize(rows)
     result = {"config": {k: v for k, v in asdict(cfg).items() if k != "results"}, "image_size": size,
               "preprocessing": spec_pre.to_dict(), "feature_map": list(maps.shape[1:]),
-              "split": {"train": len(fit_labels), "val": len(val_labels), "eval": len(eval_labels),
-                        "train_classes": len(fit_classes), "val_classes": len(val_classes),
-                        "eval_classes": len(eval_classes)},
+              "split": data.split(),
               "seconds": time.perf_counter() - t0,
               "machine": f"{platform.machine()} torch {torch.__version__}, {cfg.threads} thread(s) x {cfg.jobs} job(s)",
               "rows": rows}

@@ -2,7 +2,38 @@
 (`asymsearch.training.engine.Engine`), the maps' batches, and the embedding of cached maps."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
+
+
+@dataclass(kw_only=True)
+class MapsExperimentConfig:
+    """The options every experiment that trains heads on a frozen backbone's cached maps shares (heads, addons):
+    the data and backbone, the seeds, the training of each head, the cache and the parallel jobs."""
+
+    data: str
+    out: str = "docs/results/experiment"  # writes OUT.md and OUT.json
+    backbone: str = "efficientnet_lite0"
+    pretrained: str = "imagenet"
+    image_size: int | None = None  # None: the backbone's own size
+    seeds: tuple = (0, 1, 2)
+    dim: int = 512
+    epochs: int = 4
+    classes_per_batch: int = 8
+    per_class: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    margin: float = 0.5
+    num_negatives: int = 5
+    val_fraction: float = 0.2
+    flip: bool = True
+    cache_dir: str = "~/.cache/asymsearch/featmaps"
+    threads: int = 1  # torch threads per job
+    jobs: int = 1  # runs trained in parallel processes
+    command: str = ""
+    results: list = field(default_factory=list)
 
 
 class MapBatches:
@@ -70,3 +101,68 @@ def train_on_maps(head, objective, maps: np.ndarray, labels: list[int], *, per_c
     history = engine.run(epochs)
     engine.restore_best()
     return history
+
+
+@dataclass
+class CachedMaps:
+    """The data of a maps experiment: the frozen backbone's cached maps of the first half of the classes (minus
+    the validation classes: fit) and of the second half (eval), with their labels."""
+
+    size: int
+    spec: object  # core.manifest.Preprocessing of the maps
+    pretrained: str | None
+    items: list
+    labels: np.ndarray  # (N,) class index of every item
+    cls_index: dict
+    features: object  # training.featcache.FeatureMaps
+    classes: dict  # "fit" / "val" / "eval" -> class names
+    fit: tuple  # (maps, labels)
+    val: tuple
+    eval: tuple
+
+    @property
+    def maps(self) -> np.ndarray:
+        return self.features.maps
+
+    @property
+    def channels(self) -> int:
+        return self.maps.shape[1]
+
+    def split(self) -> dict:
+        """The sizes a results table states."""
+        return {"train": len(self.fit[1]), "val": len(self.val[1]), "eval": len(self.eval[1]),
+                "train_classes": len(self.classes["fit"]), "val_classes": len(self.classes["val"]),
+                "eval_classes": len(self.classes["eval"])}
+
+
+def cache_maps(cfg: MapsExperimentConfig, log=print) -> CachedMaps:
+    """Compute (or find cached) the maps of `cfg`'s backbone at its size for every image, split as the protocol
+    says: the first half of the classes trains (`val_fraction` of them held out), the second half evaluates."""
+    from asymsearch.core.data import list_image_folder, select_classes
+    from asymsearch.core.manifest import Preprocessing
+    from asymsearch.training.common import split_train_val
+    from asymsearch.training.featcache import feature_maps
+    from asymsearch.training.models import backbone_preprocessing
+
+    pre = backbone_preprocessing(cfg.backbone)
+    size = cfg.image_size or pre["image_size"]
+    spec = Preprocessing(resize=size, crop=size, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+    train_classes, eval_classes = select_classes(cfg.data, "first-half"), select_classes(cfg.data, "second-half")
+    fit_classes, val_classes = split_train_val(train_classes, cfg.val_fraction)
+    items = list_image_folder(cfg.data, train_classes + eval_classes)
+    pretrained = None if str(cfg.pretrained).lower() in ("", "none") else cfg.pretrained
+    features = feature_maps(items, cfg.backbone, pretrained, spec, cfg.cache_dir, log=log)
+    maps = features.maps
+    cls_index = {c: i for i, c in enumerate(train_classes + eval_classes)}
+    labels = np.array([cls_index[it.label] for it in items])
+
+    def subset(classes):
+        keep = {cls_index[c] for c in classes}
+        idx = np.array([i for i in range(len(items)) if labels[i] in keep])
+        return np.asarray(maps[idx]) if len(idx) else maps[:0], labels[idx].tolist()
+
+    out = CachedMaps(size, spec, pretrained, items, labels, cls_index, features,
+                     {"fit": fit_classes, "val": val_classes, "eval": eval_classes},
+                     subset(fit_classes), subset(val_classes), subset(eval_classes))
+    log(f"maps {tuple(maps.shape[1:])}: train {len(out.fit[1])} / val {len(out.val[1])} / eval {len(out.eval[1])}")
+    return out

@@ -32,52 +32,31 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from asymsearch.core.errors import UserError
 
-from experiments.common import embed_maps, train_on_maps
+from experiments.common import MapsExperimentConfig, cache_maps, embed_maps, train_on_maps
 
 DEFAULT_HEADS = ("gem", "glam:channels=256", "glam:channels=256,global=false", "glam:channels=256,local=false",
                  "glap", "diablo:channels=256", "diablo:channels=256,select=feature,attention=post")
 
 
-@dataclass
-class HeadsExperimentConfig:
-    data: str
+@dataclass(kw_only=True)
+class HeadsExperimentConfig(MapsExperimentConfig):
     out: str = "docs/results/heads"  # writes OUT.md and OUT.json
-    backbone: str = "efficientnet_lite0"
-    pretrained: str = "imagenet"
-    image_size: int | None = None  # None: the backbone's own size
     heads: tuple = DEFAULT_HEADS
-    seeds: tuple = (0, 1, 2)
-    dim: int = 512
-    epochs: int = 4
-    classes_per_batch: int = 8
-    per_class: int = 4
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    margin: float = 0.5
-    num_negatives: int = 5
     xbm: int = 0  # cross-batch memory size (0: off)
     xbm_weight: float = 1.0
-    val_fraction: float = 0.2
-    flip: bool = True
-    cache_dir: str = "~/.cache/asymsearch/featmaps"
-    threads: int = 1  # torch threads per job
-    jobs: int = 1  # (head, seed) runs trained in parallel processes
     # partial fine-tuning (0: the head alone on the frozen backbone's maps, contrastive loss)
     tune_units: int = 0  # N: the backbone's last N units train too, as `train teacher --tune-units N` does
     trunk_views: int = 1  # tune_units: cached views per training image (train teacher --trunk-views)
     backbone_lr: float | None = None  # tune_units: the tail's learning rate (None: lr / 10)
     loss: str = "contr"  # contr | proxy-anchor (the latter with tune_units)
     device: str = "auto"  # tune_units: where the runs train (train teacher --device)
-    command: str = ""
-    results: list = field(default_factory=list)
 
 
 def _metrics(emb: np.ndarray, labels: list) -> dict:
@@ -335,11 +314,8 @@ def _cache_trunk_maps(cfg: HeadsExperimentConfig, items: list, labels: np.ndarra
 def run_heads_experiment(cfg: HeadsExperimentConfig, log=print) -> dict:
     import torch
 
-    from asymsearch.core.data import list_image_folder, select_classes
-    from asymsearch.core.manifest import Preprocessing
-    from asymsearch.training.common import split_train_val
-    from asymsearch.training.featcache import cache_key, feature_maps
-    from asymsearch.training.models import backbone_preprocessing, create_head, parse_head_spec
+    from asymsearch.training.featcache import cache_key
+    from asymsearch.training.models import create_head, parse_head_spec
 
     # the maps are computed before the jobs fork: with every job's threads; each job then sets its own
     torch.set_num_threads(max(1, cfg.threads) * max(1, cfg.jobs))
@@ -354,29 +330,13 @@ def run_heads_experiment(cfg: HeadsExperimentConfig, log=print) -> dict:
         check_teacher_config(teacher_config(cfg, cfg.heads[0], cfg.seeds[0], "unused.pt"))
     elif cfg.loss != "contr":
         raise UserError(f"heads on frozen maps train with the contrastive loss; --loss {cfg.loss} needs --tune-units")
-    pre = backbone_preprocessing(cfg.backbone)
-    size = cfg.image_size or pre["image_size"]
-    spec_pre = Preprocessing(resize=size, crop=size, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
-    train_classes, eval_classes = select_classes(cfg.data, "first-half"), select_classes(cfg.data, "second-half")
-    fit_classes, val_classes = split_train_val(train_classes, cfg.val_fraction)
-    items = list_image_folder(cfg.data, train_classes + eval_classes)
     t0 = time.perf_counter()
-    pretrained = None if str(cfg.pretrained).lower() in ("", "none") else cfg.pretrained
-    fm = feature_maps(items, cfg.backbone, pretrained, spec_pre, cfg.cache_dir, log=log)
-    maps = fm.maps
-    channels = maps.shape[1]
-    cls_index = {c: i for i, c in enumerate(train_classes + eval_classes)}
-    labels = np.array([cls_index[it.label] for it in items])
-
-    def subset(classes):
-        keep = set(cls_index[c] for c in classes)
-        idx = np.array([i for i in range(len(items)) if labels[i] in keep])
-        return np.asarray(maps[idx]) if len(idx) else maps[:0], labels[idx].tolist()
-
-    fit_maps, fit_labels = subset(fit_classes)
-    val_maps, val_labels = subset(val_classes)
-    eval_maps, eval_labels = subset(eval_classes)
-    log(f"maps {tuple(maps.shape[1:])}: train {len(fit_labels)} / val {len(val_labels)} / eval {len(eval_labels)}")
+    data = cache_maps(cfg, log)
+    size, spec_pre, pretrained, items, labels, cls_index = (data.size, data.spec, data.pretrained, data.items,
+                                                           data.labels, data.cls_index)
+    fm, maps, channels = data.features, data.maps, data.channels
+    (fit_maps, fit_labels), (val_maps, val_labels), (eval_maps, eval_labels) = data.fit, data.val, data.eval
+    fit_classes, val_classes, eval_classes = (data.classes[k] for k in ("fit", "val", "eval"))
     eval_trunk = _cache_trunk_maps(cfg, items, labels, [cls_index[c] for c in fit_classes],
                                    [cls_index[c] for c in val_classes], [cls_index[c] for c in eval_classes],
                                    log) if cfg.tune_units else None
@@ -398,9 +358,7 @@ def run_heads_experiment(cfg: HeadsExperimentConfig, log=print) -> dict:
         row.update(cost)
     result = {"config": {k: v for k, v in asdict(cfg).items() if k != "results"}, "image_size": size,
               "preprocessing": spec_pre.to_dict(), "feature_map": list(maps.shape[1:]),
-              "split": {"train": len(fit_labels), "val": len(val_labels), "eval": len(eval_labels),
-                        "train_classes": len(fit_classes), "val_classes": len(val_classes),
-                        "eval_classes": len(eval_classes)},
+              "split": data.split(),
               "backbone_images_per_s_caching": fm.images_per_s, "seconds": time.perf_counter() - t0,
               "reused_runs": reused,
               "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}, "

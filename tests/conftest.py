@@ -90,6 +90,19 @@ def image_folder(tmp_path_factory) -> Path:
     return make_synthetic_dataset(tmp_path_factory.mktemp("images"), num_classes=8, per_class=10, size=48, seed=1)
 
 
+@pytest.fixture
+def tiny_weights(tmp_path) -> str:
+    """A 'pretrained' tiny_cnn_narrow state dict (the tiny backbones take weights only from a file)."""
+    import torch
+
+    from asymsearch.training.models import create_backbone
+
+    torch.manual_seed(1)
+    path = tmp_path / "tiny.pth"
+    torch.save(create_backbone("tiny_cnn_narrow")[0].state_dict(), path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Hand-built ONNX models with manifests: a teacher, a student of it, and a student of another teacher."""

@@ -15,17 +15,7 @@ from asymsearch.core.data import list_image_folder
 from asymsearch.core.manifest import Preprocessing
 from asymsearch.core.preprocess import load_and_preprocess
 from asymsearch.training.checkpoint import load_checkpoint, model_from_checkpoint
-from asymsearch.training.models import create_backbone
 from asymsearch.training.teacher import train_teacher
-
-
-@pytest.fixture
-def tiny_weights(tmp_path):
-    """A 'pretrained' tiny_cnn_narrow state dict (the tiny backbones take weights only from a file)."""
-    torch.manual_seed(1)
-    path = tmp_path / "tiny.pth"
-    torch.save(create_backbone("tiny_cnn_narrow")[0].state_dict(), path)
-    return str(path)
 
 
 def test_the_command_line_lists_the_three_experiments(capsys):

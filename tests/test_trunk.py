@@ -33,15 +33,6 @@ def test_trunk_then_tail_is_the_backbone(name):
         split_backbone(backbone, len(backbone_units(backbone)))
 
 
-@pytest.fixture
-def tiny_weights(tmp_path):
-    """A 'pretrained' tiny_cnn_narrow state dict (the tiny backbones take weights only from a file)."""
-    torch.manual_seed(1)
-    path = tmp_path / "tiny.pth"
-    torch.save(create_backbone("tiny_cnn_narrow")[0].state_dict(), path)
-    return str(path)
-
-
 def teacher_cfg(data, out, weights, cache, **kw):
     base = dict(backbone="tiny_cnn_narrow", pretrained=weights, dim=8, image_size=32, epochs=2, lr=1e-2,
                 backbone_lr=1e-2, workers=0, classes_per_batch=4, tune_units=6, trunk_cache=str(cache))
