@@ -7,7 +7,7 @@ Run from a checkout of the repository (this folder is not installed with the `as
     python -m experiments addons --data DATA ...   # each training add-on off and on, over seeds
 
 They need nothing beyond the product itself (`pip install -e .` in the checkout: torch, numpy), and use its
-public modules only -- `asymsearch.training` (the trainers, the losses, the add-ons,
-the feature-map cache), `asymsearch.core` (data, metrics, preprocessing). Nothing installed imports this package
+public modules only -- `asymsearch.training` (the trainers and their one loop, `training.engine`; the losses, the
+add-ons, the feature-map cache), `asymsearch.core` (data, metrics, preprocessing). Nothing installed imports this package
 (tests/test_layout.py checks it). Results go to `docs/results/` of the checkout by default (`--out`).
 """
