@@ -299,7 +299,7 @@ def test_foreign_host_and_cross_site_origin_are_refused_before_the_server(server
 def test_slow_and_half_open_clients_are_timed_out_and_capped(servers, items, gateway_for):
     """Many connections that never finish their headers: no thread each, the cap answers 503 while they are open,
     the header timeout closes them all, then a good request is answered."""
-    options = GatewayOptions(max_connections=20, header_timeout=1.0, body_timeout=1.0)
+    options = GatewayOptions(max_connections=20, header_timeout=2.5, body_timeout=1.0)  # a window to see the cap
     base = gateway_for(servers["open"], options)
     image = Path(items[9].path).read_bytes()
     assert _search(base, image)[0] == 200
