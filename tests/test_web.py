@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from asymsearch.clients.client import SearchClient
+from asymsearch.clients.client import SearchClient, ServerUnavailable
 from asymsearch.clients.web import DEFAULT_MAX_UPLOAD_BYTES, GatewayOptions, start_gateway
 from asymsearch.core.data import list_image_folder
 from asymsearch.index.build import build_index
@@ -336,6 +336,44 @@ def test_the_token_is_never_shown_to_the_page(servers, items, gateway_for):
     assert [a[0] for a in answers] == [200, 200, 200, 200, 400, 400]
     for status, body, _ in answers:
         assert TOKEN not in (body.decode("utf-8", "replace") if isinstance(body, bytes) else json.dumps(body))
+
+
+class _StuckServer:
+    """Stands in for a SearchClient whose server never answers: each search waits until released."""
+
+    address = "stuck.example:50051"
+
+    def __init__(self) -> None:
+        self.waiting = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def search_image_reply(self, image: bytes, k: int):
+        self.waiting.release()
+        self.release.wait(60)
+        raise ServerUnavailable("released")
+
+
+def test_stop_answers_searches_still_waiting_for_the_server_at_once(items):
+    stuck = _StuckServer()
+    gateway = start_gateway(stuck, port=0)  # type: ignore[arg-type]
+    image = Path(items[0].path).read_bytes()
+    answers: list = []
+    clients = [threading.Thread(target=lambda: answers.append(_search(gateway.url, image))) for _ in range(3)]
+    for c in clients:
+        c.start()
+    try:
+        for _ in clients:
+            assert stuck.waiting.acquire(timeout=30)  # all three are inside the SDK call
+        stopper = threading.Thread(target=gateway.stop)
+        stopper.start()
+        stopper.join(10)  # bounded: the SDK calls would wait 60 s
+        assert not stopper.is_alive()
+        for c in clients:
+            c.join(10)
+        assert [status for status, _ in answers] == [503] * 3
+        assert all("shutting down" in body["error"] for _, body in answers)
+    finally:
+        stuck.release.set()
 
 
 # -- the page in a real browser ---------------------------------------------------------------------------------
