@@ -1,4 +1,4 @@
-"""`asymsearch index ...`: build the database index, change it (add, remove), describe it (info)."""
+"""`asymsearch index ...`: build the database index, change it (add, remove, rollback), describe it (info)."""
 from __future__ import annotations
 
 import argparse
@@ -47,7 +47,8 @@ def register(commands: Commands) -> None:
                    help="also embed each image mirrored left-right and average (twice the teacher's work, offline; "
                         "recorded in the manifest, and `index add` follows it)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted build of --out from the embedding shards it left")
+                   help="continue an interrupted build of --out from the embedding shards it left (without it, "
+                        "they are discarded, with a message)")
     p.add_argument("--versioned", action="store_true",
                    help="write a versioned root (CURRENT + versions/) that `index add` / `remove` update")
     p.add_argument("--keep", type=int, default=None, help="versioned: keep this many versions (default: all)")
@@ -55,7 +56,8 @@ def register(commands: Commands) -> None:
                    help="embed here, or on a Ray cluster (needs the `distributed` extra) (default: %(default)s)")
     p.add_argument("--address", default=None, help="with --engine ray: the cluster address (default: a local Ray)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing index folder (a versioned root gets a new version instead)")
+                   help="replace an existing index folder, in one atomic swap (a versioned root gets a new version "
+                        "instead)")
     p.set_defaults(func=run_build)
     bind_config(p, IndexBuildConfig, keys={"search_param": "search_params"}, converters={"search_param": dict})
 
@@ -78,6 +80,12 @@ def register(commands: Commands) -> None:
     p.add_argument("--ids", required=True, nargs="+", type=id_list, help="ids to remove (space or comma separated)")
     p.add_argument("--keep", type=int, default=None, help="keep this many versions (default: all)")
     p.set_defaults(func=run_remove)
+
+    p = commands.add("rollback", group="index",
+                     help="make an existing version of a versioned root the live one (an atomic switch of CURRENT)")
+    p.add_argument("root", type=existing_path("index root"), help="versioned index root (with CURRENT)")
+    p.add_argument("version", help="version to serve, e.g. v000002 (or 2); `index info` lists them")
+    p.set_defaults(func=run_rollback)
 
     p = commands.add("info", group="index", help="describe an index: live version, size, factory, versions")
     p.add_argument("--index", required=True, type=existing_path("index"), help="index root or plain index folder")
@@ -125,8 +133,13 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_add(args: argparse.Namespace) -> int:
     from asymsearch.index.update import add_images
-    m, version = add_images(args.index, args.teacher, args.images, metadata=args.metadata, keep=args.keep,
-                            batch_size=args.batch_size, workers=args.workers)
+    result = add_images(args.index, args.teacher, args.images, metadata=args.metadata, keep=args.keep,
+                        batch_size=args.batch_size, workers=args.workers)
+    m, version = result
+    if not result.changed:
+        print(f"index {args.index}: nothing to add, {args.images} is already published in {version}; "
+              f"{m.count} in all")
+        return 0
     change = m.build["history"][-1]
     print(f"index {args.index}: version {version}, added {change['count']} images "
           f"(ids {change['first_id']}..{change['first_id'] + change['count'] - 1}), {m.count} in all"
@@ -139,8 +152,26 @@ def run_add(args: argparse.Namespace) -> int:
 def run_remove(args: argparse.Namespace) -> int:
     from asymsearch.index.update import remove_ids
     ids = [i for group in args.ids for i in group]
-    m, version = remove_ids(args.index, ids, keep=args.keep)
+    result = remove_ids(args.index, ids, keep=args.keep)
+    m, version = result
+    if not result.changed:
+        print(f"index {args.index}: nothing to remove, already removed in {version}; {m.count} left")
+        return 0
     print(f"index {args.index}: version {version}, removed {len(set(ids))} images, {m.count} left")
+    return 0
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    from asymsearch.index.update import rollback
+    from asymsearch.index.versions import list_versions, version_number
+    result, before = rollback(args.root, args.version)
+    m, version = result
+    newer = [n for n in list_versions(args.root) if version_number(n) > version_number(version)]
+    kept = f"; kept newer: {', '.join(newer)}" if newer else ""
+    if not result.changed:
+        print(f"index {args.root}: CURRENT already names {version} ({m.count} images){kept}")
+        return 0
+    print(f"index {args.root}: CURRENT now names {version} (was {before}), {m.count} images{kept}")
     return 0
 
 

@@ -2,13 +2,20 @@
 
 The folder holds `index.faiss` (always a CPU index, wrapped in IDMap2: ids 0..N-1 in listing order at build time,
 stable afterwards), `meta.sqlite` (see `asymsearch.index.metadata`), `manifest.json` (`IndexManifest`) and
-`skipped.tsv` (the files that could not be read, with the reason). It is written in a hidden temporary folder and
-renamed into place at the end (a plain folder), or published as a new version of a versioned root (see
-`asymsearch.index.versions`), so a reader never sees half an index.
+`skipped.tsv` (the files that could not be read, with the reason). A plain folder is written in the work folder
+`.<out>.work/` beside the output, fsynced (files, then the folder) and renamed into place; with `overwrite` it is
+swapped with the old folder in one atomic exchange of the two names (`renameat2(RENAME_EXCHANGE)`), so the name
+`out` always holds a complete index, the old one or the new one. A versioned root gets a new version published
+through CURRENT (`asymsearch.index.versions`).
 
-Embeddings are committed in shards to the work folder `.<out>.work` beside the output while they are produced
+The whole build holds the writer lock of `out` (`versions.writer_lock`, `.<out>.work/lock`) from its first step:
+a second build, add, remove or rollback of the same output is refused with the holder's pid, so two builders never
+share the work folder. Embeddings are committed in shards to `.<out>.work/build` while they are produced
 (`asymsearch.index.shards`); a build that is interrupted, even by kill -9, leaves them there and `resume=True`
-embeds only the shards still missing. The finished index is identical to that of an uninterrupted build.
+embeds only the shards still missing (the finished index is identical to that of an uninterrupted build), while
+a build without `resume` discards them, saying so. Whatever else a killed build left (a half-written folder, the
+old folder of an interrupted swap, on-disk merge blocks, a staging version) is removed by the next writer, which
+names what it removed.
 
 `multiscale=True` embeds every database image at scales 1, 1/√2 and 1/2 and stores the re-normalised mean
 (`asymsearch.core.multiscale`); the manifest records the scales (`build["scales"]`, [1.0] for a single-scale
@@ -17,8 +24,12 @@ build) and `index add` embeds new images the same way. `flip=True` adds each ima
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
+import logging
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -50,6 +61,7 @@ __all__ = ["build_index", "IndexBuildConfig", "plan_build", "embed_database", "c
 
 METRIC = "inner_product"
 ENGINES = ("local", "ray")
+log = logging.getLogger("asymsearch.index")
 
 
 def report_skipped(skipped: Sequence[tuple[str, str]]) -> None:
@@ -61,7 +73,7 @@ def report_skipped(skipped: Sequence[tuple[str, str]]) -> None:
 
 def work_dir(out: Path) -> Path:
     """Where the embedding shards of a build of `out` live until the index is in place."""
-    return out.parent / f".{out.name}.work" / "build"
+    return versions.work_root(out) / "build"
 
 
 @dataclasses.dataclass
@@ -112,20 +124,64 @@ def build_index(config: IndexBuildConfig | str | os.PathLike, images: str | os.P
         config = config_from_fields(config, images, out, **fields)
     elif images is not None or out is not None or fields:
         raise TypeError("build_index(config) takes no other fields; change the config instead")
-    plan = plan_build(config)
-    store = ShardStore.open(work_dir(plan.out), plan.work, resume=config.resume)
-    try:
-        embed_database(plan, store, progress=progress)
-        built = construct_index(plan, store, progress=progress)
-        manifest = publish_index(plan, built, seconds=time.perf_counter() - start)
-    except UserError:
-        store.remove()  # the embeddings cannot produce this index: nothing to resume
-        shutil.rmtree(store.folder.parent / "ondisk", ignore_errors=True)
-        _remove_if_empty(store.folder.parent)
-        raise
-    store.remove()
-    _remove_if_empty(store.folder.parent)
+    out = Path(config.out).resolve()
+    with versions.writer_lock(out) as lock:  # from the first step: one writer of `out` and of its work folder
+        versions.crash_point("build:locked")
+        _clean_leftovers(out, lock)
+        versions.clean_stale(out, lock)
+        plan = plan_build(config)
+        store = _open_work(plan, config.resume, lock)
+        try:
+            embed_database(plan, store, progress=progress)
+            built = construct_index(plan, store, progress=progress)
+            manifest = publish_index(plan, built, seconds=time.perf_counter() - start)
+        except UserError:
+            store.remove()  # the embeddings cannot produce this index: nothing to resume
+            shutil.rmtree(lock.work / "ondisk", ignore_errors=True)
+            raise
+        versions.crash_point("build:done")
+        store.remove()
+        shutil.rmtree(lock.work / "ondisk", ignore_errors=True)
     return manifest
+
+
+def _open_work(plan: BuildPlan, resume: bool, lock: versions.WriterLock) -> ShardStore:
+    """The shard store of this build; the shards of an interrupted one are reused with `resume`, else discarded.
+    Either way one line says so."""
+    folder = work_dir(plan.out)
+    left = len(list(folder.glob("shard-*.json"))) if folder.is_dir() else 0
+    store = ShardStore.open(folder, plan.work, resume=resume)
+    if folder.is_dir() and left and resume:
+        log.warning("index %s: resuming the build that %s left: %d of %d embedding shards already done",
+                    plan.out, lock.left_by(), left, store.num_shards)
+    elif left:
+        log.warning("index %s: discarded %d embedding shard(s) that %s left (pass --resume to reuse them)",
+                    plan.out, left, lock.left_by())
+    return store
+
+
+def _clean_leftovers(out: Path, lock: versions.WriterLock) -> None:
+    """Remove what a killed build of `out` left besides its shards: folders being written or replaced
+    (`.<out>.work/tmp-*`) and on-disk merge blocks; from older releases, `.<out>.tmp-*` and `.<out>.old-*` (an
+    old folder moved aside by an interrupted overwrite is put back when `out` is missing). Call under the lock."""
+    removed = []
+    for p in sorted(lock.work.glob("tmp-*")):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(f"{lock.work.name}/{p.name}")
+    if (lock.work / "ondisk").exists():
+        shutil.rmtree(lock.work / "ondisk", ignore_errors=True)
+        removed.append(f"{lock.work.name}/ondisk")
+    legacy = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-[0-9a-f]{{8}}$")
+    for p in sorted(out.parent.glob(f".{out.name}.*-*")):
+        if not legacy.match(p.name) or not p.is_dir():
+            continue
+        if p.name.split(".")[-1].startswith("old") and (p / out.name).is_dir() and not out.exists():
+            os.rename(p / out.name, out)
+            log.warning("index %s: put back the index folder an interrupted overwrite had moved to %s", out, p)
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    if removed:
+        log.warning("index %s: removed what the build of %s left: %s", out, lock.left_by(), ", ".join(removed))
 
 
 def config_from_fields(teacher: str | os.PathLike, images: str | os.PathLike | None,
@@ -228,8 +284,9 @@ def construct_index(plan: BuildPlan, store: ShardStore, *, progress: bool = True
 
 
 def publish_index(plan: BuildPlan, built: BuiltIndex, *, seconds: float = 0.0) -> IndexManifest:
-    """Write the index folder (manifest, metadata, skipped files, config.yaml) and put it in place: renamed over
-    a plain folder, or published as a new version of a versioned root."""
+    """Write the index folder (manifest, metadata, skipped files, config.yaml) and put it in place: renamed into
+    place (or atomically swapped with the folder it replaces), or published as a new version of a versioned root.
+    Call while holding `versions.writer_lock(plan.out)`, as `build_index` does."""
     config, embedder = plan.config, plan.embedder
     kept = [plan.items[r] for r in built.rows]
     manifest = IndexManifest(
@@ -249,30 +306,24 @@ def publish_index(plan: BuildPlan, built: BuiltIndex, *, seconds: float = 0.0) -
     meta_rows = ((i, item.path, item.label, plan.columns.get(item.path)) for i, item in enumerate(kept))
     out = plan.out
     if plan.versioned:
-        with versions.writer_lock(out):
-            versions.clean_stale(out)
-            staged = versions.staging_dir(out)
+        staged = versions.staging_dir(out)
+        try:
             write_index_folder(staged, built.index, meta_rows, manifest, built.skipped, config)
             versions.crash_point("build:before-publish")
             versions.publish(out, staged, keep=config.keep)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _fresh_dir(out.parent, f".{out.name}.tmp-")
+        tmp = _fresh_dir(versions.work_root(out), "tmp-")
         try:
             write_index_folder(tmp, built.index, meta_rows, manifest, built.skipped, config)
             versions.crash_point("build:before-publish")
+            versions.fsync_tree(tmp)  # every file, then the folder, before the name can point at it
             _move_into_place(tmp, out, config.overwrite)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed folder, or after a swap the old index
     return manifest
-
-
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()
-    except OSError:
-        pass
 
 
 def index_from_shards(store: ShardStore, dim: int, factory: str) -> faiss.Index:
@@ -327,7 +378,7 @@ def write_skipped(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
 
 
 def _check_out(out: Path, overwrite: bool, versioned: bool) -> None:
-    if not out.exists():
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):  # nothing, or an empty folder to fill
         return
     if versioned and versions.is_versioned_root(out):
         if not overwrite:
@@ -337,27 +388,56 @@ def _check_out(out: Path, overwrite: bool, versioned: bool) -> None:
     if not overwrite:
         raise UserError(f"{out} already exists; choose another output folder or pass overwrite to replace it")
     # overwrite replaces an index folder, never an unrelated file or folder that happens to have this name
-    if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_FILE).is_file()):
+    if not out.is_dir() or not (out / MANIFEST_FILE).is_file():
         raise UserError(f"{out} exists and is not an index folder (no {MANIFEST_FILE}); refusing to replace it")
     if versioned:
         raise UserError(f"{out} is a plain index folder; build the versioned index elsewhere, or run `index add` "
                         f"on it, which turns it into a versioned root in place")
+    _exchange_function()  # refused here, before anything is embedded, where the system cannot swap atomically
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Give the complete, fsynced folder `tmp` the name `out`. Onto nothing (or an empty folder) it is one rename;
+    over an existing index it is one atomic exchange of the two names, after which `tmp` holds the old index.
+    At no instant does `out` name a missing or incomplete folder."""
     _check_out(out, overwrite, False)  # again: something may have appeared there while the build ran
-    if not out.exists():
+    if not out.exists() or not any(out.iterdir()):
         os.rename(tmp, out)
-        return
-    aside = _fresh_dir(out.parent, f".{out.name}.old-")
-    os.rename(out, aside / out.name)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(aside / out.name, out)  # put the old index back
-        aside.rmdir()
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+    else:
+        exchange(tmp, out)
+    versions._fsync_dir(out.parent)
+    versions.crash_point("build:after-swap")
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h; macOS's RENAME_SWAP for renamex_np has the same value
+
+
+def _exchange_function():
+    """(libc function, argument builder) for an atomic exchange of two paths; `UserError` where there is none."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+        fn = libc.renameat2
+        fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+        return fn, lambda a, b: (_AT_FDCWD, a, _AT_FDCWD, b, _RENAME_EXCHANGE)
+    if sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+        fn = libc.renamex_np
+        fn.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint)
+        return fn, lambda a, b: (a, b, _RENAME_EXCHANGE)
+    raise UserError("overwrite of a plain index folder needs an atomic exchange of two names (renameat2 on "
+                    "Linux, renamex_np on macOS), which this system lacks; build into a new folder, or use a "
+                    "versioned root (--versioned)")
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap the names `a` and `b` (two folders on one filesystem) in one atomic step."""
+    fn, args = _exchange_function()
+    if fn(*args(os.fsencode(a), os.fsencode(b))) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise UserError(f"the filesystem of {b} cannot swap two folders atomically "
+                            f"({os.strerror(err)}); build into a new folder, or use a versioned root (--versioned)")
+        raise OSError(err, os.strerror(err), str(b))
 
 
 def _fresh_dir(parent: Path, prefix: str) -> Path:

@@ -182,7 +182,8 @@ def test_kill_during_build_then_resume_gives_the_uninterrupted_index(tmp_path, t
     assert not (tmp_path / ".root.work").exists()
 
 
-@pytest.mark.parametrize("crash", ["embed:after-shard", "add:before-publish", "publish:before-current"])
+@pytest.mark.parametrize("crash", ["add:locked", "embed:after-shard", "add:before-publish", "publish:after-rename",
+                                   "publish:before-current", "current:before-replace"])
 def test_kill_during_add_keeps_the_old_version_and_rerun_finishes(root, tiny_models, new_images, crash):
     before = snapshot(root)
     args = ["index", "add", "--index", str(root), "--teacher", str(tiny_models["teacher"]),
@@ -198,14 +199,24 @@ def test_kill_during_add_keeps_the_old_version_and_rerun_finishes(root, tiny_mod
     np.testing.assert_array_equal(after["scores"], before["scores"])
     assert after["records"] == before["records"]
 
-    r = cli(*args)  # the same command again finishes the job
+    r = cli(*args)  # the same command again finishes the job, and says what it found
     assert r.returncode == 0, r.stderr
-    assert versions.list_versions(root) == ["v000001", "v000002"]  # the orphan of a killed publish was cleaned
+    assert "stopped before finishing" in r.stderr
+    if crash in ("embed:after-shard", "add:before-publish"):
+        assert "resuming the add of" in r.stderr and "1 of 1 embedding shards already done" in r.stderr
+    if crash in ("publish:before-current", "current:before-replace"):
+        # v000002 was listed in PUBLISHED before the kill: it may have been live, so it is kept and not reused
+        assert versions.list_versions(root) == ["v000001", "v000002", "v000003"]
+        assert versions.read_current(root) == "v000003"
+    else:  # the orphan of a killed publish (renamed into place, never listed) was cleaned
+        assert versions.list_versions(root) == ["v000001", "v000002"]
+        assert ("v000002 (never published)" in r.stderr) == (crash == "publish:after-rename")
     with SearchIndex.open(root) as index:
         ids = index.ids()
         paths = [rec["path"] for rec in index.lookup_records(ids)]
     assert ids.tolist() == list(range(52))  # no id lost, none duplicated
     assert len(set(paths)) == 52 and sorted(paths[40:]) == sorted(i.path for i in list_images_flat(new_images))
+    assert not (root.parent / ".root.work").exists()
 
 
 def test_kill_right_after_the_switch_leaves_the_new_version_live(root, tiny_models):
@@ -246,6 +257,6 @@ def test_kill_while_a_plain_folder_becomes_a_root(tmp_path, tiny_models, image_f
     assert after["records"] == before["records"]
     r = cli(*args)
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in plain.iterdir() if p.name != ".lock") == ["CURRENT", "versions"]
+    assert sorted(p.name for p in plain.iterdir()) == ["CURRENT", "PUBLISHED", "versions"]
     with SearchIndex.open(plain) as index:
         assert index.ids().tolist() == list(range(32)) and index.version == "v000002"

@@ -99,7 +99,7 @@ def test_open_index_survives_publish_and_prune(tmp_path, plain):
     root = tmp_path / "root"
     shutil.copytree(plain, root)
     ensure_versioned(root)  # the plain folder becomes v000001, in place
-    assert sorted(p.name for p in root.iterdir()) == ["CURRENT", "versions"]
+    assert sorted(p.name for p in root.iterdir()) == ["CURRENT", "PUBLISHED", "versions"]
     queries = np.eye(16, dtype=np.float32)
     index = SearchIndex.open(root)
     before = index.search(queries, 5)
@@ -112,3 +112,70 @@ def test_open_index_survives_publish_and_prune(tmp_path, plain):
     np.testing.assert_array_equal(before[1], after[1])
     assert index.lookup(after[1][0]) == SearchIndex.open(plain).lookup(before[1][0])
     index.close()
+
+
+def test_rollback_switches_current_and_never_loses_or_reuses_a_version(tmp_path, tiny_models, image_folder, capsys):
+    from asymsearch.cli.main import main
+    from asymsearch.core.synthetic import make_synthetic_dataset
+    from asymsearch.index.update import add_images, remove_ids
+
+    def cli(*args):
+        rc = main(["index", *map(str, args)])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    teacher, root = tiny_models["teacher"], tmp_path / "root"
+    build_index(teacher, image_folder, root, classes="class_00,class_01", versioned=True, progress=False)
+    extra = make_synthetic_dataset(tmp_path / "extra", num_classes=1, per_class=3, size=48, seed=9)
+    add_images(root, teacher, extra, progress=False)  # v000002: 23 images
+    remove_ids(root, [0, 1])  # v000003: 21
+    rc, out, _ = cli("rollback", root, "v000001")
+    assert rc == 0 and out.strip() == (f"index {root}: CURRENT now names v000001 (was v000003), 20 images; "
+                                       f"kept newer: v000002, v000003")
+    with SearchIndex.open(root) as index:
+        assert (index.version, index.count) == ("v000001", 20)
+
+    # the next change gets a name never used, and the versions rolled back from stay
+    _, name = add_images(root, teacher, extra, progress=False)
+    assert name == "v000004" and versions.list_versions(root) == ["v000001", "v000002", "v000003", "v000004"]
+    # a rollback by hand-editing CURRENT (the old way): newer versions stay too
+    (root / "CURRENT").write_text("v000002\n")
+    assert remove_ids(root, [5]).version == "v000005"
+    assert versions.list_versions(root) == [f"v00000{i}" for i in range(1, 6)]
+    assert versions.read_published(root) == [f"v00000{i}" for i in range(1, 6)]
+
+    rc, out, _ = cli("rollback", root, "3")  # forward, by number
+    assert rc == 0 and "CURRENT now names v000003 (was v000005), 21 images; kept newer: v000004, v000005" in out
+    rc, out, _ = cli("rollback", root, "v000003")
+    assert rc == 0 and "CURRENT already names v000003" in out
+
+    before = (root / "CURRENT").read_bytes()
+    for version, message in [("v000009", "has no version 'v000009'; its versions are v000001, v000002, v000003, "
+                                         "v000004, v000005 (CURRENT: v000003)"),
+                             ("latest", "has no version 'latest'")]:
+        rc, _, err = cli("rollback", root, version)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    (root / "versions" / "v000001" / "meta.sqlite").unlink()
+    rc, _, err = cli("rollback", root, "v000001")
+    assert rc == 2 and err.strip() == ("asymsearch: error: version v000001 is incomplete (meta.sqlite is missing); "
+                                       "refusing to switch to it")
+    rc, _, err = cli("rollback", extra, "v000001")
+    assert rc == 2 and "is not a versioned index root" in err and len(err.strip().splitlines()) == 1
+    assert (root / "CURRENT").read_bytes() == before
+
+
+def test_a_root_made_before_published_existed_keeps_every_version(tmp_path, plain):
+    """No PUBLISHED: whether a version newer than CURRENT was ever live cannot be known, so none is removed."""
+    root = tmp_path / "root"
+    for name in ("v000001", "v000002", "v000003"):
+        copy_version(plain, root, name)
+    (root / "CURRENT").write_text("v000002\n")
+    with versions.writer_lock(root) as lock:
+        assert versions.clean_stale(root, lock) == []
+        assert versions.read_published(root) == ["v000001", "v000002", "v000003"]
+        staged = versions.staging_dir(root)
+        for f in plain.iterdir():
+            shutil.copy(f, staged / f.name)
+        assert versions.publish(root, staged) == "v000004"
+    assert versions.list_versions(root) == ["v000001", "v000002", "v000003", "v000004"]
+    assert not versions.work_root(root).exists()  # a finished writer leaves no lock folder behind
