@@ -24,6 +24,8 @@ def register(commands: Commands) -> None:
                    help="address the page is served on (default: %(default)s, this machine only). Another address "
                         "opens the page, plain HTTP and without a login of its own, to whoever reaches it, and "
                         "lets them search with the gateway's --token; add the names they use with --allow-host")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow --host to be an address other machines can reach (plain HTTP, no login)")
     p.add_argument("--port", type=int, default=8080, help="HTTP port; 0 picks a free one (default: %(default)s)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer requests whose Host header is NAME (e.g. the machine's name when --host "
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from asymsearch.clients.client import SearchClient, SearchError
-    from asymsearch.clients.web import GatewayOptions, is_loopback, max_image_bytes, serve_web
+    from asymsearch.clients.web import GatewayOptions, max_image_bytes, serve_web
+    from asymsearch.core.net import is_loopback
 
     if args.k < 1:
         raise UserError(f"-k must be at least 1, got {args.k}")
@@ -68,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     for origin in args.allow_origin:
         if "://" not in origin or origin.rstrip("/").count("/") != 2:
             raise UserError(f"--allow-origin takes scheme://host[:port], got {origin!r}")
+    if not is_loopback(args.host) and not args.insecure:
+        raise UserError(f"serving the page on {args.host} (reachable from other machines) over plain HTTP needs "
+                        f"--insecure: anyone who reaches it searches with this gateway's credentials; or keep the "
+                        f"default 127.0.0.1 behind a TLS proxy")
     kw = connection_kwargs(args)
     level = getattr(logging, str(args.log_level).upper(), None)
     if not isinstance(level, int):

@@ -51,7 +51,6 @@ import email.policy
 import functools
 import inspect
 import io
-import ipaddress
 import json
 import logging
 import os
@@ -256,17 +255,6 @@ def _hostname(host_header: str) -> str:
     if host.startswith("["):
         return host[1:host.find("]")] if "]" in host else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-def is_loopback(host: str) -> bool:
-    """True for an address only this machine can reach: localhost, 127.0.0.0/8, ::1."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def allowed_hosts(bound_host: str, extra: tuple[str, ...] = ()) -> frozenset[str]:

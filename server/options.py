@@ -16,10 +16,10 @@ Health, Info and /metrics are outside every one of these.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 from typing import Any
 
 from asymsearch.core.errors import UserError
+from asymsearch.core.net import is_loopback
 from asymsearch.server.batching import BatchingConfig
 from asymsearch.server.tokens import ADMIN, Tokens, read_token_file
 
@@ -127,14 +127,3 @@ class ServeOptions:
                 ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_ping_interval_s)),
                 ("grpc.http2.max_ping_strikes", 2),
                 ("grpc.max_connection_idle_ms", ms(self.max_connection_idle_s))]
-
-
-def is_loopback(host: str) -> bool:
-    """True for an address only this machine can reach: localhost, 127.0.0.0/8, ::1."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost, "0.0.0.0", "::": reachable from elsewhere

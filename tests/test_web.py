@@ -2,7 +2,6 @@
 headless Chromium (an image from the database must find its own entry first)."""
 from __future__ import annotations
 
-import dataclasses
 import http.client
 import json
 import os
@@ -22,7 +21,6 @@ from asymsearch.clients.web import DEFAULT_MAX_UPLOAD_BYTES, GatewayOptions, sta
 from asymsearch.core.data import list_image_folder
 from asymsearch.index.build import build_index
 from asymsearch.server.engine import QueryEngine
-from asymsearch.server.options import ServeOptions
 from asymsearch.server.service import create_server
 
 TOKEN = "web-token-123"
@@ -42,7 +40,7 @@ def servers(tmp_path_factory, image_folder, tiny_models):
     build_index(tiny_models["teacher"], image_folder, out, progress=False)
     engines = [QueryEngine.open(out, tiny_models["student"], max_k=50) for _ in range(2)]
     # the gateway runs beside the images here: the server tells it their paths, so it can show thumbnails
-    paths = {"expose_paths": True} if "expose_paths" in {f.name for f in dataclasses.fields(ServeOptions)} else {}
+    paths = {"expose_paths": True}
     started = [create_server(engines[0], **paths),
                create_server(engines[1], token=TOKEN, search_requires_token=True, **paths)]
     yield {"open": f"127.0.0.1:{started[0][1]}", "token": f"127.0.0.1:{started[1][1]}"}
@@ -523,3 +521,12 @@ def test_cli_port_in_use_is_one_line(servers, capsys):
         assert main(["web", "--server", servers["open"], "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("asymsearch: error: cannot listen on 127.0.0.1:") and "Traceback" not in err[-1]
+
+
+def test_a_reachable_address_needs_insecure(capsys):
+    """Like `serve`, the gateway binds loopback by default; another address over plain HTTP is refused in one
+    line unless --insecure says so."""
+    from asymsearch.cli.main import main
+    assert main(["web", "--server", "127.0.0.1:1", "--host", "0.0.0.0", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--insecure" in err[0], err
