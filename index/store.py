@@ -30,8 +30,9 @@ SKIPPED_FILE = "skipped.tsv"  # the build's report of unreadable files: path<TAB
 OPEN_ATTEMPTS = 3  # a version pruned between reading CURRENT and opening its files: read CURRENT again
 # faiss (1.15) computes exact inner products query by query below `distance_compute_blas_threshold` queries (its
 # default is 128k), so a batch costs as much per query as single searches. Batches of at least this many queries
-# take the BLAS path (one matrix product); smaller ones keep the scan, which is faster for them. Measured on
-# 100k x 256 Flat, one thread, CPU ms per query: 1 query scan 4.6 / BLAS 12.9; 4: 4.0 / 2.0; 16: 5.0 / 0.9.
+# take the BLAS path (one matrix product); smaller ones keep the scan, which is faster for them (a single query
+# cost about 3x more CPU on the BLAS path in a quick check here). 16 queries on 100k x 512 Flat: 1.96 vs 7.57 CPU
+# ms per query (docs/results/bench_index_flat_batch.md).
 BLAS_MIN_QUERIES = 4
 _blas_lock = threading.Lock()  # the threshold is a faiss global: batched calls set and restore it one at a time
 
