@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import json
 import logging
 import os
 import re
@@ -129,7 +130,16 @@ def build_index(config: IndexBuildConfig | str | os.PathLike, images: str | os.P
         versions.crash_point("build:locked")
         _clean_leftovers(out, lock)
         versions.clean_stale(out, lock)
-        plan = plan_build(config)
+        plan = plan_build(config, check_out=False)
+        try:
+            _check_out(out, config.overwrite, plan.versioned)
+        except UserError:
+            done = _published_by_killed_build(plan, lock)
+            if done is not None:
+                return done
+            if not config.resume and work_dir(out).exists():
+                _open_work(plan, False, lock).remove()  # stale shards of another build: discarded, saying so
+            raise
         store = _open_work(plan, config.resume, lock)
         try:
             embed_database(plan, store, progress=progress)
@@ -142,6 +152,32 @@ def build_index(config: IndexBuildConfig | str | os.PathLike, images: str | os.P
         versions.crash_point("build:done")
         store.remove()
         shutil.rmtree(lock.work / "ondisk", ignore_errors=True)
+    return manifest
+
+
+def _published_by_killed_build(plan: BuildPlan, lock: versions.WriterLock) -> IndexManifest | None:
+    """The manifest of `plan.out` when a build with this very plan (its shards are still there) put it in place
+    and was killed before removing them: the same command again has nothing to build. Else None."""
+    folder = work_dir(plan.out)
+    try:
+        stale = json.loads((folder / "plan.json").read_text(encoding="utf-8"))
+        manifest = IndexManifest.load(versions.resolve_index_folder(plan.out)[0] / MANIFEST_FILE)
+    except (OSError, ValueError, UserError):
+        return None
+    config, b = plan.config, manifest.build
+    same = ({k: v for k, v in stale.items() if k != "format"} == plan.work
+            and manifest.teacher_model.get("sha256") == plan.work["teacher_sha256"]
+            and (b.get("images"), b.get("classes"), b.get("scales"), bool(b.get("flip")), b.get("shard_size"),
+                 b.get("batch_size")) == (str(plan.images), config.classes, list(plan.scales), config.flip,
+                                          config.shard_size, config.batch_size)
+            and (config.auto or (manifest.factory, manifest.search_params) == (config.factory,
+                                                                                dict(config.search_params))))
+    if not same:
+        return None
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(lock.work / "ondisk", ignore_errors=True)
+    log.warning("index %s: nothing to build: it already holds this build, which %s put in place before it "
+                "stopped; removed its leftover embedding shards", plan.out, lock.left_by())
     return manifest
 
 
@@ -202,9 +238,9 @@ def config_from_fields(teacher: str | os.PathLike, images: str | os.PathLike | N
     return IndexBuildConfig(**paths, **fields)
 
 
-def plan_build(config: IndexBuildConfig) -> BuildPlan:
-    """Check everything that can be checked without decoding an image: options, output folder, the teacher's role,
-    factory and search parameters, the listing and the metadata."""
+def plan_build(config: IndexBuildConfig, *, check_out: bool = True) -> BuildPlan:
+    """Check everything that can be checked without decoding an image: options, output folder (unless
+    `check_out` is False), the teacher's role, factory and search parameters, the listing and the metadata."""
     teacher, images, out = (Path(p).resolve() for p in (config.teacher, config.images, config.out))
     config = dataclasses.replace(config, teacher=str(teacher), images=str(images), out=str(out),
                                  metadata=str(Path(config.metadata).resolve()) if config.metadata else None)
@@ -230,7 +266,8 @@ def plan_build(config: IndexBuildConfig) -> BuildPlan:
         budget = Budget(max_memory=parse_size(config.max_memory), target_ms=config.target_ms,
                         target_recall=config.target_recall)
     versioned = config.versioned or versions.is_versioned_root(out)
-    _check_out(out, config.overwrite, versioned)
+    if check_out:
+        _check_out(out, config.overwrite, versioned)
     scales = MULTISCALE_SCALES if config.multiscale else SINGLE_SCALE
     teacher_model = OnnxEmbedder(teacher)
     require_teacher(teacher_model, str(teacher))

@@ -18,7 +18,8 @@ Published versions are never deleted except by `prune` (older than CURRENT, beyo
 never given twice: the next name is one above every folder and every name in PUBLISHED. A version folder is
 written to PUBLISHED before CURRENT names it, so a version newer than CURRENT that PUBLISHED lists (one rolled
 back from, by `index rollback` or by hand) is kept; one that it does not list was renamed into place by a writer
-killed before publishing it, and `clean_stale` removes it.
+killed before publishing it, and `clean_stale` removes it, as it removes the versions of a root that never had a
+CURRENT (its first publish was killed: no reader could ever have opened them).
 
 The writer lock lives in the work folder `.<ROOT>.work/` beside ROOT (where builds and adds keep their embedding
 shards), so it covers the root, its work and a plain folder that a build replaces. It is taken when a build, an
@@ -287,12 +288,13 @@ def clean_stale(root: str | os.PathLike, lock: WriterLock | None = None) -> list
     holding `writer_lock`. Returns the names removed.
 
     Removed: staging folders, temporary CURRENT / PUBLISHED files, a version newer than CURRENT that PUBLISHED
-    does not list (renamed into place, never published), the plain files of a folder turned into a root. In a
-    folder without CURRENT whose PUBLISHED lists a complete version, the killed writer's first publish is
-    finished (CURRENT written); whose PUBLISHED lists none, nothing was ever published, so its version folders
-    and PUBLISHED go and a root left empty is removed. Never removed: a version that PUBLISHED lists or CURRENT
-    names, whatever its number (a rollback, by `index rollback` or by hand, leaves newer ones behind). A folder
-    without PUBLISHED and CURRENT (a plain index, or anything else) loses only staging folders.
+    does not list (renamed into place, never published), the plain files of a folder turned into a root. A folder
+    with PUBLISHED but no CURRENT never had a live version (a first publish killed before writing CURRENT): its
+    version folders and PUBLISHED go, and a root left empty is removed (if PUBLISHED lists several versions,
+    CURRENT was deleted by hand: the newest complete one is named again instead). Never removed: a version that
+    CURRENT names or that PUBLISHED lists in a root with CURRENT, whatever its number (a rollback, by `index
+    rollback` or by hand, leaves newer ones behind). A folder without PUBLISHED and CURRENT (a plain index, or
+    anything else) loses only staging folders.
     """
     root = Path(root)
     removed: list[str] = []
@@ -327,7 +329,7 @@ def clean_stale(root: str | os.PathLike, lock: WriterLock | None = None) -> list
             if (root / name).is_file():  # a plain folder turned into a root, killed before its files were removed
                 (root / name).unlink()
                 removed.append(name)
-    elif ours:  # PUBLISHED lists nothing and no CURRENT was ever written: no version here was ever published
+    elif ours:  # no CURRENT was ever written: no version here was ever published
         for name in list_versions(root):
             shutil.rmtree(folder / name, ignore_errors=True)
             removed.append(name)
@@ -348,16 +350,16 @@ def clean_stale(root: str | os.PathLike, lock: WriterLock | None = None) -> list
 
 
 def _finish_first_publish(root: Path, lock: WriterLock | None) -> None:
-    """A root without CURRENT whose PUBLISHED lists a version: the writer of its first version was killed after
-    listing it and before switching CURRENT to it. That folder is complete (fsynced before it was renamed into
-    place), so the publish is finished instead of undone."""
-    complete = [n for n in read_published(root)
-                if all((root / VERSIONS_DIR / n / f).is_file() for f in INDEX_FILES)]
-    if complete:
+    """A root without CURRENT whose PUBLISHED lists versions. Listing one, it is a first publish killed before
+    CURRENT was written: nobody could ever read it, and the caller removes it (so the same build or add again
+    starts from the start). Listing more, CURRENT existed and has been deleted since: the newest complete listed
+    version is made live again rather than lose them all."""
+    listed = read_published(root)
+    complete = [n for n in listed if all((root / VERSIONS_DIR / n / f).is_file() for f in INDEX_FILES)]
+    if len(listed) > 1 and complete:
         write_current(root, complete[-1])
-        log.warning("index %s: finished publishing %s, which %s had written and listed in %s but not yet named in "
-                    "%s", root, complete[-1], lock.left_by() if lock else "an interrupted writer", PUBLISHED_FILE,
-                    CURRENT_FILE)
+        log.warning("index %s: %s was missing; it names %s again, the newest version listed in %s", root,
+                    CURRENT_FILE, complete[-1], PUBLISHED_FILE)
 
 
 # -- publishing ----------------------------------------------------------------------------------------------

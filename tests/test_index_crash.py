@@ -225,6 +225,31 @@ def test_thirty_random_kills_never_wedge_the_index(tmp_path, tiny_models, image_
     print("\n".join(journal))
 
 
+@pytest.mark.parametrize("versioned, crash", [(True, "publish:before-current"), (True, "publish:after-current"),
+                                               (False, "build:before-publish"), (False, "build:after-swap")])
+def test_a_killed_first_build_reruns_to_the_index(tmp_path, tiny_models, image_folder, versioned, crash):
+    """A new output: killed before its first CURRENT the root is undone (no reader could open it) and built again;
+    killed after the name points at it, the same command again (no --overwrite) has nothing to build."""
+    out = tmp_path / "index"
+    args = ["index", "build", "--teacher", str(tiny_models["teacher"]), "--images", str(image_folder), "--out",
+            str(out), "--classes", "class_00,class_01", "--batch-size", "4", "--shard-size", "8"]
+    args += ["--versioned"] if versioned else []
+    rc, _, err, pid = run(args, crash=crash)
+    assert rc == -signal.SIGKILL, err
+    rc, stdout, err = run_here(args)
+    assert rc == 0 and f"process {pid} stopped before finishing" in err, err
+    published = crash in ("publish:after-current", "build:after-swap")
+    assert ("nothing to build: it already holds this build" in err) == published
+    assert "20 images, Flat" in stdout
+    version, content, _ = observe(out)
+    assert content == {i: item.path for i, item in enumerate(list_image_folder(image_folder,
+                                                                                ["class_00", "class_01"]))}
+    assert version == ("v000001" if versioned else None)
+    if versioned:
+        assert versions.list_versions(out) == versions.read_published(out) == ["v000001"]
+    no_leftovers(out)
+
+
 def test_a_killed_add_that_had_published_no_longer_wedges_later_adds(tmp_path, tiny_models, image_folder,
                                                                      add_folders):
     """Issue 22: killed at publish:after-current, the rerun of `index add` exited 2 ("already in the index") and left
