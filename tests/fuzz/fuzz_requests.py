@@ -5,8 +5,8 @@ The fuzzer's bytes drive a `FuzzedDataProvider` that builds one call per input: 
 images of many formats, seeds cut short or with bytes overwritten, an empty or an oversized image), SearchVector
 (any length, NaN / inf / huge / zero values), BatchSearch (empty, a few queries, the limit, one over it; each query
 an image, a vector or neither), SearchStream (several queries and possibly raw bytes), Info, and raw bytes sent
-as the request of any Search method (whether or not they parse as its message). k is any int32 (edges
-included), tags any uint64; a call's deadline is generous (30 s) or, sometimes, a few milliseconds.
+as the request of any Search method (whether or not they parse as its message; those that parse are checked
+like the messages built). k is any int32 (edges included), tags any uint64; a call's deadline is generous (30 s) or, sometimes, a few milliseconds.
 
 Invariants, for every call:
 * the status is OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED, with a non-empty message; never
@@ -269,10 +269,26 @@ class Target:
         else:  # raw bytes as the request of a Search method
             method = pick(fdp, sorted(REQUESTS))
             raw = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 4096))
+            if parses(REQUESTS[method], raw):  # a message with random fields: checked like one we built
+                self.parsed(method, REQUESTS[method].FromString(raw), raw, timeout, short)
+                return
             code, details, _ = self.unary(method, raw, timeout)
-            if not parses(REQUESTS[method], raw) and code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+            if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
                 raise KnownIssue("unparsable-unary", f"{method}: {code.name} {details!r}")
-            self.check_status(code, details, short, f"{method} (raw bytes)")
+            self.check_status(code, details, short, f"{method} (unparsable bytes)")
+
+    def parsed(self, method: str, message, raw: bytes, timeout: float, short: bool) -> None:
+        """Random bytes that parse as `method`'s request, sent as they are (unknown fields included)."""
+        if method == "SearchImage":
+            self.one(method, raw, timeout, short, search_pb2.Query(image=message.image, k=message.k))
+        elif method == "SearchVector":
+            self.one(method, raw, timeout, short,
+                     search_pb2.Query(vector=search_pb2.FloatVector(values=message.vector), k=message.k))
+        elif method == "BatchSearch":
+            self.check_batch(raw, list(message.queries), timeout, short)
+        else:
+            code, details, _ = self.unary(method, raw, timeout)
+            self.check_status(code, details, short, f"{method} (random fields)")
 
     def one(self, method: str, raw: bytes, timeout: float, short: bool, as_query: search_pb2.Query) -> None:
         code, details, reply = self.unary(method, raw, timeout)
@@ -291,8 +307,10 @@ class Target:
             template = self.query(fdp)
             queries = [search_pb2.Query(vector=search_pb2.FloatVector(values=np.random.default_rng(i).normal(
                 size=TINY_DIM)), k=template.k, tag=i) for i in range(n)]
-        code, details, reply = self.unary("BatchSearch", search_pb2.BatchSearchRequest(
-            queries=queries).SerializeToString(), timeout)
+        self.check_batch(search_pb2.BatchSearchRequest(queries=queries).SerializeToString(), queries, timeout, short)
+
+    def check_batch(self, raw: bytes, queries: list[search_pb2.Query], timeout: float, short: bool) -> None:
+        code, details, reply = self.unary("BatchSearch", raw, timeout)
         what = f"BatchSearch({len(queries)} queries)"
         self.check_status(code, details, short, what)
         if code != grpc.StatusCode.OK:
