@@ -6,7 +6,8 @@ images of many formats, seeds cut short or with bytes overwritten, an empty or a
 (any length, NaN / inf / huge / zero values), BatchSearch (empty, a few queries, the limit, one over it; each query
 an image, a vector or neither), SearchStream (several queries and possibly raw bytes), Info, and raw bytes sent
 as the request of any Search method (whether or not they parse as its message; those that parse are checked
-like the messages built). k is any int32 (edges included), tags any uint64; a call's deadline is generous (30 s) or, sometimes, a few milliseconds.
+like the messages built). k is any int32 (edges included), tags any uint64; a call's deadline is generous (30 s)
+or, sometimes, a few milliseconds.
 
 Invariants, for every call:
 * the status is OK, INVALID_ARGUMENT, RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED, with a non-empty message; never
