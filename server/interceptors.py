@@ -4,6 +4,7 @@
     LoggingInterceptor   one access-log line per RPC at DEBUG (costs nothing at INFO)
     AuthInterceptor      scoped bearer tokens: admin for Admin, search (or admin) for Search when asked
     LimitsInterceptor    Search calls in progress per client address, SearchStream calls open in total
+    ParsingInterceptor   a request that does not parse is INVALID_ARGUMENT (grpc would answer UNKNOWN)
 
 Health, Info and reflection are never limited: whatever the load, they answer.
 """
@@ -18,6 +19,7 @@ import grpc
 import grpc.aio
 
 from asymsearch.protos.v1 import search_pb2
+from asymsearch.server.engine import InvalidQuery
 from asymsearch.server.errors import LimitReached
 from asymsearch.server.metrics import ServerMetrics
 from asymsearch.server.tokens import ADMIN, SEARCH, TokenStore
@@ -78,6 +80,77 @@ class _Around(grpc.aio.ServerInterceptor):
         return _rebuild(handler, unary, stream)
 
     wraps_unary_stream = False  # health's Watch stays as it is
+
+
+class Malformed:
+    """Stands for a request whose bytes do not parse as the method's message (see `ParsingInterceptor`)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+
+class MalformedRequest(InvalidQuery):
+    """A stream message that does not parse: the stream ends with INVALID_ARGUMENT."""
+
+
+class ParsingInterceptor(grpc.aio.ServerInterceptor):
+    """Requests that do not parse are INVALID_ARGUMENT, not UNKNOWN. grpc parses a request with the method's
+    deserializer before any servicer code runs, and a parse error becomes UNKNOWN with the parser's text; here the
+    deserializer is made tolerant (it returns `Malformed`) and the handler refuses such a request, or ends a stream
+    at its first malformed message, with INVALID_ARGUMENT naming the message type. Innermost interceptor, so the
+    others keep the tolerant deserializer when they rebuild a handler."""
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        strict, behaviour, method = handler.request_deserializer, _behaviour(handler), details.method
+
+        def parse(data: bytes):
+            try:
+                return strict(data)
+            except Exception:  # noqa: BLE001 - DecodeError, or any other failure of the generated parser
+                return Malformed(method.rsplit("/", 1)[-1])
+
+        def refusal(what: str) -> str:
+            return f"the request of {what} is not a valid protobuf message of its type"
+
+        async def unary(request, context):
+            if isinstance(request, Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal(request.what))
+            return await behaviour(request, context)
+
+        async def checked(requests, context):
+            async for r in requests:
+                if isinstance(r, Malformed):
+                    raise MalformedRequest(refusal(r.what) + " (the stream ends there)")
+                yield r
+
+        kw = dict(request_deserializer=parse, response_serializer=handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary, **kw)
+        if handler.unary_stream:
+            async def unary_stream(request, context):
+                if isinstance(request, Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal(request.what))
+                async for reply in behaviour(request, context):
+                    yield reply
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
+        if handler.stream_unary:
+            async def stream_unary(requests, context):
+                try:
+                    return await behaviour(checked(requests, context), context)
+                except MalformedRequest as e:  # a servicer that let it through
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+
+        async def stream_stream(requests, context):
+            try:
+                async for reply in behaviour(checked(requests, context), context):
+                    yield reply
+            except MalformedRequest as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
 
 
 class MetricsInterceptor(_Around):

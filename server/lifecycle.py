@@ -38,7 +38,7 @@ from asymsearch.protos.v1 import search_pb2_grpc
 from asymsearch.server.batching import Pipeline
 from asymsearch.server.engine import QueryEngine
 from asymsearch.server.interceptors import (ADMIN_SERVICE_NAME, SERVICE_NAME, AuthInterceptor, LimitsInterceptor,
-                                            LoggingInterceptor, MetricsInterceptor)
+                                            LoggingInterceptor, MetricsInterceptor, ParsingInterceptor)
 from asymsearch.server.metrics import ServerMetrics
 from asymsearch.server.options import ServeOptions
 from asymsearch.server.servicers import AdminServicer, SearchServicer
@@ -94,7 +94,8 @@ class SearchServer:
         server = grpc.aio.server(
             options=o.grpc_options(),
             interceptors=[MetricsInterceptor(self.metrics), LoggingInterceptor(),
-                          AuthInterceptor(self.tokens, o.search_requires_token), self.limits])
+                          AuthInterceptor(self.tokens, o.search_requires_token), self.limits,
+                          ParsingInterceptor()])
         search_pb2_grpc.add_SearchServicer_to_server(SearchServicer(self), server)
         services = [SERVICE_NAME, HEALTH_SERVICE_NAME]
         if o.admin:

@@ -175,6 +175,8 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
             except RuntimeError:  # the loop is closed
                 pass
 
+        failed: list[BaseException] = []  # what ended the reading early (a malformed message): ends the stream
+
         async def read() -> None:
             try:
                 async for q in request_iterator:
@@ -188,6 +190,10 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
                         results.put_nowait(query_result(q.tag, error=e))
                         continue
                     future.add_done_callback(lambda f, tag=q.tag: arrived(tag, f))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - re-raised by the replying loop, mapped by rpc_errors
+                failed.append(e)
             finally:  # the client half-closed, or went away: answer what is in progress, then end
                 results.put_nowait(_END)
 
@@ -202,6 +208,8 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
                     raise StreamIdle(f"the stream was idle (no query in progress) for {idle_s:g} s; the limit is "
                                      f"{idle_s:g} s (--stream-idle-s)") from None
                 if item is _END:
+                    if failed:
+                        raise failed[0]
                     ended = True
                     continue
                 in_progress[0] -= 1
