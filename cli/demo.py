@@ -97,7 +97,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     with timer.stage("serve_and_query", "serve with the student and query through the client"):
         queries = _pick_queries(list_image_folder(data, eval_classes), cfg.queries)
         engine = QueryEngine.open(index_dir, student_onnx)
-        server, port = create_server(engine, host="127.0.0.1", port=0)
+        server, port = create_server(engine, host="127.0.0.1", port=0, expose_paths=True)  # local: self-match by path
         try:
             with SearchClient(f"127.0.0.1:{port}", timeout=30) as client:
                 client.wait_ready(10)

@@ -188,7 +188,9 @@ class OnDeviceEmbedder:
     def embed(self, image: ImageSource) -> np.ndarray:
         """An image file or encoded bytes -> its embedding (dim,) float32. Unreadable input raises `UserError`."""
         source = image if isinstance(image, bytes) else Path(image)
-        return self.model.embed_images([decode_image(source, self.max_pixels)])[0]
+        # decoded as the server decodes (at no more than the model needs), so both embed the same pixels
+        return self.model.embed_images([decode_image(source, self.max_pixels,
+                                                     min_side=self.model.manifest.preprocessing.resize)])[0]
 
 
 class SearchClient:

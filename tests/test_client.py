@@ -107,6 +107,12 @@ def test_server_down_is_unavailable():
             client.wait_ready(0.5)
 
 
+def same(a: list[Hit], b: list[Hit]) -> bool:
+    """The same hits (ids, labels, paths, metadata) with scores equal to float rounding."""
+    strip = lambda hits: [(h.id, h.label, h.path, h.metadata) for h in hits]  # noqa: E731
+    return strip(a) == strip(b) and np.allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
+
+
 def test_batch_search_and_stream_search(client, items):
     """One entry per query, in order (batch) or tagged (stream); equal to the single-query answers; a bad query
     comes back as its own error."""
@@ -115,12 +121,13 @@ def test_batch_search_and_stream_search(client, items):
     vector = [0.25] * 16
     queries = [paths[0], Path(paths[1]).read_bytes(), vector, b"no image here", paths[2]]
     batch = client.batch_search(queries, k=4)
-    assert batch[0] == singles[0] and batch[1] == singles[1] and batch[4] == singles[2]
-    assert batch[2] == client.search_vector(vector, k=4)
+    # queries searched together may take faiss's BLAS path, single ones its scan: same hits, scores to rounding
+    assert same(batch[0], singles[0]) and same(batch[1], singles[1]) and same(batch[4], singles[2])
+    assert same(batch[2], client.search_vector(vector, k=4))
     assert isinstance(batch[3], InvalidRequest) and "not a readable image" in str(batch[3])
     streamed = dict(client.stream_search(iter(queries), k=4))
     assert set(streamed) == set(range(len(queries)))
-    assert [streamed[i] for i in (0, 1, 2, 4)] == [batch[i] for i in (0, 1, 2, 4)]
+    assert all(same(streamed[i], batch[i]) for i in (0, 1, 2, 4))
     assert isinstance(streamed[3], InvalidRequest)
 
 
