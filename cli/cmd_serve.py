@@ -36,7 +36,8 @@ def register(commands: Commands) -> None:
     g.add_argument("--batch-max-delay-ms", type=float, default=1.0,
                    help="longest wait for a batch to fill, ms (default: %(default)s)")
     g.add_argument("--decode-workers", type=int, default=defaults.DECODE_WORKERS,
-                   help="image decoding threads, one per core, at least 2 (default here: %(default)s)")
+                   help="image decoding threads: the cores the embed workers leave, at least 1 (default here: "
+                        "%(default)s)")
     a = p.add_argument_group("admission and limits (every refusal names the limit it hit)")
     a.add_argument("--queue-size", type=int, default=defaults.MAX_QUEUE,
                    help="most queries in progress; more get RESOURCE_EXHAUSTED (default: %(default)s)")
