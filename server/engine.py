@@ -30,7 +30,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -247,31 +247,27 @@ class QueryEngine:
             raise InvalidQuery(f"k={k} exceeds this server's max_k of {self.max_k}")
         return k or self.default_k
 
-    def prepare_image(self, data: bytes) -> np.ndarray:
-        """Encoded image -> the student's input (3, crop, crop) float32; `InvalidQuery` when it is not an image
-        or has more than `max_pixels` pixels (checked from the header, before decoding)."""
+    def _read_image(self, read: Callable[..., Any], data: bytes) -> Any:
+        """`read(bytes, max_pixels, min_side=...)` (decode, or its size from the header) as every query is read:
+        at no more than the student's resize; `InvalidQuery` for an empty or unreadable image."""
         if not data:
             raise InvalidQuery("empty image: the query carries no image bytes")
         try:
-            image = decode_image(bytes(data), self.max_pixels,
-                                 min_side=self.student.manifest.preprocessing.resize)
+            return read(bytes(data), self.max_pixels, min_side=self.student.manifest.preprocessing.resize)
         except InvalidImage as e:
             raise InvalidQuery(str(e)) from None
-        return preprocess(image, self.student.manifest.preprocessing)
+
+    def prepare_image(self, data: bytes) -> np.ndarray:
+        """Encoded image -> the student's input (3, crop, crop) float32; `InvalidQuery` when it is not an image
+        or has more than `max_pixels` pixels (checked from the header, before decoding)."""
+        return preprocess(self._read_image(decode_image, data), self.student.manifest.preprocessing)
 
     def image_nbytes(self, data: bytes) -> tuple[int, int]:
         """(decoded, prepared) bytes an image query will occupy: its 8-bit RGB image, computed from the header
         before any pixel is decoded, and the student's float32 input. `InvalidQuery` for an empty image or a header
         that is not an image's. The memory budget admits image queries on these figures."""
-        if not data:
-            raise InvalidQuery("empty image: the query carries no image bytes")
-        try:
-            decoded = decoded_nbytes(bytes(data), self.max_pixels,
-                                     min_side=self.student.manifest.preprocessing.resize)
-        except InvalidImage as e:
-            raise InvalidQuery(str(e)) from None
         crop = self.student.manifest.preprocessing.crop
-        return decoded, 3 * crop * crop * 4
+        return self._read_image(decoded_nbytes, data), 3 * crop * crop * 4
 
     def embed_prepared(self, pixels: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) -> (N, dim) raw student embeddings (normalise each with `normalise`)."""
