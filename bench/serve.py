@@ -15,6 +15,8 @@
    a server cannot beat the work it does with nothing around it, so such a ratio means the limit is wrong.
 6. Idle-stream resilience: with N SearchStream calls open and idle (held by another process), the latency of health
    checks and of vector queries, the server's threads before and during, and how many streams it refused.
+7. Large images: N 16-bit greyscale PNGs of side S (a few KB each on the wire, side^2 x 2 bytes of pixels) sent at
+   once while ordinary image queries go on: the server's RSS growth and those queries' latency meanwhile.
 
 Writes JSON (with `provenance()`), a Markdown page beside it and a PNG.
 """
@@ -40,6 +42,8 @@ TARGET_CONCURRENCY = 16
 TARGET_CPU_RATIO = 1.10  # server CPU ms per query <= 1.10 x the limit's
 TARGET_QPS_RATIO = 0.85  # server q/s >= 0.85 x the limit's
 TARGET_IDLE_MS = 100.0  # health and a vector query answer within this with the idle streams open
+TARGET_LARGE_RSS_MB = 300.0  # RSS growth with the large images in flight
+TARGET_LARGE_WAIT_MS = 1000.0  # an ordinary query's latency meanwhile (unless the large ones were refused)
 
 
 class LimitBeaten(UserError):
@@ -67,6 +71,8 @@ class ServeBenchConfig:
     limit_batch: int = 8  # queries per faiss search in the limit
     limit_embed_batch: int = 1  # images per student call in the limit
     idle_streams: int = 1000  # 0: no idle-stream line
+    large_images: int = 16  # 0: no large-image line
+    large_side: int = 6300
     serve_args: tuple[str, ...] = ()  # passed to `asymsearch serve` as they are
     max_ratio: float = MAX_RATIO
 
@@ -165,7 +171,7 @@ def run_bench(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -> dict
     from asymsearch.bench import artifacts
     from asymsearch.bench.limit import InProcessLimit
     from asymsearch.bench.loadgen import ClientPool
-    from asymsearch.bench.server import IdleStreams, ServerProcess, probe_latency
+    from asymsearch.bench.server import IdleStreams, ServerProcess, deep_png, probe_large_images, probe_latency
 
     if cfg.rounds < 1 or cfg.seconds <= 0 or cfg.client_processes < 1 or not cfg.concurrency:
         raise UserError("rounds, seconds, client processes and the concurrency levels must be positive")
@@ -215,6 +221,11 @@ def run_bench(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -> dict
                                       "server_open_streams": during["open_streams"],
                                       "server_threads_before": threads_before,
                                       "server_threads_during": during["threads"], **probes}
+        if cfg.large_images:
+            log(f"sending {cfg.large_images} 16-bit {cfg.large_side}x{cfg.large_side} PNGs at once")
+            normal = Path(payloads["image"][0]).read_bytes()
+            report["large_images"] = {"side": cfg.large_side, **probe_large_images(
+                server, deep_png(cfg.large_side), normal, count=cfg.large_images)}
         report["server"]["end"] = server.snapshot()
         report["server"]["exit_code"] = server.stop()
     report["loadavg_end"] = os.getloadavg()
@@ -247,6 +258,16 @@ def targets(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
                                             "opened": idle["opened"]},
                                "met": not failed and max(worst) < TARGET_IDLE_MS
                                and idle["opened"] == idle["requested"]}
+    large = report.get("large_images")
+    if large:
+        refused = large["outcomes"].get("OK", 0) == 0
+        out["large_images"] = {"target": f"{large['count']} 16-bit {large['side']}^2 PNGs in flight: RSS growth < "
+                                         f"{TARGET_LARGE_RSS_MB:.0f} MB and an ordinary query waits < "
+                                         f"{TARGET_LARGE_WAIT_MS:.0f} ms (or the large ones are refused)",
+                               "measured": {"rss_growth_mb": large["rss_growth_mb"],
+                                            "normal_max_ms": large["normal_max_ms"], "outcomes": large["outcomes"]},
+                               "met": large["rss_growth_mb"] < TARGET_LARGE_RSS_MB and (
+                                   refused or (large["normal_max_ms"] or 0) < TARGET_LARGE_WAIT_MS)}
     return out
 
 
@@ -308,6 +329,14 @@ def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
             r = idle[name]
             lines.append(f"| {name} | {r['ok']} | {_f(r['p50_ms'])} | {_f(r['max_ms'])} | {r['errors'] or '-'} |")
         lines.append("")
+    large = report.get("large_images")
+    if large:
+        lines += ["## Large images", "",
+                  f"{large['count']} 16-bit greyscale {large['side']}x{large['side']} PNGs ({large['image_bytes']:,} "
+                  f"bytes each) sent at once: {large['outcomes']}. Server RSS {large['rss_before_mb']:.0f} MB before, "
+                  f"{large['rss_peak_mb']:.0f} MB at its peak (+{large['rss_growth_mb']:.0f} MB); {large['normal_queries']} "
+                  f"ordinary image queries meanwhile, p50 {_f(large['normal_p50_ms'])} ms, max "
+                  f"{_f(large['normal_max_ms'])} ms.", ""]
     start, end = report["server"]["start"], report["server"]["end"]
     lines += [f"Server RSS {start['rss_mb']:.0f} MB at the start, {end['rss_mb']:.0f} MB at the end; "
               f"CPU from {end['cpu_source']}; exit status after SIGTERM {report['server'].get('exit_code')}.", "",

@@ -8,6 +8,7 @@ work folder, shown only when the server fails to start.
 from __future__ import annotations
 
 import asyncio
+import collections
 import multiprocessing as mp
 import signal
 import socket
@@ -247,4 +248,62 @@ def probe_latency(server: ServerProcess, vector: Sequence[float], *, samples: in
     return out
 
 
-__all__ = ["IdleStreams", "ServerProcess", "free_port", "parse_metrics", "probe_latency", "sample_sum"]
+def deep_png(side: int) -> bytes:
+    """A side x side 16-bit greyscale PNG of a smooth gradient: tens of KB on the wire, side^2 x 2 bytes of pixels."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    ramp = (np.arange(side, dtype=np.uint32) * 65535 // max(1, side - 1)).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(np.broadcast_to(ramp, (side, side)).copy()).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def probe_large_images(server: ServerProcess, image: bytes, normal: bytes, *, count: int = 16,
+                       timeout: float = 120.0) -> dict[str, Any]:
+    """`count` copies of `image` sent at once (each from its own thread and channel) while `normal` image queries
+    are sent one after another until they are all answered or refused: the server's RSS growth (sampled every
+    20 ms), the normal queries' latency, and how the large ones ended (OK, or the status that refused them)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    rss0, peak, done = server.rss_mb(), [server.rss_mb()], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            try:
+                peak[0] = max(peak[0], server.rss_mb())
+            except (OSError, ValueError):
+                return
+
+    def large() -> str:
+        with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1),
+                                                            ("grpc.max_send_message_length", 64 << 20)]) as ch:
+            try:
+                search_pb2_grpc.SearchStub(ch).SearchImage(search_pb2.ImageQuery(image=image, k=10), timeout=timeout)
+                return "OK"
+            except grpc.RpcError as e:
+                return e.code().name
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    latencies: list[float] = []
+    with ThreadPoolExecutor(count) as pool, grpc.insecure_channel(server.address) as ch:
+        stub = search_pb2_grpc.SearchStub(ch)
+        pending = [pool.submit(large) for _ in range(count)]
+        while not all(f.done() for f in pending):
+            start = time.perf_counter()
+            stub.SearchImage(search_pb2.ImageQuery(image=normal, k=10), timeout=timeout)
+            latencies.append((time.perf_counter() - start) * 1e3)
+        outcomes = [f.result() for f in pending]
+    done.set()
+    sampler.join()
+    return {"count": count, "image_bytes": len(image), "outcomes": dict(collections.Counter(outcomes)),
+            "rss_before_mb": round(rss0, 1), "rss_peak_mb": round(peak[0], 1),
+            "rss_growth_mb": round(peak[0] - rss0, 1), "normal_queries": len(latencies),
+            "normal_p50_ms": round(statistics.median(latencies), 1) if latencies else None,
+            "normal_max_ms": round(max(latencies), 1) if latencies else None}
+
+
+__all__ = ["IdleStreams", "ServerProcess", "deep_png", "free_port", "parse_metrics", "probe_large_images",
+           "probe_latency", "sample_sum"]

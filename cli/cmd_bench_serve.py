@@ -68,6 +68,10 @@ def register(commands: Commands) -> None:
                         "EfficientNet-Lite on a CPU)")
     p.add_argument("--idle-streams", type=int, default=1000,
                    help="idle SearchStream calls held open for the resilience line; 0 skips it (default: %(default)s)")
+    p.add_argument("--large-images", type=int, default=16,
+                   help="16-bit PNGs sent at once for the large-image line; 0 skips it (default: %(default)s)")
+    p.add_argument("--large-side", type=int, default=6300,
+                   help="their side in pixels (default: %(default)s, under the default pixel cap)")
     p.add_argument("--serve-args", default="",
                    help="extra arguments for `asymsearch serve`, as one string (e.g. \"--embed-threads 2\")")
     p.set_defaults(func=run)
@@ -77,15 +81,18 @@ def run(args: argparse.Namespace) -> int:
     from asymsearch.bench.serve import ServeBenchConfig, refusals, run_bench
     from asymsearch.core.errors import UserError
 
-    if args.rounds < 1 or args.seconds <= 0 or args.client_processes < 1 or args.idle_streams < 0:
-        raise UserError("--rounds, --seconds and --client-processes must be positive, --idle-streams at least 0")
+    if args.rounds < 1 or args.seconds <= 0 or args.client_processes < 1 or args.idle_streams < 0 \
+            or args.large_images < 0 or args.large_side < 1:
+        raise UserError("--rounds, --seconds, --client-processes and --large-side must be positive, --idle-streams "
+                        "and --large-images at least 0")
     cfg = ServeBenchConfig(images=args.images, workdir=args.workdir, out_json=args.out, student=args.student,
                            teacher=args.teacher, index=args.index, student_size=args.student_size,
                            concurrency=args.concurrency, kinds=args.kinds, rounds=args.rounds, seconds=args.seconds,
                            k=args.k, client_processes=args.client_processes, query_images=args.query_images,
                            limit_threads=args.limit_threads, limit_batch=args.limit_batch,
                            limit_embed_batch=args.limit_embed_batch,
-                           idle_streams=args.idle_streams, serve_args=tuple(shlex.split(args.serve_args)))
+                           idle_streams=args.idle_streams, large_images=args.large_images,
+                           large_side=args.large_side, serve_args=tuple(shlex.split(args.serve_args)))
     report = run_bench(cfg, log=lambda m: print(m, flush=True))
     print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")
     for name, t in report["targets"].items():

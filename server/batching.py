@@ -9,7 +9,9 @@ them or `max_delay` has passed since the first one, and runs the batch. It waits
 queries exist that could still join (so a lone query at low load never waits: measured, a 1 ms timed wait cost
 20 ms at p50 on a busy 2-core machine, where a sleeping thread is woken late). While a batch runs, new jobs queue
 up, so under load batches fill by themselves. Decoding (Pillow) runs in a worker
-pool so that the request threads and the batchers never decode.
+pool so that the request threads and the batchers never decode; an image whose decoded size (from its header) is
+`LARGE_IMAGE_BYTES` or more is decoded in a lane of its own, one at a time, so large ones neither pile up in memory
+nor delay ordinary ones.
 
 Backpressure (`asymsearch.server.admission`): at most `max_queue` queries, and at most `memory_budget_bytes` of
 what they occupy, are admitted at once (from admission to reply). An image query costs its encoded bytes, its
@@ -192,6 +194,7 @@ def _set_omp_threads(n: int) -> None:
 
 
 VECTOR_OVERHEAD_BYTES = 64  # a vector query's fixed share of the budget beside its values
+LARGE_IMAGE_BYTES = 64 * 1024 * 1024  # decoded size (from the header) from which an image takes the large lane
 
 
 class Pipeline:
@@ -208,6 +211,9 @@ class Pipeline:
         self.metrics = metrics or Metrics()
         self.admission = Admission(config.max_queue, config.memory_budget_bytes)
         self._pool = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
+        # images that decode to LARGE_IMAGE_BYTES or more take a lane of their own, one at a time: a burst of them
+        # neither holds their pixels all at once nor makes ordinary images wait behind them
+        self._large = ThreadPoolExecutor(1, thread_name_prefix="decode-large")
         more = lambda n: self.admission.queries > n  # noqa: E731 - other admitted queries may still join the batch
         self._embedder = Batcher("embed", self._embed, config, self.metrics, config.embed_batch, more,
                                  workers=config.embed_workers)
@@ -256,6 +262,9 @@ class Pipeline:
             job.nbytes -= job.decoded_nbytes
             job.decoded_nbytes = 0
 
+    def _decoder(self, job: Job) -> ThreadPoolExecutor:
+        return self._large if job.decoded_nbytes >= LARGE_IMAGE_BYTES else self._pool
+
     def image_cost(self, data: bytes) -> tuple[int, int]:
         """(bytes, of which the decoded image) an image query holds; `InvalidQuery` for a header that is not an
         image's."""
@@ -270,7 +279,7 @@ class Pipeline:
         k = self.engine.resolve_k(k)
         (job,) = self._admit([self.image_cost(data)], deadline, alive)
         job.k = k
-        self._pool.submit(self._decode, job, data)
+        self._decoder(job).submit(self._decode, job, data)
         return job.future
 
     def submit_vector(self, vector: Sequence[float] | np.ndarray, k: int, *, deadline: float | None = None,
@@ -312,7 +321,7 @@ class Pipeline:
                 job.vector = payload
                 self._searcher.put(job)
             else:
-                self._pool.submit(self._decode, job, payload)
+                self._decoder(job).submit(self._decode, job, payload)
         return [j.future for j in jobs]
 
     # -- the stages -----------------------------------------------------------------------------------------
@@ -378,4 +387,5 @@ class Pipeline:
         self._embedder.stop(1.0)
         self._searcher.stop(1.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._large.shutdown(wait=False, cancel_futures=True)
         return drained

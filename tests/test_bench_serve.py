@@ -66,7 +66,8 @@ def test_bench_serve_end_to_end_at_toy_scale(tmp_path, image_folder, tiny_models
     build_index(tiny_models["teacher"], image_folder, index, classes="second-half", progress=False)
     cfg = ServeBenchConfig(images=image_folder, workdir=tmp_path / "work", out_json=tmp_path / "r.json",
                            student=tiny_models["student"], index=index, concurrency=(1, 3), rounds=2, seconds=0.4,
-                           lead_s=0.3, client_processes=1, query_images=8, limit_batch=2, idle_streams=24)
+                           lead_s=0.3, client_processes=1, query_images=8, limit_batch=2, idle_streams=24,
+                           large_images=3, large_side=700)
     report = run_bench(cfg, log=lambda m: None)
     assert json.loads((tmp_path / "r.json").read_text())["kinds"]["image"]["medians"] == \
         report["kinds"]["image"]["medians"]
@@ -90,6 +91,9 @@ def test_bench_serve_end_to_end_at_toy_scale(tmp_path, image_folder, tiny_models
     assert idle["health"]["ok"] + sum(idle["health"]["errors"].values()) == 20
     assert report["server"]["exit_code"] == 0  # SIGTERM drained and exited cleanly
     assert "## Idle streams" in page and "## Targets (issue 21)" in page
+    large = report["large_images"]
+    assert large["count"] == 3 and sum(large["outcomes"].values()) == 3 and large["normal_queries"] >= 1
+    assert large["rss_peak_mb"] >= large["rss_before_mb"] and "## Large images" in page
     # a refusal is written into the page and makes the command fail, never a ratio above 1.05
     report["kinds"]["image"]["medians"]["server c=3"]["qps"] = 10 * report["kinds"]["image"]["medians"][LIMIT]["qps"]
     report["kinds"]["image"]["vs_limit"] = compare(report["kinds"]["image"]["medians"])

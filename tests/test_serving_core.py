@@ -255,3 +255,38 @@ def test_truncated_jpeg_is_refused_over_the_wire(engine, items):
             assert len(client.search_image(items[2].path, k=3)) == 3
     finally:
         server.stop(None)
+
+
+def test_large_images_decode_one_at_a_time_in_their_own_lane(engine, items):
+    """With one decoder: three images that decode to >= 64 MiB each wait for the large lane, one decoding at a
+    time, while an ordinary image query is answered meanwhile; then all three are answered."""
+    large = big_png(4200)  # 4200^2 RGB: 67 MiB once decoded
+    inside, most, release = [0], [0], threading.Event()
+    lock = threading.Lock()
+    prepare = engine.prepare_image
+
+    def held(data):
+        if len(data) == len(large):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            try:
+                assert release.wait(30)
+            finally:
+                with lock:
+                    inside[0] -= 1
+        return prepare(data)
+    engine.prepare_image = held
+    server, address = serving(engine, batching=BatchingConfig(decode_workers=1, memory_budget_bytes=2 << 30))
+    try:
+        with SearchClient(address, timeout=60, retries=0) as client, \
+                concurrent.futures.ThreadPoolExecutor(3) as pool:
+            pending = [pool.submit(client.search_image, large, 3) for _ in range(3)]
+            assert wait_until(lambda: inside[0] == 1 and server.pipeline.in_flight == 3)
+            assert len(client.search_image(items[4].path, k=3)) == 3  # not stuck behind the large ones
+            release.set()
+            assert [len(f.result(60)) for f in pending] == [3, 3, 3]
+        assert most[0] == 1  # never two large images decoding at once
+    finally:
+        release.set()
+        server.stop(None)
