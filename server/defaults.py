@@ -27,7 +27,7 @@ EMBED_WORKERS = max(1, min(4, CORES))  # student calls running side by side
 EMBED_BATCH = 4  # images per student call: batch 32 grew RSS by 300-430 MB and saved no CPU (issue 21)
 # Pillow threads decoding and preprocessing: the cores the embed workers leave, at least one. Measured with the
 # real Lite0 student on 2 cores (bench serve, image queries at concurrency 16): 2 decoders beside 2 embed workers
-# cost 1.27x the in-process limit's CPU per query, 1 decoder 1.10x (fewer threads time-sliced over the cores).
+# cost 1.27x the in-process limit's CPU per query, 1 decoder 1.10x-1.17x (fewer threads time-sliced over the cores).
 DECODE_WORKERS = max(1, CORES - EMBED_WORKERS)
 MAX_QUEUE = 2048  # queries admitted at once (BatchSearch's max_batch_queries must fit in it)
 MEMORY_BUDGET_BYTES = machine_ram_bytes() // 4  # what the admitted queries may occupy
