@@ -112,10 +112,11 @@ def test_several_servers_round_robin(servers, queries, capsys):
                                                    {"method": "BatchSearch", "code": "OK"}) or 0.0
 
     before = batches(a), batches(b)
+    slow_ok = ["--timeout", "60"]  # a loaded CI machine once took more than the default 10 s for one call
     for _ in range(4):
-        assert main(["query", str(queries), "--server", addr_a, "--server", addr_b, "--json"]) == EXIT_OK
+        assert main(["query", str(queries), "--server", addr_a, "--server", addr_b, "--json", *slow_ok]) == EXIT_OK
     # one channel per run, one BatchSearch per run: across runs the first pick varies; within one run use:
-    assert main(["query", *[str(queries)] * 8, "--server", f"{addr_a},{addr_b}", "--json"]) == EXIT_OK
+    assert main(["query", *[str(queries)] * 8, "--server", f"{addr_a},{addr_b}", "--json", *slow_ok]) == EXIT_OK
     capsys.readouterr()
     # 40 images in chunks of 16: 3 calls in the last run, 4 before; both replicas served some
     spread = batches(a) - before[0], batches(b) - before[1]
