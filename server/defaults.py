@@ -21,10 +21,13 @@ def machine_ram_bytes() -> int:
 
 
 CORES = machine_cores()
-# The student is ~60% of an image query's CPU: one embed worker per core (two or more where cores allow), each
-# running onnxruntime with one intra-op thread, so the student is not capped at one core.
+# The student is most of an image query's CPU (onnxruntime: 64% of the server's samples in a py-spy profile at
+# concurrency 16): one embed worker per core (two or more where cores allow), each running onnxruntime with one
+# intra-op thread, so the student is not capped at one core.
 EMBED_WORKERS = max(1, min(4, CORES))  # student calls running side by side
-EMBED_BATCH = 4  # images per student call: batch 32 grew RSS by 300-430 MB and saved no CPU (issue 21)
+# images per student call: batching the Lite0 student buys no CPU here (17.8 CPU ms per image alone, 20.6 in a
+# batch of 16, docs/results/bench_embed.md), and onnxruntime keeps the memory of its largest batch
+EMBED_BATCH = 4
 # Pillow threads decoding and preprocessing: the cores the embed workers leave, at least one. Measured with the
 # real Lite0 student on 2 cores (bench serve, image queries at concurrency 16): 2 decoders beside 2 embed workers
 # cost 1.27x the in-process limit's CPU per query, 1 decoder 1.10x-1.17x (fewer threads time-sliced over the cores).

@@ -6,6 +6,7 @@ server and client tests run on real ONNX files with manifests without training a
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +126,13 @@ def shared_data_or_skip() -> Path:
     if os.environ.get("ASYMSEARCH_REQUIRE_SHARED_DATA") == "1":
         pytest.fail(f"ASYMSEARCH_REQUIRE_SHARED_DATA=1 but {SHARED_DATA} is missing")
     pytest.skip(f"shared data not found at {SHARED_DATA}")
+
+
+def wait_until(condition, seconds: float = 30.0) -> bool:
+    """Poll `condition` until it holds (True) or `seconds` pass (False): a bounded wait, not a timed assertion."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

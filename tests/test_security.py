@@ -27,6 +27,7 @@ from asymsearch.server.admin import TeacherUpdater
 from asymsearch.server.engine import QueryEngine
 from asymsearch.server.service import ServeOptions, create_server
 from asymsearch.server.tokens import read_token_file
+from conftest import wait_until
 
 SEARCH_A, SEARCH_B, ADMIN = "search-token-aaaa", "search-token-bbbb", "admin-token-cccc"
 
@@ -161,15 +162,6 @@ def _serve_process(args: list[str]) -> tuple[subprocess.Popen, int]:
     raise AssertionError("".join(lines))
 
 
-def _wait_for(condition, seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def _works(address: str, token: str, path: str) -> bool:
     try:
         with SearchClient(address, token=token, retries=0) as client:
@@ -189,7 +181,7 @@ def test_sighup_reloads_the_token_file_and_a_broken_file_keeps_the_old_tokens(in
         assert _works(address, SEARCH_A, path) and _works(address, SEARCH_B, path)
         token_file.write_text(f"search {SEARCH_B}\nsearch fresh-token-dddd\nadmin {ADMIN}\n")
         proc.send_signal(signal.SIGHUP)
-        assert _wait_for(lambda: not _works(address, SEARCH_A, path)), "the removed token still works"
+        assert wait_until(lambda: not _works(address, SEARCH_A, path)), "the removed token still works"
         assert _works(address, "fresh-token-dddd", path) and _works(address, SEARCH_B, path)
         token_file.write_text("search\tok x y\n")
         proc.send_signal(signal.SIGHUP)

@@ -8,7 +8,6 @@ import asyncio
 import concurrent.futures
 import io
 import threading
-import time
 
 import grpc
 import grpc.aio
@@ -24,6 +23,7 @@ from asymsearch.protos.v1 import search_pb2, search_pb2_grpc
 from asymsearch.server.batching import BatchingConfig
 from asymsearch.server.engine import QueryEngine
 from asymsearch.server.service import create_server
+from conftest import wait_until
 
 MIB = 1024 * 1024
 
@@ -59,15 +59,6 @@ def health(address: str) -> int:
 def random_vectors(n: int, dim: int, seed: int) -> np.ndarray:
     v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-def wait_until(condition, seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 class IdleStreams:
