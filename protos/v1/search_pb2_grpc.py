@@ -310,6 +310,11 @@ class AdminStub:
                 request_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.FromString,
                 _registered_method=True)
+        self.LoadStudent = channel.unary_unary(
+                '/asymsearch.v1.Admin/LoadStudent',
+                request_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.LoadStudentRequest.SerializeToString,
+                response_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -348,6 +353,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadStudent(self, request, context):
+        """Load a student ONNX (under the server's --admin-root) as the given tier, beside the served ones, after it
+        passes the pairing check and the quality gate; then switch that tier to it atomically.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -369,6 +382,11 @@ def add_AdminServicer_to_server(servicer, server):
             'Reload': grpc.unary_unary_rpc_method_handler(
                     servicer.Reload,
                     request_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.ReloadRequest.FromString,
+                    response_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.SerializeToString,
+            ),
+            'LoadStudent': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadStudent,
+                    request_deserializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.LoadStudentRequest.FromString,
                     response_serializer=asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.SerializeToString,
             ),
     }
@@ -481,6 +499,33 @@ class Admin:
             target,
             '/asymsearch.v1.Admin/Reload',
             asymsearch_dot_protos_dot_v1_dot_search__pb2.ReloadRequest.SerializeToString,
+            asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadStudent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asymsearch.v1.Admin/LoadStudent',
+            asymsearch_dot_protos_dot_v1_dot_search__pb2.LoadStudentRequest.SerializeToString,
             asymsearch_dot_protos_dot_v1_dot_search__pb2.UpdateReply.FromString,
             options,
             channel_credentials,
