@@ -18,8 +18,8 @@ EXIT_INTERRUPTED = 130
 
 # Modules under asymsearch.cli, each with `register(commands)`; the order is the order of --help.
 # The comparison experiments are not commands of the product: `python -m experiments ...` from a checkout.
-COMMAND_MODULES = ("cmd_train", "cmd_export", "cmd_index", "cmd_push", "cmd_serve", "cmd_query", "cmd_web", "cmd_eval",
-                   "cmd_info", "cmd_demo", "cmd_bench_embed", "cmd_bench_serve", "cmd_bench_index")
+COMMAND_MODULES = ("cmd_train", "cmd_export", "cmd_index", "cmd_transform", "cmd_push", "cmd_student", "cmd_serve",
+                   "cmd_query", "cmd_web", "cmd_eval", "cmd_info", "cmd_demo", "cmd_bench_embed", "cmd_bench_serve", "cmd_bench_index")
 
 
 def build_parser() -> argparse.ArgumentParser:

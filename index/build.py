@@ -104,6 +104,7 @@ class BuiltIndex:
     auto_report: dict | None
     rows: list[int]  # listing positions of the readable images, in id order
     skipped: list[tuple[str, str]]
+    probe: Any = None  # (paths, labels, vectors, ids) the probe set is chosen from (`asymsearch.index.probe`)
 
 
 def build_index(config: IndexBuildConfig | str | os.PathLike, images: str | os.PathLike | None = None,
@@ -317,7 +318,18 @@ def construct_index(plan: BuildPlan, store: ShardStore, *, progress: bool = True
     else:
         index = index_from_shards(store, dim, factory)
     apply_search_params(index, search_params, f" (factory {factory!r})")
-    return BuiltIndex(index, factory, dict(search_params), auto_report, list(rows), list(skipped))
+    return BuiltIndex(index, factory, dict(search_params), auto_report, list(rows), list(skipped),
+                      probe=_probe_candidates(plan, store, list(rows)))
+
+
+def _probe_candidates(plan: BuildPlan, store: ShardStore, rows: list[int]) -> tuple:
+    """The images the probe set is drawn from, with their index vectors read back from the shards (the probe
+    set keeps exactly what the index holds for them) and their ids."""
+    from asymsearch.index.probe import select_probe
+    labels = [plan.items[r].label for r in rows]
+    positions, _ = select_probe(labels)
+    vectors = _gather(store, np.asarray(positions, dtype=np.int64)) if positions else np.zeros((0, store.dim))
+    return ([plan.items[rows[p]].path for p in positions], [labels[p] for p in positions], vectors, positions)
 
 
 def publish_index(plan: BuildPlan, built: BuiltIndex, *, seconds: float = 0.0) -> IndexManifest:
@@ -345,7 +357,7 @@ def publish_index(plan: BuildPlan, built: BuiltIndex, *, seconds: float = 0.0) -
     if plan.versioned:
         staged = versions.staging_dir(out)
         try:
-            write_index_folder(staged, built.index, meta_rows, manifest, built.skipped, config)
+            write_index_folder(staged, built.index, meta_rows, manifest, built.skipped, config, built.probe)
             versions.crash_point("build:before-publish")
             versions.publish(out, staged, keep=config.keep)
         except BaseException:
@@ -354,7 +366,7 @@ def publish_index(plan: BuildPlan, built: BuiltIndex, *, seconds: float = 0.0) -
     else:
         tmp = _fresh_dir(versions.work_root(out), "tmp-")
         try:
-            write_index_folder(tmp, built.index, meta_rows, manifest, built.skipped, config)
+            write_index_folder(tmp, built.index, meta_rows, manifest, built.skipped, config, built.probe)
             versions.crash_point("build:before-publish")
             versions.fsync_tree(tmp)  # every file, then the folder, before the name can point at it
             _move_into_place(tmp, out, config.overwrite)
@@ -395,14 +407,19 @@ def _gather(store: ShardStore, positions: np.ndarray) -> np.ndarray:
 
 
 def write_index_folder(folder: Path, index: faiss.Index, meta_rows, manifest: IndexManifest,
-                       skipped: Sequence[tuple[str, str]], config: Any = None) -> None:
+                       skipped: Sequence[tuple[str, str]], config: Any = None, probe: Any = None) -> None:
     """Write the files of one complete index folder into the (new, empty) `folder`, with the config that made it
-    as `config.yaml` when given."""
+    as `config.yaml` when given, and the probe set (`asymsearch.index.probe`) of `probe` = (paths, labels,
+    vectors, ids) when given."""
     ondisk.write_index(index, folder / INDEX_FILE)  # faiss.write_index, moving an on-disk index's lists beside it
     write_metadata(folder / META_FILE, meta_rows)
     write_skipped(folder / SKIPPED_FILE, skipped)
     if config is not None:
         save_config(config, folder / CONFIG_FILE)
+    if probe is not None:
+        from asymsearch.index.probe import write_probe
+        paths, labels, vectors, ids = probe
+        write_probe(folder, paths, labels, vectors, teacher_id=manifest.teacher_id, ids=ids, chosen=True)
     manifest.save(folder / MANIFEST_FILE)
 
 
