@@ -159,6 +159,9 @@ class Space:
     dim: int
     what: str
     says: str
+    # the old teacher ids this side was trained compatible with (training.compat; a model manifest's
+    # extra.compatible_with, a checkpoint's config.compatible_with_teacher): it may also query their indexes
+    compatible_with: tuple[str, ...] = ()
 
 
 def space_of(x: Any, what: str | None = None) -> Space:
@@ -171,11 +174,14 @@ def space_of(x: Any, what: str | None = None) -> Space:
         x = x.manifest
     if isinstance(x, ModelManifest):
         says = f"is teacher {x.teacher_id}" if x.role == "teacher" else f"belongs to teacher {x.teacher_id}"
-        return Space(x.teacher_id, int(x.dim), what or f"the {x.role}", says)
+        return Space(x.teacher_id, int(x.dim), what or f"the {x.role}", says,
+                     tuple(str(c) for c in (x.extra or {}).get("compatible_with") or ()))
     if isinstance(x, dict) and "role" in x and "arch" in x:  # a training checkpoint
         tid = x["teacher_id"]
         says = f"is teacher {tid}" if x["role"] == "teacher" else f"belongs to teacher {tid}"
-        return Space(tid, int(x["arch"]["dim"]), what or f"the {x['role']} checkpoint", says)
+        old = (x.get("config") or {}).get("compatible_with_teacher")
+        return Space(tid, int(x["arch"]["dim"]), what or f"the {x['role']} checkpoint", says,
+                     (str(old),) if old else ())
     if isinstance(x, dict) and "teacher_id" in x:  # a server's Info
         dim = int(x.get("dim") or 0)
         return Space(x["teacher_id"], dim, what or "the server",
@@ -189,8 +195,17 @@ def check_pairing(query: Any, database: Any, *, query_name: str | None = None,
     database side (an index, a teacher, a server, another model) embed into one space — the same teacher id and
     the same dimension. Every stage that pairs two artifacts calls this; the message names both ids.
 
-    A dimension of 0 (a server that did not say) is not compared."""
+    A dimension of 0 (a server that did not say) is not compared.
+
+    Compatibility (`training.compat`): a query side whose teacher was trained compatible with the database's teacher
+    (its manifest's `extra.compatible_with` lists that id) pairs with it too; whether its figures are good enough is
+    the quality gate's to measure (`asymsearch student check`)."""
     q, d = space_of(query, query_name), space_of(database, database_name)
+    if q.teacher_id != d.teacher_id and d.teacher_id in q.compatible_with:
+        if q.dim and d.dim and q.dim != d.dim:
+            raise PairingError(f"{q.what} embeds into {q.dim} dimensions but {d.what} into {d.dim} (teacher "
+                               f"{q.teacher_id} was trained compatible with teacher {d.teacher_id})")
+        return
     if q.teacher_id != d.teacher_id:
         raise PairingError(
             f"{q.what} {q.says}, but {d.what} {d.says}: their embeddings are not comparable; use a student "

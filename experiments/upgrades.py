@@ -1,0 +1,148 @@
+"""The upgrade experiment of docs/results/upgrades.md (issue 25, item 3): compatible teachers and index transforms.
+
+`python -m experiments.upgrades prefill --teacher T.pt ...` writes a teacher's embeddings of the training images
+into the student trainer's teacher cache (`training.teacher_cache`, the same key `train student` looks up),
+computed from the cached trunk maps (`training.trunk`) instead of a second full pass of the teacher.
+
+`python -m experiments.upgrades evaluate --seeds 0,1 ...` embeds the evaluation half with every teacher and student
+of each seed (their trained tails on the cached float16 trunk maps of the frozen, pretrained trunks), then reports
+the Recall@1 / mAP of each pairing, and learns the OLD -> NEW vector map (`index.transform.fit_map`) on the training
+half, its kind chosen on validation classes carved from the training half, before it is applied to OLD's
+evaluation-half vectors once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from asymsearch.core.manifest import Preprocessing
+from asymsearch.core.metrics import retrieval_metrics
+from asymsearch.core.provenance import provenance
+from asymsearch.training.checkpoint import load_checkpoint, model_from_checkpoint
+from asymsearch.training.common import prepare_data
+from asymsearch.training.teacher_cache import cached_array, items_fingerprint
+from asymsearch.training.trunk import TailNet, trunk_maps
+
+
+def embed(ckpt: dict, items, cache: str) -> np.ndarray:
+    """(N, d) unit embeddings of `items` by the checkpoint's model: its tail + head on the frozen trunk's maps."""
+    cfg = ckpt["config"]
+    tune = int(cfg["tune_units"])
+    spec = Preprocessing.from_dict(ckpt["preprocessing"])
+    maps = trunk_maps(items, ckpt["arch"]["backbone"], cfg["pretrained"], spec, tune, cache, torch.device("cpu"),
+                      log=lambda m: print(m, file=sys.stderr))[0]
+    net = TailNet(model_from_checkpoint(ckpt), tune).eval()
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(maps), 128):
+            out.append(net(torch.from_numpy(np.asarray(maps[lo:lo + 128], np.float32))).numpy())
+    return np.concatenate(out)
+
+
+def run_prefill(args) -> None:
+    items = prepare_data(args.data, args.classes, 0.0)[0]
+    for path in args.teacher:
+        ckpt = load_checkpoint(path)
+        spec = Preprocessing.from_dict(ckpt["preprocessing"])
+        tid = ckpt["model_id"]
+        key = {"kind": "teacher-embeddings", "teacher_id": tid, "preprocessing": spec.to_dict(),
+               "augmentation": "none", "items": items_fingerprint(items), "count": len(items)}
+        cached_array(args.cache_dir, f"teacher-{tid}", key, lambda: embed(ckpt, items, args.trunk_cache),
+                     log=print)
+
+
+def metrics(q, ql, db, dbl) -> dict:
+    m = retrieval_metrics(q, ql, db, dbl, exclude_self=True)
+    return {"recall@1": round(float(m["recall@1"]), 4), "map": round(float(m["map"]), 4)}
+
+
+def run_evaluate(args) -> None:
+    from asymsearch.index.transform import fit_map
+    root = Path(args.runs)
+    train_items = prepare_data(args.data, "first-half", 0.0)[0]
+    fit_items, val_items, _ = prepare_data(args.data, "first-half", 0.2)  # map selection: validation classes
+    eval_items = prepare_data(args.data, "second-half", 0.0)[0]
+    labels = np.array([it.label for it in eval_items])
+    fit_paths = {it.path for it in fit_items}
+    fit_rows = np.array([it.path in fit_paths for it in train_items])
+    val_rows = ~fit_rows
+    val_labels = np.array([it.label for it in train_items])[val_rows]
+    assert val_rows.sum() == len(val_items)
+    result = {"what": "issue 25 item 3: compatible teacher upgrades and index transforms on CUB-100",
+              "data": args.data, "selection": "map kind chosen on validation classes (every 5th class of the "
+              "training half); nothing chosen on the evaluation half, which is reported once",
+              "seeds": {}, "provenance": provenance()}
+    for seed in args.seeds:
+        ck = {name: load_checkpoint(root / f"{name}_s{seed}.pt") for name in
+              ("old", "new", "newc", "st_old", "st_new", "st_newc")}
+        e = {name: embed(c, eval_items, args.trunk_cache) for name, c in ck.items()}
+        r = {
+            "OLD -> OLD (teacher, reference)": metrics(e["old"], labels, e["old"], labels),
+            "NEW -> NEW (unconstrained teacher)": metrics(e["new"], labels, e["new"], labels),
+            "NEWc -> NEWc (compatible teacher)": metrics(e["newc"], labels, e["newc"], labels),
+            "NEWc -> OLD index (teacher, new-to-old)": metrics(e["newc"], labels, e["old"], labels),
+            "NEW -> OLD index (unconstrained, new-to-old)": metrics(e["new"], labels, e["old"], labels),
+            "OLD's student -> OLD index": metrics(e["st_old"], labels, e["old"], labels),
+            "NEWc's student -> OLD index": metrics(e["st_newc"], labels, e["old"], labels),
+            "NEW's student -> OLD index (not compatible)": metrics(e["st_new"], labels, e["old"], labels),
+            "NEWc's student -> NEWc index": metrics(e["st_newc"], labels, e["newc"], labels),
+            "NEW's student -> NEW index (re-embedded)": metrics(e["st_new"], labels, e["new"], labels),
+        }
+        # the map OLD -> NEW: learned on training-half pairs; kind chosen on the validation classes
+        t_old = embed(ck["old"], train_items, args.trunk_cache)
+        t_new = embed(ck["new"], train_items, args.trunk_cache)
+        s_new = embed(ck["st_new"], train_items, args.trunk_cache)
+        choice = {}
+        for kind in ("linear", "mlp"):
+            m = fit_map(t_old[fit_rows], t_new[fit_rows], kind, seed=seed)
+            choice[kind] = metrics(s_new[val_rows], val_labels, m(t_old[val_rows]), val_labels)
+        chosen = max(choice, key=lambda k: (choice[k]["recall@1"], choice[k]["map"]))
+        start = time.perf_counter()
+        m = fit_map(t_old, t_new, chosen, seed=seed)
+        fit_s = time.perf_counter() - start
+        start = time.perf_counter()
+        mapped = m(e["old"])
+        apply_s = time.perf_counter() - start
+        r["NEW's student -> OLD index transformed to NEW"] = metrics(e["st_new"], labels, mapped, labels)
+        r["NEW -> OLD index transformed to NEW (teacher)"] = metrics(e["new"], labels, mapped, labels)
+        result["seeds"][str(seed)] = {"rows": r, "map_validation": choice, "map_chosen": chosen,
+                                      "map_fit_seconds": fit_s, "map_apply_seconds": apply_s,
+                                      "teacher_ids": {k: c["model_id"] for k, c in ck.items()}}
+        print(json.dumps(result["seeds"][str(seed)], indent=1))
+        if args.save_map:
+            m.fit.update(old_teacher_id=ck["old"]["model_id"], new_teacher_id=ck["new"]["model_id"])
+            m.save(root / f"map_s{seed}.npz")
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m experiments.upgrades")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("prefill")
+    a.add_argument("--data", required=True)
+    a.add_argument("--classes", default="first-half")
+    a.add_argument("--teacher", nargs="+", required=True)
+    a.add_argument("--cache-dir", required=True)
+    a.add_argument("--trunk-cache", required=True)
+    a.set_defaults(func=run_prefill)
+    b = sub.add_parser("evaluate")
+    b.add_argument("--data", required=True)
+    b.add_argument("--runs", required=True, help="folder with {old,new,newc,st_old,st_new,st_newc}_sS.pt")
+    b.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
+    b.add_argument("--trunk-cache", required=True)
+    b.add_argument("--save-map", action="store_true")
+    b.add_argument("--out", required=True)
+    b.set_defaults(func=run_evaluate)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
