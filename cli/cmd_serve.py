@@ -14,8 +14,15 @@ def register(commands: Commands) -> None:
                                  "version) over gRPC: Search (image, vector, batch, stream, Info), health, "
                                  "reflection, optional Admin and Prometheus metrics. See docs/server.md.")
     p.add_argument("--index", required=True, type=existing_path("index folder"), help="index folder or root")
-    p.add_argument("--student", required=True, type=existing_path("student ONNX model"),
-                   help="student .onnx (with its .json)")
+    p.add_argument("--student", required=True, action="append", type=student_spec, metavar="[TIER=]MODEL.onnx",
+                   help="a student .onnx (with its .json) as a query tier: NAME=MODEL.onnx, repeatable (e.g. "
+                        "--student server=lite0.onnx --student mobile=lite0.int8.onnx); the first is the default "
+                        "tier of queries that name none; a bare path is the single tier 'default'")
+    p.add_argument("--min-ratio", type=float, default=None,
+                   help="quality gate: refuse a tier (at start, or Admin LoadStudent) whose asymmetric Recall@1 on "
+                        "the index's probe set is below this fraction of the teacher's (default: 0.95 when the "
+                        "index has a probe set; an index without one serves ungated, and an explicit --min-ratio "
+                        "then refuses to start)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: %(default)s, this machine only; another address without TLS "
                         "needs --insecure)")
@@ -113,8 +120,40 @@ def register(commands: Commands) -> None:
     bind_config(p)  # --config FILE.yaml and KEY=VALUE over the same keys as the flags
 
 
+def student_spec(value: str) -> tuple[str, str]:
+    """An argparse type: `NAME=MODEL.onnx` or a bare path -> (tier, path), the path checked to exist."""
+    from asymsearch.server.tiers import parse_student_specs
+
+    try:
+        ((name, path),) = parse_student_specs([value])
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"student ONNX model not found: {path}")
+    return name, str(path)
+
+
+def _student_pairs(value) -> list[tuple[str, str]]:
+    """The tiers of --student flags ((tier, path) each), of `student=...` from a config file or KEY=VALUE (a spec
+    or a list of specs) or of both."""
+    specs = list(value) if isinstance(value, (list, tuple)) and not (
+        len(value) == 2 and isinstance(value, tuple) and isinstance(value[0], str)) else [value]
+    out = []
+    for spec in specs:
+        if isinstance(spec, tuple):
+            out.append(spec)
+            continue
+        try:
+            out.append(student_spec(str(spec)))
+        except argparse.ArgumentTypeError as e:
+            raise UserError(str(e)) from None
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    from asymsearch.index.probe import DEFAULT_MIN_RATIO
     from asymsearch.server.admin import TeacherUpdater
+    from asymsearch.server.tiers import GatePolicy, check_tier_name
     from asymsearch.server.batching import BatchingConfig
     from asymsearch.server.logs import configure_logging
     from asymsearch.server.service import ServeOptions, serve
@@ -142,9 +181,18 @@ def run(args: argparse.Namespace) -> int:
         keepalive_time_s=args.keepalive_s, min_ping_interval_s=args.min_ping_interval_s,
         max_connection_idle_s=args.max_connection_idle_s)
     configure_logging(args.log_format, args.log_level)
-    engine_kw = {"max_k": args.max_k, "default_k": args.default_k}
+    pairs = _student_pairs(args.student)
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise UserError(f"tier {next(n for n in names if names.count(n) > 1)!r} is given twice (--student "
+                        f"NAME=MODEL.onnx names each tier once; a bare path is the tier 'default')")
+    for name in names:
+        check_tier_name(name)
+    gate = GatePolicy(DEFAULT_MIN_RATIO if args.min_ratio is None else args.min_ratio,
+                      required=args.min_ratio is not None)
+    engine_kw = {"max_k": args.max_k, "default_k": args.default_k, "gate": gate}
     if args.max_pixels is not None:
         engine_kw["max_pixels"] = args.max_pixels
     updater = TeacherUpdater(args.teacher, keep=args.keep) if args.admin else None
-    serve(args.index, args.student, host=args.host, port=args.port, options=options, updater=updater, **engine_kw)
+    serve(args.index, pairs, host=args.host, port=args.port, options=options, updater=updater, **engine_kw)
     return 0

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from asymsearch.clients.client import (Address, Hit, OnDeviceEmbedder, SearchError, ServerUnavailable,
                                        TlsOptions, _display, _hits, _is_pil, _query, _read_file,
                                        _translate, _update, _vector, in_order, open_channel, split_batch,
-                                       check_pairing, encode_pil)
+                                       check_pairing, encode_pil, info_dict)
 from asymsearch.core.preprocess import DEFAULT_MAX_PIXELS
 from asymsearch.protos.v1 import search_pb2, search_pb2_grpc
 
@@ -53,16 +53,17 @@ class AsyncSearchClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._server_info: dict[str, Any] | None = None
 
-    async def search_image(self, image: str | os.PathLike | bytes, k: int = 10) -> list[Hit]:
+    async def search_image(self, image: str | os.PathLike | bytes, k: int = 10, *, tier: str = "") -> list[Hit]:
         data = image if isinstance(image, bytes) else _read_file(_path(image))
-        return _hits(await self._call(self._stub.SearchImage, search_pb2.ImageQuery(image=data, k=k)))
+        return _hits(await self._call(self._stub.SearchImage, search_pb2.ImageQuery(image=data, k=k, tier=tier)))
 
     async def search_pil(self, image: Any, k: int = 10) -> list[Hit]:
         return await self.search_image(encode_pil(image), k)
 
-    async def search_vector(self, vector: Sequence[float] | np.ndarray, k: int = 10) -> list[Hit]:
-        return _hits(await self._call(self._stub.SearchVector,
-                                      search_pb2.VectorQuery(vector=_vector(vector), k=k)))
+    async def search_vector(self, vector: Sequence[float] | np.ndarray, k: int = 10, *, tier: str = "",
+                            student_id: str = "") -> list[Hit]:
+        return _hits(await self._call(self._stub.SearchVector, search_pb2.VectorQuery(
+            vector=_vector(vector), k=k, tier=tier, student_id=student_id)))
 
     async def search(self, query: Any, k: int = 10) -> list[Hit]:
         """A path, encoded bytes, a PIL image, or a vector."""
@@ -80,12 +81,13 @@ class AsyncSearchClient:
         check_pairing(embedder, self._server_info, self.address)
         data = encode_pil(image) if _is_pil(image) else image
         vector = await asyncio.to_thread(embedder.embed, data)
-        return await self.search_vector(vector, k)
+        return await self.search_vector(vector, k, student_id=embedder.student_id)
 
-    async def batch_search(self, queries: Sequence[Any], k: int = 10) -> list[list[Hit] | SearchError]:
+    async def batch_search(self, queries: Sequence[Any], k: int = 10, *, tier: str = "",
+                           student_id: str = "") -> list[list[Hit] | SearchError]:
         """Many queries; split into several calls, one after another, when larger than the server takes in one
         (as `SearchClient.batch_search`); one entry per query, in order."""
-        request = [_query(q, k, tag) for tag, q in enumerate(queries)]
+        request = [_query(q, k, tag, tier, student_id) for tag, q in enumerate(queries)]
         if not request:
             return []
         if self._server_info is None:
@@ -97,12 +99,7 @@ class AsyncSearchClient:
         return in_order(results, len(request), self.address)
 
     async def info(self) -> dict[str, Any]:
-        reply = await self._call(self._stub.Info, search_pb2.InfoRequest())
-        out = {}
-        for field in reply.DESCRIPTOR.fields:
-            value = getattr(reply, field.name)
-            out[field.name] = dict(value) if field.message_type is not None else value
-        return out
+        return info_dict(await self._call(self._stub.Info, search_pb2.InfoRequest()))
 
     async def reload(self, path: str = "") -> dict[str, Any]:
         return _update(await self._call(self._admin.Reload, search_pb2.ReloadRequest(path=str(path))))

@@ -185,6 +185,12 @@ class OnDeviceEmbedder:
     def dim(self) -> int:
         return self.model.dim
 
+    @property
+    def student_id(self) -> str:
+        """The id of this student (its manifest's model id): sent with every vector it makes, so the server can
+        refuse a vector of a student it has not paired with its index."""
+        return self.model.manifest.model_id
+
     def embed(self, image: ImageSource) -> np.ndarray:
         """An image file or encoded bytes -> its embedding (dim,) float32. Unreadable input raises `UserError`."""
         source = image if isinstance(image, bytes) else Path(image)
@@ -216,15 +222,16 @@ class SearchClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._server_info: dict[str, Any] | None = None
 
-    def search_image(self, image: ImageSource, k: int = 10) -> list[Hit]:
-        """Send an image (a file path or encoded bytes); the server embeds it with its student."""
-        return hits_from_reply(self.search_image_reply(image, k))
+    def search_image(self, image: ImageSource, k: int = 10, *, tier: str = "") -> list[Hit]:
+        """Send an image (a file path or encoded bytes); the server embeds it with the student of `tier` (see
+        `info()["tiers"]`; empty: the server's default tier)."""
+        return hits_from_reply(self.search_image_reply(image, k, tier=tier))
 
-    def search_image_reply(self, image: ImageSource, k: int = 10) -> search_pb2.SearchReply:
+    def search_image_reply(self, image: ImageSource, k: int = 10, *, tier: str = "") -> search_pb2.SearchReply:
         """`search_image`, returning the whole reply: the hits plus the server's own timings and index version
         (`hits_from_reply` turns its hits into `Hit` objects)."""
         data = image if isinstance(image, bytes) else _read_file(Path(image))
-        return self._call(self._stub.SearchImage, search_pb2.ImageQuery(image=data, k=k))
+        return self._call(self._stub.SearchImage, search_pb2.ImageQuery(image=data, k=k, tier=tier))
 
     def search_pil(self, image: Any, k: int = 10) -> list[Hit]:
         """Send a PIL image (encoded losslessly as PNG here); the server embeds it with its student."""
@@ -238,9 +245,13 @@ class SearchClient:
             return self.search_pil(query, k)
         return self.search_vector(query, k)
 
-    def search_vector(self, vector: Sequence[float] | np.ndarray, k: int = 10) -> list[Hit]:
-        """Send a student embedding of the server's dimension (see `info()["dim"]`); the server normalises it."""
-        return _hits(self._call(self._stub.SearchVector, search_pb2.VectorQuery(vector=_vector(vector), k=k)))
+    def search_vector(self, vector: Sequence[float] | np.ndarray, k: int = 10, *, tier: str = "",
+                      student_id: str = "") -> list[Hit]:
+        """Send a student embedding of the server's dimension (see `info()["dim"]`); the server normalises it.
+        `student_id`: the model id of the student that made it; the server refuses the vector when it has not
+        paired that student with its index."""
+        return _hits(self._call(self._stub.SearchVector, search_pb2.VectorQuery(
+            vector=_vector(vector), k=k, tier=tier, student_id=student_id)))
 
     def search_on_device(self, embedder: OnDeviceEmbedder, image: ImageSource, k: int = 10) -> list[Hit]:
         """Embed `image` locally with `embedder` and send only the vector.
@@ -251,17 +262,17 @@ class SearchClient:
         if self._server_info is None:
             self._server_info = self.info()
         check_pairing(embedder, self._server_info, self.address)
-        return self.search_vector(embedder.embed(image), k)
+        return self.search_vector(embedder.embed(image), k, student_id=embedder.student_id)
 
-    def batch_search(self, queries: Sequence[ImageSource | Sequence[float] | np.ndarray], k: int = 10
-                     ) -> list[list[Hit] | SearchError]:
+    def batch_search(self, queries: Sequence[ImageSource | Sequence[float] | np.ndarray], k: int = 10, *,
+                     tier: str = "", student_id: str = "") -> list[list[Hit] | SearchError]:
         """Many queries in one call: images (paths or bytes) and/or vectors. One entry per query, in order: its
         hits, or the `SearchError` (e.g. `InvalidRequest`) that query alone failed with.
 
         A batch larger than the server takes in one call (`max_batch_queries` and `max_message_bytes` in its
         Info, asked once and remembered) is sent as several calls, one after another, and the results are put back
-        in the order of `queries`."""
-        request = [_query(q, k, tag) for tag, q in enumerate(queries)]
+        in the order of `queries`. `tier` and (for the vectors) `student_id` go with every query."""
+        request = [_query(q, k, tag, tier, student_id) for tag, q in enumerate(queries)]
         if not request:
             return []
         if self._server_info is None:
@@ -270,12 +281,12 @@ class SearchClient:
                    for part in split_batch(request, self._server_info)]
         return in_order([r for reply in replies for r in reply.results], len(request), self.address)
 
-    def stream_search(self, queries: Iterable[ImageSource | Sequence[float] | np.ndarray], k: int = 10
-                      ) -> Iterator[tuple[int, list[Hit] | SearchError]]:
+    def stream_search(self, queries: Iterable[ImageSource | Sequence[float] | np.ndarray], k: int = 10, *,
+                      tier: str = "") -> Iterator[tuple[int, list[Hit] | SearchError]]:
         """Pipeline `queries` over one stream; yield (position, hits or error) as results arrive (any order).
 
         Not retried: a broken stream raises `ServerUnavailable`; resend what had no result yet."""
-        requests = (_query(q, k, tag) for tag, q in enumerate(queries))
+        requests = (_query(q, k, tag, tier) for tag, q in enumerate(queries))
         try:
             for r in self._stub.SearchStream(requests, timeout=None, metadata=self._metadata):
                 yield r.tag, _result(r, self.address)
@@ -285,12 +296,7 @@ class SearchClient:
     def info(self) -> dict[str, Any]:
         """What the server serves: teacher_id, student_id, dim, count, factory, metric, max_k, default_k,
         index_version, search_params, limits and batching settings."""
-        reply = self._call(self._stub.Info, search_pb2.InfoRequest())
-        out = {}
-        for field in reply.DESCRIPTOR.fields:
-            value = getattr(reply, field.name)
-            out[field.name] = dict(value) if field.message_type is not None else value
-        return out
+        return info_dict(self._call(self._stub.Info, search_pb2.InfoRequest()))
 
     # -- the Admin service (needs the token) ----------------------------------------------------------------
 
@@ -435,7 +441,7 @@ class OnDeviceClient:
         """An image path, encoded bytes or a PIL image, embedded here; only the vector is sent."""
         if not self._checked:
             self.check()
-        return self.client.search_vector(self.embed(query), k)
+        return self.client.search_vector(self.embed(query), k, student_id=self.embedder.student_id)
 
     search_image = search
     search_pil = search
@@ -450,7 +456,7 @@ class OnDeviceClient:
         if not self._checked:
             self.check()
         vectors = [q if isinstance(q, np.ndarray) else self.embed(q) for q in queries]
-        return self.client.batch_search(vectors, k)
+        return self.client.batch_search(vectors, k, student_id=self.embedder.student_id)
 
     def info(self) -> dict[str, Any]:
         return self.client.info()
@@ -516,14 +522,16 @@ def _vector(vector: Sequence[float] | np.ndarray) -> list[float]:
     return v.tolist()
 
 
-def _query(q: ImageSource | Sequence[float] | np.ndarray, k: int, tag: int) -> search_pb2.Query:
+def _query(q: ImageSource | Sequence[float] | np.ndarray, k: int, tag: int, tier: str = "",
+           student_id: str = "") -> search_pb2.Query:
     if isinstance(q, bytes):
-        return search_pb2.Query(image=q, k=k, tag=tag)
+        return search_pb2.Query(image=q, k=k, tag=tag, tier=tier)
     if isinstance(q, (str, os.PathLike)):
-        return search_pb2.Query(image=_read_file(Path(q)), k=k, tag=tag)
+        return search_pb2.Query(image=_read_file(Path(q)), k=k, tag=tag, tier=tier)
     if _is_pil(q):
-        return search_pb2.Query(image=encode_pil(q), k=k, tag=tag)
-    return search_pb2.Query(vector=search_pb2.FloatVector(values=_vector(q)), k=k, tag=tag)
+        return search_pb2.Query(image=encode_pil(q), k=k, tag=tag, tier=tier)
+    return search_pb2.Query(vector=search_pb2.FloatVector(values=_vector(q)), k=k, tag=tag, tier=tier,
+                            student_id=student_id)
 
 
 BATCH_FRAMING_BYTES = 64 * 1024  # room left in a BatchSearch message beside its queries' own bytes
@@ -566,6 +574,21 @@ def _result(r: search_pb2.QueryResult, address: str) -> list[Hit] | SearchError:
     cls = {grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest, grpc.StatusCode.RESOURCE_EXHAUSTED: ServerBusy,
            grpc.StatusCode.DEADLINE_EXCEEDED: ServerUnavailable}.get(code, SearchError)
     return cls(r.message, code)
+
+
+def info_dict(reply: search_pb2.InfoReply) -> dict[str, Any]:
+    """Info as plain values: maps as dicts, `tiers` as a list of dicts (one per tier, the default first)."""
+    out: dict[str, Any] = {}
+    for field in reply.DESCRIPTOR.fields:
+        value = getattr(reply, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value = dict(value)
+        elif field.message_type is not None:
+            value = [{f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields} for m in value]
+        elif not isinstance(value, (str, bytes, int, float)):  # a repeated scalar field
+            value = list(value)
+        out[field.name] = value
+    return out
 
 
 def _update(reply: search_pb2.UpdateReply) -> dict[str, Any]:

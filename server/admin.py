@@ -13,6 +13,7 @@ Confinement (docs/security.md):
 - A path-based `AddImages` reads only folders under the server's `--admin-root` folders, after resolving every
   symlink (the folder's and each file's); without `--admin-root` it is off.
 - `Reload` serves only versions of the served index root.
+- `LoadStudent` loads only student models (and their manifests) under the `--admin-root` folders; off without one.
 
 Every refusal names the rule; none echoes a path's existence outside the admin roots or any file's content.
 """
@@ -91,6 +92,28 @@ def confined_folder(folder: str, metadata_csv: str | None, admin_roots: Sequence
         raise PermissionDenied(f"{len(outside)} image file(s) below the folder are links to files outside the "
                                f"--admin-root folders; AddImages reads nothing else")
     return out[0], out[1]
+
+
+def confined_student(path: str, admin_roots: Sequence[str]) -> Path:
+    """The student ONNX a LoadStudent names, resolved, when it and its manifest (NAME.json) lie under an admin root
+    (symlinks followed); `PermissionDenied` naming the rule otherwise, with the same message whether it exists or
+    not."""
+    if not admin_roots:
+        raise PermissionDenied("LoadStudent is off on this server (no --admin-root): it loads students only from "
+                               "the --admin-root folders")
+    roots = [Path(r).resolve() for r in admin_roots]
+    given = Path(path)
+    if not given.is_absolute() or given.suffix not in (".onnx", ".ort"):
+        raise PermissionDenied("LoadStudent needs an absolute path of a .onnx (or .ort) file under an --admin-root "
+                               "folder")
+    resolved = given.resolve()
+    manifest = resolved.with_suffix(".json").resolve()  # the manifest the loader reads, beside the resolved model
+    if not _under(resolved, roots) or not _under(manifest, roots):
+        raise PermissionDenied("the student (or its .json manifest) is not under one of this server's --admin-root "
+                               "folders (symlinks resolved); LoadStudent reads nothing else")
+    if not resolved.is_file():
+        raise UserError(f"no student model at {path} (under an --admin-root)")
+    return resolved
 
 
 def confined_version(path: str, root: Path) -> Path:

@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -80,6 +80,10 @@ class Metrics:
 
     def admitted_bytes(self, nbytes: int) -> None: ...
 
+    def tier_embed(self, tier: str, seconds: float, n: int) -> None: ...
+
+    def tier_query(self, tier: str, kind: str, seconds: float) -> None: ...
+
 
 @dataclasses.dataclass(eq=False)
 class Job:
@@ -95,6 +99,7 @@ class Job:
     ready: float = 0.0  # when the job entered its current queue
     nbytes: int = 0  # held in the memory budget until the job is done
     decoded_nbytes: int = 0  # of which the decoded image, released as soon as it is decoded
+    tier: Any = None  # the engine's Tier this query was admitted with (it embeds the image, even after a swap)
 
     def expired(self, now: float) -> bool:
         return (self.deadline is not None and now >= self.deadline) or (self.alive is not None and not self.alive())
@@ -265,58 +270,68 @@ class Pipeline:
     def _decoder(self, job: Job) -> ThreadPoolExecutor:
         return self._large if job.decoded_nbytes >= LARGE_IMAGE_BYTES else self._pool
 
-    def image_cost(self, data: bytes) -> tuple[int, int]:
+    def image_cost(self, data: bytes, tier: Any = None) -> tuple[int, int]:
         """(bytes, of which the decoded image) an image query holds; `InvalidQuery` for a header that is not an
         image's."""
-        decoded, prepared = self.engine.image_nbytes(data)
+        decoded, prepared = self._with_tier(self.engine.image_nbytes, data, tier)
         return len(data) + decoded + prepared, decoded
+
+    def _with_tier(self, method: Callable[..., Any], arg: Any, tier: Any) -> Any:
+        """`method(arg)` for the engine's current default tier, `method(arg, tier)` for any other (a tier swapped
+        out after its query was admitted included), so that an engine method wrapped to take one argument (as
+        tests wrap them) keeps working for the default tier."""
+        return method(arg) if tier is None or tier is self.engine.tier() else method(arg, tier)
 
     def vector_cost(self, vector: np.ndarray) -> tuple[int, int]:
         return VECTOR_OVERHEAD_BYTES + vector.nbytes, 0
 
     def submit_image(self, data: bytes, k: int, *, deadline: float | None = None,
-                     alive: Callable[[], bool] | None = None) -> Future:
+                     alive: Callable[[], bool] | None = None, tier: Any = None) -> Future:
         k = self.engine.resolve_k(k)
-        (job,) = self._admit([self.image_cost(data)], deadline, alive)
-        job.k = k
+        tier = self.engine.tier(tier)
+        (job,) = self._admit([self.image_cost(data, tier)], deadline, alive)
+        job.k, job.tier = k, tier
         self._decoder(job).submit(self._decode, job, data)
         return job.future
 
     def submit_vector(self, vector: Sequence[float] | np.ndarray, k: int, *, deadline: float | None = None,
-                      alive: Callable[[], bool] | None = None) -> Future:
+                      alive: Callable[[], bool] | None = None, tier: Any = None, student_id: str = "") -> Future:
         k = self.engine.resolve_k(k)
-        v = self.engine.check_vector(vector)
+        tier = self.engine.tier(tier)
+        v = self.engine.check_vector(vector, student_id)
         (job,) = self._admit([self.vector_cost(v)], deadline, alive)
-        job.k, job.vector = k, v
+        job.k, job.vector, job.tier = k, v, tier
         self._searcher.put(job)
         return job.future
 
     def submit_many(self, queries: Sequence[tuple[str, object, int]], *, deadline: float | None = None,
                     alive: Callable[[], bool] | None = None) -> list[Future]:
         """("image", bytes, k) / ("vector", values, k) queries admitted together (all or none, by count and by
-        bytes); a query that is invalid gets a failed future instead of failing the others."""
-        checked: list[tuple[str, object, int] | InvalidQuery] = []
+        bytes); a query that is invalid gets a failed future instead of failing the others. A query may go on with
+        its tier and (for a vector) the id of the student that made it: ("vector", values, k, tier, student_id)."""
+        checked: list[tuple[str, object, int, Any] | InvalidQuery] = []
         costs: list[tuple[int, int]] = []
-        for kind, payload, k in queries:
+        for kind, payload, k, *rest in queries:
             try:
                 k = self.engine.resolve_k(k)
+                tier = self.engine.tier(rest[0] if rest else None)
                 if kind == "vector":
-                    payload = self.engine.check_vector(payload)
+                    payload = self.engine.check_vector(payload, rest[1] if len(rest) > 1 else "")
                     cost = self.vector_cost(payload)
                 else:
-                    cost = self.image_cost(payload)
+                    cost = self.image_cost(payload, tier)
             except InvalidQuery as e:
                 checked.append(e)
                 costs.append((0, 0))
                 continue
-            checked.append((kind, payload, k))
+            checked.append((kind, payload, k, tier))
             costs.append(cost)
         jobs = self._admit(costs, deadline, alive)
         for job, query in zip(jobs, checked):
             if isinstance(query, InvalidQuery):
                 job.fail(query)
                 continue
-            kind, payload, job.k = query
+            kind, payload, job.k, job.tier = query
             if kind == "vector":
                 job.vector = payload
                 self._searcher.put(job)
@@ -333,7 +348,7 @@ class Pipeline:
             return
         start = time.perf_counter()
         try:
-            job.pixels = self.engine.prepare_image(data)
+            job.pixels = self._with_tier(self.engine.prepare_image, data, job.tier)
         except InvalidQuery as e:
             job.fail(e)
             return
@@ -350,12 +365,22 @@ class Pipeline:
         self._embedder.put(job)
 
     def _embed(self, jobs: list[Job]) -> None:
+        """One student call per tier among `jobs` (each with the tier object its query was admitted with)."""
+        by_tier: dict[int, list[Job]] = {}
+        for j in jobs:
+            by_tier.setdefault(id(j.tier), []).append(j)
+        for group in by_tier.values():
+            self._embed_tier(group)
+
+    def _embed_tier(self, jobs: list[Job]) -> None:
         start = time.perf_counter()
         for j in jobs:
             self.metrics.stage("queue", start - j.ready)
-        vectors = self.engine.embed_prepared(np.stack([j.pixels for j in jobs]))
+        tier = jobs[0].tier
+        vectors = self._with_tier(self.engine.embed_prepared, np.stack([j.pixels for j in jobs]), tier)
         seconds = time.perf_counter() - start
         self.metrics.stage("embed", seconds)
+        self.metrics.tier_embed(getattr(tier, "name", ""), seconds, len(jobs))
         for j, v in zip(jobs, vectors):
             j.pixels = None
             j.embed_ms = seconds * 1e3
@@ -378,6 +403,8 @@ class Pipeline:
                 h, j.embed_ms, (end - start) * 1e3, version, queue_ms=(start - j.admitted) * 1e3 - j.decode_ms
                 - j.embed_ms, decode_ms=j.decode_ms, batch_size=len(jobs)))
             self.metrics.stage("total", end - j.admitted)
+            self.metrics.tier_query(getattr(j.tier, "name", ""), "vector" if j.embed_ms == 0 else "image",
+                                    end - j.admitted)
 
     # -- shutdown -------------------------------------------------------------------------------------------
 

@@ -18,6 +18,15 @@ student is meant to be. An index whose database was embedded multi-scale (`index
 `build["scales"]` in its manifest) is served as it is (the multi-scale mean lives in the same space); the
 engine logs the scales (and flip, `index build --flip`) when it opens or swaps in such an index, so the asymmetry
 is visible in the log.
+
+Tiers (`asymsearch.server.tiers`): the engine holds one or more students, each a named tier (the first is the
+default) paired with the index and gated on its probe set at load. A query names its tier (empty: the default);
+an unknown name is `InvalidQuery` listing the tiers. A vector query may carry the id of the student that made it:
+one this engine has never loaded (so never paired with the index) is refused, naming both ids. `load_tier` adds or
+replaces a tier beside the served ones (copy on write: a query admitted before the switch is embedded by the tier
+it was admitted with, so a swap under load loses none); a tier that does not pair or fails the gate is refused and
+the one it would replace keeps serving. `reload` checks every tier against the new index, and gates them again
+when its probe set differs from the served one's.
 """
 from __future__ import annotations
 
@@ -39,14 +48,24 @@ from asymsearch.core.manifest import check_pairing
 from asymsearch.core.multiscale import SINGLE_SCALE, index_flip, index_scales
 from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.core.preprocess import DEFAULT_MAX_PIXELS, decode_image, decoded_nbytes, preprocess
+from asymsearch.index.probe import find_probe
 from asymsearch.index.store import SearchIndex
 from asymsearch.index.versions import resolve_index_folder
+from asymsearch.server.tiers import DEFAULT_TIER, GatePolicy, Tier, gate_tier, load_tier, tier_of
 
 log = logging.getLogger(__name__)
 
 
 class InvalidQuery(UserError):
     """A query the engine refuses: an empty or undecodable image, a malformed vector, or a k out of range."""
+
+
+class UnknownTier(InvalidQuery):
+    """A query names a tier the server does not have."""
+
+
+class StudentMismatch(InvalidQuery):
+    """A vector query says it was made by a student that this server has not paired with the index."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,20 +127,35 @@ class ServedIndex:
 class QueryEngine:
     """Answers queries against `index` with `student` embedding the query images.
 
-    The student must belong to the teacher that embedded the index (same teacher id and dimension), else
-    `PairingError`. A teacher model may serve as the query model too (symmetric search) on the same terms.
-    `source` is where `reload()` looks for new versions (an index root with CURRENT, or a folder).
+    `student` is one embedder (the tier "default") or a sequence of `Tier`s (the first is the default). Every
+    student must belong to the teacher that embedded the index (same teacher id and dimension), else
+    `PairingError`; each is gated on the index's probe set under `gate` (`GatePolicy`; the default measures the
+    figures where a probe set exists and refuses nothing). A teacher model may serve as the query model too
+    (symmetric search) on the same terms. `source` is where `reload()` looks for new versions (an index root with
+    CURRENT, or a folder).
     """
 
-    def __init__(self, index: SearchIndex, student: OnnxEmbedder, *, default_k: int = 10, max_k: int = 1000,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, version: str | None = None,
-                 source: str | os.PathLike | None = None) -> None:
-        check_pairing(student.manifest, index.manifest)
+    def __init__(self, index: SearchIndex, student: OnnxEmbedder | Sequence[Tier], *, default_k: int = 10,
+                 max_k: int = 1000, max_pixels: int = DEFAULT_MAX_PIXELS, version: str | None = None,
+                 source: str | os.PathLike | None = None, gate: GatePolicy = GatePolicy()) -> None:
+        tiers = [tier_of(student)] if isinstance(student, OnnxEmbedder) else list(student)
+        if not tiers:
+            raise UserError("an engine needs at least one student tier")
+        for tier in tiers:
+            check_pairing(tier.student.manifest, index.manifest,
+                          query_name=f"tier {tier.name!r} ({tier.student.path}, student {tier.student_id})")
+        if len({t.name for t in tiers}) != len(tiers):
+            raise UserError("tier names must be unique")
         if not 1 <= default_k <= max_k:
             raise UserError(f"need 1 <= default_k <= max_k, got default_k={default_k}, max_k={max_k}")
         if max_pixels < 1:
             raise UserError(f"max_pixels must be positive, got {max_pixels}")
-        self.student = student
+        self.gate = gate
+        probe = find_probe(index)
+        tiers = [gate_tier(t, index, gate, probe) for t in tiers]
+        self._tiers: dict[str, Tier] = {t.name: t for t in tiers}  # replaced whole (copy on write), never mutated
+        self._known_students = {t.student_id for t in tiers}  # every student loaded (so paired) on this engine
+        self._probe_digest = _probe_digest(probe)
         self.default_k = default_k
         self.max_k = max_k
         self.max_pixels = max_pixels
@@ -132,18 +166,21 @@ class QueryEngine:
         _log_scales(index)
 
     @classmethod
-    def open(cls, index_dir: str | os.PathLike, student_onnx: str | os.PathLike, *, intra_op_threads: int = 0,
-             **kw: Any) -> "QueryEngine":
+    def open(cls, index_dir: str | os.PathLike,
+             student_onnx: str | os.PathLike | Sequence[tuple[str, str | os.PathLike]], *,
+             intra_op_threads: int = 0, **kw: Any) -> "QueryEngine":
         """Open the index (a folder, or a root whose CURRENT names the version) and the student ONNX (with its
-        manifest) and check that they pair.
+        manifest), or several as [(tier, path), ...], and check that they pair and pass the gate (`gate=`).
 
         `intra_op_threads` goes to onnxruntime (0: its default, all cores); other keyword arguments go to the
         constructor. Raises `PairingError` naming both teacher ids on a mismatch.
         """
-        student = OnnxEmbedder(student_onnx, intra_op_threads=intra_op_threads)
+        specs = ([(DEFAULT_TIER, student_onnx)] if isinstance(student_onnx, (str, os.PathLike))
+                 else list(student_onnx))
+        tiers = [tier_of(OnnxEmbedder(path, intra_op_threads=intra_op_threads), name) for name, path in specs]
         index = SearchIndex.open(index_dir)  # resolves CURRENT, retrying when a version is pruned meanwhile
         try:
-            return cls(index, student, version=index.version, source=index_dir, **kw)
+            return cls(index, tiers, version=index.version, source=index_dir, **kw)
         except BaseException:
             index.close()
             raise
@@ -161,6 +198,49 @@ class QueryEngine:
     @property
     def dim(self) -> int:
         return self.student.dim
+
+    # -- tiers ----------------------------------------------------------------------------------------------
+
+    @property
+    def tiers(self) -> list[Tier]:
+        """The tiers, the default first."""
+        return list(self._tiers.values())
+
+    @property
+    def student(self) -> OnnxEmbedder:
+        """The default tier's student."""
+        return next(iter(self._tiers.values())).student
+
+    def tier(self, name: "str | Tier | None" = None) -> Tier:
+        """The tier called `name` (empty or None: the default); `UnknownTier` listing the tiers otherwise."""
+        if isinstance(name, Tier):
+            return name
+        tiers = self._tiers
+        if not name:
+            return next(iter(tiers.values()))
+        try:
+            return tiers[name]
+        except KeyError:
+            raise UnknownTier(f"unknown tier {name[:64]!r}; this server's tiers: {', '.join(tiers)} (see Info; "
+                              f"empty: {next(iter(tiers))})") from None
+
+    def load_tier(self, name: str, path: str | os.PathLike, *, intra_op_threads: int = 0) -> tuple[bool, Tier]:
+        """Open the student `path` as tier `name` beside the served ones, check it pairs with the served index and
+        passes the gate, then switch that tier to it (a new name adds a tier, at the end). (replaced, tier).
+
+        On any failure (`PairingError`, `GateRefused`, `NoProbeSet`, a bad file) nothing changes. Queries already
+        admitted keep the tier object they were admitted with, so none is lost."""
+        with self._swap_lock:
+            with self.using_index() as served:
+                tier = load_tier(name, path, served.index, self.gate, intra_op_threads=intra_op_threads)
+            with self._ref_lock:
+                replaced = name in self._tiers
+                self._tiers = {**self._tiers, name: tier}
+                self._known_students = self._known_students | {tier.student_id}
+        log.info("tier %r now served by %s (student %s)%s", name, path, tier.student_id,
+                 " (replaced)" if replaced else " (added)",
+                 extra={"event": "tier_loaded", "tier": name, "student_id": tier.student_id, "replaced": replaced})
+        return replaced, tier
 
     @contextlib.contextmanager
     def using_index(self) -> Iterator[ServedIndex]:
@@ -197,7 +277,15 @@ class QueryEngine:
                 new_index.close()  # CURRENT moved back between the two reads
                 return False, current.version
             try:
-                check_pairing(self.student.manifest, new_index.manifest)
+                for tier in self.tiers:
+                    check_pairing(tier.student.manifest, new_index.manifest,
+                                  query_name=f"tier {tier.name!r} ({tier.student.path}, student {tier.student_id})")
+                probe = find_probe(new_index)
+                digest = _probe_digest(probe)
+                regated = None
+                if digest != self._probe_digest:  # a probe set of other images: every tier is gated again
+                    regated = {t.name: gate_tier(t, new_index, self.gate, probe)
+                               for t in self.tiers}
                 if new_index.count:  # warm the new index before it takes traffic
                     new_index.search(np.zeros((1, new_index.dim), np.float32) + 1.0 / math.sqrt(new_index.dim), 1)
             except BaseException:
@@ -207,6 +295,9 @@ class QueryEngine:
             new = ServedIndex(new_index, version)
             with self._ref_lock:
                 old, self._served = self._served, new
+                if regated is not None:
+                    self._tiers = {name: regated.get(name, t) for name, t in self._tiers.items()}
+                self._probe_digest = digest
             if path is not None and not keep_source:
                 self.source = source
             log.info("now serving index version %r (%d items) from %s; loaded in %.0f ms, draining %r",
@@ -222,6 +313,7 @@ class QueryEngine:
         with self.using_index() as served:
             m = served.index.manifest
             return {"teacher_id": served.index.teacher_id, "student_id": self.student.manifest.model_id,
+                    "tiers": [t.info() for t in self.tiers],
                     "dim": served.index.dim, "count": served.index.count, "factory": m.factory, "metric": m.metric,
                     "max_k": self.max_k, "default_k": self.default_k, "index_version": served.version,
                     "search_params": {str(k): str(v) for k, v in m.search_params.items()},
@@ -247,35 +339,49 @@ class QueryEngine:
             raise InvalidQuery(f"k={k} exceeds this server's max_k of {self.max_k}")
         return k or self.default_k
 
-    def _read_image(self, read: Callable[..., Any], data: bytes) -> Any:
+    def _read_image(self, read: Callable[..., Any], data: bytes, tier: "str | Tier | None" = None) -> Any:
         """`read(bytes, max_pixels, min_side=...)` (decode, or its size from the header) as every query is read:
-        at no more than the student's resize; `InvalidQuery` for an empty or unreadable image."""
+        at no more than the tier's student's resize; `InvalidQuery` for an empty or unreadable image."""
         if not data:
             raise InvalidQuery("empty image: the query carries no image bytes")
+        student = self.tier(tier).student
         try:
-            return read(bytes(data), self.max_pixels, min_side=self.student.manifest.preprocessing.resize)
+            return read(bytes(data), self.max_pixels, min_side=student.manifest.preprocessing.resize)
         except InvalidImage as e:
             raise InvalidQuery(str(e)) from None
 
-    def prepare_image(self, data: bytes) -> np.ndarray:
-        """Encoded image -> the student's input (3, crop, crop) float32; `InvalidQuery` when it is not an image
-        or has more than `max_pixels` pixels (checked from the header, before decoding)."""
-        return preprocess(self._read_image(decode_image, data), self.student.manifest.preprocessing)
+    def prepare_image(self, data: bytes, tier: "str | Tier | None" = None) -> np.ndarray:
+        """Encoded image -> the tier's student's input (3, crop, crop) float32; `InvalidQuery` when it is not an
+        image or has more than `max_pixels` pixels (checked from the header, before decoding)."""
+        return preprocess(self._read_image(decode_image, data, tier), self.tier(tier).student.manifest.preprocessing)
 
-    def image_nbytes(self, data: bytes) -> tuple[int, int]:
+    def image_nbytes(self, data: bytes, tier: "str | Tier | None" = None) -> tuple[int, int]:
         """(decoded, prepared) bytes an image query will occupy: its 8-bit RGB image, computed from the header
         before any pixel is decoded, and the student's float32 input. `InvalidQuery` for an empty image or a header
         that is not an image's. The memory budget admits image queries on these figures."""
-        crop = self.student.manifest.preprocessing.crop
-        return self._read_image(decoded_nbytes, data), 3 * crop * crop * 4
+        crop = self.tier(tier).student.manifest.preprocessing.crop
+        return self._read_image(decoded_nbytes, data, tier), 3 * crop * crop * 4
 
-    def embed_prepared(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, 3, H, W) -> (N, dim) raw student embeddings (normalise each with `normalise`)."""
-        return self.student.embed_arrays(pixels)
+    def embed_prepared(self, pixels: np.ndarray, tier: "str | Tier | None" = None) -> np.ndarray:
+        """(N, 3, H, W) -> (N, dim) raw embeddings by the tier's student (normalise each with `normalise`)."""
+        return self.tier(tier).student.embed_arrays(pixels)
 
-    def check_vector(self, vector: Sequence[float] | np.ndarray) -> np.ndarray:
+    def check_student_id(self, student_id: str) -> None:
+        """`StudentMismatch` unless `student_id` (empty: not given) is a student this engine loaded, and so
+        paired with the index."""
+        if student_id and student_id not in self._known_students:
+            with self.using_index() as served:
+                teacher = served.index.teacher_id
+            raise StudentMismatch(
+                f"the vector was made by student {student_id[:128]!r}, which this server has not paired with its "
+                f"index (embedded by teacher {teacher}; its tiers' students: "
+                f"{', '.join(f'{t.name}={t.student_id}' for t in self.tiers)}): embed with one of them")
+
+    def check_vector(self, vector: Sequence[float] | np.ndarray, student_id: str = "") -> np.ndarray:
         """A vector the student computed elsewhere -> normalised float32 (dim,); `InvalidQuery` when it has the
-        wrong size, non-finite values or zero length. Scores are cosine similarities whatever its scale."""
+        wrong size, non-finite values or zero length, `StudentMismatch` when `student_id` names a student this
+        server has not paired with the index. Scores are cosine similarities whatever its scale."""
+        self.check_student_id(student_id)
         v = np.asarray(vector, dtype=np.float32)
         if v.ndim != 1:
             raise InvalidQuery(f"the vector must be one-dimensional, got shape {v.shape}")
@@ -317,28 +423,39 @@ class QueryEngine:
 
     # -- one query at a time (no batching) ------------------------------------------------------------------
 
-    def search_image(self, data: bytes, k: int) -> SearchResult:
-        """Decode `data`, embed it with the student and search. `k == 0` means `default_k`."""
+    def search_image(self, data: bytes, k: int, tier: str = "") -> SearchResult:
+        """Decode `data`, embed it with the tier's student and search. `k == 0` means `default_k`."""
         k = self.resolve_k(k)
+        t = self.tier(tier)
         start = time.perf_counter()
-        pixels = self.prepare_image(data)
-        vector = self.normalise(self.embed_prepared(pixels[None])[0])
+        pixels = self.prepare_image(data, t)
+        vector = self.normalise(self.embed_prepared(pixels[None], t)[0])
         embed_ms = (time.perf_counter() - start) * 1e3
         return self._search_one(vector, k, embed_ms)
 
-    def search_vector(self, vector: Sequence[float] | np.ndarray, k: int) -> SearchResult:
+    def search_vector(self, vector: Sequence[float] | np.ndarray, k: int, tier: str = "",
+                      student_id: str = "") -> SearchResult:
         """Search with a vector the student computed elsewhere (e.g. on the user's device).
 
         The vector must have the index's dimension and finite values; the engine L2-normalises it before the
         search, so scores are cosine similarities whatever scale the sender used.
         """
         k = self.resolve_k(k)
-        return self._search_one(self.check_vector(vector), k, 0.0)
+        self.tier(tier)
+        return self._search_one(self.check_vector(vector, student_id), k, 0.0)
 
     def _search_one(self, v: np.ndarray, k: int, embed_ms: float) -> SearchResult:
         start = time.perf_counter()
         (hits,), version = self.search_batch(v[None, :], [k])
         return SearchResult(hits, embed_ms, (time.perf_counter() - start) * 1e3, version)
+
+
+def _probe_digest(probe: Any) -> str:
+    """What tells two probe sets apart: their teacher vectors (the images they hold give those)."""
+    if probe is None:
+        return ""
+    import hashlib
+    return hashlib.sha256(np.ascontiguousarray(probe.teacher).tobytes()).hexdigest()
 
 
 def _log_scales(index: SearchIndex) -> None:
@@ -358,4 +475,5 @@ def _lookup(index: SearchIndex, ids: list[int]) -> dict[int, tuple[str, str, dic
     return out
 
 
-__all__ = ["Hit", "InvalidQuery", "PairingError", "QueryEngine", "SearchResult", "ServedIndex"]
+__all__ = ["Hit", "InvalidQuery", "PairingError", "QueryEngine", "SearchResult", "ServedIndex", "StudentMismatch",
+           "Tier", "UnknownTier"]

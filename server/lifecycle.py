@@ -7,6 +7,10 @@ caller's thread stays free). Every RPC is a coroutine on that loop; an open stre
 of the process are that loop, grpc's own pollers, and the pipeline's bounded pools (decode, embed, search), sized
 from the machine: whatever clients do, their number stays the same.
 
+Tiers: `load_student(tier, path)` (Admin `LoadStudent`) adds or replaces one student tier of the engine while it
+serves (paired and gated first; refused, the old tier keeps serving). Per-tier Prometheus metrics sit beside the
+server's own (`TierMetrics`).
+
 Listening starts before the index is loaded (`attach`), with health NOT_SERVING until then, so probes and
 clients see a loading server rather than a refused connection. Standard services: grpc.health.v1 (the asyncio
 servicer; NOT_SERVING while loading and while draining) and server reflection.
@@ -30,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Gauge, Histogram
 
 from asymsearch.core.errors import UserError
 from asymsearch.index.store import manifest_id
@@ -39,7 +44,7 @@ from asymsearch.server.batching import Pipeline
 from asymsearch.server.engine import QueryEngine
 from asymsearch.server.interceptors import (ADMIN_SERVICE_NAME, SERVICE_NAME, AuthInterceptor, LimitsInterceptor,
                                             LoggingInterceptor, MetricsInterceptor, ParsingInterceptor)
-from asymsearch.server.metrics import ServerMetrics
+from asymsearch.server.metrics import _LATENCY_BUCKETS, ServerMetrics
 from asymsearch.server.options import ServeOptions
 from asymsearch.server.servicers import AdminServicer, SearchServicer
 from asymsearch.server.tokens import TokenStore
@@ -47,6 +52,49 @@ from asymsearch.server.tokens import TokenStore
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICES = ("", SERVICE_NAME)
+
+
+class TierMetrics(ServerMetrics):
+    """The server's metrics plus, per student tier:
+
+        asymsearch_tier_queries_total{tier, kind}        queries answered, by tier and kind (image / vector)
+        asymsearch_tier_query_seconds{tier}              admission to answer, by tier
+        asymsearch_tier_embed_seconds{tier}              one student call (a batch of that tier's images)
+        asymsearch_tier_info{tier, student_id}           1 for each served tier and its student
+        asymsearch_tier_gate_ratio{tier}                 the tier's gate ratio (student / teacher Recall@1) at load
+        asymsearch_tier_loads_total{tier, result}        LoadStudent: loaded / refused
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
+        self.tier_queries = Counter("asymsearch_tier_queries", "queries answered by tier", ["tier", "kind"],
+                                    registry=r)
+        self.tier_seconds = Histogram("asymsearch_tier_query_seconds", "admission to answer, by tier", ["tier"],
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.tier_embed_seconds = Histogram("asymsearch_tier_embed_seconds", "one student call, by tier", ["tier"],
+                                            buckets=_LATENCY_BUCKETS, registry=r)
+        self.tier_info = Gauge("asymsearch_tier_info", "the served tiers (value 1)", ["tier", "student_id"],
+                               registry=r)
+        self.tier_gate = Gauge("asymsearch_tier_gate_ratio", "gate ratio of the tier at load", ["tier"], registry=r)
+        self.tier_loads = Counter("asymsearch_tier_loads", "LoadStudent by tier and result", ["tier", "result"],
+                                  registry=r)
+
+    def tier_embed(self, tier: str, seconds: float, n: int) -> None:
+        self.tier_embed_seconds.labels(tier).observe(seconds)
+
+    def tier_query(self, tier: str, kind: str, seconds: float) -> None:
+        self.tier_queries.labels(tier, kind).inc()
+        self.tier_seconds.labels(tier).observe(seconds)
+
+    def served_tiers(self, tiers: Sequence[Any]) -> None:
+        with self._lock:
+            self.tier_info.clear()
+            self.tier_gate.clear()
+            for t in tiers:
+                self.tier_info.labels(t.name, t.student_id).set(1)
+                if t.gate is not None:
+                    self.tier_gate.labels(t.name).set(t.gate.ratio)
 
 
 class IndexUpdater(Protocol):
@@ -66,7 +114,7 @@ class SearchServer:
 
     def __init__(self, options: ServeOptions = ServeOptions(), *, updater: IndexUpdater | None = None) -> None:
         self.options = options
-        self.metrics = ServerMetrics()
+        self.metrics = TierMetrics()
         self.metrics.budget_bytes.set(options.batching.memory_budget_bytes)
         self.engine: QueryEngine | None = None
         self.pipeline: Pipeline | None = None
@@ -169,6 +217,22 @@ class SearchServer:
     def _report_index(self) -> None:
         e = self.engine
         self.metrics.served_index(e.index_version, e.index.teacher_id, e.index.count)
+        self.metrics.served_tiers(e.tiers)
+
+    def load_student(self, tier: str, path: str | os.PathLike) -> tuple[bool, Any]:
+        """Load the student `path` as `tier` beside the served tiers (paired with the index, gated) and switch
+        that tier to it; (replaced, Tier). Raises, and the tier it would replace keeps serving, on refusal."""
+        with self._reload_lock:
+            try:
+                replaced, loaded = self.engine.load_tier(tier, path, intra_op_threads=self.options.embed_threads)
+            except Exception as e:
+                self.metrics.tier_loads.labels(tier[:64], "refused").inc()
+                log.error("student %s not loaded as tier %r, the served tiers stay: %s", path, tier, e,
+                          extra={"event": "tier_refused", "tier": tier})
+                raise
+            self.metrics.tier_loads.labels(tier, "loaded").inc()
+            self._report_index()
+            return replaced, loaded
 
     def reload(self, path: str | os.PathLike | None = None, *, keep_source: bool = False) -> tuple[bool, str]:
         """Load the version `path` (default: the engine's source, its CURRENT) beside the served one and switch;
@@ -268,16 +332,18 @@ def create_server(engine: QueryEngine, options: ServeOptions | None = None, *,
     return server, port
 
 
-def serve(index: str | os.PathLike, student: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 50051,
+def serve(index: str | os.PathLike, student: str | os.PathLike | Sequence[tuple[str, str | os.PathLike]], *,
+          host: str = "127.0.0.1", port: int = 50051,
           max_workers: int | None = None, options: ServeOptions | None = None,
           updater: IndexUpdater | None = None, **engine_kw: Any) -> None:
-    """Serve `student` queries against `index` (a folder, or a root with CURRENT) until SIGINT or SIGTERM.
+    """Serve `student` queries (one ONNX, or [(tier, ONNX), ...], the default tier first) against `index` (a
+    folder, or a root with CURRENT) until SIGINT or SIGTERM.
 
     Listens first (health NOT_SERVING), then loads; raises `PairingError` (and stops listening) when the student
     does not belong to the index's teacher. On a signal, health turns NOT_SERVING, new RPCs are refused and
     in-flight ones get `options.drain_s` seconds to finish. SIGHUP reads `options.token_file` again (a file that
     does not parse is logged and the tokens in use stay). Must run on the main thread (signals arrive there).
-    `engine_kw` (default_k, max_k, max_pixels) go to `QueryEngine.open`; `max_workers` is ignored (kept for
+    `engine_kw` (default_k, max_k, max_pixels, gate) go to `QueryEngine.open`; `max_workers` is ignored (kept for
     callers of the thread-pool server).
     """
     options = dataclasses.replace(options or ServeOptions(), host=host, port=port)
@@ -293,8 +359,11 @@ def serve(index: str | os.PathLike, student: str | os.PathLike, *, host: str = "
         try:
             server.attach(engine)
             b = options.batching
-            log.info("serving %d items on %s:%d (index version %r)", engine.index.count, host, bound,
-                     engine.index_version, extra={"event": "serving", "count": engine.index.count, "port": bound,
+            log.info("serving %d items on %s:%d (index version %r), tiers %s", engine.index.count, host, bound,
+                     engine.index_version, ", ".join(
+                         f"{t.name}={t.student_id} ({t.gflops:.3g} GFLOPs, {t.measured_ms:.1f} ms"
+                         + (f", gate ratio {t.gate.ratio:.3f}" if t.gate else ", not gated") + ")"
+                         for t in engine.tiers), extra={"event": "serving", "count": engine.index.count, "port": bound,
                                                   "version": engine.index_version,
                                                   "embed_workers": b.embed_workers, "embed_batch": b.embed_batch,
                                                   "decode_workers": b.decode_workers,

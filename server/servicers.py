@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from asymsearch.protos.v1 import search_pb2, search_pb2_grpc
-from asymsearch.server.admin import Upload, confined_folder, confined_version
+from asymsearch.server.admin import Upload, confined_folder, confined_student, confined_version
 from asymsearch.server.batching import Pipeline
 from asymsearch.server.engine import InvalidQuery, SearchResult
 from asymsearch.server.errors import DeadlineExceeded, NotReady, StreamIdle, Unimplemented, rpc_errors, status_of
@@ -46,12 +46,13 @@ def query_result(tag: int, future: concurrent.futures.Future | None = None,
     return search_pb2.QueryResult(tag=tag, code=code.value[0], message=message)
 
 
-def parse_query(q: search_pb2.Query) -> tuple[str, object, int]:
+def parse_query(q: search_pb2.Query) -> tuple[str, object, int, str, str]:
+    """(kind, payload, k, tier, student_id) of one query of a batch or stream."""
     kind = q.WhichOneof("query")
     if kind == "image":
-        return "image", q.image, q.k
+        return "image", q.image, q.k, q.tier, ""
     if kind == "vector":
-        return "vector", q.vector.values, q.k
+        return "vector", q.vector.values, q.k, q.tier, q.student_id
     raise InvalidQuery("empty query: it carries neither an image nor a vector")
 
 
@@ -118,20 +119,21 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
             raise NotReady("the server is still loading its index")
         return pipeline
 
-    async def _one(self, submit: Callable[..., concurrent.futures.Future], payload: Any, k: int, context
-                   ) -> search_pb2.SearchReply:
+    async def _one(self, submit: Callable[..., concurrent.futures.Future], payload: Any, k: int, context,
+                   **query: Any) -> search_pb2.SearchReply:
         caller = Caller(context)
-        future = submit(payload, k, deadline=caller.deadline, alive=caller.alive)
+        future = submit(payload, k, deadline=caller.deadline, alive=caller.alive, **query)
         await wait_all([future], caller, context, "the query")
         return search_reply(future.result(), self._server.options.expose_paths)
 
     @rpc_errors
     async def SearchImage(self, request, context):
-        return await self._one(self._pipeline().submit_image, request.image, request.k, context)
+        return await self._one(self._pipeline().submit_image, request.image, request.k, context, tier=request.tier)
 
     @rpc_errors
     async def SearchVector(self, request, context):
-        return await self._one(self._pipeline().submit_vector, request.vector, request.k, context)
+        return await self._one(self._pipeline().submit_vector, request.vector, request.k, context,
+                               tier=request.tier, student_id=request.student_id)
 
     @rpc_errors
     async def BatchSearch(self, request, context):
@@ -142,7 +144,7 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
         if n > limit:
             raise InvalidQuery(f"{n} queries in one batch; the limit is {limit} (max_batch_queries in Info; the "
                                f"SDK's batch_search splits larger batches)")
-        parsed: list[tuple[str, object, int] | InvalidQuery] = []
+        parsed: list[tuple[str, object, int, str, str] | InvalidQuery] = []
         for q in request.queries:
             try:
                 parsed.append(parse_query(q))
@@ -186,9 +188,13 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
                     await window.acquire()
                     in_progress[0] += 1
                     try:
-                        kind, payload, k = parse_query(q)
-                        submit = pipeline.submit_image if kind == "image" else pipeline.submit_vector
-                        future = submit(payload, k, deadline=caller.deadline, alive=caller.alive)
+                        kind, payload, k, tier, student_id = parse_query(q)
+                        if kind == "image":
+                            future = pipeline.submit_image(payload, k, deadline=caller.deadline, alive=caller.alive,
+                                                           tier=tier)
+                        else:
+                            future = pipeline.submit_vector(payload, k, deadline=caller.deadline,
+                                                            alive=caller.alive, tier=tier, student_id=student_id)
                     except Exception as e:  # refused alone: its result says why, the stream goes on
                         results.put_nowait(query_result(q.tag, error=e))
                         continue
@@ -298,6 +304,19 @@ class AdminServicer(search_pb2_grpc.AdminServicer):
             raise
         reply.message = f"{upload.count} image(s) received ({upload.bytes / 2**20:.1f} MiB), kept as upload {upload.id}"
         return reply
+
+    @rpc_errors
+    async def LoadStudent(self, request, context):
+        """Load a student under --admin-root as a tier (paired, gated), then switch that tier to it."""
+        engine = self._engine()
+        if not request.tier or not request.path:
+            raise InvalidQuery("LoadStudent needs a tier name and the path of the student .onnx")
+        path = await asyncio.to_thread(confined_student, request.path, self._server.options.admin_roots)
+        replaced, tier = await asyncio.to_thread(self._server.load_student, request.tier, path)
+        return search_pb2.UpdateReply(
+            index_version=engine.index_version, count=engine.index.count, changed=True,
+            message=f"tier {tier.name!r} {'replaced' if replaced else 'added'}: student {tier.student_id}"
+                    + (f"; gate: {tier.gate.summary()}" if tier.gate else "; not gated (no probe set)"))
 
     @rpc_errors
     async def RemoveImages(self, request, context):
