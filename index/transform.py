@@ -305,6 +305,8 @@ def transform_index(source: str | os.PathLike, new_teacher: str | os.PathLike, v
             if (folder / name).is_file():
                 shutil.copyfile(folder / name, staged / name)
         vector_map.save(staged / "transform.npz")
+        if (staged / META_FILE).is_file():
+            _transform_probe(staged / META_FILE, vector_map, teacher.teacher_id)
         manifest.save(staged / MANIFEST_FILE)
 
     if plain_out is None:
@@ -332,6 +334,40 @@ def transform_index(source: str | os.PathLike, new_teacher: str | os.PathLike, v
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest, str(plain_out)
+
+
+def _transform_probe(meta: Path, vector_map: VectorMap, teacher_id: str) -> bool:
+    """Map the probe set's vectors (`index.probe`: the index's own vectors of its probe images) in the copied
+    metadata `meta`, so the quality gate of the new version scores students against the new space; its teacher
+    figures are recomputed on the mapped vectors. False when there is no probe set."""
+    import io
+    import json
+    import sqlite3
+
+    from asymsearch.index.probe import PROBE_NAME, PROBE_TABLE, teacher_figures
+
+    con = sqlite3.connect(meta)
+    try:
+        if not con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (PROBE_TABLE,)).fetchone():
+            return False
+        row = con.execute(f"SELECT data FROM {PROBE_TABLE} WHERE name=?", (PROBE_NAME,)).fetchone()
+        if row is None:
+            return False
+        with np.load(io.BytesIO(row[0]), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        info = json.loads(str(arrays["meta"]))
+        mapped = vector_map(arrays["teacher"])
+        r1, m_ap = teacher_figures(mapped, [str(x) for x in arrays["labels"]], info["mode"])
+        info.update(teacher_id=teacher_id, dim=int(mapped.shape[1]), teacher={"recall_at_1": r1, "map": m_ap},
+                    source=f"{info.get('source', '')}; vectors transformed from teacher {info.get('teacher_id')}")
+        arrays.update(meta=np.array(json.dumps(info, sort_keys=True)), teacher=mapped)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        with con:
+            con.execute(f"UPDATE {PROBE_TABLE} SET data=? WHERE name=?", (buf.getvalue(), PROBE_NAME))
+    finally:
+        con.close()
+    return True
 
 
 def transform_summary(manifest: IndexManifest, where: str) -> dict[str, Any]:
