@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -58,6 +59,9 @@ def register(commands: Commands) -> None:
                    help="server address; repeat it (or separate by commas) for replicas, which are used round "
                         "robin (default: localhost:50051)")
     p.add_argument("-k", type=int, default=5, help="results per query (default: %(default)s)")
+    p.add_argument("--tier", default="",
+                   help="the server's student tier that embeds the images (see its Info; default: its first); "
+                        "with --on-device, the tier whose space the vectors are in")
     p.add_argument("--on-device", type=existing_path("student ONNX model"), metavar="S.onnx",
                    help="embed locally with this student and send only the vector (its teacher must be the "
                         "served index's)")
@@ -114,7 +118,8 @@ def _run(args: argparse.Namespace) -> int:
                   leave=False) as bar:
             for start in range(0, len(queries), CHUNK):
                 chunk = queries[start:start + CHUNK]
-                for path, result in zip(chunk, _search_chunk(client, chunk, args.k, bool(args.on_device))):
+                for path, result in zip(chunk, _search_chunk(client, chunk, args.k, bool(args.on_device),
+                                                             args.tier)):
                     if isinstance(result, Exception):
                         failed += 1
                         bar.clear()
@@ -129,8 +134,9 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def _search_chunk(client: Any, chunk: list[Path | str], k: int, on_device: bool) -> list[Any]:
-    """One BatchSearch call for up to CHUNK images; an image that cannot be read or embedded fails alone."""
+def _search_chunk(client: Any, chunk: list[Path | str], k: int, on_device: bool, tier: str = "") -> list[Any]:
+    """One BatchSearch call for up to CHUNK images; an image that cannot be read or embedded fails alone. On device
+    the vectors carry the local student's id, so a server that never paired that student refuses them."""
     from asymsearch.clients.client import _read_file
     prepared: list[Any] = []
     for path in chunk:
@@ -143,7 +149,10 @@ def _search_chunk(client: Any, chunk: list[Path | str], k: int, on_device: bool)
         except UserError as e:
             prepared.append(e)
     sendable = [q for q in prepared if not isinstance(q, Exception)]
-    search = client.client.batch_search if on_device else client.batch_search
+    if on_device:
+        search = functools.partial(client.client.batch_search, tier=tier, student_id=client.embedder.student_id)
+    else:
+        search = functools.partial(client.batch_search, tier=tier)
     answers: list[Any] = []
     group: list[Any] = []
     size = 0

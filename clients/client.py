@@ -304,6 +304,13 @@ class SearchClient:
         """Ask the server to serve its index root's CURRENT version (or `path`): {index_version, count, changed}."""
         return _update(self._call(self._admin.Reload, search_pb2.ReloadRequest(path=str(path))))
 
+    def load_student(self, tier: str, path: str | os.PathLike) -> dict[str, Any]:
+        """Ask the server to load the student `path` (on its disk, under its --admin-root) as `tier`, after the
+        pairing check and the quality gate: {index_version, count, changed, message}. A refusal (a student of
+        another teacher, one below the gate) raises and the served tiers stay."""
+        reply = self._call(self._admin.LoadStudent, search_pb2.LoadStudentRequest(tier=tier, path=str(path)))
+        return {**_update(reply), "message": reply.message}
+
     def add_images(self, folder: str | os.PathLike, metadata_csv: str | os.PathLike | None = None
                    ) -> dict[str, Any]:
         """Add the images below `folder` (a folder on the server's disk; labels: parent folder names) to the
