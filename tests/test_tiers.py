@@ -319,3 +319,19 @@ def test_serve_cli_refuses_bad_tier_specs(capsys, index_dir, models):
         errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert len(errors) == 1 and needle in errors[0], errors
     assert "0.4875" in errors[0] or "teacher's" in errors[0]
+
+
+def test_a_reload_to_a_rebuilt_index_gates_the_tiers_again(tmp_path, image_folder, tiny_models, models):
+    root = tmp_path / "root"
+    build_index(tiny_models["teacher"], image_folder, root, versioned=True, progress=False)
+    with QueryEngine.open(root, [("server", models["server"])], gate=GatePolicy(0.95)) as engine:
+        assert engine.tier("server").gate.count == 80
+        build_index(tiny_models["teacher"], image_folder, root, classes="first-half", overwrite=True,
+                    progress=False)  # v000002: another probe set, of 40 images
+        assert engine.reload() == (True, "v000002")
+        assert engine.tier("server").gate.count == 40 and engine.index.count == 40
+        engine.gate = GatePolicy(10.0)  # a bar no student can pass: the next rebuilt index is refused
+        build_index(tiny_models["teacher"], image_folder, root, overwrite=True, progress=False)
+        with pytest.raises(GateRefused, match="'server'"):
+            engine.reload()
+        assert engine.index_version == "v000002" and engine.tier("server").gate.count == 40
