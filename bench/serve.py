@@ -11,6 +11,9 @@
    Each candidate is reported as q/s and as process CPU ms per query: the server's CPU from its /metrics
    (`process_cpu_seconds_total`, or /proc/<pid>) over the search requests its /metrics counted; the limit's from
    this process's CPU time. On a shared machine the CPU figure is the steadier one.
+   With `--compare-serve-args` (and/or `--compare-pythonpath`) a second server, "server B", runs beside the first
+   and takes its own place in every round (`B c=N`), so two configurations or two versions of the code are told
+   apart within one run on a busy machine; the targets are judged on the first server only.
 5. The sanity check (`check_ratio`): a server/limit throughput ratio above `MAX_RATIO` is refused, never reported —
    a server cannot beat the work it does with nothing around it, so such a ratio means the limit is wrong.
 6. Idle-stream resilience: with N SearchStream calls open and idle (held by another process), the latency of health
@@ -22,6 +25,7 @@ Writes JSON (with `provenance()`), a Markdown page beside it and a PNG.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -74,6 +78,8 @@ class ServeBenchConfig:
     large_images: int = 16  # 0: no large-image line
     large_side: int = 6300
     serve_args: tuple[str, ...] = ()  # passed to `asymsearch serve` as they are
+    compare_serve_args: tuple[str, ...] | None = None  # a second server ("server B") with these arguments
+    compare_pythonpath: str | None = None  # ... running the code found on this PYTHONPATH
     max_ratio: float = MAX_RATIO
 
 
@@ -160,6 +166,26 @@ def _server_round(pool, server, kind: str, concurrency: int, payloads: list, cfg
     return out
 
 
+B_PREFIX = "B c="  # the second server's candidates
+
+
+@contextlib.contextmanager
+def _second_server(art, cfg: ServeBenchConfig):
+    """Server B (`--compare-serve-args` / `--compare-pythonpath`), or None without one."""
+    from asymsearch.bench.server import ServerProcess
+    if cfg.compare_serve_args is None and cfg.compare_pythonpath is None:
+        yield None
+        return
+    env = None
+    if cfg.compare_pythonpath:
+        if not Path(cfg.compare_pythonpath, "asymsearch").is_dir():
+            raise UserError(f"--compare-pythonpath {cfg.compare_pythonpath} holds no asymsearch/ package folder")
+        env = {**os.environ, "PYTHONPATH": str(cfg.compare_pythonpath)}
+    with ServerProcess(art.index, art.student, serve_args=cfg.compare_serve_args or (), env=env,
+                       log_path=Path(cfg.workdir) / "server-b.log") as server_b:
+        yield server_b
+
+
 def query_vectors(student: Path, paths: Sequence[str]) -> list[list[float]]:
     """The student's embeddings of the query images: the payload of vector queries."""
     from asymsearch.core.ort import OnnxEmbedder
@@ -194,18 +220,25 @@ def run_bench(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -> dict
                         embed_batch=cfg.limit_embed_batch, k=cfg.k) as limit, \
             ClientPool(cfg.client_processes) as pool, \
             ServerProcess(art.index, art.student, serve_args=cfg.serve_args,
-                          log_path=Path(cfg.workdir) / "server.log") as server:
+                          log_path=Path(cfg.workdir) / "server.log") as server, \
+            _second_server(art, cfg) as server_b:
         report["index"] = {"count": limit.index.count, "dim": limit.index.dim, "factory": limit.index.manifest.factory}
         report["limit_settings"] = {"threads": limit.threads, "batch": limit.batch,
                                     "embed_batch": limit.embed_batch, "faiss_threads": 1,
                                     "onnxruntime_threads_per_call": 1}
         report["server"] = {"command": server.command, "start": server.snapshot()}
+        if server_b is not None:
+            report["server_b"] = {"command": server_b.command, "pythonpath": cfg.compare_pythonpath,
+                                  "start": server_b.snapshot()}
         for kind in cfg.kinds:
             candidates: dict[str, Callable[[], dict[str, Any]]] = {
                 LIMIT: lambda kind=kind: limit.run(kind, payloads[kind], cfg.seconds)}
             for c in cfg.concurrency:
                 candidates[f"server c={c}"] = (lambda kind=kind, c=c: _server_round(pool, server, kind, c,
                                                                                      payloads[kind], cfg))
+                if server_b is not None:
+                    candidates[f"{B_PREFIX}{c}"] = (lambda kind=kind, c=c: _server_round(
+                        pool, server_b, kind, c, payloads[kind], cfg))
             log(f"{kind} queries: {cfg.rounds} interleaved rounds of {', '.join(candidates)}, {cfg.seconds:g} s each")
             runs = run_interleaved(candidates, cfg.rounds, log=log)
             medians = {name: median_of(r) for name, r in runs.items()}
@@ -227,6 +260,9 @@ def run_bench(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -> dict
             report["large_images"] = {"side": cfg.large_side, **probe_large_images(
                 server, deep_png(cfg.large_side), normal, count=cfg.large_images)}
         report["server"]["end"] = server.snapshot()
+        if server_b is not None:
+            report["server_b"]["end"] = server_b.snapshot()
+            report["server_b"]["exit_code"] = server_b.stop()
         report["server"]["exit_code"] = server.stop()
     report["loadavg_end"] = os.getloadavg()
     report["targets"] = targets(report)
@@ -296,6 +332,9 @@ def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
              + f". Index: {report['index']['count']} items, dim {report['index']['dim']}, "
                f"`{report['index']['factory']}`; {report['artifacts']['query_images']} query images.  ",
              f"Server: `{' '.join(report['server']['command'][3:])}`.  ",
+             *([f"Server B (candidates `{B_PREFIX}N`): `{' '.join(report['server_b']['command'][3:])}`"
+                + (f", code from PYTHONPATH `{report['server_b']['pythonpath']}`" if report['server_b'].get('pythonpath')
+                   else "") + ".  "] if report.get("server_b") else []),
              f"Limit: the same decode + student + faiss steps in the benchmark's process, no gRPC, "
              f"{report['limit_settings']['threads']} worker threads, each searching "
              f"{report['limit_settings']['batch']} queries per faiss call and embedding "

@@ -58,7 +58,7 @@ class ServerProcess:
     """`asymsearch serve` on 127.0.0.1 (ports chosen here) with /metrics on; ready when health says SERVING."""
 
     def __init__(self, index: Path, student: Path, *, serve_args: Sequence[str] = (), log_path: Path,
-                 start_timeout: float = 300.0) -> None:
+                 start_timeout: float = 300.0, env: dict[str, str] | None = None) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.command = [sys.executable, "-m", "asymsearch.cli.main", "serve", "--index", str(index),
@@ -67,7 +67,7 @@ class ServerProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self._process = ProcessCollector(namespace="", pid=lambda: self.proc.pid, registry=None)
         self.channel = grpc.insecure_channel(self.address)
         self.health = health_pb2_grpc.HealthStub(self.channel)

@@ -74,6 +74,13 @@ def register(commands: Commands) -> None:
                    help="their side in pixels (default: %(default)s, under the default pixel cap)")
     p.add_argument("--serve-args", default="",
                    help="extra arguments for `asymsearch serve`, as one string (e.g. \"--embed-threads 2\")")
+    p.add_argument("--compare-serve-args", default=None, metavar="ARGS",
+                   help="also run a second server with these `asymsearch serve` arguments (one string; \"\" for the "
+                        "defaults), interleaved in the same rounds as the first and the limit, to tell two "
+                        "configurations apart on a busy machine; the targets are judged on the first server")
+    p.add_argument("--compare-pythonpath", default=None, metavar="DIR",
+                   help="run the second server's code from DIR (a PYTHONPATH holding another `asymsearch` tree, e.g. "
+                        "a checkout of another commit), to compare two versions of the server in one run")
     p.set_defaults(func=run)
 
 
@@ -92,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
                            limit_threads=args.limit_threads, limit_batch=args.limit_batch,
                            limit_embed_batch=args.limit_embed_batch,
                            idle_streams=args.idle_streams, large_images=args.large_images,
-                           large_side=args.large_side, serve_args=tuple(shlex.split(args.serve_args)))
+                           large_side=args.large_side, serve_args=tuple(shlex.split(args.serve_args)),
+                           compare_serve_args=None if args.compare_serve_args is None and args.compare_pythonpath is None
+                           else tuple(shlex.split(args.compare_serve_args or "")),
+                           compare_pythonpath=args.compare_pythonpath)
     report = run_bench(cfg, log=lambda m: print(m, flush=True))
     print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")
     for name, t in report["targets"].items():

@@ -3,6 +3,7 @@ scale (a real server process, real client processes, idle streams). Speed is nev
 the benchmark (docs/results/bench_serve.md), only that each part ran, was measured and was reported."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from asymsearch.bench.serve import (LIMIT, LimitBeaten, ServeBenchConfig, check_
                                     refusals, run_bench, run_interleaved)
 from asymsearch.bench.server import parse_metrics, sample_sum
 from asymsearch.cli.main import main
+from asymsearch.core.errors import UserError
 from asymsearch.index.build import build_index
 
 
@@ -135,3 +137,26 @@ def test_the_limit_does_the_servers_work_against_brute_force(tmp_path, image_fol
             assert np.array_equal(got[:, 0], expected[:, 0]) and np.mean(got == expected) > 0.9
             run = limit.run("image", queries, 0.2)
             assert run["queries"] % 6 == 0 and run["queries"] > 0 and run["cpu_ms_per_query"] > 0
+
+
+def test_a_second_server_is_interleaved_in_the_same_rounds(tmp_path, image_folder, tiny_models):
+    """`--compare-serve-args`: server B runs its own rounds beside A's and the limit's, with its own arguments, and
+    its figures come from its own /metrics (a round sent to A would leave B's request counter at zero)."""
+    index = tmp_path / "index"
+    build_index(tiny_models["teacher"], image_folder, index, classes="second-half", progress=False)
+    cfg = ServeBenchConfig(images=image_folder, workdir=tmp_path / "work", out_json=tmp_path / "r.json",
+                           student=tiny_models["student"], index=index, concurrency=(2,), kinds=("vector",), rounds=2,
+                           seconds=0.4, lead_s=0.3, client_processes=1, query_images=8, limit_batch=2,
+                           idle_streams=0, large_images=0, compare_serve_args=("--embed-workers", "1"))
+    report = run_bench(cfg, log=lambda m: None)
+    runs = report["kinds"]["vector"]["runs"]
+    assert set(runs) == {LIMIT, "server c=2", "B c=2"}
+    assert [r["round"] for r in runs["B c=2"]] == [0, 1]
+    assert all(r["server_requests"] > 0 and not r.get("errors") for r in runs["B c=2"])
+    assert "--embed-workers" in report["server_b"]["command"]
+    assert "--embed-workers" not in report["server"]["command"]
+    assert report["server_b"]["exit_code"] == 0
+    assert "B c=2" in report["kinds"]["vector"]["vs_limit"] and "Server B" in (tmp_path / "r.md").read_text()
+    bad = dataclasses.replace(cfg, compare_pythonpath=str(tmp_path))
+    with pytest.raises(UserError, match="holds no asymsearch/ package folder"):
+        run_bench(bad, log=lambda m: None)
