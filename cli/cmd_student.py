@@ -34,6 +34,7 @@ def run_check(args: argparse.Namespace) -> int:
     from asymsearch.core.errors import UserError
     from asymsearch.core.manifest import check_pairing
     from asymsearch.core.ort import OnnxEmbedder
+    from asymsearch.core.provenance import provenance
     from asymsearch.index.probe import DEFAULT_MIN_RATIO, GateRefused, check_student, require_probe
     from asymsearch.index.store import SearchIndex
 
@@ -44,12 +45,13 @@ def run_check(args: argparse.Namespace) -> int:
     with SearchIndex.open(args.index) as index:
         check_pairing(student, index.manifest, query_name=str(args.student), database_name=f"the index {args.index}")
         probe = require_probe(index)
-        result = check_student(student, probe)
+        result = check_student(student, probe, progress=sys.stderr.isatty())
     passed = result.ratio >= min_ratio
     if args.json:
         print(json.dumps({"index": str(args.index), "student": str(args.student),
                           "student_id": student.manifest.model_id, "teacher_id": probe.teacher_id,
-                          "min_ratio": min_ratio, "passed": passed, **result.to_dict()}, sort_keys=True))
+                          "min_ratio": min_ratio, "passed": passed, **result.to_dict(),
+                          "provenance": provenance()}, sort_keys=True))
     else:
         print(f"probe set: {result.count} images of {args.index} ({result.mode})")
         print(f"{'':10s} {'Recall@1':>9s} {'mAP':>7s}")

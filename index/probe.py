@@ -318,26 +318,33 @@ def score(student_vectors: np.ndarray, probe: ProbeSet) -> GateResult:
     return GateResult(r1, ap, tr1, tap, count, probe.mode)
 
 
-def embed_probe(embedder: Any, probe: ProbeSet, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def embed_probe(embedder: Any, probe: ProbeSet, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+                progress: bool = False) -> np.ndarray:
     """The student embeddings of the probe images, each decoded and prepared as the server prepares a query for
-    this student (`min_side` at its resize, then its preprocessing)."""
+    this student (`min_side` at its resize, then its preprocessing); `progress`: a bar with its ETA on stderr."""
+    from tqdm import tqdm
+
     spec = embedder.manifest.preprocessing
     out = []
-    for start in range(0, len(probe), EMBED_BATCH):
-        batch = [preprocess(decode_image(data, max_pixels, min_side=spec.resize), spec)
-                 for data in probe.images[start:start + EMBED_BATCH]]
-        out.append(embedder.embed_arrays(np.stack(batch)))
+    with tqdm(total=len(probe), unit="img", desc="embedding the probe set", disable=not progress,
+              leave=False) as bar:
+        for start in range(0, len(probe), EMBED_BATCH):
+            batch = [preprocess(decode_image(data, max_pixels, min_side=spec.resize), spec)
+                     for data in probe.images[start:start + EMBED_BATCH]]
+            out.append(embedder.embed_arrays(np.stack(batch)))
+            bar.update(len(batch))
     return np.concatenate(out)
 
 
-def check_student(embedder: Any, probe: ProbeSet, max_pixels: int = DEFAULT_MAX_PIXELS) -> GateResult:
+def check_student(embedder: Any, probe: ProbeSet, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+                  progress: bool = False) -> GateResult:
     """Pairing first (`PairingError` naming both teacher ids), then the gate figures of `embedder` on `probe`."""
     m = embedder.manifest
     if m.teacher_id != probe.teacher_id or m.dim != probe.dim:
         raise PairingError(f"{getattr(embedder, 'path', 'the student')} belongs to teacher {m.teacher_id} ({m.dim} "
                            f"dimensions), but the index's probe set to teacher {probe.teacher_id} ({probe.dim}): "
                            f"their embeddings are not comparable")
-    return score(embed_probe(embedder, probe, max_pixels), probe)
+    return score(embed_probe(embedder, probe, max_pixels, progress=progress), probe)
 
 
 __all__ = ["DEFAULT_MIN_RATIO", "GateRefused", "GateResult", "NoProbeSet", "PROBE_TABLE", "PROBE_SIZE", "ProbeSet",
