@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from asymsearch.core.errors import InvalidImage, PairingError, UserError
+from asymsearch.core.manifest import space_of
 from asymsearch.core.metrics import ranking_metrics
 from asymsearch.core.preprocess import DEFAULT_MAX_PIXELS, decode_image, preprocess
 from asymsearch.index.store import META_FILE
@@ -338,9 +339,11 @@ def embed_probe(embedder: Any, probe: ProbeSet, max_pixels: int = DEFAULT_MAX_PI
 
 def check_student(embedder: Any, probe: ProbeSet, max_pixels: int = DEFAULT_MAX_PIXELS, *,
                   progress: bool = False) -> GateResult:
-    """Pairing first (`PairingError` naming both teacher ids), then the gate figures of `embedder` on `probe`."""
+    """Pairing first (`PairingError` naming both teacher ids; a student whose teacher was trained compatible with
+    the probe's teacher pairs, `core.manifest.check_pairing`), then the gate figures of `embedder` on `probe`."""
     m = embedder.manifest
-    if m.teacher_id != probe.teacher_id or m.dim != probe.dim:
+    compatible = probe.teacher_id in space_of(m).compatible_with  # trained compatible with the probe's teacher
+    if (m.teacher_id != probe.teacher_id and not compatible) or m.dim != probe.dim:
         raise PairingError(f"{getattr(embedder, 'path', 'the student')} belongs to teacher {m.teacher_id} ({m.dim} "
                            f"dimensions), but the index's probe set to teacher {probe.teacher_id} ({probe.dim}): "
                            f"their embeddings are not comparable")

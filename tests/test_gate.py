@@ -198,3 +198,20 @@ def test_large_images_are_kept_as_smaller_copies(tmp_path, tiny_models):
         probe = require_probe(index)
     assert len(probe) == 4
     assert all(min(Image.open(io.BytesIO(b)).size) == STORED_SIDE for b in probe.images)
+
+
+def test_a_student_of_a_compatible_teacher_is_gated_not_refused(tmp_path, index_dir):
+    """A student whose teacher was trained compatible with the index's teacher pairs (core.manifest) and the gate
+    measures it; one of an unrelated teacher is refused before any figure."""
+    w = np.random.default_rng(0).normal(size=(48, 16))  # the conftest teacher's weights
+    path = make_linear_onnx(tmp_path / "compat.onnx", role="student", teacher_id="teacher-c", weight=w,
+                            model_id="compat-student")
+    with SearchIndex.open(index_dir) as index:
+        probe = require_probe(index)
+    with pytest.raises(Exception, match="teacher-c"):
+        check_student(OnnxEmbedder(path), probe)
+    manifest = json.loads(manifest_path_for(path).read_text())
+    manifest["extra"] = {"compatible_with": ["teacher-a"]}
+    manifest_path_for(path).write_text(json.dumps(manifest))
+    result = check_student(OnnxEmbedder(path), probe)
+    assert result.ratio == pytest.approx(1.0)  # the teacher's own weights: the teacher's figures
