@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from asymsearch.cli.options import CONFIG_HELP, Commands, bind_config, existing_path
@@ -30,6 +31,18 @@ def register(commands: Commands) -> None:
                    help="with --auto: mean single-query latency target in ms (default: %(default)s)")
     p.add_argument("--target-recall", type=float, default=0.95,
                    help="with --auto: recall@10 target against exact search (default: %(default)s)")
+    p.add_argument("--auto-queries", type=existing_path("query image folder"), metavar="IMAGE_DIR",
+                   help="with --auto: held-out query images (searched recursively, none of them in --images), "
+                        "embedded by --student: the candidates' recall is measured on what the server will really "
+                        "search with. Without these or --auto-query-vectors, --auto tunes on database vectors, "
+                        "which the student's queries do not resemble, and says so")
+    p.add_argument("--student", type=existing_path("student ONNX model"),
+                   help="with --auto-queries: the student .onnx (of this teacher) that embeds them")
+    p.add_argument("--auto-query-vectors", type=existing_path("query vectors"), metavar="FILE.npy",
+                   help="with --auto: the student's query vectors instead, a (count, dim) float array in .npy")
+    p.add_argument("--search-threads", type=int,
+                   help="with --auto: faiss threads the candidates are timed with; keep it equal to "
+                        "`serve --search-threads` (default: %(default)s)")
     p.add_argument("--classes", default="all", help=CONFIG_HELP["classes"] + " (default: %(default)s)")
     p.add_argument("--metadata", type=existing_path("metadata CSV"),
                    help="CSV with a 'path' column (relative to --images or absolute) and any columns to store")
@@ -124,8 +137,14 @@ def run_build(args: argparse.Namespace) -> int:
           f"{scales_note(m.build['scales'], m.build.get('flip', False))}")
     if "auto" in m.build:
         a = m.build["auto"]
-        print(f"auto: recall@10 {a['recall@10']} vs exact search, {a['ms_per_query']} ms/query, "
-              f"targets {'met' if a['targets_met'] else 'NOT met'}")
+        student = a.get("recall@10_student_queries")
+        print(f"auto: recall@10 {student if student is not None else a['recall@10']} on "
+              f"{'student queries' if student is not None else 'database vectors'} vs exact search "
+              f"(database vectors: {a.get('recall@10_database_queries', a['recall@10'])}), {a['ms_per_query']} "
+              f"ms/query with {a.get('search_threads', '?')} faiss thread(s), targets "
+              f"{'met' if a['targets_met'] else 'NOT met'}")
+        if a.get("warning"):
+            print(f"warning: {a['warning']}", file=sys.stderr)
     if m.build["skipped"]:
         print(f"{len(m.build['skipped'])} unreadable files skipped; see skipped.tsv in the index folder")
     return 0

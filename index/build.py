@@ -92,6 +92,7 @@ class BuildPlan:
     columns: dict  # path -> metadata row
     budget: Any  # an `asymsearch.index.auto.Budget` with --auto, else None
     work: dict  # the shard store's plan: a resumed build must match it
+    auto_queries: Any = None  # --auto: the student queries to tune on (`index.auto.QueryPlan`), or None
 
 
 @dataclasses.dataclass
@@ -266,6 +267,8 @@ def plan_build(config: IndexBuildConfig, *, check_out: bool = True) -> BuildPlan
         from asymsearch.index.auto import Budget, parse_size
         budget = Budget(max_memory=parse_size(config.max_memory), target_ms=config.target_ms,
                         target_recall=config.target_recall)
+    elif config.auto_queries or config.student or config.auto_query_vectors:
+        raise UserError("--auto-queries, --student and --auto-query-vectors only apply with --auto")
     versioned = config.versioned or versions.is_versioned_root(out)
     if check_out:
         _check_out(out, config.overwrite, versioned)
@@ -273,6 +276,10 @@ def plan_build(config: IndexBuildConfig, *, check_out: bool = True) -> BuildPlan
     teacher_model = OnnxEmbedder(teacher)
     require_teacher(teacher_model, str(teacher))
     embedder = with_scales(teacher_model, scales, config.flip)
+    auto_queries = None
+    if budget is not None:
+        from asymsearch.index.auto import plan_queries
+        auto_queries = plan_queries(config, teacher_model)  # checked before any database image is decoded
     if budget is None:  # a bad factory or search parameter fails before any image is decoded
         apply_search_params(new_index(embedder.dim, factory), search_params, f" (factory {factory!r})")
     if config.on_disk:
@@ -284,7 +291,8 @@ def plan_build(config: IndexBuildConfig, *, check_out: bool = True) -> BuildPlan
             "listing_sha256": listing_digest(items), "shard_size": config.shard_size,
             "batch_size": config.batch_size, **({"scales": list(scales)} if config.multiscale else {}),
             **({"flip": True} if config.flip else {})}
-    return BuildPlan(config, teacher, images, out, versioned, tuple(scales), embedder, items, columns, budget, work)
+    return BuildPlan(config, teacher, images, out, versioned, tuple(scales), embedder, items, columns, budget, work,
+                     auto_queries)
 
 
 def embed_database(plan: BuildPlan, store: ShardStore, *, progress: bool = True) -> None:
@@ -310,7 +318,10 @@ def construct_index(plan: BuildPlan, store: ShardStore, *, progress: bool = True
     dim = plan.embedder.dim
     if plan.budget is not None:
         from asymsearch.index.auto import choose_index
-        choice = choose_index(store.all_vectors(), plan.budget, progress=progress)
+        queries = plan.auto_queries.load(batch_size=config.batch_size, workers=config.workers,
+                                         progress=progress) if plan.auto_queries else None
+        choice = choose_index(store.all_vectors(), plan.budget, queries=queries, threads=config.search_threads,
+                              progress=progress)
         factory, search_params, auto_report, index = choice.factory, choice.search_params, choice.report, choice.index
     elif config.on_disk:
         index = ondisk.build_on_disk(_id_blocks(store), _gather(store, sample_rows(_kept_count(store))),

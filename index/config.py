@@ -9,6 +9,9 @@ import dataclasses
 from typing import Any, Dict, Optional
 
 DEFAULT_SHARD_SIZE = 4096  # images per embedding shard: the most work an interruption can lose
+# faiss threads per search in the server: `serve --search-threads` and `server.batching.BatchingConfig` default to
+# this (idle OpenMP workers spin, see server.batching); `index build --auto` times its candidates with it
+SERVING_SEARCH_THREADS = 1
 
 
 @dataclasses.dataclass
@@ -22,6 +25,10 @@ class IndexBuildConfig:
     max_memory: str = "4G"  # --auto: memory the index may take
     target_ms: float = 5.0  # --auto: mean single-query latency target, ms
     target_recall: float = 0.95  # --auto: recall@10 target against exact search
+    auto_queries: Optional[str] = None  # --auto: held-out query images, embedded by `student`, to tune on
+    student: Optional[str] = None  # --auto: the student .onnx that embeds auto_queries (of this teacher)
+    auto_query_vectors: Optional[str] = None  # --auto: or the student's query vectors, a (count, dim) .npy
+    search_threads: int = SERVING_SEARCH_THREADS  # --auto: faiss threads the searches are timed with
     classes: str = "all"  # core.data.select_classes
     metadata: Optional[str] = None  # CSV with a 'path' column
     batch_size: int = 64  # images per inference batch

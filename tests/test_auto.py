@@ -1,0 +1,152 @@
+"""`index build --auto` tuned on student queries: recorded recalls against brute force, a shifted query distribution
+that database-as-query tuning gets wrong, the serving thread count, and bad query inputs (one line, exit 2)."""
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from asymsearch.cli.main import build_parser, main
+from asymsearch.core.data import list_image_folder, list_images_flat
+from asymsearch.core.ort import OnnxEmbedder
+from asymsearch.core.preprocess import decode_image
+from asymsearch.core.synthetic import make_synthetic_dataset
+from asymsearch.index import auto
+from asymsearch.index.auto import Budget, Queries, choose_index
+from asymsearch.index.build import build_index
+from asymsearch.index.config import SERVING_SEARCH_THREADS
+from asymsearch.index.store import SearchIndex
+
+
+def embed_one_by_one(model, items) -> np.ndarray:
+    embedder = OnnxEmbedder(model)
+    return np.concatenate([embedder.embed_images([decode_image(item.path)]) for item in items])
+
+
+def brute_force(database: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    """Exact top-k by an explicit sort of every inner product (no faiss)."""
+    return np.argsort(-(queries @ database.T), axis=1, kind="stable")[:, :k]
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a[a >= 0]) & set(b)) / truth.shape[1] for a, b in zip(found, truth)]))
+
+
+@pytest.fixture(scope="module")
+def query_folder(tmp_path_factory):
+    """Held-out query images: other classes and pictures than the database's."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("queries"), num_classes=3, per_class=8, size=48, seed=7)
+
+
+def test_recorded_student_recall_is_the_saved_index_recall_against_brute_force(tmp_path, tiny_models, image_folder,
+                                                                              query_folder):
+    out = tmp_path / "index"
+    # memory for IVF2,SQ8 only (80 x 16 floats); a low recall target so the cheap nprobe=1 wins, below 1.0
+    m = build_index(tiny_models["teacher"], image_folder, out, progress=False, auto=Budget(6500, 1000.0, 0.5),
+                    auto_queries=query_folder, student=tiny_models["student"])
+    a = m.build["auto"]
+    assert a["tuned_on"] == "student queries" and "warning" not in a
+    assert a["student_queries"]["count"] == 24 and a["student_queries"]["sample"] == "all, in order"
+    assert m.factory == a["chosen"] and m.search_params == a["search_params"]
+    database = embed_one_by_one(tiny_models["teacher"], list_image_folder(image_folder))
+    queries = embed_one_by_one(tiny_models["student"], list_images_flat(query_folder))
+    with SearchIndex.open(out) as index:
+        _, ids = index.search(queries, 10)
+    recomputed = recall(ids, brute_force(database, queries))
+    assert abs(recomputed - a["recall@10_student_queries"]) < 1e-3
+    assert a["recall@10"] == a["recall@10_student_queries"] < 1.0  # the student's recall decided
+    assert 0.0 < a["recall@10_database_queries"] <= 1.0
+
+
+def clustered_with_shifted_queries(n=4000, dim=32, clusters=100, seed=0):
+    """Tight clusters as the database; queries halfway between two cluster centres (another distribution: the
+    database's own vectors sit inside one cluster, these queries' neighbours straddle two)."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(clusters, dim)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    x = c[rng.integers(0, clusters, n)] + 0.08 * rng.normal(size=(n, dim)).astype(np.float32)
+    a, b = rng.integers(0, clusters, (2, 200))
+    q = c[a] + c[b] + 0.05 * rng.normal(size=(200, dim)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), \
+        (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_tuning_on_shifted_queries_meets_the_target_where_database_tuning_does_not():
+    database, shifted = clustered_with_shifted_queries()
+    budget = Budget(max_memory=400_000, target_ms=1000.0, target_recall=0.9)  # IVF102,SQ8 is the only fit
+    on_database = choose_index(database, budget, progress=False)
+    on_queries = choose_index(database, budget, queries=Queries(shifted, "shifted"), progress=False)
+    assert on_database.report["tuned_on"] == "database vectors" and "warning" in on_database.report
+    truth = brute_force(database, shifted)
+    by_database = recall(on_database.index.search(shifted, 10)[1], truth)
+    by_queries = recall(on_queries.index.search(shifted, 10)[1], truth)
+    assert on_database.report["targets_met"] and by_database < 0.9  # "met" on database vectors, missed on queries
+    assert by_queries >= 0.9 and on_queries.report["targets_met"]
+    assert abs(by_queries - on_queries.report["recall@10_student_queries"]) < 1e-3
+    assert on_queries.search_params["nprobe"] > on_database.search_params["nprobe"]
+
+
+def option_default(command: str, dest: str):
+    """The default `asymsearch COMMAND --help` shows for `dest` (read from the parser, not parsed)."""
+    import argparse
+    import re
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    action = next(a for a in sub._actions if a.dest == dest)
+    return int(re.search(r"default: (\d+)", action.help).group(1)) if action.default is argparse.SUPPRESS \
+        else action.default
+
+
+def test_candidates_are_timed_with_the_serving_thread_count(monkeypatch):
+    from asymsearch.server.batching import BatchingConfig
+    assert SERVING_SEARCH_THREADS == BatchingConfig().search_threads == option_default("serve", "search_threads")
+    seen = []
+    real = auto.single_query_ms
+    monkeypatch.setattr(auto, "single_query_ms", lambda *a: seen.append(faiss.omp_get_max_threads()) or real(*a))
+    database, shifted = clustered_with_shifted_queries(n=1000)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(3)  # not the serving count: the tuning must set its own
+    try:
+        c = choose_index(database, Budget(10**9, 1000.0, 0.9), queries=Queries(shifted, "q"), progress=False)
+        assert faiss.omp_get_max_threads() == 3  # restored
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert seen and set(seen) == {SERVING_SEARCH_THREADS} and c.report["search_threads"] == SERVING_SEARCH_THREADS
+
+
+def build_args(tiny_models, image_folder, out, *extra):
+    return ["index", "build", "--teacher", str(tiny_models["teacher"]), "--images", str(image_folder),
+            "--out", str(out), "--auto", "--max-memory", "6500", "--target-ms", "1000", *extra]
+
+
+def test_bad_query_inputs_are_one_line_and_exit_2_then_a_good_build_works(tmp_path, tiny_models, image_folder,
+                                                                         query_folder, capsys):
+    wrong_dim = tmp_path / "q8.npy"
+    np.save(wrong_dim, np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [(["--auto-query-vectors", str(wrong_dim)], "dimension 8, the database 16"),
+             (["--auto-queries", str(empty), "--student", str(tiny_models["student"])], "no images found"),
+             (["--auto-queries", str(query_folder), "--student", str(tiny_models["foreign_student"])], "teacher-b"),
+             (["--auto-queries", str(query_folder)], "needs --student")]
+    for extra, message in cases:
+        assert main(build_args(tiny_models, image_folder, tmp_path / "idx", *extra)) == 2, extra
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and message in err[0], (extra, err)
+        assert not (tmp_path / "idx").exists()
+    args = build_args(tiny_models, image_folder, tmp_path / "idx", "--auto-queries", str(query_folder))
+    args.remove("--auto")
+    assert main(args) == 2 and "only apply with --auto" in capsys.readouterr().err
+    # a good request after the bad ones: student query vectors as a file
+    good = tmp_path / "q.npy"
+    np.save(good, embed_one_by_one(tiny_models["student"], list_images_flat(query_folder)))
+    assert main(build_args(tiny_models, image_folder, tmp_path / "idx", "--auto-query-vectors", str(good))) == 0
+    out = capsys.readouterr()
+    assert "on student queries" in out.out and "warning" not in out.err
+    a = json.loads((tmp_path / "idx" / "manifest.json").read_text())["build"]["auto"]
+    assert a["tuned_on"] == "student queries" and a["student_queries"]["source"] == f"vectors {good}"
+    # without student queries: tuned on database vectors, and the command says so
+    assert main(build_args(tiny_models, image_folder, tmp_path / "idx2")) == 0
+    out = capsys.readouterr()
+    assert "on database vectors" in out.out and "warning: tuned with database vectors" in out.err
