@@ -127,6 +127,9 @@ def build_index(config: IndexBuildConfig | str | os.PathLike, images: str | os.P
         config = config_from_fields(config, images, out, **fields)
     elif images is not None or out is not None or fields:
         raise TypeError("build_index(config) takes no other fields; change the config instead")
+    if str(config.out).startswith(("milvus://", "milvus-lite://")):  # a new collection behind a Milvus alias
+        from asymsearch.index.milvus import build_into_milvus  # the `milvus` extra; never imported otherwise
+        return build_into_milvus(config, progress=progress)
     out = Path(config.out).resolve()
     with versions.writer_lock(out) as lock:  # from the first step: one writer of `out` and of its work folder
         versions.crash_point("build:locked")

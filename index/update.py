@@ -73,7 +73,14 @@ def add_images(root: str | os.PathLike, teacher: str | os.PathLike, images: str 
                shard_size: int = 4096, workers: int | None = None, progress: bool = True) -> UpdateResult:
     """Embed the images below `images` (label: the parent folder's name) with `teacher`, at the scales (and flip)
     the index was embedded at, and publish a version of `root` that also holds them. Returns the new manifest and
-    version name (`UpdateResult`; `changed` is False when the live version already holds exactly this add)."""
+    version name (`UpdateResult`; `changed` is False when the live version already holds exactly this add).
+    A Milvus location (`milvus://...`, `milvus-lite://...`) gets the rows inserted into its live collection."""
+    if str(root).startswith(("milvus://", "milvus-lite://")):
+        from asymsearch.index import milvus
+        manifest, collection, changed = milvus.add_images(str(root), teacher, images, metadata=metadata,
+                                                          batch_size=batch_size, shard_size=shard_size,
+                                                          workers=workers, progress=progress)
+        return UpdateResult(manifest, collection, changed)
     root, images = Path(root).resolve(), Path(images).resolve()
     teacher_model = OnnxEmbedder(teacher)
     with versions.writer_lock(_existing_index(root)) as lock:
@@ -176,7 +183,12 @@ def _published_add(manifest: IndexManifest, images: Path, items, present: list[s
 
 def remove_ids(root: str | os.PathLike, ids: Sequence[int], *, keep: int | None = None) -> UpdateResult:
     """Publish a version of `root` without `ids`. Every id must be in the index, else nothing changes (unless the
-    live version is the one that removed exactly these ids: then nothing to do, `changed` False)."""
+    live version is the one that removed exactly these ids: then nothing to do, `changed` False). A Milvus
+    location has them deleted from its live collection."""
+    if str(root).startswith(("milvus://", "milvus-lite://")):
+        from asymsearch.index import milvus
+        manifest, collection, changed = milvus.remove_rows(str(root), ids)
+        return UpdateResult(manifest, collection, changed)
     root = Path(root).resolve()
     wanted = sorted({int(i) for i in ids})
     if not wanted:
@@ -217,7 +229,11 @@ def rollback(root: str | os.PathLike, version: str) -> tuple[UpdateResult, str]:
     """Point CURRENT of `root` at the existing version `version` ("v000002" or "2") in one atomic switch, after
     checking that its folder is a complete, consistent index. Versions newer than it stay (clean_stale and prune
     never delete them), and a later change still gets a name never used before. Returns the result and the name
-    CURRENT held before."""
+    CURRENT held before. A Milvus location gets its alias pointed at that version's collection."""
+    if str(root).startswith(("milvus://", "milvus-lite://")):
+        from asymsearch.index import milvus
+        manifest, collection, before = milvus.rollback(str(root), version)
+        return UpdateResult(manifest, collection, collection != before), before or ""
     root = Path(root).resolve()
     if not versions.is_versioned_root(root):
         raise UserError(f"{root} is not a versioned index root (no {versions.CURRENT_FILE}); nothing to roll back")

@@ -49,8 +49,10 @@ from asymsearch.core.multiscale import SINGLE_SCALE, index_flip, index_scales
 from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.core.preprocess import DEFAULT_MAX_PIXELS, decode_image, decoded_nbytes, preprocess
 from asymsearch.index.probe import find_probe
+from asymsearch.index.backend import StoreUnavailable, current_id, is_milvus, open_index
 from asymsearch.index.store import SearchIndex
 from asymsearch.index.versions import resolve_index_folder
+from asymsearch.server.admission import Closed
 from asymsearch.server.tiers import DEFAULT_TIER, GatePolicy, Tier, gate_tier, load_tier, tier_of
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,10 @@ log = logging.getLogger(__name__)
 
 class InvalidQuery(UserError):
     """A query the engine refuses: an empty or undecodable image, a malformed vector, or a k out of range."""
+
+
+class IndexUnavailable(Closed):
+    """The store behind the served index (a Milvus address) does not answer: UNAVAILABLE, naming the address."""
 
 
 class UnknownTier(InvalidQuery):
@@ -159,7 +165,7 @@ class QueryEngine:
         self.default_k = default_k
         self.max_k = max_k
         self.max_pixels = max_pixels
-        self.source = Path(source) if source is not None else Path(index.folder)
+        self.source = _as_source(source if source is not None else index.folder)
         self._served = ServedIndex(index, version)
         self._swap_lock = threading.Lock()  # one reload at a time
         self._ref_lock = threading.Lock()  # guards the switch of `_served` against `using_index`
@@ -178,7 +184,7 @@ class QueryEngine:
         specs = ([(DEFAULT_TIER, student_onnx)] if isinstance(student_onnx, (str, os.PathLike))
                  else list(student_onnx))
         tiers = [tier_of(OnnxEmbedder(path, intra_op_threads=intra_op_threads), name) for name, path in specs]
-        index = SearchIndex.open(index_dir)  # resolves CURRENT, retrying when a version is pruned meanwhile
+        index = open_index(index_dir)  # resolves CURRENT (or a Milvus alias), retrying as SearchIndex/MilvusIndex do
         try:
             return cls(index, tiers, version=index.version, source=index_dir, **kw)
         except BaseException:
@@ -263,17 +269,23 @@ class QueryEngine:
         for the batches still on the old version; it is closed when they finish either way.
         """
         with self._swap_lock:
-            source = Path(path) if path is not None else self.source
-            folder, version = resolve_index_folder(source)
+            source = _as_source(path) if path is not None else self.source
             current = self._served
-            if folder.resolve() == Path(current.index.folder).resolve() and (version or "") == current.version:
-                return False, current.version
+            if is_milvus(source):  # the collection behind the alias, told apart by manifest id (in-place adds)
+                if current_id(source) == current.index.manifest_id:
+                    return False, current.version
+            else:
+                folder, version = resolve_index_folder(source)
+                if folder.resolve() == Path(current.index.folder).resolve() and (version or "") == current.version:
+                    return False, current.version
             start = time.perf_counter()
-            new_index = SearchIndex.open(source)  # CURRENT again, retried if that version was pruned meanwhile
+            new_index = open_index(source)  # CURRENT again, retried if that version was pruned meanwhile
             folder, version = new_index.folder, new_index.version
             if keep_source and version is None:
                 version = Path(folder).name  # a version folder of the source root, served by its name
-            if Path(folder).resolve() == Path(current.index.folder).resolve() and (version or "") == current.version:
+            if (new_index.manifest_id == current.index.manifest_id if is_milvus(source) else
+                    Path(folder).resolve() == Path(current.index.folder).resolve()
+                    and (version or "") == current.version):
                 new_index.close()  # CURRENT moved back between the two reads
                 return False, current.version
             try:
@@ -407,11 +419,14 @@ class QueryEngine:
             index = served.index
             if index.count == 0:
                 return [[] for _ in ks], served.version
-            scores, ids = index.search(vectors, max(ks))
-            wanted = [(row, ids[row, :k][ids[row, :k] >= 0], scores[row, :k][ids[row, :k] >= 0])
-                      for row, k in enumerate(ks)]  # approximate indexes pad with -1 when they find fewer than k
-            unique = sorted({int(i) for _, row_ids, _ in wanted for i in row_ids})
-            records = _lookup(index, unique)
+            try:
+                scores, ids = index.search(vectors, max(ks))
+                wanted = [(row, ids[row, :k][ids[row, :k] >= 0], scores[row, :k][ids[row, :k] >= 0])
+                          for row, k in enumerate(ks)]  # approximate indexes pad with -1 when they find fewer than k
+                unique = sorted({int(i) for _, row_ids, _ in wanted for i in row_ids})
+                records = _lookup(index, unique)
+            except StoreUnavailable as e:
+                raise IndexUnavailable(str(e)) from None
         out = []
         for _, row_ids, row_scores in wanted:
             hits = []
@@ -456,6 +471,11 @@ def _probe_digest(probe: Any) -> str:
         return ""
     import hashlib
     return hashlib.sha256(np.ascontiguousarray(probe.teacher).tobytes()).hexdigest()
+
+
+def _as_source(location: Any) -> Any:
+    """A Milvus location stays text (a Path would fold its '//'); anything else is a path."""
+    return location if is_milvus(location) else Path(location)
 
 
 def _log_scales(index: SearchIndex) -> None:

@@ -37,8 +37,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Gauge, Histogram
 
 from asymsearch.core.errors import UserError
-from asymsearch.index.store import manifest_id
-from asymsearch.index.versions import resolve_index_folder
+from asymsearch.index.backend import StoreUnavailable, current_id
 from asymsearch.protos.v1 import search_pb2_grpc
 from asymsearch.server.batching import Pipeline
 from asymsearch.server.engine import QueryEngine
@@ -257,12 +256,24 @@ class SearchServer:
         Versions are told apart by manifest id (the digest of their manifest), not by folder name: a version
         that failed to load is retried as soon as CURRENT names different content, even under a reused name."""
         refused: str | None = None  # the manifest id of a version that failed to load
+        unavailable = 0.0  # > 0 while the store does not answer: the current back-off, in seconds
         while not self._stopping.wait(self.options.poll_s):
             try:
-                current = manifest_id(resolve_index_folder(self.engine.source)[0])
+                current = current_id(self.engine.source)  # CURRENT's manifest id, or the Milvus alias's
+            except StoreUnavailable as e:  # Milvus does not answer: NOT_SERVING until it does (polled with back-off)
+                if not unavailable:
+                    self._call(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+                log.error("index store unavailable, health NOT_SERVING: %s", e, extra={"event": "store_unavailable"})
+                unavailable = min(max(2 * unavailable, self.options.poll_s), 30.0)
+                self._stopping.wait(unavailable)
+                continue
             except Exception as e:
                 log.warning("cannot resolve %s: %s", self.engine.source, e, extra={"event": "follow_failed"})
                 continue
+            if unavailable:
+                unavailable = 0.0
+                self._call(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+                log.info("index store answers again, health SERVING", extra={"event": "store_available"})
             if current == self.engine.index.manifest_id or current == refused:
                 continue
             try:

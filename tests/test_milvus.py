@@ -1,0 +1,298 @@
+"""Milvus as the index store, on Milvus Lite started by the tests (in this process, no Docker): build, add, remove,
+search against faiss Flat and brute force, filters, alias swap under load with the server in-process on port 0,
+rollback, teacher-id refusal, an unreachable address.
+
+One Milvus Lite file per module (opening one costs about 0.3 s; each test uses its own alias in it).
+"""
+from __future__ import annotations
+
+import shutil
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from conftest import make_linear_onnx, wait_until
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+pytest.importorskip("pymilvus", reason="the `milvus` extra: pip install 'asymsearch[milvus]'")
+pytest.importorskip("milvus_lite", reason="the `milvus` extra: pip install 'asymsearch[milvus]'")
+
+from asymsearch.clients.client import SearchClient  # noqa: E402
+from asymsearch.core.errors import PairingError, UserError  # noqa: E402
+from asymsearch.index import milvus  # noqa: E402
+from asymsearch.index.backend import IndexStore, current_id, open_index  # noqa: E402
+from asymsearch.index.build import build_index  # noqa: E402
+from asymsearch.index.store import SearchIndex  # noqa: E402
+from asymsearch.index.update import add_images, remove_ids, rollback  # noqa: E402
+from asymsearch.protos.v1 import search_pb2, search_pb2_grpc  # noqa: E402
+from asymsearch.server.engine import QueryEngine  # noqa: E402
+from asymsearch.server.service import create_server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lite(tmp_path_factory) -> str:
+    """The module's Milvus Lite file, as a location prefix: f"{lite}/NAME"."""
+    return f"milvus-lite://{tmp_path_factory.mktemp('milvus') / 'test.db'}"
+
+
+@pytest.fixture(scope="module")
+def built(lite, tiny_models, image_folder, tmp_path_factory):
+    """The 80 test images in a Milvus collection 'flat' and in a faiss Flat folder, by the same build."""
+    loc = f"{lite}/flat"
+    m = build_index(tiny_models["teacher"], image_folder, loc, progress=False)
+    folder = tmp_path_factory.mktemp("faiss") / "flat"
+    build_index(tiny_models["teacher"], image_folder, folder, progress=False)
+    return {"loc": loc, "manifest": m, "faiss": folder}
+
+
+def test_locations_parse_and_bad_ones_name_the_forms(tmp_path):
+    loc = milvus.parse_location(f"milvus-lite://{tmp_path}/a.db/coll_1")
+    assert (loc.uri, loc.name, loc.lite) == (str(tmp_path / "a.db"), "coll_1", True)
+    assert milvus.parse_location(f"milvus-lite://{tmp_path}/a.db").name == milvus.DEFAULT_LITE_NAME
+    cluster = milvus.parse_location("milvus://db.example:19530/images")
+    assert (cluster.uri, cluster.name, cluster.lite) == ("http://db.example:19530", "images", False)
+    for bad in ("milvus://host/images", "milvus://host:19530/", "milvus://h:1/bad-name", "milvus-lite:///x/file",
+                "milvus://h:1/a__v1"):
+        with pytest.raises(UserError, match="milvus"):
+            milvus.parse_location(bad)
+
+
+def test_factories_map_to_milvus_index_types():
+    assert milvus.milvus_index("Flat", {}) == ("FLAT", {}, {})
+    assert milvus.milvus_index("IVF64,Flat", {"nprobe": 8}) == ("IVF_FLAT", {"nlist": 64}, {"nprobe": 8})
+    assert milvus.milvus_index("HNSW16", {"efSearch": 64})[::2] == ("HNSW", {"ef": 64})
+    with pytest.raises(UserError, match="no Milvus counterpart"):
+        milvus.milvus_index("IVF64,PQ8", {})
+    with pytest.raises(UserError, match="does not apply"):
+        milvus.milvus_index("Flat", {"nprobe": 4})
+
+
+def test_build_records_the_manifest_and_matches_faiss_flat_and_brute_force(built):
+    with open_index(built["loc"]) as index, SearchIndex.open(built["faiss"]) as flat:
+        assert isinstance(index, IndexStore) and isinstance(flat, IndexStore)
+        m = index.manifest
+        assert (index.count, index.dim, index.teacher_id, m.factory) == (80, flat.dim, "teacher-a", "Flat")
+        assert m.build["preprocessing"] == flat.manifest.build.get("preprocessing", m.build["preprocessing"])
+        assert m.build["preprocessing"]["crop"] > 0 and m.build["milvus"]["index_type"] == "FLAT"
+        assert index.version == "flat__v000001" and current_id(built["loc"]) == index.manifest_id
+        assert np.array_equal(index.ids(), np.arange(80))
+        assert index.lookup_records(index.ids()) == flat.lookup_records(flat.ids())
+        vectors = np.stack([flat._index.reconstruct(i) for i in range(80)])  # the stored teacher embeddings
+        queries = np.random.default_rng(3).normal(size=(12, index.dim)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        s_m, i_m = index.search(queries, 10)
+        s_f, i_f = flat.search(queries, 10)
+        brute = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]
+        assert np.array_equal(i_m, i_f) and np.array_equal(i_m, brute)
+        np.testing.assert_allclose(s_m, s_f, atol=1e-5)
+        with pytest.raises(KeyError):
+            index.lookup_records([0, 999])
+
+
+def test_a_second_build_without_overwrite_is_refused(built, tiny_models, image_folder):
+    with pytest.raises(UserError, match="already holds an index"):
+        build_index(tiny_models["teacher"], image_folder, built["loc"], progress=False)
+
+
+class FakeFilter:
+    """What `asymsearch.core.filters.Filter` offers the backend: its Milvus expression."""
+
+    def __init__(self, expr: str) -> None:
+        self.expr = expr
+
+    def to_milvus(self) -> str:
+        return self.expr
+
+
+def test_filters_return_k_results_equal_to_brute_force_over_the_subset(built):
+    with open_index(built["loc"]) as index, SearchIndex.open(built["faiss"]) as flat:
+        records = flat.lookup_records(flat.ids())
+        vectors = np.stack([flat._index.reconstruct(i) for i in range(80)])
+        q = vectors[5:6]
+        subset = np.array([r["id"] for r in records if r["label"] in ("class_01", "class_03")])
+        scores, ids = index.search(q, 10, filter=FakeFilter('label in ["class_01", "class_03"]'))
+        expect = subset[np.argsort(-(q @ vectors[subset].T)[0], kind="stable")[:10]]
+        assert ids[0].tolist() == expect.tolist()
+        _, ids = index.search(q, 5, filter=FakeFilter('label == "class_02" and id >= 25'))
+        assert set(ids[0].tolist()) == {25, 26, 27, 28, 29}
+        _, ids = index.search(q, 10, filter=FakeFilter('label == "nothing"'))
+        assert (ids == -1).all()
+
+
+def test_add_and_remove_change_the_live_collection_and_foreign_teachers_are_refused(lite, tiny_models,
+                                                                                   image_folder, tmp_path):
+    loc = f"{lite}/updates"
+    build_index(tiny_models["teacher"], image_folder, loc, classes="first-half", progress=False)
+    before = current_id(loc)
+    new = tmp_path / "new"
+    shutil.copytree(image_folder / "class_07", new / "class_07")
+    result = add_images(loc, tiny_models["teacher"], new)
+    assert result.changed and result.manifest.count == 50 and result.version == "updates__v000001"
+    assert result.manifest.build["history"][-1]["first_id"] == 40 and current_id(loc) != before
+    with open_index(loc) as index:
+        assert index.count == 50 and np.array_equal(index.ids(), np.arange(50))
+        assert {r["label"] for r in index.lookup_records(range(40, 50))} == {"class_07"}
+    with pytest.raises(UserError, match="already in the index"):
+        add_images(loc, tiny_models["teacher"], new)
+    foreign = make_linear_onnx(tmp_path / "t2.onnx", role="teacher", teacher_id="teacher-b",
+                               weight=np.random.default_rng(9).normal(size=(48, 16)))
+    with pytest.raises(PairingError, match="teacher-b"):
+        add_images(loc, foreign, image_folder / "class_06")
+    with pytest.raises(UserError, match="not in the index"):
+        remove_ids(loc, [3, 500])
+    result = remove_ids(loc, [3, 41])
+    assert result.changed and result.manifest.count == 48
+    with open_index(loc) as index:
+        assert 3 not in index.ids() and 41 not in index.ids() and index.count == 48
+        _, ids = index.search(np.ones((1, index.dim), np.float32) / 4, 48)
+        assert set(ids[0].tolist()) == set(range(50)) - {3, 41}
+    assert not remove_ids(loc, [3, 41]).changed  # the same remove again: nothing to do
+    with open_index(loc) as index:  # the next add takes ids after every id ever given
+        assert index.manifest.build["next_id"] == 50
+
+
+def test_ivf_full_probing_agrees_with_faiss_flat(lite, built, tiny_models, image_folder):
+    loc = f"{lite}/ivf"
+    m = build_index(tiny_models["teacher"], image_folder, loc, factory="IVF4,Flat", search_params={"nprobe": 4},
+                    progress=False)
+    assert m.build["milvus"] == {"collection": "ivf__v000001", "index_type": "IVF_FLAT", "params": {"nlist": 4}}
+    with open_index(loc) as index, SearchIndex.open(built["faiss"]) as flat:
+        queries = np.random.default_rng(4).normal(size=(20, index.dim)).astype(np.float32)
+        assert np.array_equal(index.search(queries, 10)[1], flat.search(queries, 10)[1])
+
+
+def test_serving_a_student_of_another_teacher_is_refused_with_both_ids(built, tiny_models):
+    with pytest.raises(PairingError, match="teacher-b.*teacher-a|teacher-a.*teacher-b"):
+        QueryEngine.open(built["loc"], tiny_models["foreign_student"])
+
+
+def test_a_collection_without_a_manifest_is_refused(lite):
+    loc = milvus.parse_location(f"{lite}/stranger")
+    client = milvus.connect(loc)
+    client.create_collection("stranger__v000001", dimension=16)
+    client.create_alias("stranger__v000001", "stranger")
+    with pytest.raises(UserError, match="no asymsearch manifest"):
+        open_index(str(loc))
+
+
+def test_an_unreachable_address_is_unavailable_naming_it():
+    with pytest.raises(milvus.MilvusUnavailable, match="127.0.0.1:9.*does not answer after 2 tries"):
+        open_index("milvus://127.0.0.1:9/images", attempts=2)
+
+
+class Load:
+    """Image and vector queries from 4 threads until stopped; every reply's version and every error recorded."""
+
+    def __init__(self, port: int, images: list[bytes], threads: int = 4) -> None:
+        self.versions: list[str] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = search_pb2_grpc.SearchStub(self._channel)
+
+        def run(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            while not self._stop.is_set():
+                try:
+                    if rng.random() < 0.5:
+                        r = stub.SearchImage(search_pb2.ImageQuery(image=images[rng.integers(len(images))], k=5),
+                                             timeout=10)
+                    else:
+                        r = stub.SearchVector(search_pb2.VectorQuery(vector=rng.normal(size=16).tolist(), k=5),
+                                              timeout=10)
+                    assert len(r.hits) == 5
+                    self.versions.append(r.index_version)
+                except (grpc.RpcError, AssertionError) as e:
+                    self.errors.append(repr(e))
+        self._threads = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+        self._channel.close()
+
+
+@pytest.fixture(scope="module")
+def images(image_folder) -> list[bytes]:
+    return [p.read_bytes() for p in sorted(image_folder.rglob("*.jpg"))]
+
+
+def test_alias_swap_under_load_without_a_failed_request_then_rollback(lite, tiny_models, image_folder, images):
+    loc = f"{lite}/swap"
+    build_index(tiny_models["teacher"], image_folder, loc, progress=False)
+    engine = QueryEngine.open(loc, tiny_models["student"])
+    assert engine.index_version == "swap__v000001"
+    server, port = create_server(engine, max_workers=16, follow_current=True, poll_s=0.05, expose_paths=True)
+    load = Load(port, images)
+    try:
+        assert wait_until(lambda: len(load.versions) >= 20)
+        build_index(tiny_models["teacher"], image_folder, loc, classes="first-half", overwrite=True,
+                    progress=False)
+        assert wait_until(lambda: engine.index_version == "swap__v000002")
+        n = len(load.versions)
+        assert wait_until(lambda: len(load.versions) >= n + 20)
+        rollback(loc, "1")
+        assert wait_until(lambda: engine.index_version == "swap__v000001")
+        n = len(load.versions)
+        assert wait_until(lambda: len(load.versions) >= n + 20)
+    finally:
+        load.stop()
+    try:
+        assert load.errors == []
+        seen = list(dict.fromkeys(load.versions))
+        assert seen == ["swap__v000001", "swap__v000002"]  # then back to the first (rollback)
+        assert load.versions[-1] == "swap__v000001"
+        with SearchClient(f"127.0.0.1:{port}") as client:
+            info = client.info()
+            assert (info["index_version"], info["count"]) == ("swap__v000001", 80)
+            assert len(client.search_image(images[0], k=80)) == 80
+    finally:
+        server.stop(None)
+        engine.close()
+
+
+def test_store_unavailable_turns_health_not_serving_and_queries_unavailable(lite, built, tiny_models, images,
+                                                                            monkeypatch):
+    engine = QueryEngine.open(built["loc"], tiny_models["student"])
+    server, port = create_server(engine, follow_current=True, poll_s=0.05)
+    down = threading.Event()
+    real_search, real_current = milvus.MilvusIndex.search, milvus.current_id
+
+    def search(self, *a, **kw):
+        if down.is_set():
+            raise milvus.MilvusUnavailable(f"Milvus at {self.location.address} did not answer search: gone")
+        return real_search(self, *a, **kw)
+
+    def current(location):
+        if down.is_set():
+            raise milvus.MilvusUnavailable("Milvus at Milvus Lite test.db did not answer list_aliases: gone")
+        return real_current(location)
+
+    monkeypatch.setattr(milvus.MilvusIndex, "search", search)
+    monkeypatch.setattr(milvus, "current_id", current)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    health = health_pb2_grpc.HealthStub(channel)
+
+    def status() -> int:
+        return health.Check(health_pb2.HealthCheckRequest(service="")).status
+
+    try:
+        with SearchClient(f"127.0.0.1:{port}", retries=0) as client:
+            assert client.search_image(images[0], k=3)
+            down.set()
+            assert wait_until(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING)
+            with pytest.raises(Exception) as e:
+                client.search_image(images[0], k=3)
+            assert "UNAVAILABLE" in repr(e.value) or "unavailable" in str(e.value).lower()
+            assert "did not answer" in str(e.value)
+            down.clear()
+            assert wait_until(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
+            assert client.search_image(images[0], k=3)  # the good request after the outage
+    finally:
+        channel.close()
+        server.stop(None)
+        engine.close()
