@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from asymsearch.cli.cmd_index import index_location
 from asymsearch.cli.options import CONFIG_HELP, Commands, bind_config, existing_path
 
 
@@ -24,8 +25,9 @@ def register(commands: Commands) -> None:
                    help="embeds the database (any model of the same space)")
     p.add_argument("--revisited", type=existing_path("ground-truth file"),
                    help="a revisited Oxford/Paris gnd_*.pkl: evaluate the query/database pair on that protocol")
-    p.add_argument("--index", type=existing_path("index folder"),
-                   help="query this built index for the asymmetric setting instead of an in-memory database")
+    p.add_argument("--index", type=index_location("index folder"),
+                   help="query this built index (a folder, or a Milvus location milvus://... / milvus-lite://...) "
+                        "for the asymmetric setting instead of an in-memory database")
     p.add_argument("--classes", default="all", help=CONFIG_HELP["classes"] + " (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--multiscale", action="store_true",

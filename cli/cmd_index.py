@@ -16,8 +16,10 @@ def register(commands: Commands) -> None:
                    help="teacher .onnx (with its .json)")
     p.add_argument("--images", required=True, type=existing_path("image folder"),
                    help="image folder, one subfolder per class")
-    p.add_argument("--out", required=True, type=Path,
-                   help="index folder to create (or a versioned index root to publish a rebuilt version into)")
+    p.add_argument("--out", required=True, type=index_location(None),
+                   help="index folder to create (or a versioned index root to publish a rebuilt version into), or "
+                        "a Milvus location: milvus://HOST:PORT/NAME or milvus-lite:///path/file.db[/NAME] "
+                        "(a new collection behind the alias NAME; docs/milvus.md)")
     p.add_argument("--factory", default="Flat",
                    help="faiss index factory string, e.g. Flat, HNSW32, IVF1024,Flat, IVF1024,PQ32, "
                         "OPQ32,IVF1024,PQ32, SQfp16 (default: %(default)s)")
@@ -75,7 +77,8 @@ def register(commands: Commands) -> None:
     bind_config(p, IndexBuildConfig, keys={"search_param": "search_params"}, converters={"search_param": dict})
 
     p = commands.add("add", group="index", help="embed more images with the teacher and publish a new index version")
-    p.add_argument("--index", required=True, type=existing_path("index"), help="index root or plain index folder")
+    p.add_argument("--index", required=True, type=index_location("index"),
+                   help="index root or plain index folder, or a Milvus location (milvus://..., milvus-lite://...)")
     p.add_argument("--teacher", required=True, type=existing_path("teacher ONNX model"),
                    help="the teacher that embedded the index (its teacher id must match)")
     p.add_argument("--images", required=True, type=existing_path("image folder"),
@@ -89,20 +92,39 @@ def register(commands: Commands) -> None:
     bind_config(p, IndexAddConfig)
 
     p = commands.add("remove", group="index", help="remove images by id and publish a new index version")
-    p.add_argument("--index", required=True, type=existing_path("index"), help="index root or plain index folder")
+    p.add_argument("--index", required=True, type=index_location("index"),
+                   help="index root or plain index folder, or a Milvus location (milvus://..., milvus-lite://...)")
     p.add_argument("--ids", required=True, nargs="+", type=id_list, help="ids to remove (space or comma separated)")
     p.add_argument("--keep", type=int, default=None, help="keep this many versions (default: all)")
     p.set_defaults(func=run_remove)
 
     p = commands.add("rollback", group="index",
                      help="make an existing version of a versioned root the live one (an atomic switch of CURRENT)")
-    p.add_argument("root", type=existing_path("index root"), help="versioned index root (with CURRENT)")
+    p.add_argument("root", type=index_location("index root"),
+                   help="versioned index root (with CURRENT), or a Milvus location (its alias is switched)")
     p.add_argument("version", help="version to serve, e.g. v000002 (or 2); `index info` lists them")
     p.set_defaults(func=run_rollback)
 
     p = commands.add("info", group="index", help="describe an index: live version, size, factory, versions")
-    p.add_argument("--index", required=True, type=existing_path("index"), help="index root or plain index folder")
+    p.add_argument("--index", required=True, type=index_location("index"),
+                   help="index root or plain index folder, or a Milvus location (milvus://..., milvus-lite://...)")
     p.set_defaults(func=run_info)
+
+
+def index_location(kind: str | None):
+    """An argparse type: a Milvus location (milvus://..., milvus-lite://...) kept as text and checked for its form;
+    anything else a path, which must exist when `kind` names what it is."""
+    def check(value: str):
+        if value.startswith(("milvus://", "milvus-lite://")):
+            from asymsearch.core.errors import UserError
+            from asymsearch.index.milvus import parse_location
+            try:
+                parse_location(value)
+            except UserError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+            return value
+        return existing_path(kind)(value) if kind else Path(value)
+    return check
 
 
 def search_param(text: str) -> tuple[str, float]:
@@ -182,6 +204,10 @@ def run_remove(args: argparse.Namespace) -> int:
 
 def run_rollback(args: argparse.Namespace) -> int:
     from asymsearch.index.update import rollback
+    if isinstance(args.root, str):  # a Milvus location: the alias is switched
+        result, before = rollback(args.root, args.version)
+        print(f"index {args.root}: alias now names {result.version} (was {before}), {result.manifest.count} images")
+        return 0
     from asymsearch.index.versions import list_versions, version_number
     result, before = rollback(args.root, args.version)
     m, version = result
@@ -195,6 +221,10 @@ def run_rollback(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    if isinstance(args.index, str):  # a Milvus location
+        from asymsearch.index.milvus import describe
+        print(json.dumps(describe(args.index), indent=2))
+        return 0
     from asymsearch.core.manifest import IndexManifest
     from asymsearch.index.versions import list_versions, resolve_index_folder
     folder, version = resolve_index_folder(args.index)

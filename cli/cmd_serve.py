@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from asymsearch.cli.cmd_index import index_location
 from asymsearch.cli.options import Commands, bind_config, existing_path
 from asymsearch.core.errors import UserError
 from asymsearch.server import defaults
@@ -13,7 +14,9 @@ def register(commands: Commands) -> None:
                      description="Serve the index (a folder, or a versioned root whose CURRENT names the live "
                                  "version) over gRPC: Search (image, vector, batch, stream, Info), health, "
                                  "reflection, optional Admin and Prometheus metrics. See docs/server.md.")
-    p.add_argument("--index", required=True, type=existing_path("index folder"), help="index folder or root")
+    p.add_argument("--index", required=True, type=index_location("index folder"),
+                   help="index folder or root, or a Milvus location (milvus://HOST:PORT/NAME, "
+                        "milvus-lite:///path/file.db[/NAME]; --follow-current follows its alias)")
     p.add_argument("--student", required=True, action="append", type=student_spec, metavar="[TIER=]MODEL.onnx",
                    help="a student .onnx (with its .json) as a query tier: NAME=MODEL.onnx, repeatable (e.g. "
                         "--student server=lite0.onnx --student mobile=lite0.int8.onnx); the first is the default "

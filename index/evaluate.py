@@ -29,6 +29,7 @@ from asymsearch.core.metrics import DEFAULT_KS, ranking_metrics, retrieval_metri
 from asymsearch.core.multiscale import MULTISCALE_SCALES, SINGLE_SCALE, index_flip, index_scales, with_scales
 from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.index.build import embed_items, report_skipped
+from asymsearch.index.backend import open_index
 from asymsearch.index.store import SearchIndex
 
 SETTINGS = ("teacher_teacher", "student_student", "student_teacher")
@@ -47,7 +48,7 @@ def evaluate(data: str | os.PathLike, teacher: str | os.PathLike, student: str |
     _check_models(teacher_model, student_model)
     scales = MULTISCALE_SCALES if multiscale else SINGLE_SCALE
     teacher_model, student_model = with_scales(teacher_model, scales, flip), with_scales(student_model, scales, flip)
-    store = SearchIndex.open(index) if index is not None else None
+    store = open_index(index) if index is not None else None  # a folder, or a Milvus location
     try:
         if store is not None:
             check_pairing(student_model.manifest, store.manifest)

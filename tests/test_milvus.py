@@ -296,3 +296,40 @@ def test_store_unavailable_turns_health_not_serving_and_queries_unavailable(lite
         channel.close()
         server.stop(None)
         engine.close()
+
+
+def test_the_cli_builds_adds_removes_rolls_back_describes_and_evaluates_a_milvus_location(
+        lite, built, tiny_models, image_folder, tmp_path, capsys):
+    import json
+
+    from asymsearch.cli.main import main
+    loc, teacher = f"{lite}/cli", str(tiny_models["teacher"])
+    assert main(["index", "build", "--teacher", teacher, "--images", str(image_folder), "--out", loc,
+                 "--classes", "first-half"]) == 0
+    assert "40 images, Flat" in capsys.readouterr().out
+    new = tmp_path / "new"
+    shutil.copytree(image_folder / "class_06", new / "class_06")
+    assert main(["index", "add", "--index", loc, "--teacher", teacher, "--images", str(new)]) == 0
+    assert main(["index", "remove", "--index", loc, "--ids", "0,1"]) == 0
+    capsys.readouterr()
+    assert main(["index", "info", "--index", loc]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["count"], info["version"], info["teacher_id"], info["next_id"]) == (48, "cli__v000001",
+                                                                                     "teacher-a", 50)
+    assert [c["op"] for c in info["history"]] == ["add", "remove"]
+    assert main(["index", "build", "--teacher", teacher, "--images", str(image_folder), "--out", loc,
+                 "--overwrite"]) == 0
+    assert main(["index", "rollback", loc, "1"]) == 0
+    assert "alias now names cli__v000001 (was cli__v000002), 48 images" in capsys.readouterr().out
+    assert main(["eval", "--data", str(image_folder), "--teacher", teacher, "--student",
+                 str(tiny_models["student"]), "--index", built["loc"], "--json"]) == 0
+    via_milvus = json.loads(capsys.readouterr().out)["student_teacher"]
+    assert main(["eval", "--data", str(image_folder), "--teacher", teacher, "--student",
+                 str(tiny_models["student"]), "--json"]) == 0
+    in_memory = json.loads(capsys.readouterr().out)["student_teacher"]
+    assert via_milvus == pytest.approx(in_memory, abs=1e-6)  # a Flat collection ranks as exact search does
+    with pytest.raises(SystemExit) as e:
+        main(["index", "info", "--index", "milvus://nohost/x"])
+    assert e.value.code == 2 and "not of the form" in capsys.readouterr().err
+    assert main(["index", "info", "--index", "milvus://127.0.0.1:9/x"]) == 2
+    assert "127.0.0.1:9" in capsys.readouterr().err.strip().splitlines()[-1]
