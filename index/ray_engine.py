@@ -102,3 +102,79 @@ def embed_with_ray(items: Sequence[ImageItem], teacher: str | os.PathLike, store
             store.write(shard, json.loads(row["rows"]), vectors, skipped)
             start, stop = store.shard_range(shard)
             bar.update(stop - start)
+
+
+class MilvusShardWriter(ShardEmbedder):
+    """A Ray Data actor for a Milvus build: embeds whole shards like `ShardEmbedder` and inserts the rows into the
+    collection itself, so only counts and skipped files travel back to the driver."""
+
+    def __init__(self, teacher: str, batch_size: int, threads: int, uri: str, collection: str) -> None:
+        super().__init__(teacher, batch_size, threads)
+        from pymilvus import MilvusClient
+        self.client = MilvusClient(uri=uri, timeout=60)
+        self.collection = collection
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        embedded = super().__call__(batch)
+        out: dict[str, list] = {"shard": [], "count": [], "skipped": []}
+        for i, shard in enumerate(embedded["shard"]):
+            rows = json.loads(embedded["rows"][i])
+            vectors = np.load(io.BytesIO(embedded["vectors"][i]))
+            if not np.isfinite(vectors).all():
+                raise UserError("the teacher produced non-finite embeddings; check the exported model")
+            start = int(batch["start"][i])
+            paths, labels = json.loads(batch["paths"][i]), json.loads(batch["labels"][i])
+            extras = json.loads(batch["extras"][i])
+            records = []
+            for r, v in zip(rows, vectors):
+                row = {k: str(x) for k, x in (extras[r - start] or {}).items() if k not in ("id", "path", "label")}
+                row.update(id=int(r), vector=v.tolist(), path=paths[r - start], label=labels[r - start])
+                records.append(row)
+            for lo in range(0, len(records), 4096):
+                self.client.insert(self.collection, records[lo:lo + 4096])
+            out["shard"].append(int(shard))
+            out["count"].append(len(records))
+            out["skipped"].append(embedded["skipped"][i])
+        return out
+
+
+def embed_into_milvus(items: Sequence[ImageItem], teacher: str | os.PathLike, location: Any, collection: str,
+                      columns: dict, *, batch_size: int, shard_size: int, address: str | None = None,
+                      progress: bool = True, cpus_per_actor: int = 1, actors: int | None = None) -> list:
+    """Embed `items` on the Ray cluster at `address` in shards of `shard_size`, each actor inserting its rows
+    (id = listing position) straight into `collection` at `location` (an `asymsearch.index.milvus.MilvusLocation`);
+    the driver gathers no vector. A Milvus Lite file is served by this process, so its workers must run on this
+    machine (a local Ray). Returns the skipped (path, reason) pairs."""
+    if ray is None:
+        raise UserError("--engine ray needs Ray Data: pip install 'ray[data]' (the `distributed` extra)")
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    uri = location.uri
+    if location.lite:  # the driver's in-process Milvus Lite server, reachable over 127.0.0.1
+        from milvus_lite.server_manager import server_manager_instance
+        uri = server_manager_instance.start_and_get_uri(location.uri)
+    rows = []
+    for shard, start in enumerate(range(0, len(items), shard_size)):
+        chunk = items[start:start + shard_size]
+        rows.append({"shard": shard, "start": start, "paths": json.dumps([it.path for it in chunk]),
+                     "labels": json.dumps([it.label for it in chunk]),
+                     "extras": json.dumps([columns.get(it.path) for it in chunk])})
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:  # untested here: no GPU on the development machine
+        pool, per_actor = actors or gpus, {"num_gpus": 1, "num_cpus": cpus_per_actor}
+    else:
+        pool = actors or max(1, int(resources.get("CPU", 1)) // cpus_per_actor)
+        per_actor = {"num_cpus": cpus_per_actor}
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        MilvusShardWriter, fn_constructor_kwargs={"teacher": str(Path(teacher).resolve()), "batch_size": batch_size,
+                                                  "threads": cpus_per_actor, "uri": uri, "collection": collection},
+        batch_size=1, concurrency=min(pool, len(rows)), **per_actor)
+    from asymsearch.index.pipeline import progress_bar
+    skipped: list = []
+    with progress_bar(len(items), "embedding database into Milvus on Ray", progress) as bar:
+        for row in ds.iter_rows():
+            skipped.extend(tuple(s) for s in json.loads(row["skipped"]))
+            shard = int(row["shard"])
+            bar.update(min(len(items), (shard + 1) * shard_size) - shard * shard_size)
+    return skipped

@@ -7,6 +7,8 @@ One Milvus Lite file per module (opening one costs about 0.3 s; each test uses i
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import threading
 
 import grpc
@@ -333,3 +335,44 @@ def test_the_cli_builds_adds_removes_rolls_back_describes_and_evaluates_a_milvus
     assert e.value.code == 2 and "not of the form" in capsys.readouterr().err
     assert main(["index", "info", "--index", "milvus://127.0.0.1:9/x"]) == 2
     assert "127.0.0.1:9" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+RAY_BUILD = """
+import sys
+import time
+import numpy as np
+import ray
+t=time.perf_counter()
+ray.init(num_cpus=2, object_store_memory=80 * 1024 * 1024, include_dashboard=False, log_to_driver=False, configure_logging=False)
+print("ray init", time.perf_counter()-t, flush=True)
+from asymsearch.index import milvus
+from asymsearch.index.backend import open_index
+from asymsearch.index.build import build_index
+teacher, images, db = sys.argv[1:4]
+calls = []
+real = milvus.insert_rows
+milvus.insert_rows = lambda *a, **kw: (calls.append(1), real(*a, **kw))
+m = build_index(teacher, images, f"milvus-lite://{db}/ray", batch_size=8, shard_size=24, engine="ray", progress=False)
+ray.shutdown()
+milvus.insert_rows = real
+assert calls == [], "the driver inserted rows"
+build_index(teacher, images, f"milvus-lite://{db}/local", batch_size=8, shard_size=24, progress=False)
+with open_index(f"milvus-lite://{db}/ray") as a, open_index(f"milvus-lite://{db}/local") as b:
+    assert a.count == b.count == m.count and m.build["engine"] == "ray"
+    assert a.lookup_records(a.ids()) == b.lookup_records(b.ids())
+    q = np.random.default_rng(0).normal(size=(10, a.dim)).astype(np.float32)
+    (sa, ia), (sb, ib) = a.search(q, 10), b.search(q, 10)
+    assert np.array_equal(ia, ib) and np.allclose(sa, sb, atol=1e-5)
+print("OK", m.count, time.perf_counter()-t)
+"""
+
+
+def test_a_ray_build_writes_from_the_workers_and_equals_the_local_build(tiny_models, image_folder, tmp_path):
+    """In a fresh process: Ray must start before a Milvus Lite server's gRPC threads exist in the process (its
+    fork of the GCS otherwise times out), so this build runs where Ray starts first."""
+    pytest.importorskip("ray", reason="Ray is the `distributed` extra: pip install 'ray[data]'")
+    script = tmp_path / "ray_build.py"
+    script.write_text(RAY_BUILD)
+    r = subprocess.run([sys.executable, str(script), str(tiny_models["teacher"]), str(image_folder),
+                        str(tmp_path / "ray.db")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "OK 80" in r.stdout, r.stderr[-3000:]
