@@ -34,7 +34,8 @@ def register(commands: Commands) -> None:
     p.add_argument("--map", dest="map_file", type=existing_path("vector map"),
                    help="a map learned before (the transform.npz of an earlier transform) instead of --sample")
     p.add_argument("--kind", choices=("linear", "mlp"), default="linear",
-                   help="the map: ridge regression, or that plus a one-hidden-layer residual MLP (default: %(default)s)")
+                   help="the map: ridge regression, or that plus a one-hidden-layer residual MLP "
+                        "(default: %(default)s)")
     p.add_argument("--ridge", type=float, default=1e-2, help="ridge penalty of the linear part (default: %(default)s)")
     p.add_argument("--hidden", type=int, default=1024, help="mlp: hidden units (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=100, help="mlp: passes over the pairs (default: %(default)s)")

@@ -121,6 +121,40 @@ def run_evaluate(args) -> None:
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
+def index_vectors(path: str) -> tuple[list[str], np.ndarray]:
+    """(paths in id order, vectors) of the live version of an index, read back from faiss and its metadata."""
+    import faiss
+
+    from asymsearch.index.store import SearchIndex
+    from asymsearch.index.transform import stored_blocks
+    with SearchIndex.open(path, gpu=False) as index:
+        folder = index.folder
+        ids, vectors = zip(*stored_blocks(faiss.read_index(str(Path(folder) / "index.faiss"))))
+        ids = np.concatenate(ids)
+        paths = [p for p, _ in index.lookup([int(i) for i in ids])]
+    return paths, np.concatenate(vectors)
+
+
+def run_check_index(args) -> None:
+    """Recall@1 of a student (its tail on the cached maps) querying the vectors the product's indexes store."""
+    items = prepare_data(args.data, "second-half", 0.0)[0]
+    by_path = {str(it.path): i for i, it in enumerate(items)}
+    labels = np.array([it.label for it in items])
+    q = embed(load_checkpoint(args.student), items, args.trunk_cache)
+    out = {"student": args.student, "indexes": {}, "provenance": provenance()}
+    for path in args.index:
+        paths, vectors = index_vectors(path)
+        rows = np.array([by_path[p] for p in paths])
+        out["indexes"][path] = {"count": len(paths), **metrics(q, labels, vectors[np.argsort(rows)], labels)}
+        if args.teacher:  # the product's vectors against the teacher's tail on the cached float16 maps
+            t = embed(load_checkpoint(args.teacher), items, args.trunk_cache)
+            cos = np.sum(vectors[np.argsort(rows)] * t, axis=1)
+            out["indexes"][path]["cosine_to_cached_map_embedding"] = {"mean": float(cos.mean()),
+                                                                      "min": float(cos.min())}
+    print(json.dumps(out, indent=1))
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m experiments.upgrades")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -139,6 +173,14 @@ def main(argv=None) -> None:
     b.add_argument("--save-map", action="store_true")
     b.add_argument("--out", required=True)
     b.set_defaults(func=run_evaluate)
+    c = sub.add_parser("check-index")
+    c.add_argument("--data", required=True)
+    c.add_argument("--student", required=True)
+    c.add_argument("--index", nargs="+", required=True)
+    c.add_argument("--teacher", help="compare the stored vectors with this teacher's cached-map embeddings")
+    c.add_argument("--trunk-cache", required=True)
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=run_check_index)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     args.func(args)
