@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +20,7 @@ import faiss
 import numpy as np
 
 from asymsearch.core.errors import ManifestError, UserError
+from asymsearch.core.filters import Filter, parse_filter
 from asymsearch.core.manifest import IndexManifest
 from asymsearch.index.faiss_index import to_gpus
 from asymsearch.index.versions import resolve_index_folder
@@ -35,6 +37,12 @@ OPEN_ATTEMPTS = 3  # a version pruned between reading CURRENT and opening its fi
 # ms per query (docs/results/bench_index_flat_batch.md).
 BLAS_MIN_QUERIES = 4
 _blas_lock = threading.Lock()  # the threshold is a faiss global: batched calls set and restore it one at a time
+SUBSET_EXACT_MAX = 32_768  # IVF / HNSW: at most this many matching items are searched exactly (see the docstring)
+SUBSET_BLOCK = 16_384  # reconstructed vectors scored at a time on the exact subset path
+FILTER_CACHE_BYTES = 64 * 2**20  # matching ids kept per filter text, least recently used dropped beyond this
+FILTER_CACHE_ENTRIES = 64
+FILTER_SQL_STEPS = 2_000_000_000  # SQLite VM steps one filter may take (a 1M-item label filter takes ~3e7)
+_PROGRESS_EVERY = 100_000  # SQLite VM steps between two calls of the budget check
 
 
 def search_faiss(index: faiss.Index, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,6 +82,11 @@ class SearchIndex:
         self._index = index
         self._db = db
         self._db_lock = threading.Lock()
+        self._filter_db: sqlite3.Connection | None = None  # a second connection, so long filter scans do not hold
+        self._filter_lock = threading.Lock()  # up the lookups of other queries
+        self._filter_cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.filter_fields: tuple[str, ...] = ("label",)  # what a filter may name: label and the user columns
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, gpu: bool = True) -> "SearchIndex":
@@ -125,8 +138,17 @@ class SearchIndex:
             db.close()
             raise ManifestError(f"{folder / META_FILE} lists {rows} images but the index holds {manifest.count}; "
                                 f"rebuild the index")
+        try:
+            fields = [r[0] for r in db.execute("SELECT DISTINCT j.key FROM items, json_each(items.extra) AS j "
+                                                "WHERE items.extra IS NOT NULL ORDER BY j.key")]
+            filter_db = sqlite3.connect(f"file:{folder / META_FILE}?mode=ro", uri=True, check_same_thread=False)
+        except sqlite3.Error as e:
+            db.close()
+            raise ManifestError(f"cannot read metadata {folder / META_FILE}: {e}") from None
         opened = cls(folder, manifest, index, db, root=root, version=version)
         opened.manifest_id = digest
+        opened.filter_fields = ("label", *(str(f) for f in fields if f not in ("id", "path", "label")))
+        opened._filter_db = filter_db
         return opened
 
     @property
@@ -141,8 +163,10 @@ class SearchIndex:
     def teacher_id(self) -> str:
         return self.manifest.teacher_id
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Query vectors (Q, dim) -> scores (Q, k') float32 and ids (Q, k') int64, k' = min(k, count)."""
+    def search(self, vectors: np.ndarray, k: int, *, filter: Filter | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Query vectors (Q, dim) -> scores (Q, k') float32 and ids (Q, k') int64, k' = min(k, count), or with a
+        `filter` k' = min(k, matching items): every row then holds k' real hits (see the module docstring)."""
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"query vectors must have shape (Q, {self.dim}) for this index, got {vectors.shape}")
@@ -150,9 +174,108 @@ class SearchIndex:
             raise ValueError(f"k must be at least 1, not {k}")
         if self._index is None:
             raise ValueError(f"index {self.folder} is closed")
-        scores, ids = search_faiss(self._index, np.ascontiguousarray(vectors, dtype=np.float32),
-                                   min(int(k), self.count))
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if filter is not None:
+            return self._search_filtered(vectors, int(k), filter)
+        scores, ids = search_faiss(self._index, vectors, min(int(k), self.count))
         return scores, ids
+
+    # -- filters ----------------------------------------------------------------------------------------------
+
+    def parse_filter(self, text: str) -> Filter | None:
+        """`text` parsed against this index's `filter_fields` (None for an empty text); `FilterError` else."""
+        return parse_filter(text, self.filter_fields)
+
+    def matching_ids(self, filter: Filter) -> np.ndarray:
+        """The ids whose metadata match `filter`, ascending (from SQLite; cached per filter text)."""
+        return self._matches(filter)[0]
+
+    def _matches(self, filter: Filter) -> tuple[np.ndarray, np.ndarray]:
+        unknown = [f for f in filter.fields if f not in self.filter_fields]
+        if unknown:  # parsed against another index (e.g. before a swap): parse again, for the position
+            parse_filter(filter.text, self.filter_fields)
+            raise UserError(f"filter field {unknown[0]!r} is not in this index; the fields are: "
+                            f"{', '.join(self.filter_fields)}")
+        key = filter.canonical
+        with self._cache_lock:
+            hit = self._filter_cache.get(key)
+            if hit is not None:
+                self._filter_cache.move_to_end(key)
+                return hit
+        where, params = filter.to_sqlite()
+        with self._filter_lock:
+            con = self._filter_db
+            if con is None:
+                raise ValueError(f"index {self.folder} is closed")
+            steps = [0]
+
+            def budget() -> int:
+                steps[0] += _PROGRESS_EVERY
+                return 1 if steps[0] > FILTER_SQL_STEPS else 0
+            con.set_progress_handler(budget, _PROGRESS_EVERY)
+            try:
+                ids = np.fromiter((r[0] for r in con.execute(f"SELECT id FROM items WHERE {where} ORDER BY id",
+                                                             params)), dtype=np.int64)
+            except sqlite3.OperationalError as e:
+                if steps[0] > FILTER_SQL_STEPS:
+                    raise UserError(f"the filter is too costly to evaluate over {self.count} items (more than "
+                                    f"{FILTER_SQL_STEPS:.0e} SQLite steps); simplify it") from None
+                raise UserError(f"the filter could not be evaluated: {e}") from None
+            finally:
+                con.set_progress_handler(None, 0)
+        mask = np.zeros(int(ids[-1]) + 1 if len(ids) else 1, bool)
+        mask[ids] = True
+        bitmap = np.packbits(mask, bitorder="little")  # bit i of byte i >> 3: faiss's IDSelectorBitmap layout
+        entry = (ids, bitmap)
+        with self._cache_lock:
+            self._filter_cache[key] = entry
+            total = sum(a.nbytes + b.nbytes for a, b in self._filter_cache.values())
+            while len(self._filter_cache) > 1 and (total > FILTER_CACHE_BYTES
+                                                   or len(self._filter_cache) > FILTER_CACHE_ENTRIES):
+                _, (a, b) = self._filter_cache.popitem(last=False)
+                total -= a.nbytes + b.nbytes
+        return entry
+
+    def _search_filtered(self, vectors: np.ndarray, k: int, filter: Filter) -> tuple[np.ndarray, np.ndarray]:
+        ids, bitmap = self._matches(filter)
+        k = min(k, len(ids))
+        if k == 0:
+            return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
+        selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+        kind, core = _index_kind(self._index)
+        if kind == "exhaustive":
+            return self._index.search(vectors, k, params=faiss.SearchParameters(sel=selector))
+        if len(ids) <= SUBSET_EXACT_MAX:
+            return self._search_subset(vectors, k, ids, selector, kind, core)
+        if kind == "ivf":
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=core.nprobe, max_codes=core.max_codes)
+        elif kind == "hnsw":
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=core.hnsw.efSearch)
+        else:
+            return self._search_subset(vectors, k, ids, selector, kind, core)
+        scores, found = self._index.search(vectors, k, params=params)
+        short = np.flatnonzero((found >= 0).sum(axis=1) < k)
+        if len(short):  # the approximate search came back with fewer than k: those queries go exact
+            scores[short], found[short] = self._search_subset(vectors[short], k, ids, selector, kind, core)
+        return scores, found
+
+    def _search_subset(self, vectors: np.ndarray, k: int, ids: np.ndarray, selector: faiss.IDSelector, kind: str,
+                       core: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+        """Exact over the matching items: IVF with every list probed; otherwise their reconstructed vectors."""
+        if kind == "ivf":
+            return self._index.search(vectors, k, params=faiss.SearchParametersIVF(sel=selector, nprobe=core.nlist,
+                                                                                   max_codes=0))
+        best_s = np.full((len(vectors), k), -np.inf, np.float32)
+        best_i = np.full((len(vectors), k), -1, np.int64)
+        for start in range(0, len(ids), SUBSET_BLOCK):
+            block = ids[start:start + SUBSET_BLOCK]
+            stored = self._index.reconstruct_batch(block)
+            s = np.concatenate([best_s, vectors @ stored.T], axis=1)
+            i = np.concatenate([best_i, np.broadcast_to(block, (len(vectors), len(block)))], axis=1)
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+            best_s, best_i = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
+        order = np.argsort(-best_s, axis=1, kind="stable")
+        return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
 
     def lookup(self, ids: Sequence[int]) -> list[tuple[str, str]]:
         """(path, label) for each id, in the given order; `KeyError` for an id the index does not hold."""
@@ -202,6 +325,10 @@ class SearchIndex:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+        with self._filter_lock:
+            if self._filter_db is not None:
+                self._filter_db.close()
+                self._filter_db = None
         self._index = None
 
     def __enter__(self) -> "SearchIndex":
@@ -213,3 +340,18 @@ class SearchIndex:
     def __repr__(self) -> str:
         return (f"SearchIndex({str(self.root)!r}, version={self.version!r}, factory={self.manifest.factory!r}, count={self.count}, "
                 f"dim={self.dim}, teacher_id={self.teacher_id!r})")
+
+
+def _index_kind(index: faiss.Index) -> tuple[str, faiss.Index]:
+    """("exhaustive" | "ivf" | "hnsw" | "other", the index inside the IDMap2 and any pre-transforms). Exhaustive:
+    a flat or scalar-quantizer index, which scores every code and takes an ID selector (IndexPQ does not)."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    while isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexIVF):
+        return "ivf", inner
+    if isinstance(inner, faiss.IndexHNSW):
+        return "hnsw", inner
+    if isinstance(inner, (faiss.IndexFlat, faiss.IndexScalarQuantizer)):
+        return "exhaustive", inner
+    return "other", inner

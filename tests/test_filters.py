@@ -1,0 +1,287 @@
+"""Metadata filters (issue 24 item 4): the grammar (valid, invalid, hostile) against the plain-Python reference;
+SQLite evaluation against that reference on random filters; filtered search on Flat, IVF and HNSW against brute
+force over the matching subset (min(k, matches) results, also for a filter matching very few); and every Search RPC
+over a real channel to an in-process server, each hostile filter followed by a good filtered request."""
+from __future__ import annotations
+
+import json
+import random
+
+import faiss
+import numpy as np
+import pytest
+
+from asymsearch.core.filters import FilterError, as_number, milvus_string, numeric_metadata, parse_filter
+from asymsearch.core.manifest import IndexManifest
+from asymsearch.index import store as store_module
+from asymsearch.index.faiss_index import add_blocks, new_index, train_index
+from asymsearch.index.metadata import write_metadata
+from asymsearch.index.store import SearchIndex
+
+FIELDS = ["label", "shop", "price", "year"]
+
+RECORDS = [
+    {"label": "Blue_Jay", "shop": "north", "price": "9.5", "year": "2023"},
+    {"label": "Cardinal", "shop": "south", "price": "12", "year": "2024"},
+    {"label": "Cardinal", "shop": "north", "price": "n/a", "year": "2025"},
+    {"label": "Wren", "price": " 10 ", "year": "2024"},  # no shop; a price with blanks still reads as 10
+    {"label": "Wren", "shop": "so'uth\"; DROP TABLE items; --", "price": "1e1", "year": "x"},
+    {"label": "10", "shop": "é北", "price": "-3", "year": ""},
+]
+
+
+def ids_matching(text: str, records=RECORDS) -> list[int]:
+    f = parse_filter(text, FIELDS)
+    return [i for i, r in enumerate(records) if f.matches(r)]
+
+
+# -- grammar -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ('label = "Cardinal"', [1, 2]),
+    ("label == 'Cardinal'", [1, 2]),
+    ('label in ("Blue_Jay", "Wren") and shop = "north"', [0]),
+    ("LABEL IN ('Wren',) OR shop = 'south'", None),  # keywords in any case; the field name is case-sensitive
+    ("price < 10", [0, 5]),  # "n/a" and missing are not numbers; " 10 " and "1e1" are 10
+    ("price <= 10", [0, 3, 4, 5]),
+    ("price = 10", [3, 4]),
+    ('price = "10"', []),  # text comparison: " 10 " and "1e1" are not the text "10"
+    ("price != 12", [0, 3, 4, 5]),  # a missing / non-number value fails every numeric comparison
+    ("not price = 12", [0, 2, 3, 4, 5]),  # ... and `not` makes it true
+    ('shop != "north"', [1, 4, 5]),  # item 3 has no shop: false
+    ('not shop = "north"', [1, 3, 4, 5]),
+    ('shop not in ("north", "south")', [3, 4, 5]),
+    ("year >= 2024 and not (shop = 'south' or price > 100)", [2, 3]),
+    ('label > "C" and label < "D"', [1, 2]),  # code-point order
+    ("label = 10", [5]),
+    ('shop = "é北"', [5]),
+    ('shop = "so\'uth\\"; DROP TABLE items; --"', [4]),  # hostile text inside a string is only data
+    ("(((label = 'Wren')))", [3, 4]),
+    ("`price` < 0", [5]),
+])
+def test_valid_filters_match_the_reference(text, expected):
+    if expected is None:
+        with pytest.raises(FilterError, match="unknown field 'LABEL'"):
+            parse_filter(text, FIELDS)
+        return
+    assert ids_matching(text) == expected
+    f = parse_filter(text, FIELDS)
+    again = parse_filter(str(f), FIELDS)  # the canonical text parses to the same filter
+    assert again == f and str(again) == str(f)
+
+
+@pytest.mark.parametrize("text, position, words", [
+    ('label = "x" ; DROP TABLE items', 12, "unexpected character ';'"),
+    ("label = 'x' -- comment", 12, "unexpected character '-'"),
+    ("1=1 or label = 'x'", 0, "expected a field name"),
+    ("label = 'x' or 1=1", 15, "expected a field name"),
+    ("label = 'x' or", 14, "found the end of the filter"),
+    ('label = "unterminated', 8, "unterminated string"),
+    ("label === 'a'", 8, "expected a quoted string or a number"),
+    ("label = 'a' label = 'b'", 12, "expected 'and', 'or'"),
+    ("label in ()", 10, "expected a quoted string or a number"),
+    ("label in ('a' 'b')", 14, "expected ',' or ')'"),
+    ("(label = 'a'", 12, "expected ')'"),
+    ("label = 'a')", 11, "expected 'and', 'or'"),
+    ("colour = 'red'", 0, "unknown field 'colour'; the fields are: label, shop, price, year"),
+    ("shop = 'x' and id = 3", 15, "unknown field 'id'"),
+    ("path like '%x%'", 0, "unknown field 'path'"),
+    ("label like 'a%'", 6, "expected a comparison"),  # a Milvus keyword is not in this grammar
+    ("label = 'a' && shop = 'b'", 12, "unexpected character '&'"),
+    ("label = 'a' || true", 12, "unexpected character '|'"),
+    ("json_contains(label, 'a')", 0, "unknown field 'json_contains'"),
+    ("label = a", 8, "expected a quoted string or a number, found 'a'"),
+    ("label = 'a\\x'", 10, "backslash"),
+    ("label = 'a\x00b'", 10, "control character U+0000"),
+    ("price < 1e999", 8, "out of range"),
+    ("price < 10abc", 8, "malformed number"),
+    ("größe = 1", 2, "unexpected character 'ö'"),
+    ("label = 'a' !", 12, "'!' must be followed by '='"),
+    ("`` = 1", 0, "`field name`"),
+    ("in = 'a'", 0, "expected a field name"),
+])
+def test_invalid_filters_name_the_position(text, position, words):
+    with pytest.raises(FilterError) as e:
+        parse_filter(text, FIELDS)
+    assert e.value.position == position, str(e.value)
+    assert f"position {position}" in str(e.value) and words in str(e.value), str(e.value)
+
+
+def test_caps_and_blank():
+    assert parse_filter("", FIELDS) is None and parse_filter("  \n", FIELDS) is None
+    with pytest.raises(FilterError, match="longer than 4096"):
+        parse_filter("label = '" + "a" * 5000 + "'", FIELDS)
+    with pytest.raises(FilterError, match="nested more than 32"):
+        parse_filter("(" * 40 + "label = 'a'" + ")" * 40, FIELDS)
+    with pytest.raises(FilterError, match="nested more than 32"):
+        parse_filter("not " * 40 + "label = 'a'", FIELDS)
+    with pytest.raises(FilterError, match="more than 256 comparisons"):
+        parse_filter(" or ".join(["label=1"] * 300), FIELDS)
+    with pytest.raises(FilterError, match="more than 1024 values"):
+        parse_filter("label in (" + ",".join(["1"] * 1100) + ")", FIELDS)
+    assert parse_filter(" or ".join(["label=1"] * 256), FIELDS) is not None
+
+
+def test_numbers_rule():
+    assert [as_number(v) for v in ("9.5", " 10 ", "1e1", "-0", "10 EUR", "", ".5", "0x10", "+1", "nan", None)] == \
+        [9.5, 10.0, 10.0, 0.0, None, None, None, None, None, None, None]
+    assert numeric_metadata({"label": "7", "price": "9.5", "shop": "north"}) == {"label": 7.0, "price": 9.5}
+
+
+# -- SQLite against the reference --------------------------------------------------------------------------------
+
+def random_filter(rng: random.Random, depth: int = 0) -> str:
+    values = ['"north"', '"south"', "'Cardinal'", '"Wren"', "10", "9.5", "2024", '"10"', "-3", '"é北"', "1e1"]
+    r = rng.random()
+    if depth < 3 and r < 0.2:
+        return f"({random_filter(rng, depth + 1)} {rng.choice(['and', 'or'])} {random_filter(rng, depth + 1)})"
+    if depth < 3 and r < 0.3:
+        return f"not {random_filter(rng, depth + 1)}"
+    field = rng.choice(FIELDS)
+    if r < 0.45:
+        return f"{field} {rng.choice(['not in', 'in'])} ({', '.join(rng.sample(values, rng.randint(1, 4)))})"
+    return f"{field} {rng.choice(['=', '!=', '<', '<=', '>', '>='])} {rng.choice(values)}"
+
+
+def test_sqlite_equals_the_reference_on_random_filters(tmp_path):
+    write_metadata(tmp_path / "m.sqlite", [(i, f"/p/{i}", r["label"], {k: v for k, v in r.items() if k != "label"})
+                                           for i, r in enumerate(RECORDS)])
+    import sqlite3
+    con = sqlite3.connect(tmp_path / "m.sqlite")
+    rng = random.Random(0)
+    for _ in range(400):
+        text = random_filter(rng)
+        f = parse_filter(text, FIELDS)
+        where, params = f.to_sqlite()
+        assert "DROP" not in where and "north" not in where  # values are parameters, never in the SQL text
+        got = [r[0] for r in con.execute(f"SELECT id FROM items WHERE {where} ORDER BY id", params)]
+        assert got == ids_matching(text), text
+    hostile = parse_filter('shop = "so\'uth\\"; DROP TABLE items; --"', FIELDS)
+    where, params = hostile.to_sqlite()
+    assert [r[0] for r in con.execute(f"SELECT id FROM items WHERE {where}", params)] == [4]
+    assert con.execute("SELECT COUNT(*) FROM items").fetchone()[0] == len(RECORDS)  # still there
+    con.close()
+
+
+def test_milvus_strings_are_escaped():
+    for value in ['a"b', "a\\b", 'x" or id >= 0 or label == "', "line\nbreak\ttab\r", "é北😀", "'"]:
+        literal = milvus_string(value)
+        assert json.loads(literal) == value  # the escapes Milvus takes are JSON's, so this decodes it back
+        inner = literal[1:-1].replace("\\\\", "").replace('\\"', "")
+        assert '"' not in inner  # no unescaped quote can end the literal early
+    with pytest.raises(ValueError, match="U\\+0001"):
+        milvus_string("a\x01")
+    f = parse_filter('shop = "x\\" or id >= 0" and price < 10', FIELDS)
+    assert f.to_milvus() == ('((exists $meta["shop"] and $meta["shop"] == "x\\" or id >= 0") and '
+                             '(exists $meta["asym_num"]["price"] and $meta["asym_num"]["price"] < 10))')
+
+
+# -- filtered search against brute force -------------------------------------------------------------------------
+
+N, DIM = 3000, 16
+
+
+def vectors(n: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=(n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make_index(folder, factory: str, params: dict) -> tuple[SearchIndex, np.ndarray, list[dict]]:
+    """An index folder of N vectors with ids 0, 2, 4, ... (gaps, as after removals) and metadata columns."""
+    folder.mkdir()
+    x = vectors(N, 0)
+    ids = np.arange(N, dtype=np.int64) * 2
+    index = train_index(new_index(DIM, factory), x, factory)
+    add_blocks(index, [(ids, x)], factory)
+    faiss.write_index(index, str(folder / store_module.INDEX_FILE))
+    records = [{"label": f"class_{i % 50:02d}", "shop": ["north", "south", "east"][i % 3], "price": str(i % 97)}
+               for i in range(N)]
+    write_metadata(folder / store_module.META_FILE,
+                   [(int(i), f"/img/{i}.jpg", r["label"], {"shop": r["shop"], "price": r["price"]})
+                    for i, r in zip(ids, records)])
+    IndexManifest(teacher_id="t", dim=DIM, metric="inner_product", factory=factory, count=N, teacher_model={},
+                  build={}, search_params=params).save(folder / store_module.MANIFEST_FILE)
+    return SearchIndex.open(folder, gpu=False), x, records
+
+
+def brute_force(x: np.ndarray, records: list[dict], q: np.ndarray, k: int, text: str):
+    f = parse_filter(text, ["label", "price", "shop"])
+    rows = np.array([i for i, r in enumerate(records) if f.matches(r)], dtype=np.int64)
+    if len(rows) == 0:
+        return np.zeros((len(q), 0)), np.zeros((len(q), 0), np.int64)
+    s = q @ x[rows].T
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, 1), rows[order] * 2
+
+
+FILTERS = ['shop = "north"',  # a third: on IVF/HNSW above SUBSET_EXACT_MAX when it is patched low
+           'label = "class_07" and price < 50',  # ~0.6%
+           'label in ("class_01", "class_02") and shop = "east"',
+           'price = 13 and shop = "north"',  # ~10 items
+           'label = "class_03" and price = 3 and shop = "north"',  # exactly 1 item (i = 3)
+           'label = "nothing"']
+
+
+@pytest.fixture(scope="module", params=[("Flat", {}), ("IVF32,Flat", {"nprobe": 2}), ("HNSW16", {"efSearch": 16})],
+                ids=["Flat", "IVF", "HNSW"])
+def opened(request, tmp_path_factory):
+    index, x, records = make_index(tmp_path_factory.mktemp("f") / "index", *request.param)
+    yield index, x, records
+    index.close()
+
+
+@pytest.mark.parametrize("k", [1, 10, 40])
+def test_filtered_search_equals_brute_force_over_the_subset(opened, k):
+    """The subset path (every filter here matches at most SUBSET_EXACT_MAX items): exactly min(k, matches) hits,
+    equal to brute force over the matching items, also where the index's own nprobe / efSearch would miss."""
+    index, x, records = opened
+    q = vectors(20, 1)
+    for text in FILTERS:
+        want_s, want_i = brute_force(x, records, q, k, text)
+        got_s, got_i = index.search(q, k, filter=index.parse_filter(text))
+        assert got_i.shape == want_i.shape, text
+        assert (got_i >= 0).all(), text
+        np.testing.assert_array_equal(got_i, want_i, err_msg=text)
+        np.testing.assert_allclose(got_s, want_s, atol=1e-5, err_msg=text)
+    assert index.search(q, 5, filter=index.parse_filter('label = "nothing"'))[1].shape == (20, 0)
+
+
+def test_large_subset_takes_the_ann_and_still_returns_k(opened, monkeypatch):
+    """Above SUBSET_EXACT_MAX the approximate search runs with the selector; a query it leaves short is searched
+    again exactly: every row holds k real hits, all matching the filter; on Flat still equal to brute force."""
+    index, x, records = opened
+    monkeypatch.setattr(store_module, "SUBSET_EXACT_MAX", 5)
+    q = vectors(30, 2)
+    for text, k in (('shop = "north"', 10), ('label = "class_07" and price < 50', 40)):
+        f = index.parse_filter(text)
+        allowed = set(index.matching_ids(f).tolist())
+        got_s, got_i = index.search(q, k, filter=f)
+        want_s, want_i = brute_force(x, records, q, k, text)
+        assert got_i.shape == want_i.shape and (got_i >= 0).all(), text
+        assert set(got_i.ravel().tolist()) <= allowed
+        assert all(len(set(row)) == len(row) for row in got_i.tolist())
+        assert (got_s <= want_s[:, :1] + 1e-5).all()  # never better than the true best
+        if index.manifest.factory == "Flat":
+            np.testing.assert_array_equal(got_i, want_i)
+
+
+def test_ids_come_from_sqlite_and_are_cached(opened):
+    index, _, records = opened
+    f = index.parse_filter('price = 13 and shop = "north"')
+    want = [2 * i for i, r in enumerate(records) if r["price"] == "13" and r["shop"] == "north"]
+    assert index.matching_ids(f).tolist() == want
+    assert index.matching_ids(f) is index.matching_ids(f)
+    with pytest.raises(FilterError, match="unknown field 'year'"):
+        index.parse_filter("year = 1")
+    assert index.filter_fields == ("label", "price", "shop")
+
+
+def test_costly_filter_is_refused_and_the_index_keeps_answering(opened, monkeypatch):
+    index, _, _ = opened
+    monkeypatch.setattr(store_module, "FILTER_SQL_STEPS", 200_000)
+    monkeypatch.setattr(store_module, "_PROGRESS_EVERY", 1000)
+    costly = index.parse_filter(" or ".join(f'price = {i}' for i in range(200)))
+    with pytest.raises(store_module.UserError, match="too costly"):
+        index.search(vectors(1, 3), 5, filter=costly)
+    monkeypatch.undo()
+    assert index.search(vectors(1, 3), 5, filter=index.parse_filter('shop = "north"'))[1].shape == (1, 5)
