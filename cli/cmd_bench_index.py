@@ -30,6 +30,15 @@ def register(commands: Commands) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="faiss OpenMP threads for the faiss part (default: faiss's own; 1 gives stable figures on a "
                         "shared machine)")
+    p.add_argument("--milvus", nargs="?", const="milvus-lite:///tmp/asymsearch-bench-milvus/bench.db", default=None,
+                   metavar="LOCATION",
+                   help="instead of the faiss sweep: Milvus against faiss on the same synthetic vectors at each of "
+                        "--sizes (FLAT and IVF_FLAT with full probing: top-10 agreement; each backend's IVF and HNSW "
+                        "side by side), written to --milvus-out; LOCATION a Milvus Lite file or milvus://HOST:PORT/NAME "
+                        "(default: a Lite file under /tmp); scratch collections are dropped afterwards")
+    p.add_argument("--milvus-out", type=Path, default=Path("docs/results/bench_index_milvus.md"),
+                   help="results of --milvus; a .json beside it (default: %(default)s)")
+    p.add_argument("--nlist", type=int, default=256, help="--milvus: IVF lists on both backends (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("docs/results/bench_index.md"),
                    help="results table; a .json beside it (default: %(default)s)")
     p.set_defaults(func=run)
@@ -53,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         teacher = bench_teacher(args.teacher, items, batch_size=args.batch_size, workers=args.workers,
                                 reps=args.reps, log=log_stderr)
         write_results(args.out, command, teacher, [])
+    if args.milvus:
+        return run_milvus(args, command, sizes)
     ann: list[dict] = []
     if args.threads:
         import faiss
@@ -61,4 +72,23 @@ def run(args: argparse.Namespace) -> int:
               on_result=lambda row: (ann.append(row), write_results(args.out, command, teacher, ann)))
     write_results(args.out, command, teacher, ann)
     print(args.out.read_text())
+    return 0
+
+
+def run_milvus(args: argparse.Namespace, command: str, sizes: list[int]) -> int:
+    from asymsearch.bench.index import check_writable, log_stderr
+    from asymsearch.core.errors import UserError
+    from asymsearch.index.milvus import parse_location
+    parse_location(args.milvus)
+    if not sizes:
+        raise UserError("--milvus needs at least one of --sizes")
+    check_writable(args.milvus_out.with_suffix(".json"), key="milvus")
+    if args.threads:
+        import faiss
+        faiss.omp_set_num_threads(args.threads)  # Milvus Lite searches with the same faiss, in this process
+    from asymsearch.bench.milvus_index import bench_milvus, write_milvus_results
+    rows = bench_milvus(sizes, location=args.milvus, dim=args.dim, queries=args.queries, nlist=args.nlist,
+                        log=log_stderr)
+    write_milvus_results(args.milvus_out, command, rows)
+    print(args.milvus_out.read_text())
     return 0

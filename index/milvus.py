@@ -58,6 +58,24 @@ INSERT_BATCH = 4096  # rows per insert call
 MAX_PATH, MAX_LABEL = 4096, 1024
 SKIPPED_KEPT = 1000  # skipped paths kept in the manifest (the count is always kept)
 MILVUS_FIELDS = ("id", "path", "label")
+NUMBERS_FIELD = "asym_num"  # dynamic field: the row's values that count as numbers (`core.filters` Milvus layout)
+HIDDEN_FIELDS = ("vector", NUMBERS_FIELD)
+
+
+def row_of(i: int, vector: np.ndarray, path: str, label: str, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """One Milvus row: id, vector, path, label, the user's columns as text (dynamic fields), and under
+    `NUMBERS_FIELD` those of label and the columns that count as numbers, which numeric filters compare
+    (`asymsearch.core.filters.Filter.to_milvus`)."""
+    row = {k: str(v) for k, v in (extra or {}).items() if k not in MILVUS_FIELDS and k not in HIDDEN_FIELDS}
+    try:
+        from asymsearch.core.filters import numeric_metadata
+    except ImportError:  # pragma: no cover - filters not installed: only text comparisons can match
+        numbers = {}
+    else:
+        numbers = numeric_metadata({**row, "label": str(label)})
+    row.update(id=int(i), vector=np.asarray(vector, np.float32).tolist(), path=str(path), label=str(label))
+    row[NUMBERS_FIELD] = numbers
+    return row
 
 
 class MilvusUnavailable(StoreUnavailable):
@@ -265,12 +283,7 @@ def insert_rows(client: Any, location: MilvusLocation, collection: str, ids: np.
     """Insert (id, vector, path, label, user columns) rows in batches of `INSERT_BATCH`."""
     vectors = np.asarray(vectors, np.float32)
     for lo in range(0, len(ids), INSERT_BATCH):
-        rows = []
-        for i in range(lo, min(len(ids), lo + INSERT_BATCH)):
-            path, label, extra = records[i]
-            row = {k: str(v) for k, v in (extra or {}).items() if k not in MILVUS_FIELDS and k != "vector"}
-            row.update(id=int(ids[i]), vector=vectors[i].tolist(), path=str(path), label=str(label))
-            rows.append(row)
+        rows = [row_of(int(ids[i]), vectors[i], *records[i]) for i in range(lo, min(len(ids), lo + INSERT_BATCH))]
         _call(location, f"insert into {collection}", client.insert, collection, rows)
 
 
@@ -393,7 +406,7 @@ class MilvusIndex:
             chunk = unique[lo:lo + INSERT_BATCH]
             for row in _call(self.location, f"query of {self.version}", self._client.query, self.version,
                              filter=f"id in {json.dumps(chunk)}", output_fields=["*"]):
-                rec = {k: v for k, v in dict(row).items() if k != "vector"}
+                rec = {k: v for k, v in dict(row).items() if k not in HIDDEN_FIELDS}
                 rec = {**{k: v for k, v in rec.items() if k not in MILVUS_FIELDS},
                        "id": int(rec["id"]), "path": rec["path"], "label": rec["label"]}
                 found[rec["id"]] = rec

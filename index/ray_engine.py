@@ -125,11 +125,9 @@ class MilvusShardWriter(ShardEmbedder):
             start = int(batch["start"][i])
             paths, labels = json.loads(batch["paths"][i]), json.loads(batch["labels"][i])
             extras = json.loads(batch["extras"][i])
-            records = []
-            for r, v in zip(rows, vectors):
-                row = {k: str(x) for k, x in (extras[r - start] or {}).items() if k not in ("id", "path", "label")}
-                row.update(id=int(r), vector=v.tolist(), path=paths[r - start], label=labels[r - start])
-                records.append(row)
+            from asymsearch.index.milvus import row_of
+            records = [row_of(r, v, paths[r - start], labels[r - start], extras[r - start])
+                       for r, v in zip(rows, vectors)]
             for lo in range(0, len(records), 4096):
                 self.client.insert(self.collection, records[lo:lo + 4096])
             out["shard"].append(int(shard))

@@ -376,3 +376,38 @@ def test_a_ray_build_writes_from_the_workers_and_equals_the_local_build(tiny_mod
     r = subprocess.run([sys.executable, str(script), str(tiny_models["teacher"]), str(image_folder),
                         str(tmp_path / "ray.db")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "OK 80" in r.stdout, r.stderr[-3000:]
+
+
+def test_metadata_filters_of_the_grammar_match_brute_force_over_the_subset(lite, tiny_models, image_folder,
+                                                                           tmp_path):
+    filters = pytest.importorskip("asymsearch.core.filters", reason="the filter grammar (core/filters.py)")
+    items = sorted(image_folder.rglob("*.jpg"))
+    import csv
+    shops = ["north", "south", 'we"st']
+    meta = tmp_path / "meta.csv"
+    with open(meta, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "shop", "price"])
+        for i, p in enumerate(items):
+            w.writerow([p.relative_to(image_folder), shops[i % 3], i % 7 if i % 5 else "n/a"])
+    loc = f"{lite}/filtered"
+    build_index(tiny_models["teacher"], image_folder, loc, metadata=meta, progress=False)
+    with open_index(loc) as index:
+        records = index.lookup_records(index.ids())
+        assert all("asym_num" not in r and "vector" not in r for r in records)
+        assert {r["shop"] for r in records} == {"north", "south", 'we"st'}
+        q = np.random.default_rng(7).normal(size=(1, index.dim)).astype(np.float32)
+        _, order = index.search(q, 80)
+        scores_all = dict(zip(order[0].tolist(), range(80)))  # exact ranking of every item (FLAT)
+        fields, sizes = ["label", "shop", "price"], []
+        for text in ('shop = "north" and price < 5', 'not (shop != \'we"st\') or label in ("class_02")',
+                     'price >= 3 and not shop in ("south", "north")', 'shop = "x\\" or label != \\"y"',
+                     "price = 2", "not price = 2"):
+            f = filters.parse_filter(text, fields)
+            subset = [r["id"] for r in records if f.matches(r)]
+            expect = sorted(subset, key=scores_all.get)[:10]
+            _, ids = index.search(q, 10, filter=f)
+            got = [i for i in ids[0].tolist() if i >= 0]
+            assert got == expect, (text, got, expect)
+            sizes.append(len(subset))
+        assert all(n < 80 for n in sizes) and sum(n >= 10 for n in sizes) >= 3, sizes  # real subsets, k reachable
