@@ -62,6 +62,11 @@ def register(commands: Commands) -> None:
     p.add_argument("--tier", default="",
                    help="the server's student tier that embeds the images (see its Info; default: its first); "
                         "with --on-device, the tier whose space the vectors are in")
+    p.add_argument("--filter", default="", metavar="EXPR",
+                   help="only database items matching EXPR, e.g. 'label in (\"Blue_Jay\", \"Cardinal\") and "
+                        "shop = \"north\"': comparisons (= != < <= > >=) of a field with a quoted string or a "
+                        "number, FIELD in (...), and, or, not, parentheses; the fields are label and the index's "
+                        "metadata columns (the server's Info lists them). k results whenever k items match")
     p.add_argument("--on-device", type=existing_path("student ONNX model"), metavar="S.onnx",
                    help="embed locally with this student and send only the vector (its teacher must be the "
                         "served index's)")
@@ -113,13 +118,16 @@ def _run(args: argparse.Namespace) -> int:
         info = client.check() if args.on_device else client.info()  # pairing checked before any image is read
         if info.get("max_k") and args.k > info["max_k"]:
             raise UserError(f"-k {args.k} exceeds the server's max_k of {info['max_k']}")
+        if args.filter and info.get("filter_fields"):  # a malformed filter is one line and exit 2, not N failures
+            from asymsearch.core.filters import parse_filter
+            parse_filter(args.filter, info["filter_fields"])
         from tqdm import tqdm
         with tqdm(total=len(queries), unit="img", file=sys.stderr, disable=True if args.no_progress else None,
                   leave=False) as bar:
             for start in range(0, len(queries), CHUNK):
                 chunk = queries[start:start + CHUNK]
                 for path, result in zip(chunk, _search_chunk(client, chunk, args.k, bool(args.on_device),
-                                                             args.tier)):
+                                                             args.tier, args.filter)):
                     if isinstance(result, Exception):
                         failed += 1
                         bar.clear()
@@ -134,7 +142,8 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def _search_chunk(client: Any, chunk: list[Path | str], k: int, on_device: bool, tier: str = "") -> list[Any]:
+def _search_chunk(client: Any, chunk: list[Path | str], k: int, on_device: bool, tier: str = "",
+                  filter: str = "") -> list[Any]:
     """One BatchSearch call for up to CHUNK images; an image that cannot be read or embedded fails alone. On device
     the vectors carry the local student's id, so a server that never paired that student refuses them."""
     from asymsearch.clients.client import _read_file
@@ -150,9 +159,10 @@ def _search_chunk(client: Any, chunk: list[Path | str], k: int, on_device: bool,
             prepared.append(e)
     sendable = [q for q in prepared if not isinstance(q, Exception)]
     if on_device:
-        search = functools.partial(client.client.batch_search, tier=tier, student_id=client.embedder.student_id)
+        search = functools.partial(client.client.batch_search, tier=tier, student_id=client.embedder.student_id,
+                                   filter=filter)
     else:
-        search = functools.partial(client.batch_search, tier=tier)
+        search = functools.partial(client.batch_search, tier=tier, filter=filter)
     answers: list[Any] = []
     group: list[Any] = []
     size = 0

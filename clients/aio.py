@@ -53,17 +53,19 @@ class AsyncSearchClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._server_info: dict[str, Any] | None = None
 
-    async def search_image(self, image: str | os.PathLike | bytes, k: int = 10, *, tier: str = "") -> list[Hit]:
+    async def search_image(self, image: str | os.PathLike | bytes, k: int = 10, *, tier: str = "",
+                           filter: str = "") -> list[Hit]:
         data = image if isinstance(image, bytes) else _read_file(_path(image))
-        return _hits(await self._call(self._stub.SearchImage, search_pb2.ImageQuery(image=data, k=k, tier=tier)))
+        return _hits(await self._call(self._stub.SearchImage, search_pb2.ImageQuery(image=data, k=k, tier=tier,
+                                                                                    filter=filter)))
 
     async def search_pil(self, image: Any, k: int = 10) -> list[Hit]:
         return await self.search_image(encode_pil(image), k)
 
     async def search_vector(self, vector: Sequence[float] | np.ndarray, k: int = 10, *, tier: str = "",
-                            student_id: str = "") -> list[Hit]:
+                            student_id: str = "", filter: str = "") -> list[Hit]:
         return _hits(await self._call(self._stub.SearchVector, search_pb2.VectorQuery(
-            vector=_vector(vector), k=k, tier=tier, student_id=student_id)))
+            vector=_vector(vector), k=k, tier=tier, student_id=student_id, filter=filter)))
 
     async def search(self, query: Any, k: int = 10) -> list[Hit]:
         """A path, encoded bytes, a PIL image, or a vector."""
@@ -84,10 +86,10 @@ class AsyncSearchClient:
         return await self.search_vector(vector, k, student_id=embedder.student_id)
 
     async def batch_search(self, queries: Sequence[Any], k: int = 10, *, tier: str = "",
-                           student_id: str = "") -> list[list[Hit] | SearchError]:
+                           student_id: str = "", filter: str = "") -> list[list[Hit] | SearchError]:
         """Many queries; split into several calls, one after another, when larger than the server takes in one
-        (as `SearchClient.batch_search`); one entry per query, in order."""
-        request = [_query(q, k, tag, tier, student_id) for tag, q in enumerate(queries)]
+        (as `SearchClient.batch_search`); one entry per query, in order; `filter` goes with every query."""
+        request = [_query(q, k, tag, tier, student_id, filter) for tag, q in enumerate(queries)]
         if not request:
             return []
         if self._server_info is None:

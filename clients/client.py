@@ -222,16 +222,19 @@ class SearchClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._server_info: dict[str, Any] | None = None
 
-    def search_image(self, image: ImageSource, k: int = 10, *, tier: str = "") -> list[Hit]:
+    def search_image(self, image: ImageSource, k: int = 10, *, tier: str = "", filter: str = "") -> list[Hit]:
         """Send an image (a file path or encoded bytes); the server embeds it with the student of `tier` (see
-        `info()["tiers"]`; empty: the server's default tier)."""
-        return hits_from_reply(self.search_image_reply(image, k, tier=tier))
+        `info()["tiers"]`; empty: the server's default tier). `filter`: only items matching this expression, e.g.
+        `label in ("Blue_Jay", "Cardinal") and shop = "north"` (fields: `info()["filter_fields"]`; a malformed one
+        raises `InvalidRequest` naming the position)."""
+        return hits_from_reply(self.search_image_reply(image, k, tier=tier, filter=filter))
 
-    def search_image_reply(self, image: ImageSource, k: int = 10, *, tier: str = "") -> search_pb2.SearchReply:
+    def search_image_reply(self, image: ImageSource, k: int = 10, *, tier: str = "", filter: str = ""
+                           ) -> search_pb2.SearchReply:
         """`search_image`, returning the whole reply: the hits plus the server's own timings and index version
         (`hits_from_reply` turns its hits into `Hit` objects)."""
         data = image if isinstance(image, bytes) else _read_file(Path(image))
-        return self._call(self._stub.SearchImage, search_pb2.ImageQuery(image=data, k=k, tier=tier))
+        return self._call(self._stub.SearchImage, search_pb2.ImageQuery(image=data, k=k, tier=tier, filter=filter))
 
     def search_pil(self, image: Any, k: int = 10) -> list[Hit]:
         """Send a PIL image (encoded losslessly as PNG here); the server embeds it with its student."""
@@ -246,12 +249,12 @@ class SearchClient:
         return self.search_vector(query, k)
 
     def search_vector(self, vector: Sequence[float] | np.ndarray, k: int = 10, *, tier: str = "",
-                      student_id: str = "") -> list[Hit]:
+                      student_id: str = "", filter: str = "") -> list[Hit]:
         """Send a student embedding of the server's dimension (see `info()["dim"]`); the server normalises it.
         `student_id`: the model id of the student that made it; the server refuses the vector when it has not
-        paired that student with its index."""
+        paired that student with its index. `filter` as in `search_image`."""
         return _hits(self._call(self._stub.SearchVector, search_pb2.VectorQuery(
-            vector=_vector(vector), k=k, tier=tier, student_id=student_id)))
+            vector=_vector(vector), k=k, tier=tier, student_id=student_id, filter=filter)))
 
     def search_on_device(self, embedder: OnDeviceEmbedder, image: ImageSource, k: int = 10) -> list[Hit]:
         """Embed `image` locally with `embedder` and send only the vector.
@@ -265,14 +268,14 @@ class SearchClient:
         return self.search_vector(embedder.embed(image), k, student_id=embedder.student_id)
 
     def batch_search(self, queries: Sequence[ImageSource | Sequence[float] | np.ndarray], k: int = 10, *,
-                     tier: str = "", student_id: str = "") -> list[list[Hit] | SearchError]:
+                     tier: str = "", student_id: str = "", filter: str = "") -> list[list[Hit] | SearchError]:
         """Many queries in one call: images (paths or bytes) and/or vectors. One entry per query, in order: its
         hits, or the `SearchError` (e.g. `InvalidRequest`) that query alone failed with.
 
         A batch larger than the server takes in one call (`max_batch_queries` and `max_message_bytes` in its
         Info, asked once and remembered) is sent as several calls, one after another, and the results are put back
-        in the order of `queries`. `tier` and (for the vectors) `student_id` go with every query."""
-        request = [_query(q, k, tag, tier, student_id) for tag, q in enumerate(queries)]
+        in the order of `queries`. `tier`, `filter` and (for the vectors) `student_id` go with every query."""
+        request = [_query(q, k, tag, tier, student_id, filter) for tag, q in enumerate(queries)]
         if not request:
             return []
         if self._server_info is None:
@@ -282,11 +285,12 @@ class SearchClient:
         return in_order([r for reply in replies for r in reply.results], len(request), self.address)
 
     def stream_search(self, queries: Iterable[ImageSource | Sequence[float] | np.ndarray], k: int = 10, *,
-                      tier: str = "") -> Iterator[tuple[int, list[Hit] | SearchError]]:
+                      tier: str = "", filter: str = "") -> Iterator[tuple[int, list[Hit] | SearchError]]:
         """Pipeline `queries` over one stream; yield (position, hits or error) as results arrive (any order).
+        `filter` goes with every query.
 
         Not retried: a broken stream raises `ServerUnavailable`; resend what had no result yet."""
-        requests = (_query(q, k, tag, tier) for tag, q in enumerate(queries))
+        requests = (_query(q, k, tag, tier, filter=filter) for tag, q in enumerate(queries))
         try:
             for r in self._stub.SearchStream(requests, timeout=None, metadata=self._metadata):
                 yield r.tag, _result(r, self.address)
@@ -530,15 +534,15 @@ def _vector(vector: Sequence[float] | np.ndarray) -> list[float]:
 
 
 def _query(q: ImageSource | Sequence[float] | np.ndarray, k: int, tag: int, tier: str = "",
-           student_id: str = "") -> search_pb2.Query:
+           student_id: str = "", filter: str = "") -> search_pb2.Query:
     if isinstance(q, bytes):
-        return search_pb2.Query(image=q, k=k, tag=tag, tier=tier)
+        return search_pb2.Query(image=q, k=k, tag=tag, tier=tier, filter=filter)
     if isinstance(q, (str, os.PathLike)):
-        return search_pb2.Query(image=_read_file(Path(q)), k=k, tag=tag, tier=tier)
+        return search_pb2.Query(image=_read_file(Path(q)), k=k, tag=tag, tier=tier, filter=filter)
     if _is_pil(q):
-        return search_pb2.Query(image=encode_pil(q), k=k, tag=tag, tier=tier)
+        return search_pb2.Query(image=encode_pil(q), k=k, tag=tag, tier=tier, filter=filter)
     return search_pb2.Query(vector=search_pb2.FloatVector(values=_vector(q)), k=k, tag=tag, tier=tier,
-                            student_id=student_id)
+                            student_id=student_id, filter=filter)
 
 
 BATCH_FRAMING_BYTES = 64 * 1024  # room left in a BatchSearch message beside its queries' own bytes

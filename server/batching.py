@@ -100,6 +100,7 @@ class Job:
     nbytes: int = 0  # held in the memory budget until the job is done
     decoded_nbytes: int = 0  # of which the decoded image, released as soon as it is decoded
     tier: Any = None  # the engine's Tier this query was admitted with (it embeds the image, even after a swap)
+    filter: Any = None  # the query's parsed Filter, or None; jobs of one search batch are grouped by it
 
     def expired(self, now: float) -> bool:
         return (self.deadline is not None and now >= self.deadline) or (self.alive is not None and not self.alive())
@@ -286,21 +287,24 @@ class Pipeline:
         return VECTOR_OVERHEAD_BYTES + vector.nbytes, 0
 
     def submit_image(self, data: bytes, k: int, *, deadline: float | None = None,
-                     alive: Callable[[], bool] | None = None, tier: Any = None) -> Future:
+                     alive: Callable[[], bool] | None = None, tier: Any = None, filter: str = "") -> Future:
         k = self.engine.resolve_k(k)
         tier = self.engine.tier(tier)
+        parsed = self.engine.parse_filter(filter)
         (job,) = self._admit([self.image_cost(data, tier)], deadline, alive)
-        job.k, job.tier = k, tier
+        job.k, job.tier, job.filter = k, tier, parsed
         self._decoder(job).submit(self._decode, job, data)
         return job.future
 
     def submit_vector(self, vector: Sequence[float] | np.ndarray, k: int, *, deadline: float | None = None,
-                      alive: Callable[[], bool] | None = None, tier: Any = None, student_id: str = "") -> Future:
+                      alive: Callable[[], bool] | None = None, tier: Any = None, student_id: str = "",
+                      filter: str = "") -> Future:
         k = self.engine.resolve_k(k)
         tier = self.engine.tier(tier)
         v = self.engine.check_vector(vector, student_id)
+        parsed = self.engine.parse_filter(filter)
         (job,) = self._admit([self.vector_cost(v)], deadline, alive)
-        job.k, job.vector, job.tier = k, v, tier
+        job.k, job.vector, job.tier, job.filter = k, v, tier, parsed
         self._searcher.put(job)
         return job.future
 
@@ -308,7 +312,8 @@ class Pipeline:
                     alive: Callable[[], bool] | None = None) -> list[Future]:
         """("image", bytes, k) / ("vector", values, k) queries admitted together (all or none, by count and by
         bytes); a query that is invalid gets a failed future instead of failing the others. A query may go on with
-        its tier and (for a vector) the id of the student that made it: ("vector", values, k, tier, student_id)."""
+        its tier, (for a vector) the id of the student that made it, and its filter text:
+        ("vector", values, k, tier, student_id, filter)."""
         checked: list[tuple[str, object, int, Any] | InvalidQuery] = []
         costs: list[tuple[int, int]] = []
         for kind, payload, k, *rest in queries:
@@ -320,18 +325,19 @@ class Pipeline:
                     cost = self.vector_cost(payload)
                 else:
                     cost = self.image_cost(payload, tier)
+                parsed = self.engine.parse_filter(rest[2] if len(rest) > 2 else "")
             except InvalidQuery as e:
                 checked.append(e)
                 costs.append((0, 0))
                 continue
-            checked.append((kind, payload, k, tier))
+            checked.append((kind, payload, k, tier, parsed))
             costs.append(cost)
         jobs = self._admit(costs, deadline, alive)
         for job, query in zip(jobs, checked):
             if isinstance(query, InvalidQuery):
                 job.fail(query)
                 continue
-            kind, payload, job.k, job.tier = query
+            kind, payload, job.k, job.tier, job.filter = query
             if kind == "vector":
                 job.vector = payload
                 self._searcher.put(job)
@@ -395,10 +401,14 @@ class Pipeline:
         start = time.perf_counter()
         for j in jobs:
             self.metrics.stage("queue", start - j.ready)
-        hits, version = self.engine.search_batch(np.stack([j.vector for j in jobs]), [j.k for j in jobs])
+        hits, version = self.engine.search_batch(np.stack([j.vector for j in jobs]), [j.k for j in jobs],
+                                                 [j.filter for j in jobs])
         end = time.perf_counter()
         self.metrics.stage("search", end - start)
         for j, h in zip(jobs, hits):
+            if isinstance(h, InvalidQuery):  # its filter names a field the index (swapped meanwhile) lacks
+                j.fail(h)
+                continue
             j.future.set_result(SearchResult(
                 h, j.embed_ms, (end - start) * 1e3, version, queue_ms=(start - j.admitted) * 1e3 - j.decode_ms
                 - j.embed_ms, decode_ms=j.decode_ms, batch_size=len(jobs)))

@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from asymsearch.core.errors import InvalidImage, PairingError, UserError
+from asymsearch.core.filters import Filter, FilterError, parse_filter
 from asymsearch.core.manifest import check_pairing
 from asymsearch.core.multiscale import SINGLE_SCALE, index_flip, index_scales
 from asymsearch.core.ort import OnnxEmbedder
@@ -330,7 +331,20 @@ class QueryEngine:
                     "max_k": self.max_k, "default_k": self.default_k, "index_version": served.version,
                     "search_params": {str(k): str(v) for k, v in m.search_params.items()},
                     "student_architecture": json.dumps(self.student.manifest.architecture, sort_keys=True),
-                    "max_pixels": self.max_pixels}
+                    "max_pixels": self.max_pixels, "filter_fields": list(_filter_fields(served.index))}
+
+    def parse_filter(self, text: str) -> Filter | None:
+        """A query's filter text parsed against the served index's fields (None when empty); `InvalidQuery` naming
+        the position, or listing the fields for an unknown one. The index checks the fields again at search time
+        (a swap may change them)."""
+        if not text or not text.strip():
+            return None
+        with self.using_index() as served:
+            fields = _filter_fields(served.index)
+        try:
+            return parse_filter(text, fields)
+        except FilterError as e:
+            raise InvalidQuery(str(e)) from None
 
     def close(self) -> None:
         with self._ref_lock:
@@ -410,25 +424,48 @@ class QueryEngine:
             raise InvalidQuery("the vector has zero length and cannot be normalised")
         return (v / norm).astype(np.float32)
 
-    def search_batch(self, vectors: np.ndarray, ks: Sequence[int]) -> tuple[list[list[Hit]], str]:
-        """Normalised vectors (Q, dim) and a k per query -> the hits of each query and the version that answered.
+    def search_batch(self, vectors: np.ndarray, ks: Sequence[int], filters: Sequence[Filter | None] | None = None
+                     ) -> tuple[list[list[Hit] | InvalidQuery], str]:
+        """Normalised vectors (Q, dim), a k and a filter (or None) per query -> the hits of each query and the
+        version that answered. A query whose filter this index refuses (its fields changed in a swap) gets an
+        `InvalidQuery` in place of its hits; the others are answered.
 
-        One faiss call with the largest k, then one metadata lookup for all the ids of the batch.
+        One faiss call per distinct filter (queries with different filters cannot share one), with the largest k
+        of its queries, then one metadata lookup for all the ids of the batch.
         """
+        groups: dict[str, list[int]] = {}
+        for row, f in enumerate(filters if filters is not None else [None] * len(ks)):
+            groups.setdefault(f.canonical if f is not None else "", []).append(row)
         with self.using_index() as served:
             index = served.index
             if index.count == 0:
                 return [[] for _ in ks], served.version
+            wanted: list[Any] = [None] * len(ks)
             try:
-                scores, ids = index.search(vectors, max(ks))
-                wanted = [(row, ids[row, :k][ids[row, :k] >= 0], scores[row, :k][ids[row, :k] >= 0])
-                          for row, k in enumerate(ks)]  # approximate indexes pad with -1 when they find fewer than k
-                unique = sorted({int(i) for _, row_ids, _ in wanted for i in row_ids})
+                for rows in groups.values():
+                    f = filters[rows[0]] if filters is not None else None
+                    try:
+                        scores, ids = (index.search(vectors[rows], max(ks[r] for r in rows), filter=f) if f is not None
+                                       else index.search(vectors[rows], max(ks[r] for r in rows)))
+                    except StoreUnavailable:
+                        raise
+                    except UserError as e:  # e.g. a field this version no longer has
+                        for r in rows:
+                            wanted[r] = e if isinstance(e, InvalidQuery) else InvalidQuery(str(e))
+                        continue
+                    for j, r in enumerate(rows):  # approximate indexes pad with -1 when they find fewer than k
+                        keep = ids[j, :ks[r]] >= 0
+                        wanted[r] = (r, ids[j, :ks[r]][keep], scores[j, :ks[r]][keep])
+                unique = sorted({int(i) for w in wanted if isinstance(w, tuple) for i in w[1]})
                 records = _lookup(index, unique)
             except StoreUnavailable as e:
                 raise IndexUnavailable(str(e)) from None
-        out = []
-        for _, row_ids, row_scores in wanted:
+        out: list[list[Hit] | InvalidQuery] = []
+        for w in wanted:
+            if isinstance(w, InvalidQuery):
+                out.append(w)
+                continue
+            _, row_ids, row_scores = w
             hits = []
             for i, s in zip(row_ids.tolist(), row_scores.tolist()):
                 path, label, meta = records[i]
@@ -438,18 +475,20 @@ class QueryEngine:
 
     # -- one query at a time (no batching) ------------------------------------------------------------------
 
-    def search_image(self, data: bytes, k: int, tier: str = "") -> SearchResult:
-        """Decode `data`, embed it with the tier's student and search. `k == 0` means `default_k`."""
+    def search_image(self, data: bytes, k: int, tier: str = "", *, filter: str = "") -> SearchResult:
+        """Decode `data`, embed it with the tier's student and search (only the items matching `filter`, when
+        given). `k == 0` means `default_k`."""
         k = self.resolve_k(k)
         t = self.tier(tier)
+        parsed = self.parse_filter(filter)
         start = time.perf_counter()
         pixels = self.prepare_image(data, t)
         vector = self.normalise(self.embed_prepared(pixels[None], t)[0])
         embed_ms = (time.perf_counter() - start) * 1e3
-        return self._search_one(vector, k, embed_ms)
+        return self._search_one(vector, k, embed_ms, parsed)
 
     def search_vector(self, vector: Sequence[float] | np.ndarray, k: int, tier: str = "",
-                      student_id: str = "") -> SearchResult:
+                      student_id: str = "", *, filter: str = "") -> SearchResult:
         """Search with a vector the student computed elsewhere (e.g. on the user's device).
 
         The vector must have the index's dimension and finite values; the engine L2-normalises it before the
@@ -457,11 +496,14 @@ class QueryEngine:
         """
         k = self.resolve_k(k)
         self.tier(tier)
-        return self._search_one(self.check_vector(vector, student_id), k, 0.0)
+        parsed = self.parse_filter(filter)
+        return self._search_one(self.check_vector(vector, student_id), k, 0.0, parsed)
 
-    def _search_one(self, v: np.ndarray, k: int, embed_ms: float) -> SearchResult:
+    def _search_one(self, v: np.ndarray, k: int, embed_ms: float, filter: Filter | None = None) -> SearchResult:
         start = time.perf_counter()
-        (hits,), version = self.search_batch(v[None, :], [k])
+        (hits,), version = self.search_batch(v[None, :], [k], [filter])
+        if isinstance(hits, InvalidQuery):
+            raise hits
         return SearchResult(hits, embed_ms, (time.perf_counter() - start) * 1e3, version)
 
 
@@ -484,6 +526,11 @@ def _log_scales(index: SearchIndex) -> None:
         log.info("index %s was embedded at scales %s%s; queries are embedded once, at scale 1, by the student",
                  index.folder, ", ".join(f"{s:.3g}" for s in scales), ", with flip" if flip else "",
                  extra={"event": "index_multiscale", "scales": list(scales), "flip": flip})
+
+
+def _filter_fields(index: Any) -> tuple[str, ...]:
+    """What a filter may name on `index`: its `filter_fields` (label and the user metadata columns)."""
+    return tuple(getattr(index, "filter_fields", ("label",)))
 
 
 def _lookup(index: SearchIndex, ids: list[int]) -> dict[int, tuple[str, str, dict[str, str]]]:

@@ -46,13 +46,13 @@ def query_result(tag: int, future: concurrent.futures.Future | None = None,
     return search_pb2.QueryResult(tag=tag, code=code.value[0], message=message)
 
 
-def parse_query(q: search_pb2.Query) -> tuple[str, object, int, str, str]:
-    """(kind, payload, k, tier, student_id) of one query of a batch or stream."""
+def parse_query(q: search_pb2.Query) -> tuple[str, object, int, str, str, str]:
+    """(kind, payload, k, tier, student_id, filter) of one query of a batch or stream."""
     kind = q.WhichOneof("query")
     if kind == "image":
-        return "image", q.image, q.k, q.tier, ""
+        return "image", q.image, q.k, q.tier, "", q.filter
     if kind == "vector":
-        return "vector", q.vector.values, q.k, q.tier, q.student_id
+        return "vector", q.vector.values, q.k, q.tier, q.student_id, q.filter
     raise InvalidQuery("empty query: it carries neither an image nor a vector")
 
 
@@ -128,12 +128,13 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
 
     @rpc_errors
     async def SearchImage(self, request, context):
-        return await self._one(self._pipeline().submit_image, request.image, request.k, context, tier=request.tier)
+        return await self._one(self._pipeline().submit_image, request.image, request.k, context, tier=request.tier,
+                               filter=request.filter)
 
     @rpc_errors
     async def SearchVector(self, request, context):
         return await self._one(self._pipeline().submit_vector, request.vector, request.k, context,
-                               tier=request.tier, student_id=request.student_id)
+                               tier=request.tier, student_id=request.student_id, filter=request.filter)
 
     @rpc_errors
     async def BatchSearch(self, request, context):
@@ -144,7 +145,7 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
         if n > limit:
             raise InvalidQuery(f"{n} queries in one batch; the limit is {limit} (max_batch_queries in Info; the "
                                f"SDK's batch_search splits larger batches)")
-        parsed: list[tuple[str, object, int, str, str] | InvalidQuery] = []
+        parsed: list[tuple[str, object, int, str, str, str] | InvalidQuery] = []
         for q in request.queries:
             try:
                 parsed.append(parse_query(q))
@@ -188,13 +189,13 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
                     await window.acquire()
                     in_progress[0] += 1
                     try:
-                        kind, payload, k, tier, student_id = parse_query(q)
+                        kind, payload, k, tier, student_id, filter_text = parse_query(q)
                         if kind == "image":
                             future = pipeline.submit_image(payload, k, deadline=caller.deadline, alive=caller.alive,
-                                                           tier=tier)
+                                                           tier=tier, filter=filter_text)
                         else:
-                            future = pipeline.submit_vector(payload, k, deadline=caller.deadline,
-                                                            alive=caller.alive, tier=tier, student_id=student_id)
+                            future = pipeline.submit_vector(payload, k, deadline=caller.deadline, alive=caller.alive,
+                                                            tier=tier, student_id=student_id, filter=filter_text)
                     except Exception as e:  # refused alone: its result says why, the stream goes on
                         results.put_nowait(query_result(q.tag, error=e))
                         continue

@@ -4,10 +4,12 @@ force over the matching subset (min(k, matches) results, also for a filter match
 over a real channel to an in-process server, each hostile filter followed by a good filtered request."""
 from __future__ import annotations
 
+import csv
 import json
 import random
 
 import faiss
+import grpc
 import numpy as np
 import pytest
 
@@ -285,3 +287,139 @@ def test_costly_filter_is_refused_and_the_index_keeps_answering(opened, monkeypa
         index.search(vectors(1, 3), 5, filter=costly)
     monkeypatch.undo()
     assert index.search(vectors(1, 3), 5, filter=index.parse_filter('shop = "north"'))[1].shape == (1, 5)
+
+
+# -- over a real channel -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, image_folder, tiny_models):
+    """An index of the 80 test images with metadata columns shop and price, served in-process on port 0."""
+    from asymsearch.core.data import list_image_folder
+    from asymsearch.index.build import build_index
+    from asymsearch.server.engine import QueryEngine
+    from asymsearch.server.service import create_server
+    folder = tmp_path_factory.mktemp("served")
+    items = list_image_folder(image_folder)
+    with open(folder / "meta.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "shop", "price"])
+        for i, item in enumerate(items):
+            w.writerow([item.path, ["north", "south"][i % 2], str(i % 7)])
+    build_index(tiny_models["teacher"], image_folder, folder / "index", metadata=str(folder / "meta.csv"),
+                progress=False)
+    engine = QueryEngine.open(folder / "index", tiny_models["student"], max_k=100)
+    server, port = create_server(engine)
+    yield f"127.0.0.1:{port}", engine, items
+    server.stop(None)
+    engine.close()
+
+
+HOSTILE = [('label = "x" ; DROP TABLE items', "position 12"),
+           ("shop = 'north' -- and", "position 15"),
+           ("1=1 or shop = 'north'", "position 0"),
+           ('colour = "red"', "the fields are: label, price, shop"),
+           ('shop like "n%"', "position 5"),
+           ("shop = 'north' || true", "position 15"),
+           ('shop = "a\x00"', "position 9"),
+           ("(" * 50 + "shop = 'north'" + ")" * 50, "nested more than 32")]
+GOOD = ['shop = "north" and price < 3', 'label in ("class_01", "class_04") and not price = 2', 'price >= 6',
+        'label = "class_02" and shop = "south" and price = 1']
+
+
+def reference(stub, vector, k: int, text: str) -> list[int]:
+    """Brute force over the matching subset, independently of the filter path: the unfiltered ranking of every
+    item (a Flat index), kept where the plain-Python reference matches the hit's label and metadata."""
+    from asymsearch.protos.v1 import search_pb2
+    f = parse_filter(text, ["label", "price", "shop"])
+    every = stub.SearchVector(search_pb2.VectorQuery(vector=vector, k=80), timeout=30).hits
+    return [h.id for h in every if f.matches({"label": h.label, **dict(h.metadata)})][:k]
+
+
+def test_every_rpc_refuses_hostile_filters_and_then_answers(served):
+    from asymsearch.protos.v1 import search_pb2, search_pb2_grpc
+    address, engine, items = served
+    q = np.random.default_rng(5).normal(size=(4, engine.dim)).astype(np.float32)
+    image = open(items[3].path, "rb").read()
+    with grpc.insecure_channel(address) as channel:
+        stub = search_pb2_grpc.SearchStub(channel)
+        assert list(stub.Info(search_pb2.InfoRequest(), timeout=10).filter_fields) == ["label", "price", "shop"]
+        for text, words in HOSTILE:
+            for call, request in ((stub.SearchVector, search_pb2.VectorQuery(vector=q[0], k=5, filter=text)),
+                                  (stub.SearchImage, search_pb2.ImageQuery(image=image, k=5, filter=text))):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(request, timeout=30)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, text
+                assert words in refused.value.details(), refused.value.details()
+                good = GOOD[len(text) % len(GOOD)]
+                got = [h.id for h in call(type(request)(**{**{f.name: getattr(request, f.name) for f in
+                                                              request.DESCRIPTOR.fields}, "filter": good}),
+                                          timeout=30).hits]
+                want_vector = q[0] if call is stub.SearchVector else engine.embed_prepared(
+                    engine.prepare_image(image)[None])[0]
+                assert got == reference(stub, want_vector, 5, good), good
+        # BatchSearch: hostile and good filters in one batch, each query answered for itself; the good ones with
+        # different filters each equal their own reference (they cannot share one faiss call)
+        queries = [search_pb2.Query(vector=search_pb2.FloatVector(values=q[i % 4]), k=4, tag=i,
+                                    filter=(HOSTILE[i // 2][0] if i % 2 == 0 else GOOD[i % 4]))
+                   for i in range(12)]
+        results = stub.BatchSearch(search_pb2.BatchSearchRequest(queries=queries), timeout=60).results
+        for i, r in enumerate(results):
+            assert r.tag == i
+            if i % 2 == 0:
+                assert r.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and HOSTILE[i // 2][1] in r.message
+            else:
+                assert r.code == 0, r.message
+                assert [h.id for h in r.reply.hits] == reference(stub, q[i % 4], 4, GOOD[i % 4])
+        # SearchStream: a hostile filter fails its own result, the stream goes on
+        stream = list(stub.SearchStream(iter(queries), timeout=60))
+        by_tag = {r.tag: r for r in stream}
+        assert sorted(by_tag) == list(range(12))
+        for i, r in by_tag.items():
+            if i % 2 == 0:
+                assert r.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and HOSTILE[i // 2][1] in r.message
+            else:
+                assert r.code == 0 and [h.id for h in r.reply.hits] == reference(stub, q[i % 4], 4, GOOD[i % 4])
+
+
+def test_sdk_filters_and_few_matches(served):
+    """The SDK's filter= on every call; a filter matching 2 items returns both for k=10; none matching, none."""
+    from asymsearch.clients.client import InvalidRequest, SearchClient
+    address, engine, items = served
+    q = np.random.default_rng(6).normal(size=(3, engine.dim)).astype(np.float32)
+    few = 'label = "class_02" and shop = "south" and price = 1'
+    with SearchClient(address, timeout=30) as client:
+        hits = client.search_vector(q[0], k=10, filter=few)
+        assert 1 <= len(hits) < 10 and all(h.label == "class_02" and h.metadata["shop"] == "south" and
+                                           h.metadata["price"] == "1" for h in hits)
+        assert client.search_vector(q[0], k=10, filter='label = "none"') == []
+        assert [h.id for h in client.search_image(items[5].path, k=3, filter="price = 4")] == \
+            [h.id for h in client.search_image(items[5].path, k=80) if h.metadata["price"] == "4"][:3]
+        with pytest.raises(InvalidRequest, match="position 0"):
+            client.search_vector(q[0], k=3, filter="= 3")
+        batch = client.batch_search([q[1], items[0].path], k=5, filter='shop = "north"')
+        assert all(h.metadata["shop"] == "north" for hits in batch for h in hits) and len(batch[0]) == 5
+        streamed = dict(client.stream_search([q[2]], k=5, filter="price > 4"))
+        assert [h.metadata["price"] for h in streamed[0]] and all(h.metadata["price"] in ("5", "6")
+                                                                  for h in streamed[0])
+        assert len(client.search_vector(q[0], k=5)) == 5  # and unfiltered still works
+
+
+def test_cli_query_filter(served, capsys):
+    """`asymsearch query --filter`: a malformed filter is one line and exit 2 before any image is sent; a good
+    one answers with only matching items, as the SDK does."""
+    from asymsearch.cli.main import main
+    from asymsearch.clients.client import SearchClient
+    address, _, items = served
+    capsys.readouterr()
+    assert main(["query", items[2].path, "--server", address, "-k", "4", "--filter", "shop = 'north' ;"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "position 15" in err[0] and "unexpected character ';'" in err[0], err
+    assert main(["query", items[2].path, "--server", address, "-k", "4", "--filter", "colour = 1"]) == 2
+    assert "the fields are: label, price, shop" in capsys.readouterr().err
+    good = 'shop = "south" and price in (1, 2, 3)'
+    assert main(["query", items[2].path, "--server", address, "-k", "4", "--json", "--filter", good]) == 0
+    record = json.loads(capsys.readouterr().out)
+    with SearchClient(address, timeout=30) as client:
+        expected = client.search_image(items[2].path, k=4, filter=good)
+    assert [h["id"] for h in record["hits"]] == [h.id for h in expected] and len(expected) == 4
+    assert all(h.metadata["shop"] == "south" and h.metadata["price"] in "123" for h in expected)
