@@ -165,6 +165,10 @@ def gate_tier(tier: Tier, index: Any, policy: GatePolicy, probe: ProbeSet | None
     if probe is None:
         probe = require_probe(index) if policy.required else find_probe(index)
     if probe is None:
+        log.warning("tier %r (student %s) is not gated: the index %s has no probe set (built before probe sets, or "
+                    "kept in Milvus); Info reports it with gated false", tier.name, tier.student_id,
+                    getattr(index, "root", getattr(index, "folder", "")),
+                    extra={"event": "tier_ungated", "tier": tier.name, "student_id": tier.student_id})
         return dataclasses.replace(tier, gate=None)
     result = check_student(tier.student, probe, **({"max_pixels": max_pixels} if max_pixels else {}))
     if policy.min_ratio is not None:
