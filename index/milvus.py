@@ -287,6 +287,14 @@ def insert_rows(client: Any, location: MilvusLocation, collection: str, ids: np.
         _call(location, f"insert into {collection}", client.insert, collection, rows)
 
 
+def row_count(client: Any, location: MilvusLocation, collection: str) -> int:
+    """The rows `collection` holds, deletes applied (`count(*)`; a server's collection statistics may still count
+    deleted rows until compaction)."""
+    rows = _call(location, f"count(*) of {collection}", client.query, collection, filter="",
+                 output_fields=["count(*)"])
+    return int(rows[0]["count(*)"])
+
+
 def finish_collection(client: Any, location: MilvusLocation, collection: str, kind: str, build: dict) -> None:
     """Flush, build the vector index, load: the collection is searchable."""
     _call(location, f"flush {collection}", client.flush, collection)
@@ -352,8 +360,7 @@ class MilvusIndex:
                             f"`asymsearch index build --out {loc}`")
         manifest = read_manifest(client, loc, collection)
         _call(loc, f"load {collection}", client.load_collection, collection)
-        stats = _call(loc, f"statistics of {collection}", client.get_collection_stats, collection)
-        held = int(stats.get("row_count", -1))
+        held = row_count(client, loc, collection)
         if held != manifest.count:
             raise ManifestError(f"Milvus collection {collection} holds {held} rows but its manifest says "
                                 f"{manifest.count}; rebuild the index")
@@ -480,7 +487,7 @@ def publish_blocks(location: str | MilvusLocation, manifest: IndexManifest,
         for ids, vectors, records in blocks:
             insert_rows(client, loc, collection, ids, vectors, records)
         finish_collection(client, loc, collection, kind, build)
-        count = int(_call(loc, "statistics", client.get_collection_stats, collection).get("row_count", 0))
+        count = row_count(client, loc, collection)
         if count == 0:
             raise UserError(f"nothing was written to {collection}; no index published")
         manifest = dataclasses.replace(manifest, count=count,
@@ -506,7 +513,9 @@ def open_live(location: str | MilvusLocation) -> tuple[MilvusLocation, Any, str,
     collection = live_collection(client, loc)
     if collection is None:
         raise UserError(f"{loc} holds no index (no alias {loc.name!r} at {loc.address})")
-    return loc, client, collection, read_manifest(client, loc, collection)
+    manifest = read_manifest(client, loc, collection)
+    _call(loc, f"load {collection}", client.load_collection, collection)  # queries need it (a no-op when loaded)
+    return loc, client, collection, manifest
 
 
 def _record_change(manifest: IndexManifest, change: dict, count: int, next_id: int, collection: str) -> IndexManifest:
@@ -524,7 +533,7 @@ def add_rows(location: str | MilvusLocation, ids_vectors_records: tuple[np.ndarr
     ids, vectors, records = ids_vectors_records
     insert_rows(client, loc, collection, ids, vectors, records)
     _call(loc, f"flush {collection}", client.flush, collection)
-    count = int(_call(loc, "statistics", client.get_collection_stats, collection).get("row_count", 0))
+    count = row_count(client, loc, collection)
     next_id = max(int(manifest.build.get("next_id", manifest.count)), int(ids.max()) + 1 if len(ids) else 0)
     new = _record_change(manifest, change, count, next_id, collection)
     write_manifest(client, loc, collection, new)
@@ -550,7 +559,7 @@ def remove_rows(location: str | MilvusLocation, ids: Sequence[int]) -> tuple[Ind
         raise UserError(f"removing all {manifest.count} images would leave the index empty; build a new one")
     _call(loc, f"delete from {collection}", client.delete, collection, ids=wanted)
     _call(loc, f"flush {collection}", client.flush, collection)
-    count = int(_call(loc, "statistics", client.get_collection_stats, collection).get("row_count", 0))
+    count = row_count(client, loc, collection)
     new = _record_change(manifest, {"op": "remove", "count": len(wanted), "ids": wanted[:1000]}, count,
                          int(manifest.build.get("next_id", manifest.count)), collection)
     write_manifest(client, loc, collection, new)
