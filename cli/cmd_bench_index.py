@@ -39,6 +39,14 @@ def register(commands: Commands) -> None:
     p.add_argument("--milvus-out", type=Path, default=Path("docs/results/bench_index_milvus.md"),
                    help="results of --milvus; a .json beside it (default: %(default)s)")
     p.add_argument("--nlist", type=int, default=256, help="--milvus: IVF lists on both backends (default: %(default)s)")
+    p.add_argument("--filter-bench", action="store_true",
+                   help="only the filtered-query bench: an index folder of --filter-size synthetic vectors of "
+                        "--filter-dim with metadata; filters matching 1%% (and ~50%%) searched on Flat, IVF and HNSW "
+                        "against brute force over the matching items (writes --filter-out)")
+    p.add_argument("--filter-size", type=int, default=1_000_000, help="--filter-bench items (default: %(default)s)")
+    p.add_argument("--filter-dim", type=int, default=32, help="--filter-bench dimension (default: %(default)s)")
+    p.add_argument("--filter-out", type=Path, default=Path("docs/results/bench_index_filter.md"),
+                   help="results of --filter-bench; a .json beside it (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("docs/results/bench_index.md"),
                    help="results table; a .json beside it (default: %(default)s)")
     p.set_defaults(func=run)
@@ -49,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from asymsearch.core.data import list_images_flat
     from asymsearch.core.errors import UserError
     command = "asymsearch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.filter_bench:
+        return run_filter(args, command)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     factories = None
     if args.factories:
@@ -91,4 +101,21 @@ def run_milvus(args: argparse.Namespace, command: str, sizes: list[int]) -> int:
                         log=log_stderr)
     write_milvus_results(args.milvus_out, command, rows)
     print(args.milvus_out.read_text())
+    return 0
+
+
+def run_filter(args: argparse.Namespace, command: str) -> int:
+    from asymsearch.bench.index import check_writable, log_stderr
+    from asymsearch.bench.index_filter import bench_filters, write_filter_results
+    from asymsearch.core.errors import UserError
+    if args.filter_size < 1000 or args.filter_dim < 1:
+        raise UserError(f"--filter-size must be at least 1000 and --filter-dim positive, got {args.filter_size}, "
+                        f"{args.filter_dim}")
+    check_writable(args.filter_out.with_suffix(".json"), key="filters")
+    if args.threads:
+        import faiss
+        faiss.omp_set_num_threads(args.threads)
+    rows = bench_filters(args.filter_size, args.filter_dim, queries=min(args.queries, 1000), log=log_stderr)
+    write_filter_results(args.filter_out, command, rows)
+    print(args.filter_out.read_text())
     return 0
