@@ -346,6 +346,10 @@ class MilvusIndex:
         self._client = client
         self._kind, self._build, self._search = milvus_index(manifest.factory, manifest.search_params)
         self._closed = False
+        # what a filter may name: label and the user metadata columns the builds and adds recorded
+        self.filter_fields: tuple[str, ...] = ("label", *(str(c) for c in manifest.build.get("metadata_columns", [])
+                                                          if c not in MILVUS_FIELDS))
+        self.backend = "milvus"
 
     @classmethod
     def open(cls, location: str | MilvusLocation, *, collection: str | None = None,
@@ -390,7 +394,15 @@ class MilvusIndex:
         if self._closed:
             raise ValueError(f"index {self.location} ({self.version}) is closed")
         kk = min(int(k), self.count)
-        expr = filter.to_milvus() if filter is not None else ""
+        expr = ""
+        if filter is not None:
+            unknown = [f for f in getattr(filter, "fields", ()) if f not in self.filter_fields]
+            if unknown:  # parsed against another index (e.g. before a swap): parse again, for the position
+                from asymsearch.core.filters import parse_filter
+                parse_filter(filter.text, self.filter_fields)
+                raise UserError(f"filter field {unknown[0]!r} is not in this index; the fields are: "
+                                f"{', '.join(self.filter_fields)}")
+            expr = filter.to_milvus()
         rows = _call(self.location, f"search in {self.version}", self._client.search, self.version,
                      data=np.asarray(vectors, np.float32).tolist(), limit=max(kk, 1), filter=expr,
                      output_fields=[], search_params={"metric_type": "IP", "params": dict(self._search)})
@@ -441,6 +453,11 @@ class MilvusIndex:
     def __repr__(self) -> str:
         return (f"MilvusIndex({str(self.location)!r}, version={self.version!r}, factory={self.manifest.factory!r}, "
                 f"count={self.count}, dim={self.dim}, teacher_id={self.teacher_id!r})")
+
+
+def metadata_columns(columns: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The user's metadata column names over all rows of a `read_metadata_csv` result, sorted."""
+    return sorted({str(k) for row in columns.values() for k in row if k not in MILVUS_FIELDS})
 
 
 def iter_ids(client: Any, location: MilvusLocation, collection: str, batch: int = INSERT_BATCH) -> Iterator[int]:
@@ -536,6 +553,8 @@ def add_rows(location: str | MilvusLocation, ids_vectors_records: tuple[np.ndarr
     count = row_count(client, loc, collection)
     next_id = max(int(manifest.build.get("next_id", manifest.count)), int(ids.max()) + 1 if len(ids) else 0)
     new = _record_change(manifest, change, count, next_id, collection)
+    if "metadata_columns" in change:
+        new = dataclasses.replace(new, build={**new.build, "metadata_columns": change["metadata_columns"]})
     write_manifest(client, loc, collection, new)
     return new, collection
 
@@ -642,7 +661,8 @@ def build_into_milvus(config: Any, *, progress: bool = True) -> IndexManifest:
             build={"images": str(plan.images), "classes": config.classes, "batch_size": config.batch_size,
                    "shard_size": config.shard_size, "engine": config.engine, "scales": list(plan.scales),
                    "preprocessing": e.manifest.preprocessing.to_dict(), "next_id": len(plan.items),
-                   "backend": "milvus", **({"flip": True} if config.flip else {}),
+                   "backend": "milvus", "metadata_columns": metadata_columns(plan.columns),
+                   **({"flip": True} if config.flip else {}),
                    **({"metadata": config.metadata} if config.metadata else {})},
             search_params=dict(config.search_params))
         items, columns = plan.items, plan.columns
@@ -723,7 +743,9 @@ def add_images(location: str, teacher: str | os.PathLike, images: str | os.PathL
         vectors = np.concatenate([v for _, v, _ in store.iter_shards(mmap=False)])
         kept = [items[r] for r in rows]
         records = [(item.path, item.label, columns.get(item.path)) for item in kept]
+        known = list(manifest.build.get("metadata_columns", []))
         change = {"op": "add", "images": str(images), "count": int(len(rows)), "first_id": next_id,
+                  "metadata_columns": sorted(set(known) | set(metadata_columns(columns))),
                   "scales": list(index_scales(manifest)), "skipped": [p for p, _ in skipped][:SKIPPED_KEPT]}
         new, collection = add_rows(loc, (ids, vectors, records), change)
         return new, collection, True

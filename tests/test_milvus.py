@@ -399,7 +399,8 @@ def test_metadata_filters_of_the_grammar_match_brute_force_over_the_subset(lite,
         q = np.random.default_rng(7).normal(size=(1, index.dim)).astype(np.float32)
         _, order = index.search(q, 80)
         scores_all = dict(zip(order[0].tolist(), range(80)))  # exact ranking of every item (FLAT)
-        fields, sizes = ["label", "shop", "price"], []
+        assert index.filter_fields == ("label", "price", "shop")
+        fields, sizes = list(index.filter_fields), []
         for text in ('shop = "north" and price < 5', 'not (shop != \'we"st\') or label in ("class_02")',
                      'price >= 3 and not shop in ("south", "north")', 'shop = "x\\" or label != \\"y"',
                      "price = 2", "not price = 2"):
@@ -411,3 +412,37 @@ def test_metadata_filters_of_the_grammar_match_brute_force_over_the_subset(lite,
             assert got == expect, (text, got, expect)
             sizes.append(len(subset))
         assert all(n < 80 for n in sizes) and sum(n >= 10 for n in sizes) >= 3, sizes  # real subsets, k reachable
+        with pytest.raises(UserError, match="fields are: label, price, shop"):  # parsed for another index
+            index.search(q, 10, filter=filters.parse_filter('colour = "red"', ["label", "colour"]))
+        _, ids = index.search(q, 10, filter=filters.parse_filter("price = 2", fields))  # and it still answers
+        assert (ids >= 0).sum() > 0
+
+
+def test_filters_over_the_wire_on_a_milvus_served_index(lite, built, tiny_models):
+    filters = pytest.importorskip("asymsearch.core.filters", reason="the filter grammar (core/filters.py)")
+    engine = QueryEngine.open(built["loc"], tiny_models["student"])
+    server, port = create_server(engine, expose_paths=True)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = search_pb2_grpc.SearchStub(channel)
+    try:
+        with open_index(built["loc"]) as index:
+            records = {r["id"]: r for r in index.lookup_records(index.ids())}
+            v = np.random.default_rng(11).normal(size=16).astype(np.float32)
+            q = (v / np.linalg.norm(v))[None]
+            _, everything = index.search(q, 80)
+        text = 'label in ("class_01", "class_05") and not label = "class_05"'
+        f = filters.parse_filter(text, ["label"])
+        expect = [i for i in everything[0].tolist() if f.matches(records[i])][:10]
+        r = stub.SearchVector(search_pb2.VectorQuery(vector=v.tolist(), k=10, filter=text), timeout=30)
+        assert [h.id for h in r.hits] == expect and len(expect) == 10
+        assert {h.label for h in r.hits} == {"class_01"}
+        for bad in ('label = "a" or', 'colour = "red"', 'label = "x"; drop collection flat__v000001'):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.SearchVector(search_pb2.VectorQuery(vector=v.tolist(), k=10, filter=bad), timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        r = stub.SearchVector(search_pb2.VectorQuery(vector=v.tolist(), k=10), timeout=30)  # still serving
+        assert [h.id for h in r.hits] == everything[0].tolist()[:10]
+    finally:
+        channel.close()
+        server.stop(None)
+        engine.close()
