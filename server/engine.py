@@ -331,7 +331,8 @@ class QueryEngine:
                     "max_k": self.max_k, "default_k": self.default_k, "index_version": served.version,
                     "search_params": {str(k): str(v) for k, v in m.search_params.items()},
                     "student_architecture": json.dumps(self.student.manifest.architecture, sort_keys=True),
-                    "max_pixels": self.max_pixels, "filter_fields": list(_filter_fields(served.index))}
+                    "max_pixels": self.max_pixels, "filter_fields": list(_filter_fields(served.index)),
+                    "backend": str(getattr(served.index, "backend", "faiss"))}
 
     def parse_filter(self, text: str) -> Filter | None:
         """A query's filter text parsed against the served index's fields (None when empty); `InvalidQuery` naming

@@ -250,7 +250,7 @@ def test_alias_swap_under_load_without_a_failed_request_then_rollback(lite, tiny
         assert load.versions[-1] == "swap__v000001"
         with SearchClient(f"127.0.0.1:{port}") as client:
             info = client.info()
-            assert (info["index_version"], info["count"]) == ("swap__v000001", 80)
+            assert (info["index_version"], info["count"], info["backend"]) == ("swap__v000001", 80, "milvus")
             assert len(client.search_image(images[0], k=80)) == 80
     finally:
         server.stop(None)
