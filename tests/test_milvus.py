@@ -446,3 +446,12 @@ def test_filters_over_the_wire_on_a_milvus_served_index(lite, built, tiny_models
         channel.close()
         server.stop(None)
         engine.close()
+
+
+def test_a_collection_of_another_dimension_is_refused_at_start(lite, tiny_models, image_folder, tmp_path):
+    wide = make_linear_onnx(tmp_path / "wide.onnx", role="teacher", teacher_id="teacher-a",
+                            weight=np.random.default_rng(2).normal(size=(48, 24)))
+    loc = f"{lite}/wide"
+    build_index(wide, image_folder, loc, classes="first-half", progress=False)
+    with pytest.raises(PairingError, match="16 dimensions.*24"):
+        QueryEngine.open(loc, tiny_models["student"])
