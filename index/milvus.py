@@ -481,7 +481,7 @@ def existing(client: Any, location: MilvusLocation, collection: str, field: str,
     for lo in range(0, len(values), 1024):
         chunk = values[lo:lo + 1024]
         for row in _call(location, f"query of {collection}", client.query, collection,
-                         filter=f"{field} in {json.dumps(chunk)}", output_fields=[field]):
+                         filter=f"{field} in {json.dumps(chunk, ensure_ascii=False)}", output_fields=[field]):
             out.append(row[field])
     return out
 

@@ -128,13 +128,13 @@ def test_add_and_remove_change_the_live_collection_and_foreign_teachers_are_refu
     build_index(tiny_models["teacher"], image_folder, loc, classes="first-half", progress=False)
     before = current_id(loc)
     new = tmp_path / "new"
-    shutil.copytree(image_folder / "class_07", new / "class_07")
+    shutil.copytree(image_folder / "class_07", new / 'clåss "07"')  # non-ASCII and a quote in every path
     result = add_images(loc, tiny_models["teacher"], new)
     assert result.changed and result.manifest.count == 50 and result.version == "updates__v000001"
     assert result.manifest.build["history"][-1]["first_id"] == 40 and current_id(loc) != before
     with open_index(loc) as index:
         assert index.count == 50 and np.array_equal(index.ids(), np.arange(50))
-        assert {r["label"] for r in index.lookup_records(range(40, 50))} == {"class_07"}
+        assert {r["label"] for r in index.lookup_records(range(40, 50))} == {'clåss "07"'}
     with pytest.raises(UserError, match="already in the index"):
         add_images(loc, tiny_models["teacher"], new)
     foreign = make_linear_onnx(tmp_path / "t2.onnx", role="teacher", teacher_id="teacher-b",
