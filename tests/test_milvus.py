@@ -455,3 +455,18 @@ def test_a_collection_of_another_dimension_is_refused_at_start(lite, tiny_models
     build_index(wide, image_folder, loc, classes="first-half", progress=False)
     with pytest.raises(PairingError, match="16 dimensions.*24"):
         QueryEngine.open(loc, tiny_models["student"])
+
+
+def test_keep_drops_versions_older_than_the_live_one_beyond_it(lite, tiny_models, image_folder):
+    loc = f"{lite}/pruned"
+    for n in range(3):
+        build_index(tiny_models["teacher"], image_folder, loc, classes="first-half", overwrite=n > 0, keep=2,
+                    progress=False)
+    assert rollback(loc, "2")[0].version == "pruned__v000002"  # a kept version
+    build_index(tiny_models["teacher"], image_folder, loc, classes="first-half", overwrite=True, keep=2,
+                progress=False)
+    parsed = milvus.parse_location(loc)
+    names = milvus.version_collections(milvus.connect(parsed), parsed)
+    # keep=2: the live version and one older; v1 went at the third build, v2 at the fourth (v3 is the one older)
+    assert names == ["pruned__v000003", "pruned__v000004"]
+    assert milvus.live_collection(milvus.connect(parsed), parsed) == "pruned__v000004"
