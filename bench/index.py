@@ -15,6 +15,7 @@ distribution and are not in the database. Figures are for this generator; recall
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -248,16 +249,156 @@ def write_results(path_md: Path, command: str, teacher: dict | None, ann: list[d
     path_md.write_text("\n".join(lines))
 
 
-def check_writable(path: Path) -> None:
+def check_writable(path: Path, key: str = "ann") -> None:
     """Never overwrite a JSON file that is not an earlier bench result (e.g. a model manifest beside --out)."""
     if path.exists():
         try:
             earlier = json.loads(path.read_text())
         except (OSError, ValueError):
             earlier = None
-        if not (isinstance(earlier, dict) and "command" in earlier and "ann" in earlier):
+        if not (isinstance(earlier, dict) and "command" in earlier and key in earlier):
             raise UserError(f"{path} exists and is not a bench result; choose another --out")
 
 
 def log_stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- --auto on student queries (issue 24)
+
+
+def resembling_vectors(real: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """A database of `n` unit vectors: the `real` ones (R, dim) first, then n - R synthetic ones, each a random real
+    vector plus Gaussian noise shaped like the real vectors' own covariance (their principal directions and
+    variances), scaled so that a synthetic vector's cosine to the real vector it was drawn around is, in the median,
+    the median cosine of a real vector to its nearest other real vector: "another picture of a similar thing".
+    Returns the vectors and a description of the construction (for the results page)."""
+    real = np.ascontiguousarray(real, dtype=np.float32)
+    r, dim = real.shape
+    if n < r:
+        raise UserError(f"database size {n} is below the {r} real vectors")
+    sims = real @ real.T
+    np.fill_diagonal(sims, -np.inf)
+    target = float(np.median(sims.max(axis=1)))
+    centred = real - real.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    shape = (s[:, None] / math.sqrt(r)) * vt  # rows: principal directions scaled by their standard deviations
+    rng = np.random.default_rng(seed)
+
+    def draw(m: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        around = rng.integers(0, r, m)
+        x = real[around] + scale * (rng.normal(size=(m, len(s))).astype(np.float32) @ shape)
+        return x / np.linalg.norm(x, axis=1, keepdims=True), around
+
+    lo, hi = 0.0, 4.0  # bisect the noise scale on a sample
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        x, around = draw(2000, mid)
+        lo, hi = (mid, hi) if np.median(np.sum(x * real[around], axis=1)) > target else (lo, mid)
+    scale = (lo + hi) / 2
+    out = np.empty((n, dim), np.float32)
+    out[:r] = real
+    for start in range(r, n, 100_000):
+        m = min(100_000, n - start)
+        out[start:start + m] = draw(m, scale)[0]
+    return out, {"real": r, "synthetic": n - r, "noise_scale": round(scale, 4),
+                 "median_nn_cosine_real": round(target, 4), "seed": seed,
+                 "rule": "real teacher vectors, then each synthetic one = a random real vector + Gaussian noise with "
+                         "the real vectors' covariance x noise_scale, L2-normalised; noise_scale makes the median "
+                         "cosine to its real vector equal the real vectors' median nearest-neighbour cosine"}
+
+
+def bench_auto(real: np.ndarray, tune: np.ndarray, evaluate: np.ndarray, sizes: Sequence[int], *,
+               target_recall: float = 0.95, min_speedup: float = 10.0, max_memory: str = "4G",
+               threads: int | None = None, log=print) -> list[dict]:
+    """`index build --auto` (`index.auto.choose_index`) on databases of `sizes` made from `real` teacher vectors
+    (`resembling_vectors`), tuned on the student queries `tune` (validation classes) with the latency target
+    exact/`min_speedup`, then the chosen index measured once on the student queries `evaluate` (evaluation classes):
+    recall@10 against exact search and single-query latency at the server's faiss thread count, for every search
+    setting of the chosen factory. Also shows what tuning on database vectors would have picked (from the same
+    sweep, which records both recalls) and that setting's recall on the evaluation queries."""
+    from asymsearch.index.auto import Budget, Queries, choose_index, omp_threads, parse_size, sweep, nlist_for
+    from asymsearch.index.config import SERVING_SEARCH_THREADS
+    threads = SERVING_SEARCH_THREADS if threads is None else threads
+    rows = []
+    for n in sizes:
+        log(f"[auto] database of {n}: {len(real)} real teacher vectors + synthetic ones around them")
+        data, construction = resembling_vectors(real, n)
+        exact = faiss.IndexFlatIP(data.shape[1])
+        exact.add(data)
+        truth = exact.search(evaluate, K)[1]
+        with omp_threads(threads) as used:
+            exact_ms = single_query_ms(exact, evaluate)
+        del exact
+        budget = Budget(parse_size(max_memory), target_ms=exact_ms / min_speedup, target_recall=target_recall)
+        log(f"[auto] n={n}: exact {exact_ms:.3f} ms/query ({used} thread(s)); target {budget.target_ms:.3f} ms, "
+            f"recall@10 >= {target_recall}")
+        start = time.perf_counter()
+        choice = choose_index(data, budget, queries=Queries(tune, "student queries, validation classes"),
+                              threads=threads, progress=True)
+        seconds = time.perf_counter() - start
+        db_pick = next(({"factory": c["factory"], "search_params": s["search_params"],
+                         "recall@10_database_queries": s["recall@10_database_queries"]}
+                        for c in choice.report["candidates"] for s in c.get("settings", [])
+                        if s["recall@10_database_queries"] >= target_recall and s["ms"] <= budget.target_ms), None)
+        table = []
+        for params in sweep(choice.factory, nlist_for(n)):
+            apply_search_params(choice.index, params)
+            with omp_threads(threads):
+                ids = choice.index.search(evaluate, K)[1]
+                ms = single_query_ms(choice.index, evaluate)
+            table.append({"search_params": params, "recall@10_eval_student": round(recall(ids, truth), 4),
+                          "ms": round(ms, 4), "speedup_vs_exact": round(exact_ms / ms, 2),
+                          "chosen": params == choice.search_params,
+                          "database_tuning_pick": bool(db_pick and db_pick["factory"] == choice.factory
+                                                       and db_pick["search_params"] == params)})
+            log(f"[auto] n={n} {choice.factory} {params}: eval recall@10 {table[-1]['recall@10_eval_student']}, "
+                f"{ms:.3f} ms ({exact_ms / ms:.1f}x exact)")
+        chosen = next(t for t in table if t["chosen"])
+        row = {"n": n, "dim": int(data.shape[1]), "database": construction, "search_threads": int(used),
+               "exact_ms_per_query": round(exact_ms, 4), "budget": dataclasses.asdict(budget),
+               "tune_queries": int(len(tune)), "eval_queries": int(len(evaluate)), "auto_seconds": round(seconds, 1),
+               "chosen": choice.factory, "search_params": choice.search_params,
+               "recall@10_tune_student": choice.report["recall@10_student_queries"],
+               "recall@10_database_queries": choice.report["recall@10_database_queries"],
+               "recall@10_eval_student": chosen["recall@10_eval_student"], "eval_ms": chosen["ms"],
+               "eval_speedup_vs_exact": chosen["speedup_vs_exact"],
+               "target_met_on_eval": bool(chosen["recall@10_eval_student"] >= target_recall
+                                          and chosen["speedup_vs_exact"] >= min_speedup),
+               "database_tuning_pick": db_pick, "eval_sweep": table, "auto_report": choice.report}
+        rows.append(row)
+        del choice, data
+        gc.collect()
+    return rows
+
+
+def write_auto_results(path_md: Path, command: str, rows: list[dict], about: str = "") -> None:
+    """docs/results/<name>.md and .json for `bench_auto`."""
+    path_md.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path_md.with_suffix(".json"), key="auto")
+    payload = {"command": command, "about": about, "auto": rows,
+               "machine": {"cpu_count": os.cpu_count(), "faiss": faiss.__version__}, "provenance": provenance()}
+    path_md.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    lines = ["# bench index: --auto tuned on student queries", "", f"Command: `{command}`", "", about, "",
+             "| n | exact ms | chosen | params | recall@10 tune (student) | database-vector recall | "
+             "recall@10 eval (student) | ms | x exact | database tuning would pick | its eval recall |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        params = ",".join(f"{k}={int(v)}" for k, v in r["search_params"].items()) or "-"
+        pick = r["database_tuning_pick"]
+        pick_eval = next((t["recall@10_eval_student"] for t in r["eval_sweep"] if t["database_tuning_pick"]), None)
+        pick_text = (f"{pick['factory']} " + ",".join(f"{k}={int(v)}" for k, v in pick["search_params"].items())
+                     if pick else "-")
+        lines.append(f"| {r['n']:,} | {r['exact_ms_per_query']} | {r['chosen']} | {params} | "
+                     f"{r['recall@10_tune_student']} | {r['recall@10_database_queries']} | "
+                     f"{r['recall@10_eval_student']} | {r['eval_ms']} | {r['eval_speedup_vs_exact']} | {pick_text} | "
+                     f"{pick_eval if pick_eval is not None else '-'} |")
+    for r in rows:
+        lines += ["", f"## n = {r['n']:,}: every setting of {r['chosen']} on the evaluation queries", "",
+                  "| params | recall@10 eval (student) | ms/query | x exact | |", "|---|---|---|---|---|"]
+        for t in r["eval_sweep"]:
+            params = ",".join(f"{k}={int(v)}" for k, v in t["search_params"].items()) or "-"
+            mark = ", ".join(m for m, on in (("chosen by --auto", t["chosen"]),
+                                             ("database-vector tuning's pick", t["database_tuning_pick"])) if on)
+            lines.append(f"| {params} | {t['recall@10_eval_student']} | {t['ms']} | {t['speedup_vs_exact']} | {mark} |")
+    path_md.write_text("\n".join(lines) + "\n")

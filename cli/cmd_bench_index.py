@@ -47,6 +47,18 @@ def register(commands: Commands) -> None:
     p.add_argument("--filter-dim", type=int, default=32, help="--filter-bench dimension (default: %(default)s)")
     p.add_argument("--filter-out", type=Path, default=Path("docs/results/bench_index_filter.md"),
                    help="results of --filter-bench; a .json beside it (default: %(default)s)")
+    p.add_argument("--auto-database", type=existing_path("database vectors"), metavar="REAL.npy",
+                   help="--auto on student queries instead of the synthetic sweep: the teacher's vectors of real "
+                        "database images (count, dim), grown to each of --sizes with synthetic vectors drawn around "
+                        "them; needs --auto-queries and --auto-eval-queries")
+    p.add_argument("--auto-queries", type=existing_path("tuning query vectors"), metavar="TUNE.npy",
+                   help="student query vectors --auto tunes on (held-out images of validation classes)")
+    p.add_argument("--auto-eval-queries", type=existing_path("evaluation query vectors"), metavar="EVAL.npy",
+                   help="student query vectors the chosen index is measured on once (evaluation classes)")
+    p.add_argument("--auto-min-speedup", type=float, default=10.0,
+                   help="--auto latency target: exact search's single-query time divided by this "
+                        "(default: %(default)s)")
+    p.add_argument("--auto-max-memory", default="4G", help="--auto memory budget (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("docs/results/bench_index.md"),
                    help="results table; a .json beside it (default: %(default)s)")
     p.set_defaults(func=run)
@@ -72,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         teacher = bench_teacher(args.teacher, items, batch_size=args.batch_size, workers=args.workers,
                                 reps=args.reps, log=log_stderr)
         write_results(args.out, command, teacher, [])
+    if args.auto_database or args.auto_queries or args.auto_eval_queries:
+        return run_auto(args, command, sizes)
     if args.milvus:
         return run_milvus(args, command, sizes)
     ann: list[dict] = []
@@ -81,6 +95,33 @@ def run(args: argparse.Namespace) -> int:
     bench_ann(sizes, dim=args.dim, queries=args.queries, factories=factories, log=log_stderr,
               on_result=lambda row: (ann.append(row), write_results(args.out, command, teacher, ann)))
     write_results(args.out, command, teacher, ann)
+    print(args.out.read_text())
+    return 0
+
+
+def run_auto(args: argparse.Namespace, command: str, sizes: list[int]) -> int:
+    import numpy as np
+
+    from asymsearch.bench.index import bench_auto, check_writable, log_stderr, write_auto_results
+    from asymsearch.core.errors import UserError
+    from asymsearch.index.auto import check_queries
+    if not (args.auto_database and args.auto_queries and args.auto_eval_queries):
+        raise UserError("--auto on student queries needs --auto-database, --auto-queries and --auto-eval-queries")
+    if not sizes:
+        raise UserError("--auto on student queries needs at least one of --sizes")
+    check_writable(args.out.with_suffix(".json"), key="auto")
+    loaded = {}
+    for name in ("auto_database", "auto_queries", "auto_eval_queries"):
+        try:
+            loaded[name] = np.load(getattr(args, name), allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {getattr(args, name)} as a .npy array ({e.__class__.__name__})") from None
+    real = check_queries(loaded["auto_database"], np.shape(loaded["auto_database"])[-1], str(args.auto_database))
+    tune = check_queries(loaded["auto_queries"], real.shape[1], str(args.auto_queries))
+    evaluate = check_queries(loaded["auto_eval_queries"], real.shape[1], str(args.auto_eval_queries))
+    rows = bench_auto(real, tune, evaluate, sizes, min_speedup=args.auto_min_speedup,
+                      max_memory=args.auto_max_memory, log=log_stderr)
+    write_auto_results(args.out, command, rows)
     print(args.out.read_text())
     return 0
 

@@ -150,3 +150,15 @@ def test_bad_query_inputs_are_one_line_and_exit_2_then_a_good_build_works(tmp_pa
     assert main(build_args(tiny_models, image_folder, tmp_path / "idx2")) == 0
     out = capsys.readouterr()
     assert "on database vectors" in out.out and "warning: tuned with database vectors" in out.err
+
+
+def test_bench_database_keeps_the_real_vectors_and_matches_their_neighbour_cosine():
+    from asymsearch.bench.index import resembling_vectors
+    real, _ = clustered_with_shifted_queries(n=300, dim=16, clusters=20)
+    data, about = resembling_vectors(real, 3000, seed=1)
+    assert data.shape == (3000, 16) and np.array_equal(data[:300], real)
+    np.testing.assert_allclose(np.linalg.norm(data, axis=1), 1.0, atol=1e-5)
+    # a synthetic vector's cosine to its nearest real one (its seed, or closer): near the calibrated median
+    nearest = (data[300:] @ real.T).max(axis=1)
+    assert abs(np.median(nearest) - about["median_nn_cosine_real"]) < 0.05, (np.median(nearest), about)
+    assert about["real"] == 300 and about["synthetic"] == 2700
