@@ -470,3 +470,19 @@ def test_keep_drops_versions_older_than_the_live_one_beyond_it(lite, tiny_models
     # keep=2: the live version and one older; v1 went at the third build, v2 at the fourth (v3 is the one older)
     assert names == ["pruned__v000003", "pruned__v000004"]
     assert milvus.live_collection(milvus.connect(parsed), parsed) == "pruned__v000004"
+
+
+def test_two_stateless_servers_over_one_collection_behind_the_sdk_round_robin(built, tiny_models, images):
+    engines = [QueryEngine.open(built["loc"], tiny_models["student"]) for _ in range(2)]
+    servers = [create_server(e, expose_paths=True) for e in engines]
+    try:
+        addresses = [f"127.0.0.1:{port}" for _, port in servers]
+        with SearchClient(addresses) as client:
+            answers = [[(h.id, h.path) for h in client.search_image(images[i % 8], k=5)] for i in range(16)]
+        assert answers[:8] == answers[8:]  # the same answers whichever server took the call
+        served = [int(s.metrics.text().count('method="SearchImage"') > 0) for s, _ in servers]
+        assert served == [1, 1], "round robin did not reach both servers"
+    finally:
+        for (s, _), e in zip(servers, engines):
+            s.stop(None)
+            e.close()
