@@ -28,7 +28,9 @@ def register(commands: Commands) -> None:
     p.add_argument("--index", type=index_location("index folder"),
                    help="query this built index (a folder, or a Milvus location milvus://... / milvus-lite://...) "
                         "for the asymmetric setting instead of an in-memory database")
-    p.add_argument("--classes", default="all", help=CONFIG_HELP["classes"] + " (default: %(default)s)")
+    p.add_argument("--classes", default="all",
+                   help=CONFIG_HELP["classes"] + "; the project's protocol evaluates on second-half, and a warning "
+                        "names the classes a model trained or validated on (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--multiscale", action="store_true",
                    help="embed every image (queries and database) at scales 1, 1/sqrt(2), 1/2 of the model's size, "
@@ -41,8 +43,42 @@ def register(commands: Commands) -> None:
     bind_config(p)  # every option is a key: --config FILE.yaml and KEY=VALUE
 
 
+def seen_classes_warning(data, classes: str, models) -> str | None:
+    """A one-line warning when the classes `classes` selects in `data` include classes one of `models` (ONNX
+    files) trained or validated on (recorded by training in the checkpoint, by export in the manifest's extra);
+    None when they are all unseen, or when no model records its classes."""
+    from pathlib import Path
+
+    from asymsearch.core.data import select_classes
+    from asymsearch.core.errors import ManifestError
+    from asymsearch.core.manifest import ModelManifest, manifest_path_for
+    wanted = set(select_classes(data, classes))
+    seen: dict[str, set] = {}
+    for model in {str(m) for m in models if m is not None}:
+        try:
+            extra = ModelManifest.load(manifest_path_for(Path(model))).extra
+        except ManifestError:
+            continue
+        overlap = wanted & set(extra.get("train_classes", []) + extra.get("val_classes", []))
+        if overlap:
+            seen[Path(model).name] = overlap
+    if not seen:
+        return None
+    union = sorted(set().union(*seen.values()))
+    return (f"warning: {len(union)} of the {len(wanted)} evaluation classes ({', '.join(union[:3])}"
+            f"{', ...' if len(union) > 3 else ''}) were seen in training by {', '.join(sorted(seen))}: these "
+            f"figures are not on unseen classes (evaluate with --classes second-half)")
+
+
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from asymsearch.index.evaluate import evaluate, evaluate_pair, evaluate_revisited, format_table
+    if args.revisited is None:
+        warning = seen_classes_warning(args.data, args.classes, [args.teacher, args.student, args.query_model,
+                                                                 args.database_model])
+        if warning:
+            print(warning, file=sys.stderr)
     pair = args.query_model is not None or args.database_model is not None
     if pair or args.revisited is not None:
         if args.query_model is None or args.database_model is None:

@@ -20,6 +20,7 @@ import torch
 from asymsearch.core.config import config_path_for, save_config
 from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import ModelManifest, Preprocessing, manifest_path_for, sha256_file
+from asymsearch.core.spread import MAX_MEAN_COSINE, check_spread
 from asymsearch.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 INPUT_NAME = "images"
@@ -37,6 +38,8 @@ def _export_onnx(model: torch.nn.Module, path: Path, crop: int, opset: int) -> N
         # dynamic height/width for these models without guards, so it is used on purpose
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
+        # strided slices (EfficientNet-Lite's) are exported unfolded: a note for exporter developers, not users
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
         torch.onnx.export(
             model, (dummy,), str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -59,6 +62,24 @@ def max_abs_difference(model: torch.nn.Module, onnx_path: Path, crop: int, sampl
             raise ExportMismatch(f"onnxruntime returned shape {got.shape}, torch {expected.shape}")
         worst = max(worst, float(np.max(np.abs(got - expected))))
     return worst
+
+
+def _refuse_collapsed(model: torch.nn.Module, ckpt: dict, checkpoint: Path) -> None:
+    """The collapse guard (core.spread) before anything is written, for a trained checkpoint (one with a training
+    history): a model whose outputs for 8 different random inputs are one constant vector ignores its input (a
+    spread training measured on held-out images and recorded in the checkpoint is judged again too; nearly parallel
+    outputs for noise alone prove nothing, so only that one). An untrained checkpoint (`--epochs 0`: the zero-shot
+    model, or random weights on purpose) exports as it is; `index build` still judges its embeddings of images."""
+    if not ckpt.get("history"):
+        return
+    recorded = ckpt.get("config", {}).get("spread")
+    if isinstance(recorded, dict) and recorded.get("mean_cosine", 0) > MAX_MEAN_COSINE:
+        raise UserError(f"export of {checkpoint}: training recorded nearly parallel embeddings of held-out images "
+                        f"(mean pairwise cosine {recorded['mean_cosine']:.4f}); the model collapsed")
+    crop = int(ckpt["preprocessing"]["crop"])
+    with torch.no_grad():
+        out = model.eval()(torch.randn(8, 3, crop, crop, generator=torch.Generator().manual_seed(1))).numpy()
+    check_spread(out, f"export of {checkpoint}", max_mean_cosine=1.01)  # only NaN and constant outputs here
 
 
 def at_image_size(spec: Preprocessing, size: int) -> Preprocessing:
@@ -91,6 +112,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         raise UserError(f"the ONNX output {out} would be overwritten by its own manifest; name it NAME.onnx")
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt).cpu()
+    _refuse_collapsed(model, ckpt, checkpoint)
     spec = trained = Preprocessing.from_dict(ckpt["preprocessing"])
     if image_size is not None:
         spec = at_image_size(trained, image_size)
@@ -114,7 +136,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         preprocessing=spec, opset=opset, sha256=sha256_file(out), teacher_id=ckpt["teacher_id"],
         model_id=ckpt["model_id"], input_name=INPUT_NAME, output_name=OUTPUT_NAME,
         extra={"checkpoint": str(checkpoint), "max_abs_diff": diff,
-               **({"trained_preprocessing": trained.to_dict()} if spec != trained else {})})
+               **{k: ckpt["config"][k] for k in ("train_classes", "val_classes") if k in ckpt.get("config", {})},
+               **({"trained_preprocessing": trained.to_dict()} if spec != trained else {}),
+               # a teacher trained --compatible-with an old one (training.compat), or a student of such a teacher:
+               # the old teacher ids whose indexes it may query (core.manifest.check_pairing)
+               **({"compatible_with": [c]} if (c := (ckpt.get("config") or {}).get("compatible_with_teacher"))
+                  else {})})
     if config is None:
         config = {"checkpoint": str(checkpoint.resolve()), "out": str(out.resolve()), "opset": opset,
                   "tolerance": tolerance, "image_size": image_size}

@@ -299,15 +299,36 @@ def plan_build(config: IndexBuildConfig, *, check_out: bool = True) -> BuildPlan
 
 
 def embed_database(plan: BuildPlan, store: ShardStore, *, progress: bool = True) -> None:
-    """Embed every shard of `store` not committed yet, here or on Ray."""
+    """Embed every shard of `store` not committed yet, here or on Ray; the collapse guard judges the first shard
+    committed (`check_shard`) before the others are embedded."""
     config = plan.config
+    checked: list[int] = []
+
+    def guard(shard: int) -> None:
+        if not checked:
+            checked.append(shard)
+            check_shard(plan, store, shard)
     if config.engine == "ray":
         from asymsearch.index.ray_engine import embed_with_ray  # the `distributed` extra; never imported otherwise
         embed_with_ray(plan.items, plan.teacher, store, batch_size=config.batch_size, address=config.address,
                        progress=progress)
+        if store.num_shards:
+            guard(0)
     else:
         embed_into_shards(plan.items, plan.embedder, store, batch_size=config.batch_size, workers=config.workers,
-                          progress=progress, desc="embedding database")
+                          progress=progress, desc="embedding database", on_shard=guard)
+
+
+GUARD_IMAGES = 256
+
+
+def check_shard(plan: BuildPlan, store: ShardStore, shard: int) -> None:
+    """The collapse guard (`core.spread`) on up to GUARD_IMAGES vectors spread through one committed shard: they
+    must not be one vector or nearly parallel ones (`DegenerateEmbeddings`, one line: such an index would answer
+    every query by chance); the build stops there, before the other shards are embedded."""
+    from asymsearch.core.spread import check_spread
+    vectors = store.read(shard)[1]
+    check_spread(vectors[::max(1, len(vectors) // GUARD_IMAGES)], f"index build with {plan.teacher.name}")
 
 
 def construct_index(plan: BuildPlan, store: ShardStore, *, progress: bool = True) -> BuiltIndex:

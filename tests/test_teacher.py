@@ -24,7 +24,7 @@ from asymsearch.training.xbm import CrossBatchMemory, xbm_loss
 
 
 def cfg(data, out, **kw) -> TeacherConfig:
-    base = dict(backbone="tiny_cnn_narrow", dim=8, image_size=32, epochs=2, lr=1e-3, workers=0, classes_per_batch=4,
+    base = dict(backbone="tiny_cnn_narrow", classes="all", dim=8, image_size=32, epochs=2, lr=1e-3, workers=0, classes_per_batch=4,
                 warmup_epochs=0.5, xbm=16)
     return TeacherConfig(data=str(data), out=str(out), **{**base, **kw})
 

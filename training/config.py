@@ -91,7 +91,10 @@ class TeacherConfig:
     resize: int | None = None  # None -> image_size: shorter side resized to this, then centre crop image_size
     mean: tuple = ()  # () -> the backbone's own normalisation (backbone_preprocessing)
     std: tuple = ()
-    classes: str = "all"  # core.data.select_classes
+    classes: str = _opt("first-half", "class folders to train on: first-half (which keeps the evaluation half, "
+                                      "second-half, unseen), second-half, all, or a comma-separated list; the "
+                                      "halves split the folder names in Python's sorted() order (by code point: "
+                                      "case-sensitive, 'Zebra' before 'ant'), the first len // 2 train")
     epochs: int = 10
     classes_per_batch: int = 8
     per_class: int = 4
@@ -114,7 +117,18 @@ class TeacherConfig:
     num_negatives: int = 5
     xbm: int = 0  # cross-batch memory: recent embeddings kept to mine negatives from (0 disables)
     xbm_weight: float = 1.0
+    compatible_with: str | None = _opt(None, "train compatible with an old teacher (Shen et al. 2020, BCT): its .onnx "
+                                             "or an index it embedded; students of the new teacher can then query "
+                                             "the old index (training.compat)")
+    compat_weight: float = _opt(1.0, "with compatible_with: weight of BCT's influence loss through the old "
+                                     "teacher's class means")
+    compat_regression: float = _opt(0.0, "with compatible_with: weight of the regression onto the old teacher's "
+                                         "embedding of the same image")
+    compat_scale: float = _opt(16.0, "with compatible_with: scale of the cosine logits of the influence loss")
     val_fraction: float = 0.2  # every k-th selected class held out for per-epoch validation Recall@1; 0 disables
+    floor: bool = _opt(True, "zero-shot is the floor: with pretrained weights and validation classes, measure the "
+                             "pretrained backbone with average pooling on the validation classes first and write it "
+                             "instead of the trained model unless training beats it there on Recall@1 and mAP")
     resume: str | None = None  # training state (OUT.state.pt) to continue from
     amp: bool = True  # mixed precision (float16 autocast) when training on CUDA; ignored on CPU
     freeze_bn: bool = False  # the backbone's batch-norm layers keep their pretrained statistics while it trains
@@ -158,7 +172,10 @@ class StudentConfig:
     num_negatives: int = 5  # hard negatives per anchor, mined among the teacher's training-set embeddings
     per_class: int = 4  # images per class in a batch of batch_size (class-balanced batches)
     cache_dir: str | None = None  # teacher-embedding cache; None: teacher-cache/ beside the output checkpoint
-    classes: str = "all"
+    classes: str = _opt("first-half", "class folders to train on: first-half (which keeps the evaluation half, "
+                                      "second-half, unseen), second-half, all, or a comma-separated list; the "
+                                      "halves split the folder names in Python's sorted() order (by code point: "
+                                      "case-sensitive, 'Zebra' before 'ant'), the first len // 2 train")
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3

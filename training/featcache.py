@@ -83,6 +83,9 @@ def feature_maps(items: list[ImageItem], backbone: str, pretrained: str | None, 
     out = None
     start = time.perf_counter()
     tmp = cache / f".{key}.{os.getpid()}.tmp.npy"  # concurrent runs computing the same maps each write their own
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(items), desc=f"feature maps {backbone}@{spec.crop}{f' view {view}' if view else ''}",
+               unit="img", leave=False, dynamic_ncols=True)  # with its ETA: a pass can take minutes on a CPU
     try:
         with torch.no_grad():
             for lo in range(0, len(items), batch_size):
@@ -93,15 +96,17 @@ def feature_maps(items: list[ImageItem], backbone: str, pretrained: str | None, 
                     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
                                                     shape=(len(items), *y.shape[1:]))
                 out[lo:lo + len(y)] = y.astype(np.float16)
-                if (lo // batch_size) % 20 == 0:
-                    log(f"feature maps {backbone}@{spec.crop}{f' view {view}' if view else ''}: "
-                        f"{lo + len(y)}/{len(items)}")
+                bar.update(len(y))
         out.flush()
     except BaseException:  # an unreadable image, Ctrl-C: leave no half-written file behind
         del out
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        bar.close()
     seconds = time.perf_counter() - start
+    log(f"feature maps {backbone}@{spec.crop}{f' view {view}' if view else ''}: {len(items)} images in "
+        f"{seconds:.0f} s, cached in {npy}")
     del out
     os.replace(tmp, npy)
     meta.write_text(json.dumps({"backbone": backbone, "pretrained": pretrained, "spec": spec.to_dict(),

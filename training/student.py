@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import Preprocessing
 from asymsearch.core.metrics import retrieval_metrics
+from asymsearch.core.spread import check_spread
 from asymsearch.training.checkpoint import freeze, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from asymsearch.training.common import embed_dataset, loader_kwargs, output_path, prepare_data, resolve_device, \
     seed_everything
@@ -42,6 +43,8 @@ from asymsearch.training.addons import TrainingAddOns
 from asymsearch.training.data import ImageDataset, eval_transform
 from asymsearch.training.distributed import DistContext, DistributedMPerClassSampler
 from asymsearch.training.engine import Engine, StudentStepObjective
+from asymsearch.training.floor import format_metrics
+from asymsearch.training.inputs import check_training_items
 from asymsearch.training.losses import (ASYMMETRIC_ONLY, LOSSES, MINED_LOSSES, RELATIONAL_LOSSES, AMLLoss,
                                         create_loss)
 from asymsearch.training.mining import HardNegativeMiner, mine_hard_negatives
@@ -152,8 +155,12 @@ def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
         raise UserError(f"batch_size ({cfg.batch_size}) must hold at least two classes of per_class "
                         f"({cfg.per_class}) images")
     train_items, val_items, class_to_idx = prepare_data(cfg.data, cfg.classes, cfg.val_fraction)
-    if len(train_items) < 2:
-        raise UserError(f"a student needs at least 2 training images, found {len(train_items)}")
+    check_training_items(train_items, val_items, per_class=cfg.per_class,
+                         classes_per_batch=max(2, cfg.batch_size // cfg.per_class), role="student")
+    if cfg.loss in RELATIONAL_LOSSES:
+        tqdm.write(f"warning: --loss {cfg.loss} only matches the teacher's relations between images (distances, "
+                   f"angles, rankings), not its embeddings: such a student does not share the teacher's space, so "
+                   f"its queries cannot search a database the teacher embedded (use reg, contr or contr+ for that)")
     addons = TrainingAddOns(cfg.addons, dim=teacher_dim, num_classes=len(class_to_idx), seed=cfg.seed).to(device)
     addons.check_student_loss(cfg.loss, cfg.asymmetric)
     teacher = freeze(model_from_checkpoint(teacher_ckpt)).to(device)
@@ -215,11 +222,16 @@ def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
                                    *addons.optimizer_group(cfg.lr, cfg.weight_decay)], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
 
-    def validate():  # asymmetric Recall@1 of the student's queries against the teacher's embeddings (rank 0)
-        if val_set is None:
-            return None
+    def asymmetric():  # the student's queries against the teacher's embeddings of the same held-out images
         queries = embed_dataset(net, val_set, device, workers)
-        return retrieval_metrics(queries, val_set.labels, val_teacher, val_set.labels, exclude_self=True)["recall@1"]
+        return retrieval_metrics(queries, val_set.labels, val_teacher, val_set.labels, exclude_self=True)
+
+    def validate():  # asymmetric Recall@1 of the student's queries against the teacher's embeddings (rank 0)
+        return None if val_set is None else asymmetric()["recall@1"]
+
+    start = None
+    if val_set is not None:  # the student as it starts (pretrained, or the teacher at the student's size)
+        start = asymmetric()
 
     # the teacher stays in eval mode throughout, and is not run: its embeddings are cached
     engine = Engine(model=student, net=net, objective=StudentStepObjective(objective, addons, teacher_pool,
@@ -229,12 +241,50 @@ def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
     history = engine.run(cfg.epochs)
     best_epoch = engine.restore_best()
     student.eval()
+    config = {**dataclasses.asdict(cfg), "best_epoch": best_epoch, "train_classes": sorted({it.label for it in
+                                                                                            train_items}),
+              "val_classes": sorted({it.label for it in val_items}),
+              # its teacher's compatibility (training.compat) carries over to the student's manifest
+              "compatible_with_teacher": teacher_ckpt["config"].get("compatible_with_teacher")}
+    if val_set is not None:
+        config["floors"] = _floors(teacher_ckpt, val_items, val_teacher, val_set.labels, start, asymmetric)
+    if ctx.is_main:  # the collapse guard (core.spread) on held-out images before the checkpoint is written
+        guard = val_set if val_set is not None else train_set
+        step = max(1, len(guard) // 256)
+        from torch.utils.data import Subset
+        config["spread"] = check_spread(embed_dataset(net, Subset(guard, range(0, len(guard), step)), device,
+                                                      workers), "student").to_dict()
     ckpt = make_checkpoint(student, role="student", arch=arch, preprocessing=spec, teacher_id=teacher_id,
-                           config={**dataclasses.asdict(cfg), "best_epoch": best_epoch}, history=history)
+                           config=config, history=history)
     if ctx.is_main:
         save_checkpoint(ckpt, out)
     ctx.barrier()  # every rank returns once the checkpoint is there
     return out
+
+
+def _floors(teacher_ckpt: dict, val_items, val_teacher, labels, start: dict, asymmetric) -> dict:
+    """The student's asymmetric figures on its validation classes against its floors, reported in one block: the
+    student as it started (a warning when training made it worse there), the teacher's own teacher->teacher
+    figures, and the zero-shot floor the teacher measured (when its validation classes are these)."""
+    trained = asymmetric()
+    start_m = {k: start[k] for k in ("recall@1", "map")}
+    symmetric = retrieval_metrics(val_teacher, labels, val_teacher, labels, exclude_self=True)
+    worse = trained["recall@1"] < start_m["recall@1"]
+    lines = [f"student->teacher {format_metrics(trained)} on {len(set(labels))} validation classes",
+             f"  the student as it started: {format_metrics(start_m)}"
+             + ("  (warning: better than the trained student; fewer epochs or a lower lr)" if worse else ""),
+             f"  teacher->teacher: {format_metrics(symmetric)}"]
+    report = {"student_teacher": {k: trained[k] for k in ("recall@1", "map")}, "start": start_m,
+              "teacher_teacher": {k: symmetric[k] for k in ("recall@1", "map")}}
+    t_config = teacher_ckpt.get("config", {})
+    floor = t_config.get("zero_shot_floor")
+    if floor and sorted(t_config.get("val_classes", [])) == sorted({it.label for it in val_items}):
+        report["zero_shot_teacher"] = floor["zero_shot"]
+        lines.append(f"  zero-shot teacher->teacher (the teacher's floor): {format_metrics(floor['zero_shot'])}")
+    elif floor:
+        lines.append("  (the teacher's zero-shot floor was measured on other validation classes: not compared)")
+    tqdm.write("\n".join(lines))
+    return report
 
 
 __all__ = ["RELATIONAL_LOSSES", "StudentObjective", "student_preprocessing", "train_student"]

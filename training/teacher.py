@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import Preprocessing
 from asymsearch.core.metrics import retrieval_metrics
+from asymsearch.core.spread import check_spread
 from asymsearch.training.addons import TrainingAddOns
 from asymsearch.training.backbones import freeze_batch_norm
 from asymsearch.training.checkpoint import make_checkpoint, save_checkpoint
@@ -38,6 +39,8 @@ from asymsearch.training.common import embed_dataset, loader_kwargs, output_path
 from asymsearch.training.config import TeacherConfig
 from asymsearch.training.data import ImageDataset, eval_transform, train_transform
 from asymsearch.training.distributed import DistContext, DistributedMPerClassSampler
+from asymsearch.training.floor import decide, format_metrics, zero_shot_model
+from asymsearch.training.inputs import check_training_items
 from asymsearch.training.engine import (Engine, EpochLog, OnEpochDone, OnEpochStart, SymmetricObjective,
                                         WeightAverage, read_training_state, save_training_state)
 from asymsearch.training.losses import create_loss, negative_miner
@@ -110,6 +113,8 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
     out = output_path(cfg.out, "teacher")
     spec = teacher_preprocessing(cfg)
     train_items, val_items, class_to_idx = prepare_data(cfg.data, cfg.classes, cfg.val_fraction)
+    check_training_items(train_items, val_items, per_class=cfg.per_class,
+                         classes_per_batch=cfg.classes_per_batch, role="teacher")
     arch = {"backbone": cfg.backbone, "head": cfg.head, "dim": cfg.dim, "pretrained": cfg.pretrained}
     model = build_model(arch).to(device)
     # Metrix / OSM + CAA / message passing (training.addons): their modules train beside the model, never in it
@@ -130,9 +135,14 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
         net = model
         train_set = ImageDataset(train_items, class_to_idx, train_transform(spec))
         val_set = ImageDataset(val_items, class_to_idx, eval_transform(spec)) if val_items else None
+    compat = None  # --compatible-with: BCT's compatibility term with the frozen old teacher (training.compat)
+    if cfg.compatible_with:
+        from asymsearch.training.compat import compatibility_term
+        compat = compatibility_term(cfg, train_items, train_set.labels, len(class_to_idx), device, log=tqdm.write)
     sampler = DistributedMPerClassSampler(train_set.labels, cfg.per_class, cfg.classes_per_batch, seed=cfg.seed,
                                           rank=ctx.rank, world_size=ctx.world_size)  # this rank's share
-    loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs(workers, ctx.data_seed(cfg.seed), device))
+    loader = DataLoader(compat.indexed(train_set) if compat else train_set, batch_sampler=sampler,
+                        **loader_kwargs(workers, ctx.data_seed(cfg.seed), device))
 
     # the loss, from the registry; its own parameters (Proxy-Anchor's proxies), like the add-ons, train beside the
     # model and stay out of its checkpoint
@@ -154,6 +164,8 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
     handlers = [OnEpochStart(lambda epoch: _backbone_mode(model, backbone_lr, cfg.freeze_bn))]
     if cfg.xbm:
         handlers.append(MemoryLoss(CrossBatchMemory(cfg.xbm, cfg.dim, device), criterion, miner, cfg.xbm_weight))
+    if compat is not None:
+        handlers.append(compat)
     # with ema, the averaged weights are the ones validated, kept as the best epoch and written out
     kept, eval_net = model, net
     if cfg.ema:
@@ -170,6 +182,21 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
         emb_val = embed_dataset(eval_net, val_set, device, workers)
         return retrieval_metrics(emb_val, val_set.labels, emb_val, val_set.labels, exclude_self=True)
 
+    # zero-shot is the floor (training.floor): measured on the validation classes before the first step
+    floor = None
+    use_floor = cfg.floor and cfg.pretrained and val_set is not None and cfg.epochs > 0 and ctx.is_main
+    if use_floor:
+        zs_model, zs_arch = zero_shot_model(cfg.backbone, cfg.pretrained)
+        zs_model = zs_model.to(device)
+        zs_net = TailNet(zs_model, cfg.tune_units) if cfg.tune_units else zs_model
+        emb = embed_dataset(zs_net, val_set, device, workers, progress="zero-shot floor")
+        floor = retrieval_metrics(emb, val_set.labels, emb, val_set.labels, exclude_self=True)
+        tqdm.write(f"zero-shot floor ({cfg.backbone}, pretrained, average pooling) on {len(set(val_set.labels))} "
+                   f"validation classes: {format_metrics(floor)}")
+    elif cfg.floor and ctx.is_main and cfg.epochs > 0:
+        tqdm.write("zero-shot floor not measured: it needs --pretrained weights and validation classes "
+                   "(--val-fraction > 0)")
+
     engine = Engine(model=model, net=net, objective=SymmetricObjective(criterion, miner, addons), optimizer=optimizer,
                     scheduler=scheduler, loader=loader, sampler=sampler, addons=addons, beside={"proxies": criterion},
                     handlers=handlers, validate=validate, kept=kept, ctx=ctx, amp=cfg.amp,
@@ -182,12 +209,51 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
     best_epoch = engine.restore_best()  # epochs=0: the untrained (e.g. ImageNet, zero-shot) model as it is
     model.eval()
     config = dataclasses.asdict(cfg)
-    config["best_epoch"] = best_epoch
-    ckpt = make_checkpoint(model, role="teacher", arch=arch, preprocessing=spec, config=config, history=history)
+    config.update(best_epoch=best_epoch, **training_classes(train_items, val_items))
+    kept_model, kept_arch, kept_net = model, arch, (TailNet(model, cfg.tune_units) if cfg.tune_units else model)
+    if floor is not None:
+        best = next((h for h in history if h["epoch"] == best_epoch), {})
+        verdict = decide(floor, {"recall@1": best.get("val_recall@1"), "map": best.get("val_map")})
+        config["zero_shot_floor"] = verdict.to_dict()
+        if verdict.keep == "zero-shot":
+            tqdm.write(f"teacher: {verdict.reason}; writing the zero-shot teacher ({cfg.backbone}, pretrained, average "
+                       f"pooling, dim {zs_arch['dim']}) instead of the trained one")
+            kept_model, kept_arch, kept_net = zs_model.eval(), zs_arch, zs_net
+        else:
+            tqdm.write(f"teacher: trained {format_metrics(verdict.trained)} {verdict.reason} "
+                       f"({format_metrics(verdict.zero_shot)})")
+    if compat is not None and kept_model is model:  # what export records as the manifest's compatible_with
+        config["compatible_with_teacher"] = compat.old_teacher_id
+    if ctx.is_main:  # the collapse guard (core.spread) on held-out images before the checkpoint is written
+        config["spread"] = check_spread(embed_dataset(kept_net, _guard_set(val_set, train_set), device,
+                                                      workers), "teacher").to_dict()
+    ckpt = make_checkpoint(kept_model, role="teacher", arch=kept_arch, preprocessing=spec, config=config,
+                           history=history)
     if ctx.is_main:
         save_checkpoint(ckpt, out)
     ctx.barrier()  # every rank returns once the checkpoint is there
     return out
+
+
+def training_classes(train_items, val_items) -> dict:
+    """What a checkpoint records of its data: the classes it trained on and validated on (eval warns when it
+    evaluates on either)."""
+    return {"train_classes": sorted({it.label for it in train_items}),
+            "val_classes": sorted({it.label for it in val_items})}
+
+
+GUARD_IMAGES = 256  # images the collapse guard embeds at the end of a training (the validation ones first)
+
+
+def _guard_set(val_set, train_set):
+    """Up to GUARD_IMAGES images of different classes for the collapse guard: the validation set's, else the
+    training set's, evenly spread through it."""
+    from torch.utils.data import Subset
+    source = val_set if val_set is not None and len(val_set) >= 2 else train_set
+    step = max(1, len(source) // GUARD_IMAGES)
+    subset = Subset(source, list(range(0, len(source), step))[:GUARD_IMAGES])
+    subset.labels = [source.labels[i] for i in subset.indices]
+    return subset
 
 
 def _backbone_mode(model, backbone_lr: float, freeze_bn: bool) -> None:
