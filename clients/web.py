@@ -8,8 +8,9 @@
 A Starlette app served by uvicorn (h11). Routes:
 
     GET  /                 the page (clients/web_page.html): upload or drop an image, see the top-k thumbnails
-    POST /api/search?k=K   the image as the request body (raw bytes, or multipart/form-data with one file) ->
-                           {"hits": [{rank, id, score, label, path, name, metadata, thumbnail}], "k",
+    POST /api/search?k=K&filter=EXPR
+                           the image as the request body (raw bytes, or multipart/form-data with one file) ->
+                           {"hits": [{rank, id, score, label, path, name, metadata, thumbnail}], "k", "filter",
                             "server_ms": {decode, embed, search, queue}, "gateway_ms", "index_version"}
     GET  /api/info         the server's Info, and the gateway's own limits
     GET  /thumb/ID         a JPEG thumbnail of database image ID
@@ -80,6 +81,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from asymsearch.clients.client import (MAX_MESSAGE_BYTES, InvalidRequest, NotAuthorised, SearchClient, SearchError,
                                        ServerBusy, ServerUnavailable, hits_from_reply)
 from asymsearch.core.errors import UserError
+from asymsearch.core.filters import MAX_FILTER_CHARS
 from asymsearch.core.preprocess import decode_image
 
 log = logging.getLogger("asymsearch.web")
@@ -142,11 +144,13 @@ class Gateway:
         self._thumbs: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def search(self, image: bytes, k: int) -> dict[str, Any]:
+    def search(self, image: bytes, k: int, filter: str = "") -> dict[str, Any]:
+        """`filter`: only items matching it (the server parses it; a malformed one is a 400 naming the position)."""
         if not image:
             raise HttpError(400, "no image in the request: choose or drop an image file")
         start = time.perf_counter()
-        reply = _sdk_call(lambda: self.client.search_image_reply(image, k))  # with the server's own timings
+        extra = {"filter": filter} if filter else {}
+        reply = _sdk_call(lambda: self.client.search_image_reply(image, k, **extra))  # with the server's own timings
         gateway_ms = (time.perf_counter() - start) * 1000
         hits = hits_from_reply(reply)
         with self._lock:
@@ -159,6 +163,7 @@ class Gateway:
                 self._paths.popitem(last=False)
         return {
             "k": k,
+            "filter": filter,
             "index_version": reply.index_version,
             "gateway_ms": round(gateway_ms, 3),
             "server_ms": {"decode": round(reply.decode_ms, 3), "embed": round(reply.embed_ms, 3),
@@ -245,6 +250,14 @@ def parse_k(values: list[str], default: int) -> int:
     if int(raw) > MAX_K:
         raise HttpError(400, f"k={raw} is larger than any server answers (the server's Info gives its max_k)")
     return int(raw)
+
+
+def parse_filter_param(values: list[str]) -> str:
+    """`?filter=` (the last one if repeated) as text for the server to parse; longer than the grammar allows: 400."""
+    raw = values[-1] if values else ""
+    if len(raw) > MAX_FILTER_CHARS:
+        raise HttpError(400, f"the filter is {len(raw)} characters long; the limit is {MAX_FILTER_CHARS}")
+    return raw
 
 
 # -- Host and Origin ------------------------------------------------------------------------------------------
@@ -399,8 +412,9 @@ class _App:
 
     async def search(self, request: Request) -> Response:
         k = parse_k(request.query_params.getlist("k"), self.options.default_k)
+        filter_text = parse_filter_param(request.query_params.getlist("filter"))
         image = image_from_body(await self._body(request), request.headers.get("content-type", ""))
-        return _json(200, await self._blocking(functools.partial(self.gateway.search, image, k)))
+        return _json(200, await self._blocking(functools.partial(self.gateway.search, image, k, filter_text)))
 
 
 def _too_large(size: int | None, limit: int) -> str:

@@ -423,3 +423,43 @@ def test_cli_query_filter(served, capsys):
         expected = client.search_image(items[2].path, k=4, filter=good)
     assert [h["id"] for h in record["hits"]] == [h.id for h in expected] and len(expected) == 4
     assert all(h.metadata["shop"] == "south" and h.metadata["price"] in "123" for h in expected)
+
+
+def test_web_gateway_filter(served):
+    """The web gateway's ?filter=: a malformed one is a 400 naming the position, then a good one answers with
+    matching items only (as the SDK); the page carries the filter box."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from asymsearch.clients.client import SearchClient
+    from asymsearch.clients.web import start_gateway
+    address, _, items = served
+    image = open(items[7].path, "rb").read()
+
+    def post(text: str) -> tuple[int, dict]:
+        url = f"{gateway.url}api/search?k=4&filter={urllib.parse.quote(text)}"
+        request = urllib.request.Request(url, data=image, method="POST",
+                                         headers={"Content-Type": "application/octet-stream"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    with SearchClient(address, timeout=30) as client:
+        gateway = start_gateway(client, port=0)
+        try:
+            with urllib.request.urlopen(gateway.url, timeout=30) as r:
+                assert b'id="filter"' in r.read()
+            status, body = post("shop = 'north' or 1=1")
+            assert status == 400 and "position 18" in body["error"], body
+            status, body = post("x" * 5000)
+            assert status == 400 and "limit is 4096" in body["error"]
+            status, body = post('shop = "north" and price != 3')
+            assert status == 200 and body["filter"] == 'shop = "north" and price != 3'
+            want = client.search_image(image, k=4, filter='shop = "north" and price != 3')
+            assert [h["id"] for h in body["hits"]] == [h.id for h in want] and len(want) == 4
+            assert all(h["metadata"]["shop"] == "north" and h["metadata"]["price"] != "3" for h in body["hits"])
+        finally:
+            gateway.stop()
