@@ -156,7 +156,12 @@ def run_filter(args: argparse.Namespace, command: str) -> int:
     if args.threads:
         import faiss
         faiss.omp_set_num_threads(args.threads)
-    rows = bench_filters(args.filter_size, args.filter_dim, queries=min(args.queries, 1000), log=log_stderr)
+    factories = None
+    if args.factories:  # with the bench's own search settings: nprobe 16 for IVF, efSearch 64 for HNSW
+        names = [f.strip() for f in args.factories.split(";" if ";" in args.factories else ",") if f.strip()]
+        factories = [(f, {"nprobe": 16} if "IVF" in f else {"efSearch": 64} if "HNSW" in f else {}) for f in names]
+    rows = bench_filters(args.filter_size, args.filter_dim, queries=min(args.queries, 1000), factories=factories,
+                         log=log_stderr)
     write_filter_results(args.filter_out, command, rows)
     print(args.filter_out.read_text())
     return 0

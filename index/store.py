@@ -4,6 +4,20 @@ evaluation; safe to share between threads.
 `SearchIndex.open` takes a plain index folder or a versioned root (`asymsearch.index.versions`), whose CURRENT
 version it opens; `.version` says which (None for a plain folder). An opened index keeps serving the version it
 opened, even after a newer one is published or the old folder is pruned (its files stay open).
+
+Filtered search (`search(..., filter=...)`, an `asymsearch.core.filters.Filter` on `label` and the user metadata
+columns): the ids that match come from SQLite (one parameterised query on a second read-only connection, under a
+step budget, cached per filter), and faiss searches only those ids through an ID selector (`SearchParameters*.sel`).
+The rule, so that a query gets min(k, matches) results, never fewer:
+
+- an exhaustive index (Flat, SQ: every code is scored) searches with the selector: exact over the matching items
+  (for Flat, equal to brute force over them);
+- an IVF or HNSW index whose matching items number at most `SUBSET_EXACT_MAX` searches the subset exactly: by
+  reconstructing the matching vectors and scoring them all, in blocks of `SUBSET_BLOCK` (IVF-Flat through a direct
+  map built on first use), other IVF kinds with the selector and every list probed (nprobe = nlist). For IVF-Flat
+  and HNSW-Flat that is brute force over the subset; for PQ / SQ codes it is exact over the stored codes;
+- a larger subset takes the approximate search with the selector at the index's own nprobe / efSearch, and any
+  query that gets fewer than min(k, matches) results from it is searched again on the exact subset path.
 """
 from __future__ import annotations
 
@@ -259,10 +273,25 @@ class SearchIndex:
             scores[short], found[short] = self._search_subset(vectors[short], k, ids, selector, kind, core)
         return scores, found
 
+    def _direct_map(self, ivf: faiss.Index) -> bool:
+        """Whether the IVF-Flat `ivf` (directly inside the IDMap2) can reconstruct by position: builds its direct
+        map on first use (8 bytes per vector; a hash table where positions have gaps). False for other IVFs."""
+        if not isinstance(ivf, faiss.IndexIVFFlat) or not isinstance(self._index, faiss.IndexIDMap2) or \
+                not isinstance(faiss.downcast_index(self._index.index), faiss.IndexIVFFlat):  # no pre-transform
+            return False
+        with self._cache_lock:
+            if ivf.direct_map.type == faiss.DirectMap.NoMap:
+                try:
+                    ivf.make_direct_map()
+                except RuntimeError:  # positions not 0..n-1: a hash table instead
+                    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        return True
+
     def _search_subset(self, vectors: np.ndarray, k: int, ids: np.ndarray, selector: faiss.IDSelector, kind: str,
                        core: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
-        """Exact over the matching items: IVF with every list probed; otherwise their reconstructed vectors."""
-        if kind == "ivf":
+        """Exact over the matching items: their reconstructed vectors (IVF-Flat through a direct map, built once);
+        other IVF kinds with the selector and every list probed (no decoding of codes here)."""
+        if kind == "ivf" and not self._direct_map(core):
             return self._index.search(vectors, k, params=faiss.SearchParametersIVF(sel=selector, nprobe=core.nlist,
                                                                                    max_codes=0))
         best_s = np.full((len(vectors), k), -np.inf, np.float32)
