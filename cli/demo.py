@@ -63,7 +63,7 @@ TEACHER_RECIPE = {"head": "gem", "dim": 512, "pretrained": "imagenet", "tune_uni
                   "classes_per_batch": 16, "per_class": 4, "lr": 5e-4, "backbone_lr": 5e-5, "warmup_epochs": 0.5,
                   "val_fraction": 0.2}
 STUDENT_RECIPE = {"from_teacher": True, "tune_units": 9, "loss": "reg", "lr": 2e-4, "backbone_lr": 1e-4,
-                  "batch_size": 64, "val_fraction": 0.2}
+                  "batch_size": 64, "val_fraction": 0.2, "keep_start": True}
 MAX_EPOCHS = {"teacher": 4, "student": 8}
 
 
@@ -167,10 +167,11 @@ def run_demo(cfg: DemoConfig) -> dict:
             engine.close()
 
     with timer.stage("eval", "evaluate: each database image queries all others"):
-        result = evaluate(data, teacher_onnx, student_onnx, index=index_dir, classes="second-half", progress=False)
+        shown = cfg.data is not None  # minutes on real data: progress bars with their ETA
+        result = evaluate(data, teacher_onnx, student_onnx, index=index_dir, classes="second-half", progress=shown)
         if zero_shot_onnx is not None:
             result = {"zero_shot_teacher": result["teacher_teacher"] if zero_shot_onnx == teacher_onnx else
-                      evaluate_pair(data, zero_shot_onnx, zero_shot_onnx, classes="second-half", progress=False),
+                      evaluate_pair(data, zero_shot_onnx, zero_shot_onnx, classes="second-half", progress=shown),
                       **result}
         chance = _chance_recall_at_1(list_image_folder(data, eval_classes))
         print(format_table(result))

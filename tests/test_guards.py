@@ -169,3 +169,18 @@ def test_a_relation_only_student_is_warned(tiny_teacher, image_folder, tmp_path,
 
 def test_user_error_is_the_cli_one_line_type():
     assert issubclass(DegenerateEmbeddings, UserError)
+
+
+def test_keep_start_writes_the_start_when_training_made_the_student_worse(tiny_teacher, image_folder, tmp_path):
+    from asymsearch.training.config import StudentConfig
+    from asymsearch.training.student import train_student
+    out = train_student(StudentConfig(data=str(image_folder), teacher=str(tiny_teacher), out=str(tmp_path / "s.pt"),
+                                      backbone="tiny_cnn", from_teacher=True, image_size=32, keep_start=True,
+                                      classes="all", epochs=1, batch_size=16, lr=0.5, workers=0))  # lr ruins it
+    ckpt = torch.load(out, map_location="cpu", weights_only=False)
+    floors = ckpt["config"]["floors"]
+    assert floors["kept"] == "start"
+    assert (floors["start"]["recall@1"], floors["start"]["map"]) > (floors["student_teacher"]["recall@1"],
+                                                                   floors["student_teacher"]["map"])
+    teacher = torch.load(tiny_teacher, map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.equal(v, teacher[k]) for k, v in ckpt["state_dict"].items())  # the start: the teacher's copy

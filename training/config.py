@@ -181,6 +181,9 @@ class StudentConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
+    keep_start: bool = _opt(False, "write the student as it started (pretrained, or the teacher at its size) "
+                                   "instead of the trained one when the start is better on the validation classes "
+                                   "(student->teacher Recall@1, then mAP): the student's own floor")
     seed: int = 0
     workers: int = 2
     device: str = "auto"

@@ -25,6 +25,7 @@ any step, the teacher at a cheaper resolution, already close to the teacher's sp
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -232,6 +233,8 @@ def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
     start = None
     if val_set is not None:  # the student as it starts (pretrained, or the teacher at the student's size)
         start = asymmetric()
+        if cfg.keep_start:
+            start["weights"] = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
 
     # the teacher stays in eval mode throughout, and is not run: its embeddings are cached
     engine = Engine(model=student, net=net, objective=StudentStepObjective(objective, addons, teacher_pool,
@@ -248,6 +251,12 @@ def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
               "compatible_with_teacher": teacher_ckpt["config"].get("compatible_with_teacher")}
     if val_set is not None:
         config["floors"] = _floors(teacher_ckpt, val_items, val_teacher, val_set.labels, start, asymmetric)
+        trained = config["floors"]["student_teacher"]
+        broken = not all(math.isfinite(trained[k]) for k in ("recall@1", "map"))
+        if cfg.keep_start and (broken or (start["recall@1"], start["map"]) > (trained["recall@1"], trained["map"])):
+            student.load_state_dict(start["weights"])
+            config["floors"]["kept"] = "start"
+            tqdm.write("student: the start beats the trained student on the validation classes; writing the start")
     if ctx.is_main:  # the collapse guard (core.spread) on held-out images before the checkpoint is written
         guard = val_set if val_set is not None else train_set
         step = max(1, len(guard) // 256)
@@ -267,7 +276,7 @@ def _floors(teacher_ckpt: dict, val_items, val_teacher, labels, start: dict, asy
     student as it started (a warning when training made it worse there), the teacher's own teacher->teacher
     figures, and the zero-shot floor the teacher measured (when its validation classes are these)."""
     trained = asymmetric()
-    start_m = {k: start[k] for k in ("recall@1", "map")}
+    start_m = {k: float(start[k]) for k in ("recall@1", "map")}
     symmetric = retrieval_metrics(val_teacher, labels, val_teacher, labels, exclude_self=True)
     worse = trained["recall@1"] < start_m["recall@1"]
     lines = [f"student->teacher {format_metrics(trained)} on {len(set(labels))} validation classes",
