@@ -62,18 +62,46 @@ def metrics(q, ql, db, dbl) -> dict:
     return {"recall@1": round(float(m["recall@1"]), 4), "map": round(float(m["map"]), 4)}
 
 
-def run_evaluate(args) -> None:
+def learn_map(ck: dict, args, seed: int):
+    """The OLD -> NEW map learned on training-half pairs, its kind chosen on validation classes (every 5th class of
+    the training half: fit on the others, NEW's student querying the mapped validation vectors); then refit on the
+    whole training half. (map, validation figures, chosen kind, seconds of the final fit)."""
     from asymsearch.index.transform import fit_map
-    root = Path(args.runs)
     train_items = prepare_data(args.data, "first-half", 0.0)[0]
-    fit_items, val_items, _ = prepare_data(args.data, "first-half", 0.2)  # map selection: validation classes
-    eval_items = prepare_data(args.data, "second-half", 0.0)[0]
-    labels = np.array([it.label for it in eval_items])
+    fit_items, val_items, _ = prepare_data(args.data, "first-half", 0.2)
     fit_paths = {it.path for it in fit_items}
     fit_rows = np.array([it.path in fit_paths for it in train_items])
     val_rows = ~fit_rows
     val_labels = np.array([it.label for it in train_items])[val_rows]
     assert val_rows.sum() == len(val_items)
+    t_old = embed(ck["old"], train_items, args.trunk_cache)
+    t_new = embed(ck["new"], train_items, args.trunk_cache)
+    s_new = embed(ck["st_new"], train_items, args.trunk_cache)
+    choice = {}
+    for kind in ("linear", "mlp"):
+        m = fit_map(t_old[fit_rows], t_new[fit_rows], kind, seed=seed)
+        choice[kind] = metrics(s_new[val_rows], val_labels, m(t_old[val_rows]), val_labels)
+    chosen = max(choice, key=lambda k: (choice[k]["recall@1"], choice[k]["map"]))
+    start = time.perf_counter()
+    m = fit_map(t_old, t_new, chosen, seed=seed)
+    fit_s = time.perf_counter() - start
+    m.fit.update(old_teacher_id=ck["old"]["model_id"], new_teacher_id=ck["new"]["model_id"],
+                 pairs_from="training half (classes 1-50), embedded from the cached trunk maps")
+    return m, choice, chosen, fit_s
+
+
+def run_fit_map(args) -> None:
+    root = Path(args.runs)
+    ck = {name: load_checkpoint(root / f"{name}_s{args.seed}.pt") for name in ("old", "new", "st_new")}
+    m, choice, chosen, fit_s = learn_map(ck, args, args.seed)
+    m.save(root / f"map_s{args.seed}.npz")
+    print(json.dumps({"map_validation": choice, "map_chosen": chosen, "map_fit_seconds": fit_s}))
+
+
+def run_evaluate(args) -> None:
+    root = Path(args.runs)
+    eval_items = prepare_data(args.data, "second-half", 0.0)[0]
+    labels = np.array([it.label for it in eval_items])
     result = {"what": "issue 25 item 3: compatible teacher upgrades and index transforms on CUB-100",
               "data": args.data, "selection": "map kind chosen on validation classes (every 5th class of the "
               "training half); nothing chosen on the evaluation half, which is reported once",
@@ -94,18 +122,17 @@ def run_evaluate(args) -> None:
             "NEWc's student -> NEWc index": metrics(e["st_newc"], labels, e["newc"], labels),
             "NEW's student -> NEW index (re-embedded)": metrics(e["st_new"], labels, e["new"], labels),
         }
-        # the map OLD -> NEW: learned on training-half pairs; kind chosen on the validation classes
-        t_old = embed(ck["old"], train_items, args.trunk_cache)
-        t_new = embed(ck["new"], train_items, args.trunk_cache)
-        s_new = embed(ck["st_new"], train_items, args.trunk_cache)
-        choice = {}
-        for kind in ("linear", "mlp"):
-            m = fit_map(t_old[fit_rows], t_new[fit_rows], kind, seed=seed)
-            choice[kind] = metrics(s_new[val_rows], val_labels, m(t_old[val_rows]), val_labels)
-        chosen = max(choice, key=lambda k: (choice[k]["recall@1"], choice[k]["map"]))
-        start = time.perf_counter()
-        m = fit_map(t_old, t_new, chosen, seed=seed)
-        fit_s = time.perf_counter() - start
+        if (root / f"newr_s{seed}.pt").is_file():  # the variant with regression (--compat-regression 1)
+            for name in ("newr", "st_newr"):
+                ck[name] = load_checkpoint(root / f"{name}_s{seed}.pt")
+                e[name] = embed(ck[name], eval_items, args.trunk_cache)
+            r.update({
+                "NEWr -> NEWr (compatible + regression)": metrics(e["newr"], labels, e["newr"], labels),
+                "NEWr -> OLD index (teacher, new-to-old)": metrics(e["newr"], labels, e["old"], labels),
+                "NEWr's student -> OLD index": metrics(e["st_newr"], labels, e["old"], labels),
+                "NEWr's student -> NEWr index": metrics(e["st_newr"], labels, e["newr"], labels),
+            })
+        m, choice, chosen, fit_s = learn_map(ck, args, seed)
         start = time.perf_counter()
         mapped = m(e["old"])
         apply_s = time.perf_counter() - start
@@ -116,7 +143,6 @@ def run_evaluate(args) -> None:
                                       "teacher_ids": {k: c["model_id"] for k, c in ck.items()}}
         print(json.dumps(result["seeds"][str(seed)], indent=1))
         if args.save_map:
-            m.fit.update(old_teacher_id=ck["old"]["model_id"], new_teacher_id=ck["new"]["model_id"])
             m.save(root / f"map_s{seed}.npz")
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
@@ -173,6 +199,12 @@ def main(argv=None) -> None:
     b.add_argument("--save-map", action="store_true")
     b.add_argument("--out", required=True)
     b.set_defaults(func=run_evaluate)
+    f = sub.add_parser("fit-map")
+    f.add_argument("--data", required=True)
+    f.add_argument("--runs", required=True)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--trunk-cache", required=True)
+    f.set_defaults(func=run_fit_map)
     c = sub.add_parser("check-index")
     c.add_argument("--data", required=True)
     c.add_argument("--student", required=True)
