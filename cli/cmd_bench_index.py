@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         factories = [f.strip() for f in args.factories.split(";" if ";" in args.factories else ",") if f.strip()]
     if bool(args.teacher) != bool(args.images):
         raise UserError("the embedding part needs both --teacher and --images")
+    if args.auto_database or args.auto_queries or args.auto_eval_queries:
+        return run_auto(args, command, sizes)
     check_writable(args.out.with_suffix(".json"))  # before minutes of measuring
     teacher = None
     if args.teacher:
@@ -84,8 +86,6 @@ def run(args: argparse.Namespace) -> int:
         teacher = bench_teacher(args.teacher, items, batch_size=args.batch_size, workers=args.workers,
                                 reps=args.reps, log=log_stderr)
         write_results(args.out, command, teacher, [])
-    if args.auto_database or args.auto_queries or args.auto_eval_queries:
-        return run_auto(args, command, sizes)
     if args.milvus:
         return run_milvus(args, command, sizes)
     ann: list[dict] = []

@@ -162,3 +162,21 @@ def test_bench_database_keeps_the_real_vectors_and_matches_their_neighbour_cosin
     nearest = (data[300:] @ real.T).max(axis=1)
     assert abs(np.median(nearest) - about["median_nn_cosine_real"]) < 0.05, (np.median(nearest), about)
     assert about["real"] == 300 and about["synthetic"] == 2700
+
+
+def test_bench_index_auto_writes_its_results_and_reruns_over_them(tmp_path, capsys):
+    real, shifted = clustered_with_shifted_queries(n=300, dim=16, clusters=20)
+    for name, array in (("real", real), ("tune", shifted[:50]), ("eval", shifted[50:])):
+        np.save(tmp_path / f"{name}.npy", array)
+    args = ["bench", "index", "--sizes", "3000", "--auto-database", str(tmp_path / "real.npy"),
+            "--auto-queries", str(tmp_path / "tune.npy"), "--auto-eval-queries", str(tmp_path / "eval.npy"),
+            "--auto-min-speedup", "0.01", "--out", str(tmp_path / "auto.md")]  # latency never decides here
+    for _ in range(2):  # the second run replaces the first one's results
+        assert main(args) == 0
+    row = json.loads((tmp_path / "auto.json").read_text())["auto"][0]
+    assert row["n"] == 3000 and row["search_threads"] == SERVING_SEARCH_THREADS
+    chosen = [t for t in row["eval_sweep"] if t["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["recall@10_eval_student"] == row["recall@10_eval_student"]
+    (tmp_path / "other.json").write_text("{}")
+    assert main(args[:-1] + [str(tmp_path / "other.md")]) == 2  # never over a JSON that is not its result
+    capsys.readouterr()
