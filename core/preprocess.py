@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 import warnings
 from typing import Iterable
 
@@ -24,6 +25,12 @@ MAX_RESIZE_FACTOR = 64  # resized intermediates above 64 crops' worth of pixels 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
              "nearest": Image.Resampling.NEAREST}
 
+
+# What Pillow raises on a malformed file: besides its documented OSError / ValueError / SyntaxError / EOFError, its
+# format plugins let Python errors through on headers they do not expect (found by fuzzing: a TIFF whose
+# StripOffsets tag is text raises TypeError from ImageFile.load; tests/fuzz/regressions/decode/).
+PILLOW_FAILURES = (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, KeyError, struct.error,
+                   ZeroDivisionError, OverflowError)
 
 def decode_image(data: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, *,
                  min_side: int | None = None) -> Image.Image:
@@ -80,7 +87,7 @@ def decode_image(data: bytes | str | os.PathLike, max_pixels: int = DEFAULT_MAX_
         raise InvalidImage(f"{name}: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise InvalidImage(f"{name}: not a readable image (unknown or corrupt format)") from None
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
+    except (*PILLOW_FAILURES, MemoryError) as e:
         raise InvalidImage(f"{name}: not a readable image ({e.__class__.__name__}: {e})") from None
 
 
@@ -131,7 +138,7 @@ def decoded_nbytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, min_sid
         raise InvalidImage(f"image bytes: refused as a decompression bomb ({e})") from None
     except UnidentifiedImageError:
         raise InvalidImage("image bytes: not a readable image (unknown or corrupt format)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
+    except PILLOW_FAILURES as e:
         raise InvalidImage(f"image bytes: not a readable image ({e.__class__.__name__}: {e})") from None
     rgb = w * h * _pixel_bytes("RGB")
     if mode == "RGB":

@@ -61,6 +61,16 @@ class ShardEmbedder:
         return out
 
 
+
+def _actor_pool(ray, actors: int | None, cpus_per_actor: int) -> tuple[int, dict[str, int]]:
+    """(how many embedding actors, the resources of each): one per GPU when the cluster has GPUs, else as many as
+    the cluster's CPUs hold at `cpus_per_actor` each; `actors` overrides the count."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if gpus:  # untested here: no GPU on the development machine
+        return actors or gpus, {"num_gpus": 1, "num_cpus": cpus_per_actor}
+    return actors or max(1, int(resources.get("CPU", 1)) // cpus_per_actor), {"num_cpus": cpus_per_actor}
+
 def embed_with_ray(items: Sequence[ImageItem], teacher: str | os.PathLike, store: ShardStore, *, batch_size: int,
                    address: str | None = None, progress: bool = True, cpus_per_actor: int = 1,
                    actors: int | None = None) -> None:
@@ -79,13 +89,7 @@ def embed_with_ray(items: Sequence[ImageItem], teacher: str | os.PathLike, store
         rows.append({"shard": shard, "start": start,
                      "paths": json.dumps([items[i].path for i in range(start, stop)]),
                      "labels": json.dumps([items[i].label for i in range(start, stop)])})
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus:  # untested here: no GPU on the development machine
-        pool, per_actor = actors or gpus, {"num_gpus": 1, "num_cpus": cpus_per_actor}
-    else:
-        pool = actors or max(1, int(resources.get("CPU", 1)) // cpus_per_actor)
-        per_actor = {"num_cpus": cpus_per_actor}
+    pool, per_actor = _actor_pool(ray, actors, cpus_per_actor)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         ShardEmbedder, fn_constructor_kwargs={"teacher": str(Path(teacher).resolve()), "batch_size": batch_size,
                                               "threads": cpus_per_actor},
@@ -157,13 +161,7 @@ def embed_into_milvus(items: Sequence[ImageItem], teacher: str | os.PathLike, lo
         rows.append({"shard": shard, "start": start, "paths": json.dumps([it.path for it in chunk]),
                      "labels": json.dumps([it.label for it in chunk]),
                      "extras": json.dumps([columns.get(it.path) for it in chunk])})
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if gpus:  # untested here: no GPU on the development machine
-        pool, per_actor = actors or gpus, {"num_gpus": 1, "num_cpus": cpus_per_actor}
-    else:
-        pool = actors or max(1, int(resources.get("CPU", 1)) // cpus_per_actor)
-        per_actor = {"num_cpus": cpus_per_actor}
+    pool, per_actor = _actor_pool(ray, actors, cpus_per_actor)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         MilvusShardWriter, fn_constructor_kwargs={"teacher": str(Path(teacher).resolve()), "batch_size": batch_size,
                                                   "threads": cpus_per_actor, "uri": uri, "collection": collection},
