@@ -126,7 +126,10 @@ class Batcher:
         self._max_batch = max_batch or config.max_batch
         self._max_delay = config.max_delay_ms / 1e3
         self._metrics = metrics
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: with two workers, SimpleQueue.get(timeout=0.001) was seen to hang (5 s and more,
+        # until the next put) on CPython 3.11.7, holding the job it had already taken (tests/test_query_cli round
+        # robin: a BatchSearch waited to its deadline while the server idled)
+        self._queue: queue.Queue = queue.Queue()
         self._threads = [threading.Thread(target=self._run, name=f"batch-{name}-{i}", daemon=True)
                          for i in range(workers)]
         for t in self._threads:
