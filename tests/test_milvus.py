@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import make_linear_onnx, wait_until
+from test_hot_swap import Load
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pytest.importorskip("pymilvus", reason="the `milvus` extra: pip install 'asymsearch[milvus]'")
@@ -181,41 +182,6 @@ def test_a_collection_without_a_manifest_is_refused(lite):
 def test_an_unreachable_address_is_unavailable_naming_it():
     with pytest.raises(milvus.MilvusUnavailable, match="127.0.0.1:9.*does not answer after 2 tries"):
         open_index("milvus://127.0.0.1:9/images", attempts=2)
-
-
-class Load:
-    """Image and vector queries from 4 threads until stopped; every reply's version and every error recorded."""
-
-    def __init__(self, port: int, images: list[bytes], threads: int = 4) -> None:
-        self.versions: list[str] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        stub = search_pb2_grpc.SearchStub(self._channel)
-
-        def run(seed: int) -> None:
-            rng = np.random.default_rng(seed)
-            while not self._stop.is_set():
-                try:
-                    if rng.random() < 0.5:
-                        r = stub.SearchImage(search_pb2.ImageQuery(image=images[rng.integers(len(images))], k=5),
-                                             timeout=10)
-                    else:
-                        r = stub.SearchVector(search_pb2.VectorQuery(vector=rng.normal(size=16).tolist(), k=5),
-                                              timeout=10)
-                    assert len(r.hits) == 5
-                    self.versions.append(r.index_version)
-                except (grpc.RpcError, AssertionError) as e:
-                    self.errors.append(repr(e))
-        self._threads = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-        for t in self._threads:
-            t.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-        self._channel.close()
 
 
 @pytest.fixture(scope="module")
