@@ -9,7 +9,9 @@ Confinement (docs/security.md):
 - Images reach the server over the wire (`UploadImages`, `asymsearch index push`): each is checked (a plain file
   name with an image suffix, a label that is a plain folder name, metadata keys that are not reserved), written
   below `ROOT/uploads/<upload>/<label>/` of the served index root, and added from there. No client-supplied path
-  is opened.
+  is opened. A Milvus index has no root folder (`uploads_folder`): for a Milvus Lite file the uploads go beside
+  it (`FILE.db.uploads/NAME/`), for a Milvus cluster below the first `--admin-root` (`uploads/NAME/`; without
+  one UploadImages is refused), and the collection's rows name those files.
 - A path-based `AddImages` reads only folders under the server's `--admin-root` folders, after resolving every
   symlink (the folder's and each file's); without `--admin-root` it is off.
 - `Reload` serves only versions of the served index root.
@@ -116,10 +118,15 @@ def confined_student(path: str, admin_roots: Sequence[str]) -> Path:
     return resolved
 
 
-def confined_version(path: str, root: Path) -> Path:
+def confined_version(path: str, root: str | os.PathLike) -> Path:
     """The version folder of the served index root that a Reload names (a version name, or its folder below
-    ROOT/versions); `PermissionDenied` for anything else, whether it exists or not."""
-    versions = (root / "versions").resolve()
+    ROOT/versions); `PermissionDenied` for anything else, whether it exists or not. A Milvus index has no version
+    folders: `UserError` pointing at `index rollback` (which switches the alias every server follows)."""
+    if isinstance(root, str) and root.startswith(("milvus://", "milvus-lite://")):
+        raise UserError(f"Reload of one version applies to a folder root; the served index {root} is a Milvus alias: "
+                        f"`asymsearch index rollback {root} VERSION` points it at another version collection, and "
+                        f"every server following it swaps (Reload without a path reloads what the alias names)")
+    versions = (Path(root) / "versions").resolve()
     if _VERSION_NAME.match(path):
         candidate = versions / path
     else:
@@ -142,13 +149,31 @@ def _plain_name(value: str, what: str, n: int) -> str:
     return value
 
 
-class Upload:
-    """The images of one UploadImages call, written below ROOT/uploads/<id>/ as they arrive, with a metadata CSV
-    beside them; `discard()` removes them (the add failed), else they stay: the index refers to them."""
+def uploads_folder(source: str | os.PathLike, admin_roots: Sequence[str] = ()) -> Path:
+    """Where the uploads of the index `source` are kept: ROOT/uploads for a folder root; for a Milvus Lite file
+    FILE.db.uploads/NAME beside it; for a Milvus cluster (no folder of its own) ADMIN_ROOT/uploads/NAME below the
+    first --admin-root, `PermissionDenied` without one."""
+    text = str(source) if isinstance(source, str) else None
+    if text is not None and text.startswith(("milvus://", "milvus-lite://")):
+        from asymsearch.index.milvus import parse_location
+        loc = parse_location(text)
+        if loc.lite:
+            return Path(loc.uri).with_name(Path(loc.uri).name + ".uploads") / loc.name
+        if not admin_roots:
+            raise PermissionDenied("UploadImages on a Milvus cluster keeps the images below the first --admin-root "
+                                   "folder (the collection names their paths); this server has none")
+        return Path(admin_roots[0]).resolve() / UPLOADS_DIR / loc.name
+    return Path(source) / UPLOADS_DIR
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+
+class Upload:
+    """The images of one UploadImages call, written below ROOT/uploads/<id>/ (`uploads_folder`) as they arrive,
+    with a metadata CSV beside them; `discard()` removes them (the add failed), else they stay: the index refers to
+    them."""
+
+    def __init__(self, root: str | os.PathLike, max_bytes: int, admin_roots: Sequence[str] = ()) -> None:
         self.id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-        self.folder = root / UPLOADS_DIR / self.id
+        self.folder = uploads_folder(root, admin_roots) / self.id
         self.folder.mkdir(parents=True)
         self.max_bytes = max_bytes
         self.count = 0

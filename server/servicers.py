@@ -262,7 +262,7 @@ class AdminServicer(search_pb2_grpc.AdminServicer):
     @rpc_errors
     async def Reload(self, request, context):
         engine = self._engine()
-        version = confined_version(request.path, Path(engine.source)) if request.path else None
+        version = confined_version(request.path, engine.source) if request.path else None
         return self._reply(*await asyncio.to_thread(self._server.reload, version, keep_source=True))
 
     async def _update(self, what: str, apply: Callable[[Path], None]) -> search_pb2.UpdateReply:
@@ -291,7 +291,8 @@ class AdminServicer(search_pb2_grpc.AdminServicer):
         if self._updater is None:
             raise Unimplemented("UploadImages is not available on this server (it needs an index updater, e.g. "
                                 "`serve --admin --teacher T.onnx`)")
-        upload = await asyncio.to_thread(Upload, Path(engine.source), self._server.options.max_upload_bytes)
+        upload = await asyncio.to_thread(Upload, engine.source, self._server.options.max_upload_bytes,
+                                          self._server.options.admin_roots)
         try:
             async for image in request_iterator:
                 await asyncio.to_thread(upload.add, image.name, image.label, image.data, dict(image.metadata))

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -452,3 +453,53 @@ def test_two_stateless_servers_over_one_collection_behind_the_sdk_round_robin(bu
         for (s, _), e in zip(servers, engines):
             s.stop(None)
             e.close()
+
+
+def test_admin_add_upload_and_remove_on_a_milvus_index_over_a_real_channel(lite, tiny_models, image_folder, images,
+                                                                           tmp_path):
+    """Admin AddImages / UploadImages / RemoveImages against a Milvus Lite collection, through the SDK over a real
+    gRPC channel under query load: the new items are found, the removed one is gone, no request fails."""
+    from asymsearch.core.synthetic import make_synthetic_dataset
+    from asymsearch.server.admin import TeacherUpdater
+    loc = f"{lite}/admin"
+    build_index(tiny_models["teacher"], image_folder, loc, progress=False)
+    new = make_synthetic_dataset(tmp_path / "new", num_classes=2, per_class=3, size=48, seed=9)
+    new_paths = sorted(str(p.resolve()) for p in new.rglob("*.jpg"))
+    engine = QueryEngine.open(loc, tiny_models["student"], max_k=200)
+    server, port = create_server(engine, max_workers=8, admin=True, token="milvus-admin", expose_paths=True,
+                                 admin_roots=(str(tmp_path),), updater=TeacherUpdater(tiny_models["teacher"]))
+    load = Load(port, images, threads=2)
+    try:
+        with SearchClient(f"127.0.0.1:{port}", token="milvus-admin") as client:
+            added = client.add_images(new)
+            assert (added["index_version"], added["count"], added["changed"]) == ("admin__v000001", 86, True)
+            hits = client.search_image(new_paths[4], k=1)
+            assert hits[0].path == new_paths[4] and hits[0].label == Path(new_paths[4]).parent.name
+            new_ids = sorted(h.id for h in client.search_image(new_paths[0], k=200) if h.path in new_paths)
+            assert new_ids == list(range(80, 86))  # ids after every id given before
+            removed = client.remove_images([hits[0].id])
+            assert (removed["index_version"], removed["count"]) == ("admin__v000001", 85)
+            assert new_paths[4] not in {h.path for h in client.search_image(new_paths[4], k=200)}
+            with pytest.raises(Exception, match="not in the index"):
+                client.remove_images([10**9])
+            pushed = client.push_images([(Path(new_paths[4]).read_bytes(), "pushed", {"shop": "north"})])
+            assert (pushed["count"], pushed["changed"]) == (86, True)
+            top = client.search_image(Path(new_paths[4]).read_bytes(), k=1)[0]
+            assert (top.id, top.label) == (86, "pushed")
+            assert Path(top.path).is_file() and Path(top.path).read_bytes() == Path(new_paths[4]).read_bytes()
+            kept = Path(milvus.parse_location(loc).uri + ".uploads") / "admin"  # beside the Lite file
+            assert Path(top.path).is_relative_to(kept) and top.metadata == {"shop": "north"}
+            info = client.info()
+            assert (info["index_version"], info["count"], info["backend"]) == ("admin__v000001", 86, "milvus")
+            with pytest.raises(Exception, match="index rollback"):  # no version folders on Milvus
+                client.reload("v000001")
+            assert client.reload()["index_version"] == "admin__v000001"
+            assert len(client.search_image(images[0], k=5)) == 5  # a good request after the refused ones
+    finally:
+        load.stop()
+        server.stop(None)
+        engine.close()
+    assert load.errors == []
+    with open_index(loc) as index:  # what the collection holds, read back past the server
+        assert index.count == 86 and sorted(set(range(87)) - set(index.ids().tolist())) == [hits[0].id]
+        assert index.lookup_records([86])[0]["shop"] == "north"
