@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from asymsearch.cli.cmd_index import index_location
 from asymsearch.cli.options import Commands, existing_path
 
 EXIT_BELOW_GATE = 1
@@ -21,7 +22,8 @@ def register(commands: Commands) -> None:
                     "student's asymmetric Recall@1 and mAP beside the teacher's symmetric ones, and their ratio. "
                     "Exit status 1 (and one line on stderr) when the Recall@1 ratio is below --min-ratio, 2 for "
                     "bad input (a student of another teacher, an index without a probe set).")
-    p.add_argument("--index", required=True, type=existing_path("index folder"), help="index folder or root")
+    p.add_argument("--index", required=True, type=index_location("index folder"),
+                   help="index folder or root, or a Milvus location (milvus://..., milvus-lite://...)")
     p.add_argument("--student", required=True, type=existing_path("student ONNX model"),
                    help="student .onnx (with its .json)")
     p.add_argument("--min-ratio", type=float, default=None,
@@ -36,13 +38,13 @@ def run_check(args: argparse.Namespace) -> int:
     from asymsearch.core.ort import OnnxEmbedder
     from asymsearch.core.provenance import provenance
     from asymsearch.index.probe import DEFAULT_MIN_RATIO, GateRefused, check_student, require_probe
-    from asymsearch.index.store import SearchIndex
+    from asymsearch.index.backend import open_index
 
     min_ratio = DEFAULT_MIN_RATIO if args.min_ratio is None else args.min_ratio
     if not 0 <= min_ratio <= 10:
         raise UserError(f"--min-ratio must be between 0 and 10, got {min_ratio:g}")
     student = OnnxEmbedder(args.student, intra_op_threads=0)
-    with SearchIndex.open(args.index) as index:
+    with open_index(args.index) as index:
         check_pairing(student, index.manifest, query_name=str(args.student), database_name=f"the index {args.index}")
         probe = require_probe(index)
         result = check_student(student, probe, progress=sys.stderr.isatty())

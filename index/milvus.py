@@ -18,6 +18,13 @@ JSON (`asymsearch.manifest`): teacher id, dimension, the teacher's preprocessing
 and parameters, search parameters, count and history. A collection without it is not an asymsearch index and is
 refused.
 
+Probe set (`asymsearch.index.probe`, the students' quality gate): the build chooses it among the rows it wrote (as
+a faiss build does, with the vectors read back from the collection) and stores the same .npz bytes a faiss index
+keeps in meta.sqlite in a side collection `NAME__v000001__probe` (rows of base64 text, a 2-d dummy vector because
+Milvus needs one), written before the alias names the version; the manifest's `build.probe` records its
+collection, size and SHA-256, checked on every read. `index add` / `remove` leave it as it is (the gate does not
+depend on the index's other images); pruning a version drops its side collection with it.
+
 Factories map onto Milvus index types: `Flat` -> FLAT, `IVF<n>,Flat` -> IVF_FLAT (nlist n), `IVF<n>,SQ8` ->
 IVF_SQ8, `HNSW<M>` -> HNSW (M, efConstruction 40, faiss's default); search parameters `nprobe` -> nprobe,
 `efSearch` -> ef.
@@ -60,6 +67,9 @@ SKIPPED_KEPT = 1000  # skipped paths kept in the manifest (the count is always k
 MILVUS_FIELDS = ("id", "path", "label")
 NUMBERS_FIELD = "asym_num"  # dynamic field: the row's values that count as numbers (`core.filters` Milvus layout)
 HIDDEN_FIELDS = ("vector", NUMBERS_FIELD)
+PROBE_SUFFIX = "__probe"  # the side collection of a version's probe set: NAME__v000001__probe
+PROBE_CHUNK = 60_000  # base64 characters of the probe .npz per side-collection row (a VARCHAR holds 65,535)
+PROBE_ROWS_PER_CALL = 64  # side-collection rows per insert / query call (about 4 MB)
 
 
 def row_of(i: int, vector: np.ndarray, path: str, label: str, extra: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -324,8 +334,92 @@ def prune(client: Any, location: MilvusLocation, keep: int | None) -> list[str]:
     older = names[:names.index(live)]
     drop = older[:max(0, len(older) - max(0, keep - 1))]
     for name in drop:
-        _call(location, f"drop_collection {name}", client.drop_collection, name)
+        _drop_version(client, location, name)
     return drop
+
+
+# -- the probe set: a side collection per version ----------------------------------------------------------------
+
+def probe_collection(collection: str) -> str:
+    return collection + PROBE_SUFFIX
+
+
+def write_probe(client: Any, location: MilvusLocation, collection: str, data: bytes) -> dict[str, Any]:
+    """Store the probe set's .npz bytes `data` in the side collection of `collection` (replacing one there);
+    what the manifest records of it: {collection, bytes, sha256, rows}."""
+    import base64
+    from pymilvus import DataType
+    side = probe_collection(collection)
+    if _call(location, f"has_collection {side}", client.has_collection, side):
+        _call(location, f"drop_collection {side}", client.drop_collection, side)
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs a vector field; unused
+    schema.add_field("data", DataType.VARCHAR, max_length=PROBE_CHUNK)
+    _call(location, f"create_collection {side}", client.create_collection, side, schema=schema,
+          index_params=_index_params(client, "FLAT", {}), consistency_level="Strong")
+    text = base64.b64encode(data).decode("ascii")
+    chunks = [text[lo:lo + PROBE_CHUNK] for lo in range(0, len(text), PROBE_CHUNK)]
+    for lo in range(0, len(chunks), PROBE_ROWS_PER_CALL):
+        rows = [{"id": i, "vector": [0.0, 0.0], "data": chunks[i]}
+                for i in range(lo, min(len(chunks), lo + PROBE_ROWS_PER_CALL))]
+        _call(location, f"insert into {side}", client.insert, side, rows)
+    _call(location, f"flush {side}", client.flush, side)
+    return {"collection": side, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "rows": len(chunks)}
+
+
+def read_probe(client: Any, location: MilvusLocation, recorded: Mapping[str, Any]) -> bytes | None:
+    """The probe set's .npz bytes from the side collection the manifest records (`write_probe`'s dict); None when
+    that collection is gone; `UserError` when what it holds is not what was written."""
+    import base64
+    side = str(recorded["collection"])
+    if not _call(location, f"has_collection {side}", client.has_collection, side):
+        log.warning("the probe set's side collection %s is missing at %s", side, location.address)
+        return None
+    _call(location, f"load {side}", client.load_collection, side)
+    rows, parts = int(recorded["rows"]), []
+    for lo in range(0, rows, PROBE_ROWS_PER_CALL):
+        hi = min(rows, lo + PROBE_ROWS_PER_CALL)
+        got = _call(location, f"query of {side}", client.query, side, filter=f"id >= {lo} and id < {hi}",
+                    output_fields=["id", "data"])
+        parts += sorted(((int(r["id"]), r["data"]) for r in got))
+    data = base64.b64decode("".join(chunk for _, chunk in parts)) if [i for i, _ in parts] == list(range(rows)) \
+        else b""
+    if len(data) != int(recorded["bytes"]) or hashlib.sha256(data).hexdigest() != recorded["sha256"]:
+        raise UserError(f"the probe set in {side} at {location.address} is not the one its index recorded "
+                        f"({len(parts)} of {rows} rows, {len(data)} of {recorded['bytes']} bytes or another "
+                        f"SHA-256); rebuild the index")
+    return data
+
+
+def probe_from_rows(client: Any, location: MilvusLocation, collection: str, items: Sequence[Any],
+                    teacher_id: str) -> bytes | None:
+    """The probe set of a build, chosen among the rows `collection` holds (id = position in the build's listing
+    `items`, so label and path come from there) as a faiss build chooses it (`probe.select_probe`), with the
+    vectors the collection holds for them; None when too few images (`probe.probe_npz`)."""
+    from asymsearch.index.probe import probe_npz, select_probe
+    held = sorted(iter_ids(client, location, collection))
+    labels = [items[i].label for i in held]
+    positions, _ = select_probe(labels)
+    chosen = [held[p] for p in positions]
+    vectors: dict[int, list] = {}
+    for lo in range(0, len(chosen), 1024):
+        for row in _call(location, f"query of {collection}", client.query, collection,
+                         filter=f"id in {json.dumps(chosen[lo:lo + 1024])}", output_fields=["id", "vector"]):
+            vectors[int(row["id"])] = row["vector"]
+    if not chosen:
+        return None
+    return probe_npz([items[i].path for i in chosen], [items[i].label for i in chosen],
+                     np.asarray([vectors[i] for i in chosen], np.float32), teacher_id=teacher_id, ids=chosen,
+                     chosen=True)
+
+
+def _drop_version(client: Any, location: MilvusLocation, name: str) -> None:
+    """Drop a version collection and its probe set's side collection."""
+    _call(location, f"drop_collection {name}", client.drop_collection, name)
+    side = probe_collection(name)
+    if _call(location, f"has_collection {side}", client.has_collection, side):
+        _call(location, f"drop_collection {side}", client.drop_collection, side)
 
 
 # -- the read side ------------------------------------------------------------------------------------------------
@@ -437,6 +531,22 @@ class MilvusIndex:
     def lookup(self, ids: Sequence[int]) -> list[tuple[str, str]]:
         return [(r["path"], r["label"]) for r in self.lookup_records(ids)]
 
+    @property
+    def probe_where(self) -> str:
+        return f"side collection {probe_collection(self.version)}"
+
+    def read_probe(self) -> Any:
+        """The probe set of this version (`asymsearch.index.probe.ProbeSet`) from its side collection, None when
+        the build wrote none (`asymsearch.index.probe.find_probe` calls this)."""
+        recorded = self.manifest.build.get("probe")
+        if not recorded:
+            return None
+        data = read_probe(self._client, self.location, recorded)
+        if data is None:
+            return None
+        from asymsearch.index.probe import ProbeSet
+        return ProbeSet.from_bytes(data, f"{self.location} ({recorded['collection']})")
+
     def ids(self) -> np.ndarray:
         """Every id the collection holds, ascending."""
         return np.sort(np.asarray(list(iter_ids(self._client, self.location, self.version)), np.int64))
@@ -490,10 +600,11 @@ def existing(client: Any, location: MilvusLocation, collection: str, field: str,
 
 def publish_blocks(location: str | MilvusLocation, manifest: IndexManifest,
                    blocks: Iterable[tuple[np.ndarray, np.ndarray, Sequence[tuple[str, str, Mapping | None]]]], *,
-                   keep: int | None = None, writer=None) -> tuple[IndexManifest, str]:
+                   keep: int | None = None, writer=None, probe=None) -> tuple[IndexManifest, str]:
     """Write a new version collection from (ids, vectors, records) blocks (or, with `writer(client, collection)`,
-    let it insert the rows itself, e.g. from Ray workers), index it, record `manifest` (its count from what the
-    collection holds) and switch the alias to it. Returns (manifest, collection)."""
+    let it insert the rows itself, e.g. from Ray workers), index it, store the probe set `probe(client,
+    collection)` gives (.npz bytes or None, `write_probe`), record `manifest` (its count from what the collection
+    holds) and switch the alias to it. Returns (manifest, collection)."""
     loc = parse_location(location) if isinstance(location, str) else location
     kind, build, _ = milvus_index(manifest.factory, manifest.search_params)
     client = connect(loc)
@@ -510,10 +621,14 @@ def publish_blocks(location: str | MilvusLocation, manifest: IndexManifest,
         manifest = dataclasses.replace(manifest, count=count,
                                        build={**manifest.build, "milvus": {"collection": collection,
                                                                            "index_type": kind, "params": build}})
+        data = probe(client, collection) if probe is not None else None
+        if data is not None:
+            manifest = dataclasses.replace(manifest, build={**manifest.build,
+                                                            "probe": write_probe(client, loc, collection, data)})
         write_manifest(client, loc, collection, manifest)
     except BaseException:
         try:
-            client.drop_collection(collection)  # never published: nobody can be reading it
+            _drop_version(client, loc, collection)  # never published: nobody can be reading it
         except Exception:  # noqa: BLE001 - the original error is the one to report
             log.warning("could not drop the unfinished collection %s at %s", collection, loc.address)
         raise
@@ -608,6 +723,7 @@ def describe(location: str | MilvusLocation) -> dict[str, Any]:
             "versions": version_collections(client, loc), "count": m.count, "dim": m.dim, "factory": m.factory,
             "milvus": m.build.get("milvus"), "search_params": m.search_params, "teacher_id": m.teacher_id,
             "preprocessing": m.build.get("preprocessing"), "next_id": m.build.get("next_id"),
+            "probe": m.build.get("probe"),
             "history": m.build.get("history", [])[-5:]}
 
 
@@ -624,7 +740,8 @@ def release(location: str | MilvusLocation) -> None:
 
 
 __all__ = ["MilvusIndex", "MilvusLocation", "MilvusUnavailable", "parse_location", "is_milvus_location",
-           "publish_blocks", "add_rows", "remove_rows", "rollback", "describe", "current_id", "milvus_index"]
+           "publish_blocks", "add_rows", "remove_rows", "rollback", "describe", "current_id", "milvus_index",
+           "write_probe", "read_probe", "probe_from_rows"]
 
 
 # -- build and add from images ------------------------------------------------------------------------------------
@@ -686,7 +803,9 @@ def build_into_milvus(config: Any, *, progress: bool = True) -> IndexManifest:
             skipped = list(store.kept_rows()[1])
             blocks = ((np.asarray(rows, np.int64), vectors, records(rows)) for rows, vectors, _ in store.iter_shards())
             writer = None
-        manifest, collection = publish_blocks(loc, manifest, blocks, keep=config.keep, writer=writer)
+        manifest, collection = publish_blocks(
+            loc, manifest, blocks, keep=config.keep, writer=writer,
+            probe=lambda client_, collection_: probe_from_rows(client_, loc, collection_, items, e.teacher_id))
         report_skipped(skipped)
         build = {**manifest.build, "skipped": [p for p, _ in skipped][:SKIPPED_KEPT], "skipped_count": len(skipped),
                  "seconds": round(time.perf_counter() - start, 3)}

@@ -7,7 +7,10 @@ else a JPEG of shorter side `STORED_SIDE`), with their labels and their teacher 
 index holds for them). It does not depend on the original image paths, and costs a few MB whatever the size of the
 index. It lives in `meta.sqlite` because every version of an index carries that file (a build writes it, `index
 add` / `remove` copy it into the version they publish, a plain folder turned into a versioned root links it), so
-the probe set follows the index through its versions with no extra file to copy.
+the probe set follows the index through its versions with no extra file to copy. A Milvus index keeps the same
+.npz bytes in a side collection beside each version collection (`asymsearch.index.milvus.write_probe`: rows of
+base64 text, `COLLECTION__probe`), written before the alias names the version and dropped with it; `index add` /
+`remove` change the version collection in place and leave it as it is.
 
 The gate embeds the probe images with a candidate student (decoded and prepared exactly as the server prepares a
 query for that student) and scores them leave-one-out against the probe's own teacher vectors: every probe image
@@ -68,7 +71,7 @@ class GateRefused(PairingError):
 class ProbeSet:
     """The probe set of one index: image files, labels and teacher vectors (row i: file i, label i)."""
 
-    path: Path  # the meta.sqlite it was read from
+    path: Path | str  # where it was read from: a meta.sqlite, or "LOCATION (COLLECTION)" for Milvus
     teacher_id: str
     dim: int
     images: tuple[bytes, ...]  # encoded image files
@@ -97,8 +100,14 @@ class ProbeSet:
             raise UserError(f"the metadata {path} cannot be read ({e}); rebuild the index") from None
         if row is None:
             return None
+        return cls.from_bytes(row[0], path)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, path: str | os.PathLike) -> "ProbeSet":
+        """The probe set of an .npz as `probe_npz` wrote it; `path` names where it was read (for messages: a
+        meta.sqlite, or a Milvus side collection)."""
         try:
-            with np.load(io.BytesIO(row[0]), allow_pickle=False) as z:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 teacher, labels, ids = z["teacher"], z["labels"], z["ids"]
                 blob, offsets = z["blob"].tobytes(), z["offsets"]
@@ -184,6 +193,25 @@ def write_probe(index_folder: str | os.PathLike, paths: Sequence[str], labels: S
     their index `ids`), choosing up to `size` of them (`select_probe`; all of them when `chosen`: the caller
     selected them with `select_probe`); None (nothing written) when fewer than 3 images are given. Images that
     cannot be read now are left out."""
+    data = probe_npz(paths, labels, vectors, teacher_id=teacher_id, ids=ids, size=size, chosen=chosen)
+    if data is None:
+        return None
+    path = Path(index_folder) / META_FILE
+    con = sqlite3.connect(path)
+    try:
+        with con:
+            con.execute(f"CREATE TABLE IF NOT EXISTS {PROBE_TABLE} (name TEXT PRIMARY KEY, data BLOB NOT NULL)")
+            con.execute(f"INSERT OR REPLACE INTO {PROBE_TABLE}(name, data) VALUES (?, ?)", (PROBE_NAME, data))
+    finally:
+        con.close()
+    return path
+
+
+def probe_npz(paths: Sequence[str], labels: Sequence[str], vectors: np.ndarray, *, teacher_id: str,
+              ids: Sequence[int] | None = None, size: int = PROBE_SIZE, chosen: bool = False) -> bytes | None:
+    """The probe set as the .npz bytes every backend stores (`write_probe`'s row in meta.sqlite; a Milvus index's
+    side collection, `asymsearch.index.milvus.write_probe`), chosen as `write_probe` says; None when fewer than 3
+    readable images are given."""
     vectors = np.asarray(vectors, np.float32)
     if chosen:
         positions, mode = list(range(len(paths))), label_mode(labels)
@@ -213,16 +241,7 @@ def write_probe(index_folder: str | os.PathLike, paths: Sequence[str], labels: S
              labels=np.array(kept_labels, dtype=str),
              ids=np.array([int(ids[p]) if ids is not None else int(p) for p in kept], np.int64),
              blob=np.frombuffer(b"".join(images), np.uint8), offsets=offsets)
-    path = Path(index_folder) / META_FILE
-    con = sqlite3.connect(path)
-    try:
-        with con:
-            con.execute(f"CREATE TABLE IF NOT EXISTS {PROBE_TABLE} (name TEXT PRIMARY KEY, data BLOB NOT NULL)")
-            con.execute(f"INSERT OR REPLACE INTO {PROBE_TABLE}(name, data) VALUES (?, ?)",
-                        (PROBE_NAME, buf.getvalue()))
-    finally:
-        con.close()
-    return path
+    return buf.getvalue()
 
 
 def _stored_image(src: Path) -> bytes | None:
@@ -249,10 +268,15 @@ def _stored_image(src: Path) -> bytes | None:
 # -- finding (serve, student check) -------------------------------------------------------------------------------
 
 def find_probe(index: Any) -> ProbeSet | None:
-    """The probe set of an opened index (`SearchIndex`, or anything with `.folder` and `.manifest`), None when it
-    has none or one of another teacher or dimension."""
-    meta = Path(index.folder) / META_FILE
-    probe = ProbeSet.load(meta) if meta.is_file() else None
+    """The probe set of an opened index, None when it has none or one of another teacher or dimension: a
+    `SearchIndex` (or anything with `.folder` and `.manifest`) keeps it in its meta.sqlite; an index with a
+    `read_probe()` (a `MilvusIndex`: a side collection beside its version collection) gives it itself."""
+    reader = getattr(index, "read_probe", None)
+    if reader is not None:
+        probe = reader()
+    else:
+        meta = Path(index.folder) / META_FILE
+        probe = ProbeSet.load(meta) if meta.is_file() else None
     if probe is None or probe.teacher_id != index.manifest.teacher_id or probe.dim != index.manifest.dim:
         return None
     return probe
@@ -261,8 +285,11 @@ def find_probe(index: Any) -> ProbeSet | None:
 def require_probe(index: Any) -> ProbeSet:
     probe = find_probe(index)
     if probe is None:
-        raise NoProbeSet(f"the index {getattr(index, 'root', index.folder)} has no probe set (table {PROBE_TABLE!r} in {META_FILE}), so no gate can be computed: rebuild it with `asymsearch index build` "
-                         f"(which writes one), or load the student without --min-ratio")
+        where = (getattr(index, "probe_where", None)
+                 or f"table {PROBE_TABLE!r} in {META_FILE}")
+        raise NoProbeSet(f"the index {getattr(index, 'root', index.folder)} has no probe set ({where}), so no gate "
+                         f"can be computed: rebuild it with `asymsearch index build` (which writes one), or load "
+                         f"the student without --min-ratio")
     return probe
 
 
@@ -351,5 +378,5 @@ def check_student(embedder: Any, probe: ProbeSet, max_pixels: int = DEFAULT_MAX_
 
 
 __all__ = ["DEFAULT_MIN_RATIO", "GateRefused", "GateResult", "NoProbeSet", "PROBE_TABLE", "PROBE_SIZE", "ProbeSet",
-           "check_student", "embed_probe", "find_probe", "require_probe", "score", "select_probe",
+           "check_student", "embed_probe", "find_probe", "probe_npz", "require_probe", "score", "select_probe",
            "teacher_figures", "write_probe"]

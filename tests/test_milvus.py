@@ -436,6 +436,8 @@ def test_keep_drops_versions_older_than_the_live_one_beyond_it(lite, tiny_models
     names = milvus.version_collections(milvus.connect(parsed), parsed)
     # keep=2: the live version and one older; v1 went at the third build, v2 at the fourth (v3 is the one older)
     assert names == ["pruned__v000003", "pruned__v000004"]
+    held = sorted(n for n in milvus.connect(parsed).list_collections() if n.startswith("pruned__"))
+    assert held == ["pruned__v000003", "pruned__v000003__probe", "pruned__v000004", "pruned__v000004__probe"]
     assert milvus.live_collection(milvus.connect(parsed), parsed) == "pruned__v000004"
 
 
@@ -503,3 +505,79 @@ def test_admin_add_upload_and_remove_on_a_milvus_index_over_a_real_channel(lite,
     with open_index(loc) as index:  # what the collection holds, read back past the server
         assert index.count == 86 and sorted(set(range(87)) - set(index.ids().tolist())) == [hits[0].id]
         assert index.lookup_records([86])[0]["shop"] == "north"
+
+
+def test_the_probe_set_lives_beside_each_version_and_gates_students_on_milvus(lite, built, tiny_models,
+                                                                             image_folder, tmp_path, capsys):
+    """The build's probe set in a side collection: the same images, labels and index vectors a faiss build keeps in
+    meta.sqlite, the same gate figures; `student check --index milvus-lite://...` and the server's tier gate use
+    it; an in-place add keeps it; a version without one, or with a damaged one, is refused in one line."""
+    import json
+
+    from asymsearch.cli.main import main
+    from asymsearch.index.probe import GateRefused, NoProbeSet, check_student, find_probe, require_probe
+    from asymsearch.core.ort import OnnxEmbedder
+    from asymsearch.server.tiers import GatePolicy
+    rand = make_linear_onnx(tmp_path / "random.onnx", role="student", teacher_id="teacher-a",
+                            weight=np.random.default_rng(7).normal(size=(48, 16)), model_id="random-student")
+    with open_index(built["loc"]) as index, SearchIndex.open(built["faiss"]) as flat:
+        probe, reference = require_probe(index), require_probe(flat)
+        assert index.manifest.build["probe"]["collection"] == "flat__v000001__probe"
+        assert len(probe) == 80 and probe.ids == reference.ids and probe.labels == reference.labels
+        assert probe.images == reference.images and probe.mode == reference.mode == "labels"
+        records = index.lookup_records(list(probe.ids))
+        assert [open(r["path"], "rb").read() for r in records] == list(probe.images)  # the database files
+        stored = np.stack([flat._index.reconstruct(int(i)) for i in probe.ids])  # what faiss Flat holds for them
+        np.testing.assert_allclose(probe.teacher, stored, atol=1e-6)
+        good = check_student(OnnxEmbedder(tiny_models["student"]), probe)
+        assert good == check_student(OnnxEmbedder(tiny_models["student"]), reference)
+        assert good.ratio >= 0.95 > check_student(OnnxEmbedder(rand), probe).ratio
+
+    # the CLI: passes, below the gate exit 1, a student of another teacher exit 2
+    assert main(["student", "check", "--index", built["loc"], "--student", str(tiny_models["student"]),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["recall_at_1"] == pytest.approx(good.recall_at_1)
+    assert main(["student", "check", "--index", built["loc"], "--student", str(rand)]) == 1
+    assert "fails the quality gate" in capsys.readouterr().err
+    assert main(["student", "check", "--index", built["loc"], "--student",
+                 str(tiny_models["foreign_student"])]) == 2
+    assert "teacher-b" in capsys.readouterr().err
+
+    # the server's tier gate: the good student is gated and served, the random one refused with both figures
+    loc = f"{lite}/gated"
+    build_index(tiny_models["teacher"], image_folder, loc, classes="first-half", progress=False)
+    policy = GatePolicy(min_ratio=0.95, required=True)
+    engine = QueryEngine.open(loc, tiny_models["student"], gate=policy)
+    try:
+        tier = engine.tiers[0]
+        assert tier.gate is not None and tier.gate.count == 40 and tier.gate.ratio >= 0.95
+        with pytest.raises(GateRefused, match="fails the quality gate"):
+            engine.load_tier("fast", rand)
+        new = tmp_path / "new"
+        shutil.copytree(image_folder / "class_07", new / "class_07")
+        add_images(loc, tiny_models["teacher"], new)  # in place: the same probe set, the engine swaps and stays gated
+        assert engine.reload()[0] and engine.index.count == 50
+        assert find_probe(engine.index).ids == find_probe(open_index(loc)).ids and engine.tiers[0].gate is not None
+    finally:
+        engine.close()
+    with pytest.raises(GateRefused):
+        QueryEngine.open(loc, rand, gate=policy)
+
+    # a version without a probe set (written by publish_blocks with no probe), then one whose side collection lost
+    # a row: one line each, and the good index still checks
+    parsed = milvus.parse_location(f"{lite}/bare")
+    with SearchIndex.open(built["faiss"]) as flat:
+        vectors = np.stack([flat._index.reconstruct(i) for i in range(80)])
+        records = [(r["path"], r["label"], None) for r in flat.lookup_records(flat.ids())]
+        manifest = flat.manifest
+    milvus.publish_blocks(parsed, manifest, [(np.arange(80), vectors, records)])
+    with open_index(str(parsed)) as bare, pytest.raises(NoProbeSet, match="side collection bare__v000001__probe"):
+        require_probe(bare)
+    assert main(["student", "check", "--index", str(parsed), "--student", str(tiny_models["student"])]) == 2
+    assert "no probe set" in capsys.readouterr().err
+    client = milvus.connect(milvus.parse_location(loc))
+    client.delete("gated__v000001__probe", ids=[0])
+    with open_index(loc) as damaged, pytest.raises(UserError, match="not the one its index recorded"):
+        require_probe(damaged)
+    assert main(["student", "check", "--index", built["loc"], "--student", str(tiny_models["student"])]) == 0
