@@ -43,6 +43,10 @@ def register(commands: Commands) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="write a new plain index folder here (default for a versioned root: a new version of it)")
     p.add_argument("--keep", type=int, default=None, help="versioned: keep this many versions (default: all)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="apply the map in this process, or block by block on a Ray cluster with Ray Data "
+                        "(default: %(default)s)")
+    p.add_argument("--address", default=None, help="with --engine ray: the cluster address (default: a local Ray)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run_transform)
 
@@ -53,12 +57,19 @@ def run_transform(args: argparse.Namespace) -> int:
     if (args.sample is None) == (args.map_file is None):
         raise UserError("give either --sample (images to learn the map from) or --map (a map learned before)")
     check_transform(args.source, args.teacher, args.out)  # refused here, before any image of the sample is read
+    if args.engine == "ray":
+        from asymsearch.index import ray_engine
+        if ray_engine.ray is None:
+            raise UserError("--engine ray needs Ray Data: pip install 'ray[data]' (the `distributed` extra)")
+    elif args.address:
+        raise UserError("--address is for --engine ray")
     fit_seconds = 0.0
     if args.map_file is not None:
         vector_map = VectorMap.load(args.map_file)
     else:
         vector_map, fit_seconds = _learn(args, fit_map)
-    manifest, where = transform_index(args.source, args.teacher, vector_map, out=args.out, keep=args.keep)
+    manifest, where = transform_index(args.source, args.teacher, vector_map, out=args.out, keep=args.keep,
+                                     engine=args.engine, address=args.address)
     summary = {**transform_summary(manifest, where), "fit_seconds": round(fit_seconds, 3),
                "mean_cosine_on_pairs": vector_map.fit.get("mean_cosine_on_pairs")}
     if args.json:

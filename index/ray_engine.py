@@ -10,6 +10,10 @@ node: shared storage) with the same pipeline as a local build, embeds them at th
 returns the vectors; the driver commits each shard as it arrives. The merge into one index is the local code:
 train once on a sample of the shards, then add shard by shard (`asymsearch.index.build.index_from_shards`). An
 interrupted Ray build resumes like a local one, from the shards already committed.
+
+`asymsearch index transform --engine ray` (`map_blocks_with_ray`): the stored vectors, read back from faiss on the
+driver block by block, go to a pool of actors that each hold the vector map and apply it to whole blocks; the
+driver adds the mapped blocks in their original order to the new index, a window of blocks at a time.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from itertools import islice
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -106,6 +111,58 @@ def embed_with_ray(items: Sequence[ImageItem], teacher: str | os.PathLike, store
             store.write(shard, json.loads(row["rows"]), vectors, skipped)
             start, stop = store.shard_range(shard)
             bar.update(stop - start)
+
+
+class BlockMapper:
+    """A Ray Data actor: one vector map (`index.transform.VectorMap`), applied to whole blocks of stored vectors."""
+
+    def __init__(self, vector_map: Any) -> None:
+        self.map = vector_map
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"block": [], "vectors": []}
+        for block, data in zip(batch["block"], batch["vectors"]):
+            buf = io.BytesIO()
+            np.save(buf, self.map(np.load(io.BytesIO(data))))
+            out["block"].append(int(block))
+            out["vectors"].append(buf.getvalue())
+        return out
+
+
+def map_blocks_with_ray(blocks: Iterable[tuple[np.ndarray, np.ndarray]], vector_map: Any, *,
+                        address: str | None = None, window: int = 8, cpus_per_actor: int = 1,
+                        actors: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, mapped vectors) for each (ids, vectors) block of `blocks`, in their order, the map applied by Ray Data
+    actors on the cluster at `address` (None: this process's Ray, or a new local one). `window` blocks are in
+    flight at a time, so the driver holds at most that many beside the index it reads."""
+    if ray is None:
+        raise UserError("--engine ray needs Ray Data: pip install 'ray[data]' (the `distributed` extra)")
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    pool, per_actor = _actor_pool(ray, actors, cpus_per_actor)
+    it = iter(blocks)
+    while chunk := list(islice(it, max(1, window))):
+        rows = []
+        for i, (_, vectors) in enumerate(chunk):
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(vectors, dtype=np.float32))
+            rows.append({"block": i, "vectors": buf.getvalue()})
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+            BlockMapper, fn_constructor_kwargs={"vector_map": vector_map}, batch_size=1,
+            concurrency=min(pool, len(rows)), **per_actor)
+        del rows
+        done: dict[int, np.ndarray] = {}
+        following = 0
+        for row in ds.iter_rows():
+            mapped = np.load(io.BytesIO(row["vectors"]))
+            if not np.isfinite(mapped).all():
+                raise UserError("the vector map produced non-finite vectors; check the map")
+            done[int(row["block"])] = mapped
+            while following in done:  # the blocks leave in their order, whatever order the actors finish in
+                yield chunk[following][0], done.pop(following)
+                following += 1
+        if following != len(chunk):
+            raise RuntimeError(f"Ray returned {following} of {len(chunk)} mapped blocks")
 
 
 class MilvusShardWriter(ShardEmbedder):

@@ -19,8 +19,9 @@ vector) pairs of a sample of images, and apply it to every stored vector instead
   `build.provenance = "transformed"` with the map, its fit and the version it came from. Only the sample is
   read; the database images are not.
 
-Not here yet: a Ray Data job for indexes larger than one machine (every block is independent, so it splits the
-way `index.ray_engine` splits a build).
+`engine="ray"` (`--engine ray`): the blocks are mapped by Ray Data actors (`index.ray_engine.map_blocks_with_ray`);
+reading the stored vectors back, training an IVF/PQ index on a sample of them and adding them stay on the driver,
+as a Ray build's merge does. Its output is the in-process transform's.
 """
 from __future__ import annotations
 
@@ -244,18 +245,21 @@ def check_transform(source: str | os.PathLike, new_teacher: str | os.PathLike,
 
 
 def transform_index(source: str | os.PathLike, new_teacher: str | os.PathLike, vector_map: VectorMap, *,
-                    out: str | os.PathLike | None = None, block: int = BLOCK, keep: int | None = None) -> tuple[
-                        IndexManifest, str]:
+                    out: str | os.PathLike | None = None, block: int = BLOCK, keep: int | None = None,
+                    engine: str = "local", address: str | None = None) -> tuple[IndexManifest, str]:
     """Write the index `source` mapped by `vector_map` into the space of `new_teacher` (an ONNX teacher): a new
     version of `source` when it is a versioned root and `out` is None, else the new plain folder `out`. Returns
     (the new manifest, where it is). Checked before anything is written: the map's input dimension is the index's,
     its output the new teacher's, the new teacher differs from the index's and, when the map records them, the
-    teachers it was learned between are these two."""
+    teachers it was learned between are these two. `engine="ray"`: the map is applied on the Ray cluster at
+    `address` (a local Ray when None), block by block."""
     from asymsearch.index import versions
     from asymsearch.index.faiss_index import add_blocks, apply_search_params, new_index, sample_rows, train_index
     from asymsearch.index.store import INDEX_FILE, MANIFEST_FILE, META_FILE, SKIPPED_FILE
 
     start = time.perf_counter()
+    if engine not in ("local", "ray"):
+        raise UserError(f"unknown engine {engine!r}; use local or ray")
     plan = check_transform(source, new_teacher, out)
     source, folder, version, old, teacher, plain_out = (plan.source, plan.folder, plan.version, plan.manifest,
                                                         plan.teacher, plan.out)
@@ -283,14 +287,19 @@ def transform_index(source: str | os.PathLike, new_teacher: str | os.PathLike, v
             lo += len(ids)
         fresh = train_index(fresh, np.concatenate(parts), old.factory)
         del parts
-    add_blocks(fresh, ((ids, vector_map(v)) for ids, v in stored_blocks(index, block)), old.factory)
+    if engine == "ray":
+        from asymsearch.index.ray_engine import map_blocks_with_ray  # the `distributed` extra; only imported here
+        mapped = map_blocks_with_ray(stored_blocks(index, block), vector_map, address=address)
+    else:
+        mapped = ((ids, vector_map(v)) for ids, v in stored_blocks(index, block))
+    add_blocks(fresh, mapped, old.factory)
     apply_search_params(fresh, old.search_params)
     seconds = time.perf_counter() - start
     exact = any(old.factory.split(",")[-1].startswith(c) or old.factory.startswith(c) for c in EXACT_CODES)
     change = {"op": "transform", "provenance": "transformed", "from_teacher": old.teacher_id,
               "from_version": version, "from_index": str(source), "to_teacher": teacher.teacher_id,
               "map": vector_map.fit, "source_vectors": "exact" if exact else "reconstructed from the codes",
-              "images_read": 0, "seconds": seconds,
+              "images_read": 0, "seconds": seconds, "engine": engine,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     history = list(old.build.get("history", []))[-49:]
     build = {**old.build, "provenance": "transformed", "transform": change, "history": history + [change]}

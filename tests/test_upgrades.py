@@ -306,3 +306,44 @@ def test_index_transform_refuses_bad_input_in_one_line_and_writes_nothing(upgrad
     assert main(["index", "transform", "--from", str(root), "--to", str(upgrade["new"]), "--sample",
                  str(upgrade["sample"])]) == 0
     assert versions.list_versions(root) == ["v000001", "v000002"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_ray_transform_writes_the_in_process_transforms_index(upgrade, capsys):
+    """`index transform --engine ray` (Ray Data actors mapping the blocks) against the in-process transform and
+    against the map's equation applied here; blocks of 16 over 80 vectors: five blocks, the last one short."""
+    ray = pytest.importorskip("ray", reason="Ray is the `distributed` extra: pip install 'ray[data]'")
+    from asymsearch.cli.main import main
+    from asymsearch.index.build import build_index
+    from asymsearch.index.transform import transform_index
+
+    src = upgrade["tmp"] / "index"
+    build_index(upgrade["old"], upgrade["db"], src, progress=False)
+    old_ids, old_vectors = _vectors(src)
+    rng = np.random.default_rng(5)
+    m = fit_map(rng.normal(size=(64, 16)), rng.normal(size=(64, 12)), "mlp", hidden=32, epochs=5)
+    ray.init(num_cpus=2, object_store_memory=80 * 1024 * 1024, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    try:
+        local, _ = transform_index(src, upgrade["new"], m, out=upgrade["tmp"] / "local", block=16)
+        on_ray, _ = transform_index(src, upgrade["new"], m, out=upgrade["tmp"] / "ray", block=16, engine="ray")
+        m.save(upgrade["tmp"] / "m.npz")
+        assert main(["index", "transform", "--from", str(src), "--to", str(upgrade["new"]), "--map",
+                     str(upgrade["tmp"] / "m.npz"), "--engine", "ray", "--out", str(upgrade["tmp"] / "cli"),
+                     "--json"]) == 0
+    finally:
+        ray.shutdown()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["teacher_id"] == "new-teacher"
+    assert on_ray.build["transform"]["engine"] == "ray" and local.build["transform"]["engine"] == "local"
+    assert (on_ray.teacher_id, on_ray.count, on_ray.dim) == (local.teacher_id, local.count, local.dim) == (
+        "new-teacher", 80, 12)
+    # the equation of the map, row by row: normalise(x A + b + relu(x W1 + b1) W2)
+    truth = []
+    for x in old_vectors.astype(np.float64):
+        y = x @ m.A + m.b + np.maximum(x @ m.W1 + m.b1, 0) @ m.W2
+        truth.append(y / np.linalg.norm(y))
+    for name in ("ray", "cli", "local"):
+        ids, vectors = _vectors(upgrade["tmp"] / name)
+        np.testing.assert_array_equal(ids, old_ids)  # same ids in the same order
+        np.testing.assert_allclose(vectors, np.array(truth), atol=1e-5)
+    np.testing.assert_array_equal(_vectors(upgrade["tmp"] / "ray")[1], _vectors(upgrade["tmp"] / "local")[1])
