@@ -51,7 +51,8 @@ CONFIG_HELP = {
     "ema": "keep an exponential moving average of the weights with this decay per step (e.g. 0.99; 0 disables): "
            "validation, the best epoch and the checkpoint use the averaged weights (see docs/heads.md)",
     "max_steps_per_epoch": "stop each epoch after N batches (0: full)",
-    "loss": "the loss (Budnik & Avrithis 2021): a teacher takes contr, ms or proxy-anchor (Kim et al. 2020); a student reg, "
+    "loss": "the loss (Budnik & Avrithis 2021): a teacher takes contr, ms, proxy-anchor (Kim et al. 2020), arcface "
+            "(Deng et al. 2019) or cosface (Wang et al. 2018); a student reg, "
             "contr, contr+, triplet, ms, rkd, darkrank (see docs/losses.md, docs/heads.md)",
     "tune_units": "partial fine-tuning on a CPU: train only the backbone's last N units (MBConv blocks + head conv "
                   "for EfficientNet-Lite, top-level children otherwise) and the head, on the frozen trunk's maps "

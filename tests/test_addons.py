@@ -234,7 +234,7 @@ def test_metrix_gradients_reach_anchors_and_mixed_examples():
 def test_osm_caa_weights_and_loss_match_the_seed_equations_by_hand():
     f = unit(6, 3, 8)
     labels = torch.tensor(LABELS)
-    osm = OSMCAA(num_classes=3, dim=3, sigma=0.8, alpha=1.2).double()
+    osm = OSMCAA(num_classes=3, dim=3, sigma=0.8, alpha=1.2, form="legacy").double()  # paper form: test_losses_paper
     with torch.no_grad():
         osm.centres.copy_(torch.tensor([[1.0, 0.5, -0.2], [0.1, -1.0, 0.4], [-0.6, 0.3, 0.9]]))
     c = osm.centres.detach().tolist()
@@ -285,7 +285,7 @@ def test_osm_asymmetric_pairs_and_contr_plus_self_term():
     ones too), g(a) left out of P(a); Contr⁺ adds −s(a, g(a))."""
     s_emb, t_emb = unit(4, 3, 10), unit(6, 3, 11)
     labels, ref_labels = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1, 2, 0])
-    osm = OSMCAA(3, 3, alpha=1.5).double()
+    osm = OSMCAA(3, 3, alpha=1.5, form="legacy").double()  # the paper form: tests/test_losses_paper.py
     base = float(osm.loss(ContrastiveLoss(0.3), s_emb, labels, t_emb, ref_labels, torch.arange(4)))
     plus = float(osm.loss(ContrastivePlusLoss(0.3), s_emb, labels, t_emb, ref_labels, torch.arange(4)))
     assert plus == pytest.approx(base - sum(dot(s_emb[a], t_emb[a]) for a in range(4)) / 4)

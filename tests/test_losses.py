@@ -142,7 +142,7 @@ def teacher_rows(setting):
     return setting["ref"][:8], setting["ref"]
 
 
-def test_rkd_matches_loop(setting):
+def test_rkd_legacy_form_matches_loop(setting):
     ga, gx = teacher_rows(setting)
     f, r = setting["anchors"], setting["ref"]
     others = [[x for x in range(len(r)) if x != setting["self_rows"][a]] for a in range(8)]
@@ -158,9 +158,10 @@ def test_rkd_matches_loop(setting):
     ang = sum(huber(cos(f[a] - r[x], f[a] - r[y]), cos(ga[a] - gx[x], ga[a] - gx[y])) for a, x, y in triples)
     ang /= len(triples)
     kw = {"teacher_anchors": setting["teacher"]} if setting["reference"] is None else {}
-    assert call(RKDLoss(1.0, 0.0), setting, **kw) == pytest.approx(dist, abs=1e-9)
-    assert call(RKDLoss(0.0, 1.0), setting, **kw) == pytest.approx(ang, abs=1e-9)
-    assert call(RKDLoss(1.5, 2.0), setting, **kw) == pytest.approx(1.5 * dist + 2.0 * ang, abs=1e-9)
+    # the legacy form (Huber means, distances over their batch mean); the paper form: tests/test_losses_paper.py
+    assert call(RKDLoss(1.0, 0.0, form="legacy"), setting, **kw) == pytest.approx(dist, abs=1e-9)
+    assert call(RKDLoss(0.0, 1.0, form="legacy"), setting, **kw) == pytest.approx(ang, abs=1e-9)
+    assert call(RKDLoss(1.5, 2.0, form="legacy"), setting, **kw) == pytest.approx(1.5 * dist + 2.0 * ang, abs=1e-9)
 
 
 def test_rkd_is_zero_when_the_student_is_the_teacher():
@@ -237,7 +238,7 @@ def test_every_registered_loss_is_built_from_a_training_config_by_name():
     from asymsearch.training.registry import loss_names
 
     teacher = TeacherConfig(data="d", out="o", margin=0.3, ms_alpha=3.0, proxy_alpha=16.0)
-    assert loss_names("teacher") == ("contr", "ms", "proxy-anchor")
+    assert loss_names("teacher") == ("contr", "ms", "proxy-anchor", "arcface", "cosface")
     assert create_loss("contr", teacher, role="teacher").margin == 0.3
     assert create_loss("ms", teacher, role="teacher").alpha == 3.0
     proxies = create_loss("proxy-anchor", teacher, role="teacher", num_classes=5, dim=8)
@@ -245,7 +246,7 @@ def test_every_registered_loss_is_built_from_a_training_config_by_name():
     student = StudentConfig(data="d", teacher="t", out="o", triplet_margin=0.2, darkrank_scale=4.0)
     assert set(loss_names("student")) == set(LOSSES)
     assert create_loss("triplet", student).margin == 0.2 and create_loss("darkrank", student).scale == 4.0
-    with pytest.raises(UserError, match="choose one of: contr, ms, proxy-anchor"):
+    with pytest.raises(UserError, match="choose one of: contr, ms, proxy-anchor, arcface, cosface"):
         create_loss("triplet", teacher, role="teacher")
     with pytest.raises(UserError, match="unknown student loss 'proxy-anchor'"):
         create_loss("proxy-anchor", student)

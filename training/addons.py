@@ -12,8 +12,9 @@ nested `addons` config of `TeacherConfig` and `StudentConfig`: flag `--metrix`, 
 - **OSM + CAA** (Wang et al. 2019): `--osm-caa`. Online soft mining weights every positive pair by
   s⁺ = exp(−d²/σ²) and every negative by s⁻ = max(0, α − d), times the class-aware attention
   a_ij = min(a_i, a_j), a_i = softmax over learned class centres of the item's own class; the weighted pairs go
-  through the existing contrastive loss's ρ⁺, ρ⁻ as weighted averages (soft mining in place of the hard-negative
-  miner's 0/1 choice). The centres learn with a cross-entropy term of weight `caa_weight`.
+  through the poster's contrastive terms d² and max(0, α − d)² as weighted averages (`--osm-form legacy`: the
+  existing contrastive loss's ρ⁺, ρ⁻), soft mining in place of the hard-negative miner's 0/1 choice. The centres
+  learn with a cross-entropy term of weight `caa_weight`.
 - **Intra-batch message passing** (Seidenschwarz et al. 2021): `--message-passing L`. L attention layers
   over the complete graph of the batch, h_i ← Σ_n α_in W h_n, then a classifier and cross-entropy on the updated
   node features, added with weight `mp_weight`. It lives outside the embedding network, so the checkpoint and
@@ -189,37 +190,51 @@ def _require_generic(loss: nn.Module) -> None:
 
 
 class OSMCAA(nn.Module):
-    """Online soft mining and class-aware attention (Wang et al. 2019), as the pair weights of the existing
-    contrastive loss.
+    """Online soft mining and class-aware attention (Xinshao Wang, Yang Hua, Elyor Kodirov, Guosheng Hu, Neil M.
+    Robertson, "Deep Metric Learning by Online Soft Mining and Class-Aware Attention", AAAI 2019; the poster is
+    seed 004): a weighted contrastive loss over every pair of the batch.
 
-    With d_ij = ‖f_i − f_j‖₂ (Wang et al. 2019, "Online Soft Mining"):
+    With d_ij = ‖f_i − f_j‖₂ (the poster, "Online Soft Mining"):
 
         s⁺_ij = exp(−d_ij² / σ_OSM²)        positives: closer positives weigh more
         s⁻_ij = max(0, α − d_ij)            negatives: harder (closer) negatives weigh more
 
-    class-aware attention (Wang et al. 2019, "Class-Aware Attention"), with learned class centres c_k:
+    class-aware attention ("Class-Aware Attention"), with learned class centres c_k:
 
         a_i = exp(f_iᵀ c_{y_i}) / Σ_{k=1}^{C} exp(f_iᵀ c_k),     a_ij = min(a_i, a_j)
 
-    and the final weight of each pair w⁺_ij = s⁺_ij a_ij, w⁻_ij = s⁻_ij a_ij (Wang et al. 2019, "Final Weight of Each
-    Pair"). The weighted contrastive loss is the pair loss's weighted averages
+    and the final weight of each pair w⁺_ij = s⁺_ij a_ij, w⁻_ij = s⁻_ij a_ij ("Final Weight of Each Pair").
 
-        L = Σ_{ij ∈ P} w⁺_ij ρ⁺(s_ij) / Σ_P w⁺_ij + Σ_{ij ∈ N} w⁻_ij ρ⁻(s_ij) / Σ_N w⁻_ij
+    `form="paper"` (the default): the poster's contrastive loss L^α_cont = y d² + (1 − y) max(0, α − d)²,
+    weighted pair by pair,
 
-    with the ρ± of `training.losses` ℓ_C: ρ⁺(s) = −s = d²/2 − 1 on the unit sphere (the seed's y·d² up to a
-    factor and a constant) and ρ⁻(s) = [s − m]_+ = ½[α² − d²]_+ for α = √(2 − 2m) (the seed's (1 − y)·
-    max(0, α − d)² hinges at the same distance). So `alpha=None` takes α = √(2 − 2m): negatives get weight
-    exactly where the hinge is active. The weights are mining scores: computed without gradient, as a miner's
-    output is. P and N are every pair of the loss's reference (soft mining replaces hard mining). The centres are
-    trained by the classification term `class_loss` = cross-entropy of softmax(f_iᵀ c_k), which the trainers add
-    with weight `caa_weight` (the seed trains its class context vectors with a softmax loss).
+        L = Σ_{ij ∈ P} w⁺_ij d_ij² / Σ_P w⁺_ij  +  Σ_{ij ∈ N} w⁻_ij max(0, α − d_ij)² / Σ_N w⁻_ij
+
+    How we read it: the poster gives the per-pair loss and the weights but not how the weighted pairs are
+    normalised; we take the weighted mean over the positive pairs plus the weighted mean over the negative pairs
+    (each normalised by its total weight, so the scale of the weights does not change the loss). The same α is the
+    hinge of the negative term and of its weight s⁻ (one α on the poster).
+
+    `form="legacy"` (the earlier default): the pair terms are those of `training.losses` ℓ_C, ρ⁺(s) = −s
+    (= d²/2 − 1 on the unit sphere) and ρ⁻(s) = [s − m]_+ (= ½[α² − d²]_+ for α = √(2 − 2m)), in the same weighted
+    means. The two forms differ: ½[α² − d²]_+ = ½(α − d)(α + d) is not max(0, α − d)².
+
+    In both forms `alpha=None` takes α = √(2 − 2m) from the contrastive loss's margin m: the distance at which the
+    hinge [s − m]_+ of unit vectors ends (the poster's α is a free parameter). The weights are mining scores:
+    computed without gradient, as a miner's output is. P and N are every pair of the loss's reference (soft mining
+    replaces hard mining). The centres are trained by the classification term `class_loss` = cross-entropy of
+    softmax(f_iᵀ c_k), which the trainers add with weight `caa_weight` (the poster trains its class context vectors
+    with a softmax loss).
     """
 
-    def __init__(self, num_classes: int, dim: int, sigma: float = 0.8, alpha: float | None = None) -> None:
+    def __init__(self, num_classes: int, dim: int, sigma: float = 0.8, alpha: float | None = None,
+                 form: str = "paper") -> None:
         super().__init__()
         if num_classes < 2:
             raise UserError(f"class-aware attention needs at least 2 classes, not {num_classes}")
-        self.sigma, self.alpha = float(sigma), alpha
+        if form not in ("paper", "legacy"):
+            raise UserError(f"OSM + CAA form must be paper or legacy, not {form!r}")
+        self.sigma, self.alpha, self.form = float(sigma), alpha, form
         self.centres = nn.Parameter(torch.randn(num_classes, dim) / math.sqrt(dim))
 
     def logits(self, emb: torch.Tensor) -> torch.Tensor:
@@ -257,9 +272,17 @@ class OSMCAA(nn.Module):
                             f"{type(base).__name__}")
         pairs = resolve_pairs(anchors, labels, None, reference, reference_labels, self_idx)
         ref_labels = labels if reference is None else reference_labels
+        alpha = self.resolved_alpha(base)
         w_pos, w_neg = self.weights(anchors, labels, pairs.reference, ref_labels, pairs.positive, pairs.negative,
-                                    self.resolved_alpha(base))
-        pos, neg = base.generic_parts(pairs.sims, w_pos.to(pairs.sims.dtype), w_neg.to(pairs.sims.dtype))
+                                    alpha)
+        w_pos, w_neg = w_pos.to(pairs.sims.dtype), w_neg.to(pairs.sims.dtype)
+        if self.form == "paper":  # y d² + (1 − y) max(0, α − d)², d with gradient
+            ref = pairs.reference
+            d2 = (anchors.pow(2).sum(1)[:, None] + ref.pow(2).sum(1)[None, :] - 2 * pairs.sims).clamp(min=0)
+            pos = w_pos * d2
+            neg = w_neg * F.relu(alpha - (d2 + 1e-12).sqrt()).pow(2)
+        else:
+            pos, neg = base.generic_parts(pairs.sims, w_pos, w_neg)
         out = pos.sum() / w_pos.sum().clamp(min=1e-12) + neg.sum() / w_neg.sum().clamp(min=1e-12)
         if isinstance(base, ContrastivePlusLoss):
             out = out - _self_similarity(pairs, "Contr⁺").mean()
@@ -329,7 +352,8 @@ class TrainingAddOns(nn.Module):
             if options.metrix != "off" else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 7919)
-            self.osm = OSMCAA(num_classes, dim, options.osm_sigma, options.osm_alpha) if options.osm_caa else None
+            self.osm = OSMCAA(num_classes, dim, options.osm_sigma, options.osm_alpha, options.osm_form) \
+                if options.osm_caa else None
             self.mpn = MessagePassing(dim, num_classes, options.message_passing) if options.message_passing else None
 
     def optimizer_group(self, lr: float, weight_decay: float) -> list[dict]:

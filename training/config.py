@@ -34,6 +34,8 @@ class AddOnOptions:
     osm_sigma: float = _opt(0.8, "OSM: sigma of the positive-pair weight exp(-d^2/sigma^2)")
     osm_alpha: float | None = _opt(None, "OSM: alpha of the negative-pair weight max(0, alpha - d) (unset: "
                                          "sqrt(2 - 2 margin))")
+    osm_form: str = _opt("paper", "OSM + CAA pair terms: paper (d^2 and max(0, alpha - d)^2, the poster's "
+                                  "contrastive loss) or legacy (the contrastive loss's -s and [s - m]_+)")
     caa_weight: float = _opt(1.0, "CAA: weight of the class-centre cross-entropy")
     message_passing: int = _opt(0, "intra-batch message-passing layers (Seidenschwarz et al. 2021), training only; "
                                    "0 disables")
@@ -61,6 +63,8 @@ class AddOnOptions:
             raise UserError(f"osm_sigma must be positive, not {self.osm_sigma}")
         if self.osm_alpha is not None and not self.osm_alpha > 0:
             raise UserError(f"osm_alpha must be positive (or unset), not {self.osm_alpha}")
+        if self.osm_form not in ("paper", "legacy"):
+            raise UserError(f"osm_form must be paper or legacy, not {self.osm_form!r}")
         if not 0 <= self.message_passing <= 16:
             raise UserError(f"message_passing is a number of layers in 0..16 (0: off), not {self.message_passing}")
         for name in ("metrix_weight", "caa_weight", "mp_weight"):
@@ -73,7 +77,7 @@ class AddOnOptions:
             parts.append(f"Metrix ({self.metrix}, α={self.metrix_alpha:g}, weight {self.metrix_weight:g})")
         if self.osm_caa:
             parts.append(f"OSM+CAA (σ={self.osm_sigma:g}, α={self.osm_alpha if self.osm_alpha else '√(2−2m)'}, "
-                         f"CE weight {self.caa_weight:g})")
+                         f"{self.osm_form} form, CE weight {self.caa_weight:g})")
         if self.message_passing:
             parts.append(f"message passing ({self.message_passing} layers, CE weight {self.mp_weight:g})")
         return ", ".join(parts) or "none"
@@ -114,6 +118,10 @@ class TeacherConfig:
     proxy_alpha: float = 32.0  # Proxy-Anchor's scale α
     proxy_delta: float = 0.1  # Proxy-Anchor's margin δ
     proxy_lr: float = 1e-2  # the proxies' learning rate (AdamW, no weight decay; the paper's 100 × 1e-4)
+    arcface_scale: float = _opt(64.0, "ArcFace (Deng et al. 2019) scale s; the class weights learn at --proxy-lr")
+    arcface_margin: float = _opt(0.5, "ArcFace additive angular margin m, radians in (0, pi/2)")
+    cosface_scale: float = _opt(64.0, "CosFace (Wang et al. 2018) scale s; the class weights learn at --proxy-lr")
+    cosface_margin: float = _opt(0.35, "CosFace cosine margin m, in [0, 1)")
     num_negatives: int = 5
     xbm: int = 0  # cross-batch memory: recent embeddings kept to mine negatives from (0 disables)
     xbm_weight: float = 1.0
@@ -166,7 +174,13 @@ class StudentConfig:
     ms_beta: float = 50.0
     rkd_distance_weight: float = 1.0
     rkd_angle_weight: float = 2.0
-    darkrank_scale: float = 10.0
+    rkd_form: str = _opt("paper", "RKD form: paper (per-anchor sums of Huber terms on raw distances and angles, as "
+                                  "Budnik & Avrithis 2021 write it) or legacy (Huber means, distances over their "
+                                  "batch mean)")
+    darkrank_form: str = _opt("paper", "DarkRank form: paper (no similarity scale, as Budnik & Avrithis 2021 write "
+                                       "it) or legacy (scale 10)")
+    darkrank_scale: float | None = _opt(None, "DarkRank similarity scale (unset: the form's, 1 for paper, 10 for "
+                                              "legacy)")
     # training add-ons (training.addons; docs/addons.md): none changes the exported model
     addons: AddOnOptions = field(default_factory=AddOnOptions)
     num_negatives: int = 5  # hard negatives per anchor, mined among the teacher's training-set embeddings

@@ -24,12 +24,14 @@ The loss is the mean over anchors of the per-anchor ℓ(a; θ) the docstrings gi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asymsearch.core.errors import UserError
 from asymsearch.training.mining import HardNegativeMiner  # noqa: F401 - re-exported (teacher training imports it here)
 from asymsearch.training.registry import LOSS_REGISTRY, loss_names, register_loss
 from asymsearch.training.registry import create_loss as registry_create_loss
@@ -287,37 +289,74 @@ def _teacher_views(pairs: Pairs, teacher_anchors, teacher_reference, name: str):
     return teacher_anchors.detach(), teacher_reference.detach()
 
 
+FORMS = ("paper", "legacy")
+
+
+def check_form(loss: str, form: str) -> str:
+    """`form` if it is one of `FORMS`, else a one-line `UserError`."""
+    if form not in FORMS:
+        raise UserError(f"{loss} form must be one of {', '.join(FORMS)}, not {form!r}")
+    return form
+
+
 class RKDLoss(AMLLoss):
-    """RKD, Budnik & Avrithis 2021 (relational knowledge distillation, Park et al. 2019):
-    ℓ_RKD(a; θ) = Σ_{(x, …) ∈ U(a)^n} −sim(ψ(f_θ(a), r(x), …), ψ(g(a), g(x), …)), over the random pool U(a) (the
-    reference without a), with r = f_θ (symmetric) or g (asymmetric), and two measurements:
+    """RKD, Budnik & Avrithis 2021 (relational knowledge distillation: Wonpyo Park, Dongju Kim, Yan Lu, Minsu Cho,
+    "Relational Knowledge Distillation", CVPR 2019):
 
-    - distance ψ(a, x) = ‖a − x‖, each space's distances divided by their mean over the batch;
-    - angle ψ(a, x, y) = sim(a − x, a − y) (cosine, vertex at the anchor), over pairs x ≠ y.
+        ℓ_RKD(a; θ) = Σ_{(x, …) ∈ U(a)^n} −sim(ψ(f_θ(a), r(x), …), ψ(g(a), g(x), …))
 
-    "−sim" of two scalars is realised as RKD does, by the Huber (smooth L1) loss between them; the per-anchor
-    sums are averaged over the pairs (triples) so the weights do not depend on the batch size:
-    ℓ = w_d · mean Huber(d_student, d_teacher) + w_a · mean Huber(angle_student, angle_teacher).
+    over the random pool U(a) (the reference without a), with r = f_θ (symmetric) or g (asymmetric), and two
+    measurements, each one term of the loss:
+
+    - distance (n = 1): ψ(a, x) = ‖a − x‖;
+    - angle (n = 2): ψ(a, x, y) = sim(a − x, a − y), the cosine of the angle at the anchor.
+
+    `form="paper"` (the default) is the slide's equation read literally: per-anchor **sums** over U(a) and
+    U(a)², the distances as written, ‖a − x‖ with no normaliser (both spaces hold unit vectors, so their distances
+    are commensurate), and the loss the mean over anchors of
+
+        ℓ(a) = w_d Σ_{x ∈ U(a)} h(‖f_θ(a) − r(x)‖ − ‖g(a) − g(x)‖)
+             + w_a Σ_{(x, y) ∈ U(a)², x ≠ y} h(sim(f_θ(a) − r(x), f_θ(a) − r(y)) − sim(g(a) − g(x), g(a) − g(y)))
+
+    How we read it: "−sim" of two scalar measurements is not defined by the slides; we take RKD's own choice,
+    −sim(u, v) = h(u − v) with h the Huber loss (h(z) = z²/2 for |z| < 1, |z| − 1/2 otherwise), which is zero when
+    the two spaces agree. The pairs x = y of U(a)² add h(1 − 1) = 0, so leaving them out changes nothing. The two
+    terms are combined with RKD's weights w_d = 1, w_a = 2.
+
+    `form="legacy"` (the earlier default): RKD's batch means instead of the sums, each space's distances divided by
+    their mean over the batch, ℓ = w_d · mean h(d_student, d_teacher) + w_a · mean h(angle_student, angle_teacher).
     """
 
-    def __init__(self, distance_weight: float = 1.0, angle_weight: float = 2.0) -> None:
+    def __init__(self, distance_weight: float = 1.0, angle_weight: float = 2.0, form: str = "paper") -> None:
         super().__init__()
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
+        self.form = check_form("RKD", form)
 
     def compute(self, anchors, pairs, teacher_anchors, teacher_reference):
         ga, gx = _teacher_views(pairs, teacher_anchors, teacher_reference, "RKD")
-        loss = anchors.new_zeros(())
         mask = pairs.others
+        angle_mask = mask[:, :, None] & mask[:, None, :] & ~torch.eye(mask.shape[1], dtype=torch.bool,
+                                                                      device=mask.device)
+        if self.form == "legacy":
+            return self._legacy(anchors, pairs, ga, gx, mask, angle_mask)
+        per_anchor = anchors.new_zeros(anchors.shape[0])
+        if self.distance_weight:
+            h = F.smooth_l1_loss(_distances(anchors, pairs.reference), _distances(ga, gx), reduction="none")
+            per_anchor = per_anchor + self.distance_weight * (h * mask).sum(dim=1)
+        if self.angle_weight:
+            h = F.smooth_l1_loss(_angles(anchors, pairs.reference), _angles(ga, gx), reduction="none")
+            per_anchor = per_anchor + self.angle_weight * (h * angle_mask).sum(dim=(1, 2))
+        return per_anchor.mean()
+
+    def _legacy(self, anchors, pairs, ga, gx, mask, angle_mask):
+        loss = anchors.new_zeros(())
         if self.distance_weight:
             ds, dt = _distances(anchors, pairs.reference), _distances(ga, gx)
             ds, dt = ds / ds[mask].mean().clamp(min=1e-12), dt / dt[mask].mean().clamp(min=1e-12)
             loss = loss + self.distance_weight * F.smooth_l1_loss(ds[mask], dt[mask])
-        if self.angle_weight:
-            angle_mask = mask[:, :, None] & mask[:, None, :] & ~torch.eye(mask.shape[1], dtype=torch.bool,
-                                                                          device=mask.device)
-            if angle_mask.any():
-                loss = loss + self.angle_weight * F.smooth_l1_loss(_angles(anchors, pairs.reference)[angle_mask],
-                                                                   _angles(ga, gx)[angle_mask])
+        if self.angle_weight and angle_mask.any():
+            loss = loss + self.angle_weight * F.smooth_l1_loss(_angles(anchors, pairs.reference)[angle_mask],
+                                                               _angles(ga, gx)[angle_mask])
         return loss
 
 
@@ -333,18 +372,28 @@ def _angles(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class DarkRankLoss(AMLLoss):
-    """DarkRank, Budnik & Avrithis 2021 (Chen et al. 2018, listwise): with U(a) the random pool (the reference without a),
+    """DarkRank, Budnik & Avrithis 2021 (Yuntao Chen, Naiyan Wang, Zhaoxiang Zhang, "DarkRank: Accelerating Deep
+    Metric Learning via Cross Sample Similarities Transfer", AAAI 2018; the listwise form): with U(a) the random
+    pool (the reference without a),
 
-        ℓ_DR(a; θ) = −Σ_{x ∈ U(a)} ( σ s_θ(a, x) − log Σ_{y ∈ V(a, x)} e^{σ s_θ(a, y)} )
+        ℓ_DR(a; θ) = −Σ_{x ∈ U(a)} ( s_θ(a, x) − log Σ_{y ∈ V(a, x)} e^{s_θ(a, y)} )
 
     V(a, x) = the items of U(a) the **teacher** ranks no closer to a than x (x itself included, as in ListMLE;
     ties broken by reference order): the student is trained to reproduce the teacher's ranking. s_θ is s^sym
-    (seed) or s^asym; σ = `scale` sharpens the softmax of unit-vector similarities in [−1, 1].
+    (the slide) or s^asym. How we read "farther from a than x": the teacher's similarity to a no higher than x's,
+    with x in V(a, x) (otherwise the last-ranked x would have an empty sum).
+
+    `form="paper"` (the default): the slide's equation, no scale on the similarities (σ = 1). `form="legacy"`
+    (the earlier default): s_θ replaced by σ s_θ with σ = 10, sharpening the softmax of unit-vector similarities
+    in [−1, 1]. An explicit `scale` sets σ in either form (a departure from the slide when it is not 1).
     """
 
-    def __init__(self, scale: float = 10.0) -> None:
+    def __init__(self, scale: float | None = None, form: str = "paper") -> None:
         super().__init__()
-        self.scale = scale
+        self.form = check_form("DarkRank", form)
+        if scale is not None and not (math.isfinite(scale) and scale > 0):
+            raise UserError(f"DarkRank scale must be a positive number (or unset), not {scale}")
+        self.scale = float(scale) if scale is not None else (1.0 if form == "paper" else 10.0)
 
     def compute(self, anchors, pairs, teacher_anchors, teacher_reference):
         ga, gx = _teacher_views(pairs, teacher_anchors, teacher_reference, "DarkRank")
@@ -368,9 +417,11 @@ for _name, _cls, _options, _roles in (
         ("contr+", ContrastivePlusLoss, {"margin": "margin"}, _STUDENT),
         ("triplet", TripletLoss, {"margin": "triplet_margin"}, _STUDENT),
         ("ms", MultiSimilarityLoss, {"alpha": "ms_alpha", "beta": "ms_beta", "margin": "margin"}, _BOTH),
-        ("rkd", RKDLoss, {"distance_weight": "rkd_distance_weight", "angle_weight": "rkd_angle_weight"}, _STUDENT),
-        ("darkrank", DarkRankLoss, {"scale": "darkrank_scale"}, _STUDENT)):
-    register_loss(_name, options=_options, roles=_roles)(_cls)
+        ("rkd", RKDLoss, {"distance_weight": "rkd_distance_weight", "angle_weight": "rkd_angle_weight",
+                          "form": "rkd_form"}, _STUDENT),
+        ("darkrank", DarkRankLoss, {"scale": "darkrank_scale", "form": "darkrank_form"}, _STUDENT)):
+    # the forms and scales are checked by building the (parameter-free) loss once
+    register_loss(_name, options=_options, roles=_roles, check=_cls if _name in ("rkd", "darkrank") else None)(_cls)
 # the AML (student) losses, name -> class
 LOSSES: dict[str, type[AMLLoss]] = {n: LOSS_REGISTRY[n].factory for n in loss_names("student")}
 # which losses use labels with mined hard negatives, which use a random pool and the teacher's relations
@@ -381,8 +432,10 @@ ASYMMETRIC_ONLY = ("reg", "contr+")
 
 def create_loss(name: str, config=None, *, role: str = "student", **kwargs) -> nn.Module:
     """`training.registry.create_loss`: loss `name` with its hyper-parameters from `config` and `kwargs`; an
-    unknown name raises `UserError` listing the valid ones. (Proxy-Anchor registers in `training.proxies`.)"""
+    unknown name raises `UserError` listing the valid ones. (Proxy-Anchor registers in `training.proxies`, ArcFace
+    and CosFace in `training.margins`.)"""
     import asymsearch.training.proxies  # noqa: F401 - registers proxy-anchor, a teacher loss
+    import asymsearch.training.margins  # noqa: F401 - registers arcface and cosface, teacher losses
 
     return registry_create_loss(name, config, role=role, **kwargs)
 

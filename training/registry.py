@@ -59,7 +59,8 @@ class LossEntry:
     `alpha` <- `ms_alpha`), so a trainer builds any loss from its config alone. `roles`: which trainers take it.
     `per_class`: the loss learns per-class parameters (Proxy-Anchor's proxies) and takes `num_classes` and `dim`;
     `lr_option` names the config field of their learning rate (they train beside the model, in their own
-    optimiser group without weight decay)."""
+    optimiser group without weight decay). `check(**hyper-parameters)`: raises `UserError` for values the loss
+    cannot take (ArcFace's margin outside (0, π/2)); `check_loss_config` runs it before a trainer reads any data."""
 
     name: str
     factory: Callable[..., nn.Module]
@@ -67,13 +68,14 @@ class LossEntry:
     roles: tuple[str, ...] = ("student",)
     per_class: bool = False
     lr_option: str | None = None
+    check: Callable | None = None
 
 
 LOSS_REGISTRY: dict[str, LossEntry] = {}
 
 
 def register_loss(name: str, *, options: dict | None = None, roles: tuple[str, ...] = ("student",),
-                  per_class: bool = False, lr_option: str | None = None) -> Callable:
+                  per_class: bool = False, lr_option: str | None = None, check: Callable | None = None) -> Callable:
     """Register a loss factory (a class or function returning an `nn.Module`) under `name` for `roles`."""
     if not set(roles) <= set(ROLES):
         raise ValueError(f"roles must be among {ROLES}, not {roles}")
@@ -81,7 +83,8 @@ def register_loss(name: str, *, options: dict | None = None, roles: tuple[str, .
     def deco(factory):
         if name in LOSS_REGISTRY:
             raise ValueError(f"loss {name!r} registered twice")
-        LOSS_REGISTRY[name] = LossEntry(name, factory, dict(options or {}), tuple(roles), per_class, lr_option)
+        LOSS_REGISTRY[name] = LossEntry(name, factory, dict(options or {}), tuple(roles), per_class, lr_option,
+                                        check)
         return factory
     return deco
 
@@ -102,6 +105,13 @@ def loss_entry(name: str, role: str) -> LossEntry:
 def loss_options(name: str, config, role: str = "student") -> dict:
     """The hyper-parameters of loss `name` taken from a training config (the fields its entry names)."""
     return {kw: getattr(config, key) for kw, key in loss_entry(name, role).options.items()}
+
+
+def check_loss_config(name: str, config, role: str = "student") -> None:
+    """`UserError` (one line) when loss `name` cannot take the hyper-parameters `config` gives it; nothing trains."""
+    entry = loss_entry(name, role)
+    if entry.check is not None:
+        entry.check(**loss_options(name, config, role))
 
 
 def create_loss(name: str, config=None, *, role: str = "student", num_classes: int | None = None,
