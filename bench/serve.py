@@ -181,9 +181,18 @@ def _second_server(art, cfg: ServeBenchConfig):
         if not Path(cfg.compare_pythonpath, "asymsearch").is_dir():
             raise UserError(f"--compare-pythonpath {cfg.compare_pythonpath} holds no asymsearch/ package folder")
         env = {**os.environ, "PYTHONPATH": str(cfg.compare_pythonpath)}
-    with ServerProcess(art.index, art.student, serve_args=cfg.compare_serve_args or (), env=env,
+    with ServerProcess(art.index, art.student, serve_args=_gate_args(art, cfg.compare_serve_args or ()), env=env,
                        log_path=Path(cfg.workdir) / "server-b.log") as server_b:
         yield server_b
+
+
+def _gate_args(art, serve_args: Sequence[str]) -> tuple[str, ...]:
+    """The student made here is untrained (speed does not depend on the weights), so the index's probe set would
+    refuse it at the quality gate: its servers run with `--min-ratio 0` unless the arguments set a ratio."""
+    args = tuple(serve_args)
+    if art.source.startswith("made here") and "--min-ratio" not in args:
+        args = ("--min-ratio", "0", *args)
+    return args
 
 
 def query_vectors(student: Path, paths: Sequence[str]) -> list[list[float]]:
@@ -219,7 +228,7 @@ def run_bench(cfg: ServeBenchConfig, log: Callable[[str], None] = print) -> dict
     with InProcessLimit(art.index, art.student, threads=cfg.limit_threads, batch=cfg.limit_batch,
                         embed_batch=cfg.limit_embed_batch, k=cfg.k) as limit, \
             ClientPool(cfg.client_processes) as pool, \
-            ServerProcess(art.index, art.student, serve_args=cfg.serve_args,
+            ServerProcess(art.index, art.student, serve_args=_gate_args(art, cfg.serve_args),
                           log_path=Path(cfg.workdir) / "server.log") as server, \
             _second_server(art, cfg) as server_b:
         report["index"] = {"count": limit.index.count, "dim": limit.index.dim, "factory": limit.index.manifest.factory}

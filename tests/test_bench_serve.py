@@ -160,3 +160,18 @@ def test_a_second_server_is_interleaved_in_the_same_rounds(tmp_path, image_folde
     bad = dataclasses.replace(cfg, compare_pythonpath=str(tmp_path))
     with pytest.raises(UserError, match="holds no asymsearch/ package folder"):
         run_bench(bad, log=lambda m: None)
+
+
+def test_the_untrained_student_made_here_serves_past_the_quality_gate():
+    # the index made here keeps a probe set, and the untrained Lite0 made here fails the gate (0.02x the teacher's
+    # Recall@1): without --min-ratio 0 `serve` refuses to start and the benchmark measures nothing
+    from pathlib import Path
+
+    from asymsearch.bench.artifacts import Artifacts
+    from asymsearch.bench.serve import _gate_args
+    made = Artifacts(student=Path("s.onnx"), index=Path("i"), query_paths=[],
+                     source="made here: zero-shot efficientnet_lite2 teacher, untrained efficientnet_lite0 student")
+    given = dataclasses.replace(made, source="given")
+    assert _gate_args(made, ("--embed-max-batch", "1")) == ("--min-ratio", "0", "--embed-max-batch", "1")
+    assert _gate_args(made, ("--min-ratio", "0.5")) == ("--min-ratio", "0.5")  # the user's own ratio stands
+    assert _gate_args(given, ()) == ()  # a given student is gated as `serve` gates it
