@@ -171,6 +171,52 @@ def run_losses(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_losses_orderings(sub: argparse._SubParsersAction) -> None:
+    from experiments.losses import STUDENT_VARIANTS, TEACHER_LOSSES
+
+    p = sub.add_parser("losses-orderings", help="teacher and student losses over several seeds and data sets: the "
+                                                "orderings the sources report, re-measured",
+                       description="Per data set and seed: a random split of the training half's classes into fit "
+                                   "and validation classes, one teacher head per teacher loss and one student head "
+                                   "per student loss (against the seed's contrastive teacher) on cached frozen "
+                                   "backbone maps, each chosen on its validation classes and evaluated once on the "
+                                   "evaluation half. Writes OUT.md and OUT.json (rewritten after each data set).")
+    p.add_argument("--data", action="append", required=True, help="image folder; repeat for several data sets")
+    p.add_argument("--out", default="docs/results/losses_paper",
+                   help="results path without suffix (default: %(default)s)")
+    p.add_argument("--seeds", type=seeds, default=(0, 1, 2), help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--teacher-loss", dest="teacher_losses", action="append", choices=TEACHER_LOSSES, default=None,
+                   help=f"repeat for several (default: {' '.join(TEACHER_LOSSES)}); contr is always trained: the "
+                        "students' teacher")
+    p.add_argument("--student-variant", dest="student_variants", action="append",
+                   choices=[v[0] for v in STUDENT_VARIANTS], default=None, help="repeat for several (default: all)")
+    p.add_argument("--teacher-epochs", type=int, default=5, help="(default: %(default)s)")
+    p.add_argument("--student-epochs", type=int, default=8, help="(default: %(default)s)")
+    p.add_argument("--student-size", type=int, default=128, help="student input size (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="training classes drawn per seed for validation (default: %(default)s)")
+    p.add_argument("--cache-dir", default="~/.cache/asymsearch/featmaps",
+                   help="feature-map cache folder (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    p.set_defaults(func=run_losses_orderings)
+
+
+def run_losses_orderings(args: argparse.Namespace) -> int:
+    from experiments.losses import STUDENT_VARIANTS, TEACHER_LOSSES, OrderingsConfig, run_orderings
+
+    teacher_losses = tuple(args.teacher_losses or TEACHER_LOSSES)
+    if "contr" not in teacher_losses:
+        teacher_losses = ("contr",) + teacher_losses
+    cfg = OrderingsConfig(data=tuple(args.data), out=args.out, seeds=args.seeds, teacher_losses=teacher_losses,
+                          student_variants=tuple(args.student_variants or (v[0] for v in STUDENT_VARIANTS)),
+                          teacher_epochs=args.teacher_epochs, student_epochs=args.student_epochs,
+                          student_size=args.student_size, val_fraction=args.val_fraction, cache_dir=args.cache_dir,
+                          threads=args.threads, argv=(PROG.split()[0], "-m", "experiments", *args.argv))
+    result = run_orderings(cfg)
+    print(f"wrote {cfg.out}.md and {cfg.out}.json ({len(result['tables'])} data sets)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------ addons
 
 
@@ -230,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
     add_heads(sub)
     add_losses(sub)
+    add_losses_orderings(sub)
     add_addons(sub)
     return parser
 

@@ -77,11 +77,12 @@ def embed_maps(head, maps: np.ndarray, batch: int = 128) -> np.ndarray:
 
 def train_on_maps(head, objective, maps: np.ndarray, labels: list[int], *, per_class: int, classes_per_batch: int,
                   epochs: int, lr: float, weight_decay: float, warmup_epochs: float, seed: int, validate,
-                  addons=None, handlers=(), flip: bool = False, report=None) -> list[dict]:
+                  addons=None, handlers=(), flip: bool = False, report=None, extra_groups=()) -> list[dict]:
     """Train `head` on the cached `maps` with `objective` (`Step` -> loss) through the product's training loop:
     m-per-class batches, AdamW (`addons`' parameters in their own group), warm-up + cosine schedule, `validate()`
-    after each epoch (a Recall@1 or None), the best epoch's weights restored into `head` at the end. Returns the
-    per-epoch history."""
+    after each epoch (a Recall@1 or None), the best epoch's weights restored into `head` at the end; `extra_groups`:
+    more AdamW groups (a loss's own parameters, `training.registry.loss_parameter_groups`). Returns the per-epoch
+    history."""
     import torch
 
     from asymsearch.training.data import MPerClassSampler
@@ -92,6 +93,7 @@ def train_on_maps(head, objective, maps: np.ndarray, labels: list[int], *, per_c
     groups = [{"params": list(head.parameters())}]
     if addons is not None:
         groups += addons.optimizer_group(lr, weight_decay)
+    groups += list(extra_groups)
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     scheduler = make_scheduler(optimizer, epochs * len(sampler), int(warmup_epochs * len(sampler)))
     gen = torch.Generator().manual_seed(seed) if flip else None

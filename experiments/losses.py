@@ -320,3 +320,316 @@ def write_results(result: dict, out: str) -> tuple[Path, Path]:
     md.write_text(render_markdown(result))
     js.write_text(json.dumps(result, indent=1) + "\n")
     return md, js
+
+
+# ----------------------------------------------------------------------------------- orderings over seeds and data
+#
+# `python -m experiments losses-orderings`: the orderings the sources report, re-measured over several seeds and
+# data sets (issue 26). Per data set and seed: a random split of the training half's classes into fit / validation
+# classes (drawn with the seed: the DIABLO paper's protocol of model selection on random class splits), one teacher
+# head per teacher loss, then one student head per student loss against that seed's contrastive teacher (AML's
+# teacher loss); every model keeps its best-validation epoch and is evaluated once on the evaluation half.
+
+TEACHER_LOSSES = ("contr", "ms", "proxy-anchor", "arcface", "cosface")
+# (row, loss, trained asymmetrically, loss options): AML's rows (RKD and DarkRank trained symmetrically with the
+# teacher's relations, as AML trains them), the student trained alone, and the legacy forms of RKD and DarkRank
+STUDENT_VARIANTS = (
+    ("Contr (student alone)", "contr", False, {}),
+    ("Reg", "reg", True, {}),
+    ("Contr+", "contr+", True, {}),
+    ("Contr", "contr", True, {}),
+    ("Triplet", "triplet", True, {}),
+    ("MS", "ms", True, {}),
+    ("RKD", "rkd", False, {}),
+    ("DarkRank", "darkrank", False, {}),
+    ("RKD (legacy form)", "rkd", False, {"form": "legacy"}),
+    ("DarkRank (legacy form)", "darkrank", False, {"form": "legacy"}),
+)
+
+
+@dataclass
+class OrderingsConfig:
+    data: tuple  # image folders, one table each
+    out: str = "docs/results/losses_paper"
+    teacher_backbone: str = "efficientnet_lite0"
+    teacher_size: int | None = None
+    student_backbone: str = "efficientnet_lite0"
+    student_size: int | None = 128
+    pretrained: str = "imagenet"
+    dim: int = 512
+    seeds: tuple = (0, 1, 2)
+    teacher_losses: tuple = TEACHER_LOSSES
+    student_variants: tuple = tuple(v[0] for v in STUDENT_VARIANTS)
+    teacher_epochs: int = 5
+    student_epochs: int = 8
+    classes_per_batch: int = 8
+    per_class: int = 4
+    teacher_lr: float = 1e-4
+    proxy_lr: float = 1e-2  # the class weights of proxy-anchor, arcface, cosface (train teacher's --proxy-lr)
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    margin: float = 0.5
+    num_negatives: int = 5
+    val_fraction: float = 0.2
+    cache_dir: str = "~/.cache/asymsearch/featmaps"
+    threads: int = 1
+    argv: tuple = ()
+
+
+def random_class_split(classes: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(fit, validation) classes: round(val_fraction * n) (at least 2) drawn at random with `seed`."""
+    import random
+
+    n_val = max(2, round(val_fraction * len(classes)))
+    if len(classes) - n_val < 2:
+        raise UserError(f"{len(classes)} training classes are too few to hold out {n_val} for validation")
+    val = set(random.Random(seed).sample(sorted(classes), n_val))
+    return [c for c in classes if c not in val], [c for c in classes if c in val]
+
+
+def _teacher_criterion(name: str, cfg: OrderingsConfig, num_classes: int):
+    """(criterion, miner, optimiser groups of its own parameters) as `train teacher` builds them."""
+    from asymsearch.training.config import TeacherConfig
+    from asymsearch.training.losses import create_loss, negative_miner
+    from asymsearch.training.registry import loss_parameter_groups
+
+    tcfg = TeacherConfig(data="", out="", loss=name, margin=cfg.margin, proxy_lr=cfg.proxy_lr, dim=cfg.dim)
+    criterion = create_loss(name, tcfg, role="teacher", num_classes=num_classes, dim=cfg.dim)
+    return criterion, negative_miner(name, cfg.num_negatives), loss_parameter_groups(name, criterion, tcfg)
+
+
+def run_orderings_on(data: str, cfg: OrderingsConfig, log=print) -> dict:
+    """Every seed's teacher and student rows on one data set."""
+    import torch
+
+    from asymsearch.core.data import list_image_folder, select_classes
+    from asymsearch.training.addons import AddOnOptions, TrainingAddOns
+    from asymsearch.training.common import best_epoch, seed_everything
+    from asymsearch.training.engine import StudentStepObjective, SymmetricObjective
+    from asymsearch.training.featcache import feature_maps
+    from asymsearch.training.losses import create_loss
+    from asymsearch.training.models import create_head
+    from asymsearch.training.student import StudentObjective
+
+    if not Path(data).is_dir():
+        raise UserError(f"data folder not found: {data}")
+    t0 = time.perf_counter()
+    first, second = select_classes(data, "first-half"), select_classes(data, "second-half")
+    items = list_image_folder(data, first + second)
+    class_idx = {c: i for i, c in enumerate(first + second)}
+    labels = np.asarray([class_idx[it.label] for it in items])
+    t_spec, s_spec = backbone_spec(cfg.teacher_backbone, cfg.teacher_size), backbone_spec(cfg.student_backbone,
+                                                                                          cfg.student_size)
+    t_maps = feature_maps(items, cfg.teacher_backbone, cfg.pretrained, t_spec, cfg.cache_dir, log=log).maps
+    s_maps = feature_maps(items, cfg.student_backbone, cfg.pretrained, s_spec, cfg.cache_dir, log=log).maps
+    maps_seconds = time.perf_counter() - t0
+    eval_rows = np.flatnonzero(np.isin([it.label for it in items], second))
+    y_eval = labels[eval_rows].tolist()
+    t_eval, s_eval = np.asarray(t_maps[eval_rows], np.float32), np.asarray(s_maps[eval_rows], np.float32)
+    no_addons = TrainingAddOns(AddOnOptions(), dim=cfg.dim, num_classes=len(class_idx))
+    runs = []
+    for seed in cfg.seeds:
+        fit_classes, val_classes = random_class_split(first, cfg.val_fraction, seed)
+        rows = {n: np.flatnonzero(np.isin([it.label for it in items], cs))
+                for n, cs in (("fit", fit_classes), ("val", val_classes))}
+        y_fit, y_val = labels[rows["fit"]].tolist(), labels[rows["val"]].tolist()
+        # the losses with class weights index the fit classes 0..C-1
+        fit_index = {c: i for i, c in enumerate(sorted(set(y_fit)))}
+        y_fit_local = [fit_index[y] for y in y_fit]
+        t_fit, t_val = (np.asarray(t_maps[rows[n]], np.float16) for n in ("fit", "val"))
+        s_fit, s_val = (np.asarray(s_maps[rows[n]], np.float16) for n in ("fit", "val"))
+        run = {"seed": seed, "val_classes": sorted(val_classes), "teachers": {}, "students": {}}
+        teacher_heads = {}
+        for name in cfg.teacher_losses:
+            start = time.perf_counter()
+            seed_everything(seed)
+            head = create_head("gem", t_maps.shape[1], cfg.dim)
+            criterion, miner, groups = _teacher_criterion(name, cfg, len(fit_index))
+            history = train_on_maps(
+                head, SymmetricObjective(criterion, miner, no_addons), t_fit, y_fit_local, per_class=cfg.per_class,
+                classes_per_batch=cfg.classes_per_batch, epochs=cfg.teacher_epochs, lr=cfg.teacher_lr,
+                weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, seed=seed,
+                validate=lambda h=head: _metrics(embed_maps(h, t_val, 256), embed_maps(h, t_val, 256),
+                                                 y_val)["recall@1"], extra_groups=groups)
+            g_eval = embed_maps(head, t_eval, 256)
+            run["teachers"][name] = {"eval": _metrics(g_eval, g_eval, y_eval), "best_epoch": best_epoch(history),
+                                     "val_recall@1": max(h["val_recall@1"] for h in history),
+                                     "seconds": time.perf_counter() - start}
+            teacher_heads[name] = head
+            log(f"{Path(data).parent.name} seed {seed} teacher {name}: {_fmt(run['teachers'][name]['eval'])}")
+        teacher = teacher_heads["contr"]
+        g_fit, g_val, g_eval = (embed_maps(teacher, m, 256) for m in (t_fit, t_val, t_eval))
+        pool, pool_labels = torch.from_numpy(g_fit), torch.as_tensor(y_fit)
+        run["student_teacher"] = "contr"
+        for variant, loss_name, asymmetric, options in STUDENT_VARIANTS:
+            if variant not in cfg.student_variants:
+                continue
+            start = time.perf_counter()
+            kw = {"margin": cfg.margin} if loss_name in ("contr", "contr+", "ms") else {}
+            objective = StudentObjective(loss_name, create_loss(loss_name, **kw, **options), asymmetric=asymmetric,
+                                         num_negatives=cfg.num_negatives)
+            seed_everything(seed + 1)  # not the teacher's initial projection (see train_head)
+            head = create_head("gem", s_maps.shape[1], cfg.dim)
+
+            def validate(h=head, asym=asymmetric):
+                f = embed_maps(h, s_val, 256)
+                return _metrics(f, g_val if asym else f, y_val)["recall@1"]
+            history = train_on_maps(head, StudentStepObjective(objective, no_addons, pool, pool_labels), s_fit, y_fit,
+                                    per_class=cfg.per_class, classes_per_batch=cfg.classes_per_batch,
+                                    epochs=cfg.student_epochs, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    warmup_epochs=cfg.warmup_epochs, seed=seed + 1, validate=validate)
+            f_eval = embed_maps(head, s_eval, 256)
+            run["students"][variant] = {"loss": loss_name, "trained_asymmetric": asymmetric, "options": options,
+                                        "symmetric": _metrics(f_eval, f_eval, y_eval),
+                                        "asymmetric": _metrics(f_eval, g_eval, y_eval),
+                                        "best_epoch": best_epoch(history), "seconds": time.perf_counter() - start}
+            log(f"{Path(data).parent.name} seed {seed} {variant}: sym {_fmt(run['students'][variant]['symmetric'])} | "
+                f"asym {_fmt(run['students'][variant]['asymmetric'])}")
+        runs.append(run)
+    zero_shot = {}
+    for role, maps in (("teacher", t_eval), ("student", s_eval)):
+        gap = maps.mean(axis=(2, 3))
+        gap /= np.linalg.norm(gap, axis=1, keepdims=True).clip(min=1e-12)
+        zero_shot[role] = _metrics(gap, gap, y_eval)
+    return {"data": "/".join(Path(data).resolve().parts[-2:]), "runs": runs, "zero_shot": zero_shot,
+            "split": {"train_classes": len(first), "val_classes": len(runs[0]["val_classes"]) if runs else 0,
+                      "eval_classes": len(second), "eval_images": len(eval_rows), "images": len(items)},
+            "maps_seconds": maps_seconds, "seconds": time.perf_counter() - t0}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    import statistics
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize_orderings(table: dict) -> dict:
+    """Mean ± std over seeds of every row, and the orderings checked (per seed and on the means)."""
+    runs = table["runs"]
+    teachers = {n: {k: _mean_std([r["teachers"][n]["eval"][k] for r in runs]) for k in METRIC_KEYS}
+                for n in runs[0]["teachers"]} if runs else {}
+    students = {}
+    for v in (runs[0]["students"] if runs else {}):
+        students[v] = {side: {k: _mean_std([r["students"][v][side][k] for r in runs]) for k in METRIC_KEYS}
+                       for side in ("symmetric", "asymmetric")}
+
+    def asym(r, v):
+        return r["students"][v]["asymmetric"]["recall@1"]
+
+    aml = [v for v in ("Reg", "Contr+", "Contr", "Triplet", "MS", "RKD", "DarkRank") if v in students]
+    checks = {}
+    if runs and aml:
+        per_seed_order = [sorted(aml, key=lambda v: -asym(r, v)) for r in runs]
+        checks["asymmetric R@1: Reg best"] = [o[0] == "Reg" for o in per_seed_order]
+        checks["asymmetric R@1: Contr+ second"] = [len(o) > 1 and o[1] == "Contr+" for o in per_seed_order]
+        checks["asymmetric R@1 order per seed"] = per_seed_order
+        if "Contr+" in students and "Contr" in students:
+            checks["asymmetric R@1: Contr+ > Contr"] = [asym(r, "Contr+") > asym(r, "Contr") for r in runs]
+        if "Contr (student alone)" in students and "Contr" in students:
+            checks["symmetric R@1: Contr (asym trained) > student alone"] = [
+                r["students"]["Contr"]["symmetric"]["recall@1"]
+                > r["students"]["Contr (student alone)"]["symmetric"]["recall@1"] for r in runs]
+    if runs and teachers:
+        checks["teacher R@1 order per seed"] = [sorted(teachers, key=lambda n: -r["teachers"][n]["eval"]["recall@1"])
+                                                for r in runs]
+    return {"teachers": teachers, "students": students, "checks": checks}
+
+
+def run_orderings(cfg: OrderingsConfig, log=print) -> dict:
+    import torch
+
+    from asymsearch.core.provenance import provenance
+
+    torch.set_num_threads(max(1, cfg.threads))
+    unknown = [v for v in cfg.student_variants if v not in {v[0] for v in STUDENT_VARIANTS}]
+    if unknown:
+        raise UserError(f"unknown student variant(s) {', '.join(unknown)}; choose from: "
+                        f"{', '.join(v[0] for v in STUDENT_VARIANTS)}")
+    result = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+              "provenance": provenance(list(cfg.argv) or None), "tables": []}
+    for data in cfg.data:
+        table = run_orderings_on(data, cfg, log)
+        table["summary"] = summarize_orderings(table)
+        result["tables"].append(table)
+        write_orderings(result, cfg.out)  # what has finished, at once
+    return result
+
+
+def _pm(ms: tuple[float, float]) -> str:
+    return f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
+
+
+def render_orderings(result: dict) -> str:
+    cfg, prov = result["config"], result["provenance"]
+    lines = ["# Loss orderings re-measured: teacher and student losses, paper forms, several seeds", "",
+             f"Command: `{prov.get('command') or 'python -m experiments losses-orderings'}`  ",
+             f"Commit `{prov.get('commit')}`{' (dirty)' if prov.get('dirty') else ''}, "
+             f"{prov.get('date') or prov.get('time') or ''}, machine: {_machine_line(prov)}.", "",
+             "Regime: **frozen backbones** (ImageNet EfficientNet-Lite0, its feature maps computed once and cached; "
+             f"only a GeM head of d = {cfg['dim']} trains). The partly trained regime (the CPU recipe, "
+             "`--tune-units`) was **not run** here (2 shared CPU cores; see the issue).", "",
+             f"Protocol: per data set and seed ({', '.join(map(str, cfg['seeds']))}), the training half's classes are "
+             f"split **at random** (seeded) into fit classes and {round(100 * cfg['val_fraction'])}% validation "
+             "classes; every model is chosen on validation classes carved from the training half (its best epoch by "
+             "validation Recall@1: symmetric for teachers and symmetrically trained students, asymmetric for AML "
+             "students), and the evaluation half is reported once. Teachers: "
+             f"`{cfg['teacher_backbone']}` at {cfg['teacher_size'] or 'its own size'} px, one head per teacher loss, "
+             f"{cfg['teacher_epochs']} epochs, AdamW lr {cfg['teacher_lr']} (class weights / proxies at "
+             f"{cfg['proxy_lr']}), batches of {cfg['classes_per_batch']} classes x {cfg['per_class']}. Students: "
+             f"`{cfg['student_backbone']}` at {cfg['student_size']} px (about 3x fewer FLOPs), one head per loss, "
+             f"{cfg['student_epochs']} epochs, lr {cfg['lr']}, against that seed's **contrastive** teacher (AML's "
+             f"teacher loss); Contr/Contr+/Triplet/MS mine {cfg['num_negatives']} hard negatives among the teacher's "
+             "training-set embeddings; RKD and DarkRank use the batch as their random pool and are trained "
+             "symmetrically with the teacher's relations, as AML trains them. Loss forms are the defaults (the "
+             "sources' equations, docs/losses.md); the *legacy form* rows are the earlier forms. Figures: "
+             "percentages, mean ± std over the seeds (sample std). **sym** = student queries against "
+             "student-embedded evaluation images; **asym** = student queries against the teacher-embedded ones.", ""]
+    for table in result["tables"]:
+        s, sp = table["summary"], table["split"]
+        lines += [f"## {table['data']}", "",
+                  f"{sp['images']} images; {sp['train_classes']} training classes ({sp['val_classes']} of them "
+                  f"validation, drawn per seed), {sp['eval_classes']} evaluation classes ({sp['eval_images']} "
+                  f"images). Chance R@1 ≈ {100 / sp['eval_classes']:.0f}%. Run time {table['seconds'] / 60:.1f} "
+                  f"min (of which feature maps {table['maps_seconds'] / 60:.1f}).", "",
+                  "### Teacher losses", "",
+                  "| teacher loss | R@1 | R@2 | R@4 | R@8 | mAP | MAP@R |", "|---|" + "---:|" * 6]
+        for role in ("teacher",):
+            zs = table["zero_shot"][role]
+            lines.append("| GAP, no training | " + " | ".join(f"{100 * zs[k]:.1f}" for k in METRIC_KEYS) + " |")
+        for name, m in s["teachers"].items():
+            lines.append(f"| {name} | " + " | ".join(_pm(m[k]) for k in METRIC_KEYS) + " |")
+        lines += ["", "### Student losses (against the contrastive teacher)", "",
+                  "| student loss | trained | sym R@1 | sym mAP | asym R@1 | asym R@8 | asym mAP |",
+                  "|---|---|" + "---:|" * 5]
+        zs = table["zero_shot"]["student"]
+        lines.append(f"| GAP, no training | – | {100 * zs['recall@1']:.1f} | {100 * zs['map']:.1f} | – | – | – |")
+        for v, m in s["students"].items():
+            trained = next((r["students"][v]["trained_asymmetric"] for r in table["runs"]), False)
+            lines.append(f"| {v} | {'asym' if trained else 'sym'} | {_pm(m['symmetric']['recall@1'])} | "
+                         f"{_pm(m['symmetric']['map'])} | {_pm(m['asymmetric']['recall@1'])} | "
+                         f"{_pm(m['asymmetric']['recall@8'])} | {_pm(m['asymmetric']['map'])} |")
+        lines += ["", "### Orderings, seed by seed", ""]
+        for check, values in s["checks"].items():
+            if values and isinstance(values[0], bool):
+                lines.append(f"- {check}: holds in {sum(values)} of {len(values)} seeds")
+            else:
+                lines.append(f"- {check}: " + "; ".join(" > ".join(o) for o in values))
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _machine_line(prov: dict) -> str:
+    m = prov.get("machine") or {}
+    if isinstance(m, dict):
+        return (f"{m.get('cpu')}, {m.get('usable_cores')} of {m.get('cores')} cores usable, {m.get('ram_gb')} GB RAM, "
+                f"{m.get('os')}")
+    return str(m)
+
+
+def write_orderings(result: dict, out: str) -> tuple[Path, Path]:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md, js = out.with_suffix(".md"), out.with_suffix(".json")
+    md.write_text(render_orderings(result))
+    js.write_text(json.dumps(result, indent=1) + "\n")
+    return md, js
