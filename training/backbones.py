@@ -165,6 +165,14 @@ def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
     return int(new + divisor if new < 0.9 * scaled else new)
 
 
+def _lite_repeats(depth: float) -> list[int]:
+    """Blocks per stage of EfficientNet-Lite at depth multiplier `depth` (the first and last stages unscaled)."""
+    import math
+
+    return [r if i in (0, len(_LITE_BLOCKS) - 1) else int(math.ceil(depth * r))
+            for i, (r, *_) in enumerate(_LITE_BLOCKS)]
+
+
 class EfficientNetLite(nn.Module):
     """EfficientNet-Lite feature extractor (Tan & Le 2019; the TF "lite" builder): no SE, ReLU6, stem (32) and
     head (1280) channels and the first/last stage depths not scaled. (N,3,H,W) -> (N,1280,H/32,W/32) after the
@@ -172,16 +180,12 @@ class EfficientNetLite(nn.Module):
 
     def __init__(self, width: float = 1.0, depth: float = 1.0) -> None:
         super().__init__()
-        import math
-
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = _bn(32)
         blocks: list[nn.Module] = []
-        for i, (repeats, k, s, e, cin, cout) in enumerate(_LITE_BLOCKS):
+        for i, ((_, k, s, e, cin, cout), repeats) in enumerate(zip(_LITE_BLOCKS, _lite_repeats(depth))):
             cin = 32 if i == 0 else _round_filters(cin, width)
             cout = _round_filters(cout, width)
-            if 0 < i < len(_LITE_BLOCKS) - 1:
-                repeats = int(math.ceil(depth * repeats))
             for r in range(repeats):
                 blocks.append(MBConvLite(cin if r == 0 else cout, cout, k, s if r == 0 else 1, e))
         self._blocks = nn.ModuleList(blocks)
@@ -293,6 +297,47 @@ def split_backbone(backbone: nn.Module, tail_units: int) -> tuple[nn.Module, nn.
         raise UserError(f"tail_units must be between 1 and {len(units) - 1} for this backbone "
                         f"({len(units)} units), not {tail_units}")
     return nn.Sequential(*units[:-tail_units]), nn.Sequential(*units[-tail_units:])
+
+
+# ------------------------------------------------------------------------------ DIABLO's mid-level split
+
+
+def _lite_mid_level(name: str) -> dict[str, tuple[int, int]]:
+    """EfficientNet-Lite's split points in `backbone_units` indices (0 the stem, 1.. the blocks, last the head
+    conv). GoogleNet's pre-attention map ends with the max-pooling *into* its fourth scale (stride 16), so here F
+    ends with the first, stride-2, block of the first stride-16 stage (80 channels for Lite0); φ = the rest of the
+    stride-16 stages (the fourth scale's analogue); ψ = every unit after F (the fourth and fifth scales). Post-
+    attention: F ends with the first block of the first stride-32 stage, φ = the rest of the stride-32 blocks, ψ =
+    those blocks and the head conv."""
+    starts = [0]
+    for r in _lite_repeats(LITE_VARIANTS[name][1]):
+        starts.append(starts[-1] + r)
+    # stage 3 (80 ch) and 4 (112 ch) run at stride 16; 5 (192) and 6 (320) at stride 32; unit = 1 + block index
+    return {"pre": (1 + starts[3] + 1, 1 + starts[5]), "post": (1 + starts[5] + 1, 1 + starts[7])}
+
+
+def _tiny_mid_level() -> dict[str, tuple[int, int]]:
+    """TinyCNN: 4 stages of 6 layers (conv stride 2, BN, ReLU, conv, BN, ReLU); its last two stages play the fourth
+    and fifth scales. Pre-attention: F ends after stage 3's strided conv + BN + ReLU, φ = stage 3's second conv +
+    BN + ReLU, ψ = the rest (stage 3's second half, stage 4). Post-attention: F ends after stage 4's strided conv,
+    φ and ψ = stage 4's second half."""
+    return {"pre": (15, 18), "post": (21, 24)}
+
+
+MID_LEVEL_SPLITS: dict[str, dict[str, tuple[int, int]]] = {
+    **{name: _lite_mid_level(name) for name in LITE_VARIANTS},
+    "tiny_cnn": _tiny_mid_level(), "tiny_cnn_narrow": _tiny_mid_level(),
+}
+
+
+def mid_level_split(name: str, attention: str) -> tuple[int, int]:
+    """(split, phi_end) of backbone `name` for DIABLO's `attention` ("pre" or "post"), in `backbone_units`
+    indices: F = units[:split] (the trunk), φ = a copy of units[split:phi_end], ψ = units[split:]. A backbone
+    without one raises `UserError` naming those that have one."""
+    if name not in MID_LEVEL_SPLITS:
+        raise UserError(f"head diablo:form=paper attends on mid-level features and needs a backbone with a known "
+                        f"split point: one of {', '.join(sorted(MID_LEVEL_SPLITS))}, not {name}")
+    return MID_LEVEL_SPLITS[name][attention]
 
 
 def freeze_batch_norm(module: nn.Module) -> None:

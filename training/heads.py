@@ -25,12 +25,27 @@ class GeM(nn.Module):
 
 
 class GeMHead(nn.Module):
-    """(N,C,h,w) -> GeM -> Linear(C, dim) -> L2 normalisation -> (N,dim) unit vectors."""
+    """(N,C,h,w) -> GeM -> Linear(C, dim) -> L2 normalisation -> (N,dim) unit vectors.
 
-    def __init__(self, in_channels: int, dim: int) -> None:
+    Option `init=zero-shot` (spec `gem:init=zero-shot`, dim = C) starts it as global average pooling: p = 1 and
+    the identity projection, so the untrained model is the zero-shot one and a trained one can be interpolated
+    with it weight by weight (`training.soup.interpolate`)."""
+
+    OPTIONS = "init=random|zero-shot"
+
+    def __init__(self, in_channels: int, dim: int, init: str = "random") -> None:
         super().__init__()
-        self.pool = GeM()
+        if init not in ("random", "zero-shot"):
+            raise UserError(f"head gem: init is random or zero-shot, not {init!r}")
+        if init == "zero-shot" and dim != in_channels:
+            raise UserError(f"head gem:init=zero-shot starts as average pooling: --dim must equal the backbone's "
+                            f"{in_channels} channels, not {dim}")
+        self.pool = GeM(p=1.0 if init == "zero-shot" else 3.0)
         self.proj = nn.Linear(in_channels, dim)
+        if init == "zero-shot":
+            with torch.no_grad():
+                self.proj.weight.copy_(torch.eye(dim))
+                self.proj.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.proj(self.pool(x)), p=2, dim=1)
@@ -160,7 +175,24 @@ class GLAMHead(nn.Module):
         return _l2(self.proj(self.pool(fused)))
 
 
-register_head("glam")(GLAMHead)
+def glam_head(in_channels: int, dim: int, form: str = "gate", **options) -> nn.Module:
+    """`glam`: form=gate (default) is `GLAMHead` above, this project's earlier form, kept so that existing specs and
+    checkpoints mean what they meant; form=paper is `training.glam.GLAMPaperHead`, the form of Song, Han & Avrithis
+    2022 (each stream channel then spatial attention, the global spatial one an hw×hw interaction on the
+    channel-attended map)."""
+    if form == "gate":
+        return GLAMHead(in_channels, dim, **options)
+    if form == "paper":
+        from asymsearch.training.glam import GLAMPaperHead
+        options = dict(options)
+        if "global" in options:
+            options["global_"] = options.pop("global")
+        return GLAMPaperHead(in_channels, dim, **options)
+    raise UserError(f"head glam: form must be gate (the default, this project's earlier form) or paper, not {form!r}")
+
+
+glam_head.OPTIONS = "form=gate|paper, " + GLAMHead.OPTIONS
+register_head("glam")(glam_head)
 
 
 # ---------------------------------------------------------------------------------------------------- GLAP
@@ -292,4 +324,28 @@ class DIABLOHead(nn.Module):
         return F.normalize(e, dim=2).flatten(1) / self.words ** 0.5
 
 
-register_head("diablo")(DIABLOHead)
+def diablo_head(in_channels: int, dim: int, form: str = "light", stages=None, **options) -> nn.Module:
+    """`diablo`: form=light (default) is `DIABLOHead` above (φ, ψ small 1x1 convolutions on the backbone's final
+    map), kept so that existing specs and checkpoints mean what they meant; form=paper is
+    `training.diablo.DIABLOPaperHead`, on the backbone's mid-level map with φ and ψ the backbone's later units
+    (`build_model` cuts the backbone through `diablo_head.adopt_backbone`; `stages` are those units)."""
+    if form == "light":
+        if stages is not None:
+            raise ValueError("the light DIABLO head takes no backbone stages")
+        return DIABLOHead(in_channels, dim, **options)
+    if form == "paper":
+        from asymsearch.training.diablo import DIABLOPaperHead
+        return DIABLOPaperHead(in_channels, dim, stages=stages, **options)
+    raise UserError(f"head diablo: form must be light (the default, this project's earlier form) or paper, "
+                    f"not {form!r}")
+
+
+def _adopt_backbone(*args, **kw):
+    from asymsearch.training.diablo import adopt_backbone
+    return adopt_backbone(*args, **kw)
+
+
+diablo_head.OPTIONS = "form=light|paper; light: " + DIABLOHead.OPTIONS + "; paper: words, select, attention, " \
+                                                                           "alpha, freeze_bn=true"
+diablo_head.adopt_backbone = _adopt_backbone
+register_head("diablo")(diablo_head)

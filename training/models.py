@@ -132,6 +132,16 @@ def build_model(arch: dict) -> EmbeddingNet | EnsembleNet:
         raise UserError(f"model architecture lacks {', '.join(missing)}")
     dim = int(arch["dim"])
     lookup(BACKBONES, "backbone", arch["backbone"])
-    create_head(arch["head"], dim, dim)  # validates name and options before any weights load (stand-in C)
+    base, options = parse_head_spec(arch["head"])
+    # a head that takes over the backbone's later units (diablo:form=paper) cuts the backbone: its hook checks the
+    # options and the backbone's split point here, then cuts the built backbone below (None: not such a head)
+    adopt = getattr(lookup(HEADS, "head", base), "adopt_backbone", None)
+    if adopt is None or adopt(arch["backbone"], None, dim, **options) is None:
+        adopt = None
+        create_head(arch["head"], dim, dim)  # validates name and options before any weights load (stand-in C)
     backbone, channels = create_backbone(arch["backbone"], arch.get("pretrained"))
-    return EmbeddingNet(backbone, create_head(arch["head"], channels, dim), dim)
+    stages: dict = {}
+    if adopt is not None:
+        backbone, stages = adopt(arch["backbone"], backbone, dim, **options)
+        channels = feature_channels(backbone)
+    return EmbeddingNet(backbone, create_head(arch["head"], channels, dim, **stages), dim)

@@ -31,6 +31,9 @@ class TailNet(nn.Module):
 
     def __init__(self, model: nn.Module, tune_units: int) -> None:
         super().__init__()
+        if getattr(model.head, "owns_backbone_units", False):
+            raise UserError("tune_units: this head (diablo:form=paper) already holds and trains the backbone's units "
+                            "after its split point; train it without --tune-units")
         trunk, self.tail = split_backbone(model.backbone, tune_units)
         for p in trunk.parameters():
             p.requires_grad_(False)
