@@ -267,12 +267,9 @@ def log_stderr(msg: str) -> None:
 # --------------------------------------------------------------------------- --auto on student queries (issue 24)
 
 
-def resembling_vectors(real: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
-    """A database of `n` unit vectors: the `real` ones (R, dim) first, then n - R synthetic ones, each a random real
-    vector plus Gaussian noise shaped like the real vectors' own covariance (their principal directions and
-    variances), scaled so that a synthetic vector's cosine to the real vector it was drawn around is, in the median,
-    the median cosine of a real vector to its nearest other real vector: "another picture of a similar thing".
-    Returns the vectors and a description of the construction (for the results page)."""
+def resembling_blocks(real: np.ndarray, n: int, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """`resembling_vectors` as (an iterator of (rows, dim) blocks, the description): the real vectors, then blocks
+    of up to 100,000 synthetic ones, so a database of any size is written without being held whole."""
     real = np.ascontiguousarray(real, dtype=np.float32)
     r, dim = real.shape
     if n < r:
@@ -296,80 +293,136 @@ def resembling_vectors(real: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndar
         x, around = draw(2000, mid)
         lo, hi = (mid, hi) if np.median(np.sum(x * real[around], axis=1)) > target else (lo, mid)
     scale = (lo + hi) / 2
-    out = np.empty((n, dim), np.float32)
-    out[:r] = real
-    for start in range(r, n, 100_000):
-        m = min(100_000, n - start)
-        out[start:start + m] = draw(m, scale)[0]
-    return out, {"real": r, "synthetic": n - r, "noise_scale": round(scale, 4),
-                 "median_nn_cosine_real": round(target, 4), "seed": seed,
-                 "rule": "real teacher vectors, then each synthetic one = a random real vector + Gaussian noise with "
-                         "the real vectors' covariance x noise_scale, L2-normalised; noise_scale makes the median "
-                         "cosine to its real vector equal the real vectors' median nearest-neighbour cosine"}
+
+    def blocks():
+        yield real
+        for start in range(r, n, 100_000):
+            yield draw(min(100_000, n - start), scale)[0].astype(np.float32)
+    return blocks(), {"real": r, "synthetic": n - r, "noise_scale": round(scale, 4),
+                      "median_nn_cosine_real": round(target, 4), "seed": seed,
+                      "rule": "real teacher vectors, then each synthetic one = a random real vector + Gaussian noise "
+                              "with the real vectors' covariance x noise_scale, L2-normalised; noise_scale makes the "
+                              "median cosine to its real vector equal the real vectors' median nearest-neighbour "
+                              "cosine"}
+
+
+def resembling_vectors(real: np.ndarray, n: int, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """A database of `n` unit vectors: the `real` ones (R, dim) first, then n - R synthetic ones, each a random real
+    vector plus Gaussian noise shaped like the real vectors' own covariance (their principal directions and
+    variances), scaled so that a synthetic vector's cosine to the real vector it was drawn around is, in the median,
+    the median cosine of a real vector to its nearest other real vector: "another picture of a similar thing".
+    Returns the vectors and a description of the construction (for the results page)."""
+    blocks, about = resembling_blocks(real, n, seed)
+    out = np.empty((n, np.shape(real)[1]), np.float32)
+    start = 0
+    for block in blocks:
+        out[start:start + len(block)] = block
+        start += len(block)
+    return out, about
+
+
+def write_resembling(path: Path, real: np.ndarray, n: int, seed: int = 0) -> dict[str, Any]:
+    """`resembling_vectors` written to the .npy `path` block by block (never whole in memory); its description."""
+    blocks, about = resembling_blocks(real, n, seed)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
+                                                 "shape": (n, int(np.shape(real)[1]))})
+        for block in blocks:
+            f.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
+    return about
+
+
+def peak_rss_bytes() -> int:
+    """The most memory this process has held resident so far (the kernel's high-water mark, VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def bench_auto(real: np.ndarray, tune: np.ndarray, evaluate: np.ndarray, sizes: Sequence[int], *,
                target_recall: float = 0.95, min_speedup: float = 10.0, max_memory: str = "4G",
-               threads: int | None = None, log=print) -> list[dict]:
+               threads: int | None = None, log=print, work_dir: str | None = None) -> list[dict]:
     """`index build --auto` (`index.auto.choose_index`) on databases of `sizes` made from `real` teacher vectors
     (`resembling_vectors`), tuned on the student queries `tune` (validation classes) with the latency target
     exact/`min_speedup`, then the chosen index measured once on the student queries `evaluate` (evaluation classes):
     recall@10 against exact search and single-query latency at the server's faiss thread count, for every search
     setting of the chosen factory. Also shows what tuning on database vectors would have picked (from the same
     sweep, which records both recalls) and that setting's recall on the evaluation queries."""
-    from asymsearch.index.auto import Budget, Queries, choose_index, omp_threads, parse_size, sweep, nlist_for
     from asymsearch.index.config import SERVING_SEARCH_THREADS
     threads = SERVING_SEARCH_THREADS if threads is None else threads
     rows = []
-    for n in sizes:
-        log(f"[auto] database of {n}: {len(real)} real teacher vectors + synthetic ones around them")
-        data, construction = resembling_vectors(real, n)
-        exact = faiss.IndexFlatIP(data.shape[1])
-        exact.add(data)
-        truth = exact.search(evaluate, K)[1]
-        with omp_threads(threads) as used:
-            exact_ms = single_query_ms(exact, evaluate)
-        del exact
-        budget = Budget(parse_size(max_memory), target_ms=exact_ms / min_speedup, target_recall=target_recall)
-        log(f"[auto] n={n}: exact {exact_ms:.3f} ms/query ({used} thread(s)); target {budget.target_ms:.3f} ms, "
-            f"recall@10 >= {target_recall}")
-        start = time.perf_counter()
-        choice = choose_index(data, budget, queries=Queries(tune, "student queries, validation classes"),
-                              threads=threads, progress=True)
-        seconds = time.perf_counter() - start
-        db_pick = next(({"factory": c["factory"], "search_params": s["search_params"],
-                         "recall@10_database_queries": s["recall@10_database_queries"]}
-                        for c in choice.report["candidates"] for s in c.get("settings", [])
-                        if s["recall@10_database_queries"] >= target_recall and s["ms"] <= budget.target_ms), None)
-        table = []
-        for params in sweep(choice.factory, nlist_for(n)):
-            apply_search_params(choice.index, params)
-            with omp_threads(threads):
-                ids = choice.index.search(evaluate, K)[1]
-                ms = single_query_ms(choice.index, evaluate)
-            table.append({"search_params": params, "recall@10_eval_student": round(recall(ids, truth), 4),
-                          "ms": round(ms, 4), "speedup_vs_exact": round(exact_ms / ms, 2),
-                          "chosen": params == choice.search_params,
-                          "database_tuning_pick": bool(db_pick and db_pick["factory"] == choice.factory
-                                                       and db_pick["search_params"] == params)})
-            log(f"[auto] n={n} {choice.factory} {params}: eval recall@10 {table[-1]['recall@10_eval_student']}, "
-                f"{ms:.3f} ms ({exact_ms / ms:.1f}x exact)")
-        chosen = next(t for t in table if t["chosen"])
-        row = {"n": n, "dim": int(data.shape[1]), "database": construction, "search_threads": int(used),
-               "exact_ms_per_query": round(exact_ms, 4), "budget": dataclasses.asdict(budget),
-               "tune_queries": int(len(tune)), "eval_queries": int(len(evaluate)), "auto_seconds": round(seconds, 1),
-               "chosen": choice.factory, "search_params": choice.search_params,
-               "recall@10_tune_student": choice.report["recall@10_student_queries"],
-               "recall@10_database_queries": choice.report["recall@10_database_queries"],
-               "recall@10_eval_student": chosen["recall@10_eval_student"], "eval_ms": chosen["ms"],
-               "eval_speedup_vs_exact": chosen["speedup_vs_exact"],
-               "target_met_on_eval": bool(chosen["recall@10_eval_student"] >= target_recall
-                                          and chosen["speedup_vs_exact"] >= min_speedup),
-               "database_tuning_pick": db_pick, "eval_sweep": table, "auto_report": choice.report}
-        rows.append(row)
-        del choice, data
-        gc.collect()
+    work = Path(tempfile.mkdtemp(prefix="asymsearch-bench-auto-", dir=work_dir))
+    try:
+        for n in sizes:
+            rows.append(_bench_auto_size(real, tune, evaluate, n, work, target_recall=target_recall,
+                                         min_speedup=min_speedup, max_memory=max_memory, threads=threads, log=log))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def _bench_auto_size(real, tune, evaluate, n, work, *, target_recall, min_speedup, max_memory, threads, log) -> dict:
+    """One size of `bench_auto`: the database written to `work` block by block, then exact search, --auto and the
+    evaluation sweep, with the process's peak RSS."""
+    from asymsearch.index.auto import (Budget, Queries, VectorSource, build_candidate, choose_index, nlist_for,
+                                       omp_threads, parse_size, sweep)
+    log(f"[auto] database of {n}: {len(real)} real teacher vectors + synthetic ones around them, written to "
+        f"{work} block by block")
+    path = work / f"database-{n}.npy"
+    construction = write_resembling(path, real, n)
+    data = VectorSource.of_npy(path)
+    exact = build_candidate(data, "Flat")  # exact search over all n, storage reserved, filled block by block
+    truth = exact.search(evaluate, K)[1]
+    with omp_threads(threads) as used:
+        exact_ms = single_query_ms(exact, evaluate)
+    del exact
+    gc.collect()
+    budget = Budget(parse_size(max_memory), target_ms=exact_ms / min_speedup, target_recall=target_recall)
+    log(f"[auto] n={n}: exact {exact_ms:.3f} ms/query ({used} thread(s)); target {budget.target_ms:.3f} ms, "
+        f"recall@10 >= {target_recall}; peak RSS so far {peak_rss_bytes() / 2**30:.2f} GiB")
+    start = time.perf_counter()
+    choice = choose_index(data, budget, queries=Queries(tune, "student queries, validation classes"),
+                          threads=threads, progress=True)
+    seconds = time.perf_counter() - start
+    db_pick = next(({"factory": c["factory"], "search_params": s["search_params"],
+                     "recall@10_database_queries": s["recall@10_database_queries"]}
+                    for c in choice.report["candidates"] for s in c.get("settings", [])
+                    if s["recall@10_database_queries"] >= target_recall and s["ms"] <= budget.target_ms), None)
+    table = []
+    for params in sweep(choice.factory, nlist_for(n)):
+        apply_search_params(choice.index, params)
+        with omp_threads(threads):
+            ids = choice.index.search(evaluate, K)[1]
+            ms = single_query_ms(choice.index, evaluate)
+        table.append({"search_params": params, "recall@10_eval_student": round(recall(ids, truth), 4),
+                      "ms": round(ms, 4), "speedup_vs_exact": round(exact_ms / ms, 2),
+                      "chosen": params == choice.search_params,
+                      "database_tuning_pick": bool(db_pick and db_pick["factory"] == choice.factory
+                                                   and db_pick["search_params"] == params)})
+        log(f"[auto] n={n} {choice.factory} {params}: eval recall@10 {table[-1]['recall@10_eval_student']}, "
+            f"{ms:.3f} ms ({exact_ms / ms:.1f}x exact)")
+    chosen = next(t for t in table if t["chosen"])
+    row = {"n": n, "dim": int(data.dim), "database": construction, "search_threads": int(used),
+           "exact_ms_per_query": round(exact_ms, 4), "budget": dataclasses.asdict(budget),
+           "tune_queries": int(len(tune)), "eval_queries": int(len(evaluate)), "auto_seconds": round(seconds, 1),
+           "chosen": choice.factory, "search_params": choice.search_params,
+           "recall@10_tune_student": choice.report["recall@10_student_queries"],
+           "recall@10_database_queries": choice.report["recall@10_database_queries"],
+           "recall@10_eval_student": chosen["recall@10_eval_student"], "eval_ms": chosen["ms"],
+           "eval_speedup_vs_exact": chosen["speedup_vs_exact"],
+           "target_met_on_eval": bool(chosen["recall@10_eval_student"] >= target_recall
+                                      and chosen["speedup_vs_exact"] >= min_speedup),
+           "database_tuning_pick": db_pick, "eval_sweep": table, "auto_report": choice.report,
+           "memory": {"peak_rss_bytes": peak_rss_bytes(), "database_bytes": int(n) * int(data.dim) * 4,
+                      "how": "the database written to a temporary .npy and read block by block (no memory "
+                             "map); peak RSS is this process's high-water mark (VmHWM) over the whole run"}}
+    del choice
+    path.unlink()
+    gc.collect()
+    log(f"[auto] n={n}: peak RSS {row['memory']['peak_rss_bytes'] / 2**30:.2f} GiB")
+    return row
 
 
 def write_auto_results(path_md: Path, command: str, rows: list[dict], about: str = "") -> None:
@@ -381,8 +434,8 @@ def write_auto_results(path_md: Path, command: str, rows: list[dict], about: str
     path_md.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = ["# bench index: --auto tuned on student queries", "", f"Command: `{command}`", "", about, "",
              "| n | exact ms | chosen | params | recall@10 tune (student) | database-vector recall | "
-             "recall@10 eval (student) | ms | x exact | database tuning would pick | its eval recall |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "recall@10 eval (student) | ms | x exact | database tuning would pick | its eval recall | peak RSS GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         params = ",".join(f"{k}={int(v)}" for k, v in r["search_params"].items()) or "-"
         pick = r["database_tuning_pick"]
@@ -392,7 +445,8 @@ def write_auto_results(path_md: Path, command: str, rows: list[dict], about: str
         lines.append(f"| {r['n']:,} | {r['exact_ms_per_query']} | {r['chosen']} | {params} | "
                      f"{r['recall@10_tune_student']} | {r['recall@10_database_queries']} | "
                      f"{r['recall@10_eval_student']} | {r['eval_ms']} | {r['eval_speedup_vs_exact']} | {pick_text} | "
-                     f"{pick_eval if pick_eval is not None else '-'} |")
+                     f"{pick_eval if pick_eval is not None else '-'} | "
+                     f"{round(r['memory']['peak_rss_bytes'] / 2**30, 2) if 'memory' in r else '-'} |")
     for r in rows:
         lines += ["", f"## n = {r['n']:,}: every setting of {r['chosen']} on the evaluation queries", "",
                   "| params | recall@10 eval (student) | ms/query | x exact | |", "|---|---|---|---|---|"]

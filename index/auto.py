@@ -22,16 +22,27 @@ Recall is recall@10 against exact inner-product search over all vectors (the fin
 is the median of single-query searches on this machine, run with the server's faiss thread count (`threads`,
 `SERVING_SEARCH_THREADS`, the default of `serve --search-threads`), as is the exact search it is compared with
 (`exact_ms_per_query`, `speedup_vs_exact`). Building and training use faiss's own threads.
+
+Memory. The database is a `VectorSource`: an array, an .npy file read block by block, or a build's shards. It is
+never copied whole: the exact reference is the `Flat` candidate itself (built once, block by block, its storage
+reserved up front so it never grows by doubling), which also gives the exact neighbours of every tuning query and
+the exact single-query time; it is freed before the next candidate is built, and each candidate is freed before
+the one after it. So the peak is about one candidate index, plus the training sample of an IVF candidate and the
+queries: at 1M x 1280 float32, HNSW32's 5.5 GB, where holding the vectors, an exact copy and the candidate took
+about 16 GB. When `Flat` is over the memory budget the exact neighbours are computed block by block (faiss.knn
+and a running top-k) and the exact time is measured on one block and scaled by n / block rows (exact search is
+linear in n; the report says so under `exact_timing`).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
+import os
 import re
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -41,6 +52,7 @@ from asymsearch.index.config import SERVING_SEARCH_THREADS
 from asymsearch.index.faiss_index import add_blocks, apply_search_params, new_index, sample_rows, train_index
 
 K = 10
+BLOCK_ROWS = 65_536  # database rows per block when the vectors are streamed (320 MB at 1280 dimensions)
 MAX_QUERIES = 500
 TIMED_QUERIES = 200
 IDMAP_BYTES = 48  # per vector: the id (8) and IDMap2's reverse map entry
@@ -62,6 +74,109 @@ class Queries:
 
     vectors: np.ndarray  # (Q, dim) float32
     source: str  # where they came from, for the report
+
+
+class VectorSource:
+    """The database vectors, ids 0..n-1, as blocks of rows in order: `blocks()` yields (ids, vectors) and may be
+    called again; `gather(positions)` reads the rows at sorted positions in one pass."""
+
+    def __init__(self, n: int, dim: int, blocks: Callable[[], Iterable[np.ndarray]], what: str) -> None:
+        self.n, self.dim, self.what = int(n), int(dim), what
+        self._blocks = blocks
+
+    @classmethod
+    def of_array(cls, vectors: np.ndarray) -> "VectorSource":
+        """An array in memory: one block, the array itself (no copy)."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2:
+            raise UserError(f"database vectors must be a (count, dim) array, not shape {vectors.shape}")
+        return cls(len(vectors), vectors.shape[1], lambda: iter((vectors,)), "an array")
+
+    @classmethod
+    def of_npy(cls, path: str | os.PathLike, block_rows: int = BLOCK_ROWS) -> "VectorSource":
+        """A (count, dim) float32 .npy read with plain file reads, `block_rows` at a time (no memory map: none of
+        its pages stays in this process)."""
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(f))
+            offset = f.tell()
+        if len(shape) != 2 or fortran or dtype != np.float32:
+            raise UserError(f"{path}: database vectors must be a C-order float32 (count, dim) .npy, not {dtype} "
+                            f"{shape}{' (Fortran order)' if fortran else ''}")
+        n, dim = shape
+
+        def blocks() -> Iterator[np.ndarray]:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                for start in range(0, n, block_rows):
+                    rows = min(block_rows, n - start)
+                    block = np.fromfile(f, dtype=np.float32, count=rows * dim)
+                    if len(block) != rows * dim:
+                        raise UserError(f"{path} ends early: {start + len(block) // dim} of {n} rows")
+                    yield block.reshape(rows, dim)
+        return cls(n, dim, blocks, str(path))
+
+    @classmethod
+    def of_shards(cls, store: Any) -> "VectorSource":
+        """The kept vectors of a build's `ShardStore`, shard by shard."""
+        n = sum(len(rows) for rows, _, _ in store.iter_shards())
+        return cls(n, store.dim, lambda: (v for _, v, _ in store.iter_shards(mmap=False)), "the build's shards")
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        offset = 0
+        for block in self._blocks():
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            if block.ndim != 2 or block.shape[1] != self.dim:
+                raise UserError(f"database vectors from {self.what}: a block of shape {block.shape}, not (rows, "
+                                f"{self.dim})")
+            yield np.arange(offset, offset + len(block), dtype=np.int64), block
+            offset += len(block)
+        if offset != self.n:
+            raise UserError(f"database vectors from {self.what}: {offset} rows read, {self.n} expected")
+
+    def gather(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, np.int64)
+        out = []
+        for ids, block in self.blocks():
+            lo, hi = np.searchsorted(positions, [ids[0], ids[-1] + 1]) if len(ids) else (0, 0)
+            if hi > lo:
+                out.append(block[positions[lo:hi] - ids[0]].copy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+def _reserve(index: faiss.Index, n: int) -> None:
+    """Reserve room for `n` vectors in the flat storage of `index` (an IDMap2 around Flat or HNSW...,Flat), so
+    adding block by block never reallocates it by doubling (a copy of the old storage beside a twice larger one)."""
+    inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexIDMap2) else index)
+    storage = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else inner
+    if isinstance(storage, faiss.IndexFlatCodes) and storage.ntotal == 0:
+        storage.codes.resize(n * storage.code_size)  # capacity stays when the size goes back to 0
+        storage.codes.resize(0)
+
+
+def build_candidate(source: VectorSource, factory: str) -> faiss.Index:
+    """The index `factory` over every vector of `source` (ids 0..n-1): trained on `sample_rows` as a build without
+    --auto trains it (read only when the index needs training), storage reserved, then added block by block."""
+    index = new_index(source.dim, factory)
+    if not faiss.downcast_index(index.index).is_trained:
+        index = train_index(index, source.gather(sample_rows(source.n)), factory)
+    _reserve(index, source.n)
+    add_blocks(index, source.blocks(), factory)
+    return index
+
+
+def streamed_neighbours(source: VectorSource, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-`k` inner-product ids of `queries` over `source`, block by block with a running top-k."""
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for ids, block in source.blocks():
+        d, i = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
+        if i.shape[1] < k:
+            d = np.pad(d, ((0, 0), (0, k - i.shape[1])), constant_values=-np.inf)
+            i = np.pad(i, ((0, 0), (0, k - i.shape[1])), constant_values=-1)
+        heap.add_result(np.ascontiguousarray(d, np.float32), np.where(i >= 0, i + ids[0], -1).astype(np.int64))
+    heap.finalize()
+    return heap.I
 
 
 @dataclasses.dataclass
@@ -134,14 +249,20 @@ def check_queries(queries: np.ndarray, dim: int, source: str) -> np.ndarray:
     return np.ascontiguousarray(q, dtype=np.float32)
 
 
-def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, query_ids: np.ndarray | None, k: int,
-                     flat: faiss.Index | None = None) -> np.ndarray:
-    """Exact top-`k` ids of `queries` over `vectors`; with `query_ids` (database vectors as queries) each query's
-    own id is left out."""
-    if flat is None:
+def exact_neighbours(vectors: np.ndarray | VectorSource | None, queries: np.ndarray, query_ids: np.ndarray | None,
+                     k: int, flat: faiss.Index | None = None) -> np.ndarray:
+    """Exact top-`k` ids of `queries` over `vectors` (an array, or a `VectorSource` read block by block), or with
+    `flat`, an exact index over them; with `query_ids` (database vectors as queries) each query's own id is left
+    out."""
+    kk = k + (query_ids is not None)
+    if flat is not None:
+        ids = flat.search(queries, kk)[1]
+    elif isinstance(vectors, VectorSource):
+        ids = streamed_neighbours(vectors, queries, kk)
+    else:
         flat = faiss.IndexFlatIP(vectors.shape[1])
         flat.add(vectors)
-    _, ids = flat.search(queries, k + (query_ids is not None))
+        ids = flat.search(queries, kk)[1]
     return _drop_self(ids, query_ids, k)
 
 
@@ -184,12 +305,13 @@ def measure(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray | Non
             single_query_ms(index, queries, truth.shape[1] + (query_ids is not None)))
 
 
-def choose_index(vectors: np.ndarray, budget: Budget, *, queries: Queries | None = None,
+def choose_index(vectors: np.ndarray | VectorSource, budget: Budget, *, queries: Queries | None = None,
                  threads: int = SERVING_SEARCH_THREADS, progress: bool = True, seed: int = 0) -> Choice:
-    """The index for `vectors` (N, dim), ids 0..N-1, within `budget`, tuned on `queries` when given (else on
-    database vectors); searches timed with `threads` faiss threads. See the module docstring."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    n, dim = vectors.shape
+    """The index for `vectors` (N, dim) (an array or a `VectorSource`), ids 0..N-1, within `budget`, tuned on
+    `queries` when given (else on database vectors); searches timed with `threads` faiss threads. See the module
+    docstring (also for memory)."""
+    source = vectors if isinstance(vectors, VectorSource) else VectorSource.of_array(vectors)
+    n, dim = source.n, source.dim
     if n < 2:
         raise UserError(f"--auto needs at least 2 vectors to measure recall, got {n}")
     if threads < 0:
@@ -198,20 +320,37 @@ def choose_index(vectors: np.ndarray, budget: Budget, *, queries: Queries | None
     rng = np.random.default_rng(seed)
     q = min(MAX_QUERIES, max(1, n // 10))
     held = np.sort(rng.choice(n, q, replace=False))
-    db_queries = vectors[held]
+    db_queries = source.gather(held)
     student = None
     if queries is not None:
         sq = check_queries(queries.vectors, dim, queries.source)
         if len(sq) > MAX_QUERIES:  # a fixed sample, in order
             sq = sq[np.sort(np.random.default_rng(seed).choice(len(sq), MAX_QUERIES, replace=False))]
         student = sq
-    flat = faiss.IndexFlatIP(dim)  # the reference: exact search over ALL vectors, the final index holds them all
-    flat.add(vectors)
-    db_truth = exact_neighbours(vectors, db_queries, held, k, flat)
-    st_truth = exact_neighbours(vectors, student, None, k, flat) if student is not None else None
-    with omp_threads(threads) as used:
-        exact_ms = single_query_ms(flat, student if student is not None else db_queries, k)
-    del flat
+    deciding = student if student is not None else db_queries
+    todo = candidates(n, dim)
+    # the reference: exact search over ALL vectors (the final index holds them all), which is the Flat candidate
+    exact, exact_seconds = None, None
+    if todo[0][1] <= budget.max_memory:
+        start = time.perf_counter()
+        exact = build_candidate(source, "Flat")
+        exact_seconds = round(time.perf_counter() - start, 3)
+        db_truth = exact_neighbours(None, db_queries, held, k, exact)
+        st_truth = exact_neighbours(None, student, None, k, exact) if student is not None else None
+        with omp_threads(threads) as used:
+            exact_ms = single_query_ms(exact, deciding, k)
+        exact_timing = f"measured: single-query searches of an exact index over all {n} vectors"
+    else:
+        db_truth = exact_neighbours(source, db_queries, held, k)
+        st_truth = exact_neighbours(source, student, None, k) if student is not None else None
+        first = next(iter(source.blocks()))[1]
+        flat = faiss.IndexFlatIP(dim)
+        flat.add(first)
+        with omp_threads(threads) as used:
+            exact_ms = single_query_ms(flat, deciding, k) * n / len(first)
+        exact_timing = (f"estimated: Flat is over the memory budget, so single-query exact search was timed over "
+                        f"the first {len(first)} vectors and scaled by {n / len(first):.2f} (linear in n)")
+        del flat, first
     if progress:
         print(f"auto: exact search {exact_ms:.3f} ms/query with {used} faiss thread(s); tuning on "
               f"{'%d student queries' % len(student) if student is not None else '%d database vectors' % q}",
@@ -219,24 +358,32 @@ def choose_index(vectors: np.ndarray, budget: Budget, *, queries: Queries | None
     tried: list[dict[str, Any]] = []
     best: tuple | None = None
     winner: tuple | None = None
-    for factory, estimate in candidates(n, dim):
+    for factory, estimate in todo:
         entry: dict[str, Any] = {"factory": factory, "memory_bytes": int(estimate)}
         tried.append(entry)
         if estimate > budget.max_memory:
             entry["skipped"] = "over the memory budget"
             continue
-        start = time.perf_counter()
-        index = new_index(dim, factory)
-        index = train_index(index, vectors[sample_rows(n)], factory)  # as the build without --auto trains it
-        add_blocks(index, [(np.arange(n, dtype=np.int64), vectors)], factory)
-        entry["build_seconds"] = round(time.perf_counter() - start, 3)
+        if factory == "Flat":  # the exact reference itself: recall 1 by definition, its time is the exact time
+            index, entry["build_seconds"] = exact, exact_seconds
+            measured = lambda: (1.0, exact_ms, 1.0 if student is not None else None)  # noqa: E731
+        else:
+            if exact is not None and (best is None or best[4] is not exact):
+                exact = None  # freed before the next candidate is built (unless it is the best so far)
+            start = time.perf_counter()
+            index = build_candidate(source, factory)
+            entry["build_seconds"] = round(time.perf_counter() - start, 3)
+
+            def measured() -> tuple[float, float, float | None]:
+                r_db, ms_db = measure(index, db_queries, held, db_truth)
+                r_st, ms_st = measure(index, student, None, st_truth) if student is not None else (None, None)
+                return r_db, (ms_st if student is not None else ms_db), r_st
         entry["settings"] = []
         for params in sweep(factory, nlist_for(n)):
             apply_search_params(index, params)
             with omp_threads(threads):
-                r_db, ms_db = measure(index, db_queries, held, db_truth)
-                r_st, ms_st = measure(index, student, None, st_truth) if student is not None else (None, None)
-            recall, ms = (r_st, ms_st) if student is not None else (r_db, ms_db)
+                r_db, ms, r_st = measured()
+            recall = r_st if student is not None else r_db
             row = {"search_params": params, "recall@10": round(recall, 4), "ms": round(ms, 4),
                    "recall@10_database_queries": round(r_db, 4),
                    "speedup_vs_exact": round(exact_ms / ms, 2) if ms > 0 else None}
@@ -257,6 +404,10 @@ def choose_index(vectors: np.ndarray, budget: Budget, *, queries: Queries | None
                 break  # a larger setting is only slower
         if winner is not None:
             break
+        result = None
+        if best is None or best[4] is not index:
+            index = None  # not kept: freed before the next candidate is built
+    exact = index = result = None
     met = winner is not None
     if winner is None:
         if best is None:
@@ -271,6 +422,7 @@ def choose_index(vectors: np.ndarray, budget: Budget, *, queries: Queries | None
               "recall@10_student_queries": round(r_st, 4) if student is not None else None,
               "queries": int(q), "k": k, "search_threads": int(used),
               "exact_ms_per_query": round(exact_ms, 4), "speedup_vs_exact": round(exact_ms / ms, 2) if ms else None,
+              "exact_timing": exact_timing,
               "recall_reference": "exact inner-product search over all vectors; a database query's own id is left "
                                   "out of both rankings",
               "budget": dataclasses.asdict(budget), "candidates": tried}

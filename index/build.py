@@ -341,11 +341,11 @@ def construct_index(plan: BuildPlan, store: ShardStore, *, progress: bool = True
     factory, search_params, auto_report = config.factory, dict(config.search_params), None
     dim = plan.embedder.dim
     if plan.budget is not None:
-        from asymsearch.index.auto import choose_index
+        from asymsearch.index.auto import VectorSource, choose_index
         queries = plan.auto_queries.load(batch_size=config.batch_size, workers=config.workers,
                                          progress=progress) if plan.auto_queries else None
-        choice = choose_index(store.all_vectors(), plan.budget, queries=queries, threads=config.search_threads,
-                              progress=progress)
+        choice = choose_index(VectorSource.of_shards(store), plan.budget, queries=queries,  # streamed, never whole
+                              threads=config.search_threads, progress=progress)
         factory, search_params, auto_report, index = choice.factory, choice.search_params, choice.report, choice.index
     elif config.on_disk:
         index = ondisk.build_on_disk(_id_blocks(store), _gather(store, sample_rows(_kept_count(store))),

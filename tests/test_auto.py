@@ -152,7 +152,7 @@ def test_bad_query_inputs_are_one_line_and_exit_2_then_a_good_build_works(tmp_pa
     assert "on database vectors" in out.out and "warning: tuned with database vectors" in out.err
 
 
-def test_bench_database_keeps_the_real_vectors_and_matches_their_neighbour_cosine():
+def test_bench_database_keeps_the_real_vectors_and_matches_their_neighbour_cosine(tmp_path):
     from asymsearch.bench.index import resembling_vectors
     real, _ = clustered_with_shifted_queries(n=300, dim=16, clusters=20)
     data, about = resembling_vectors(real, 3000, seed=1)
@@ -162,6 +162,10 @@ def test_bench_database_keeps_the_real_vectors_and_matches_their_neighbour_cosin
     nearest = (data[300:] @ real.T).max(axis=1)
     assert abs(np.median(nearest) - about["median_nn_cosine_real"]) < 0.05, (np.median(nearest), about)
     assert about["real"] == 300 and about["synthetic"] == 2700
+    from asymsearch.bench.index import write_resembling  # the same database, written block by block
+    from asymsearch.index.auto import VectorSource
+    assert write_resembling(tmp_path / "db.npy", real, 3000, seed=1) == about
+    assert np.array_equal(np.concatenate([b for _, b in VectorSource.of_npy(tmp_path / "db.npy").blocks()]), data)
 
 
 def test_bench_index_auto_writes_its_results_and_reruns_over_them(tmp_path, capsys):
@@ -175,8 +179,72 @@ def test_bench_index_auto_writes_its_results_and_reruns_over_them(tmp_path, caps
         assert main(args) == 0
     row = json.loads((tmp_path / "auto.json").read_text())["auto"][0]
     assert row["n"] == 3000 and row["search_threads"] == SERVING_SEARCH_THREADS
+    assert 0 < row["memory"]["peak_rss_bytes"] and row["memory"]["database_bytes"] == 3000 * 16 * 4
     chosen = [t for t in row["eval_sweep"] if t["chosen"]]
     assert len(chosen) == 1 and chosen[0]["recall@10_eval_student"] == row["recall@10_eval_student"]
     (tmp_path / "other.json").write_text("{}")
     assert main(args[:-1] + [str(tmp_path / "other.md")]) == 2  # never over a JSON that is not its result
     capsys.readouterr()
+
+
+def test_a_streamed_database_is_read_block_by_block_and_gives_the_array_results(tmp_path):
+    """`VectorSource.of_npy`: blocks of at most `block_rows` rows, the exact neighbours equal to an explicit sort
+    (a last block smaller than k included), and `choose_index` over the file equal to `choose_index` over the
+    array, the Flat reference over the budget (exact neighbours streamed) and within it."""
+    from asymsearch.index.auto import VectorSource, build_candidate, streamed_neighbours
+    database, shifted = clustered_with_shifted_queries(n=2001, dim=32)
+    path = tmp_path / "db.npy"
+    np.save(path, database)
+    source = VectorSource.of_npy(path, block_rows=250)
+    sizes = [len(block) for _, block in source.blocks()]
+    assert sizes == [250] * 8 + [1] and source.n == 2001 and source.dim == 32
+    positions = np.array([0, 7, 249, 250, 1999, 2000])
+    assert np.array_equal(source.gather(positions), database[positions])
+    assert np.array_equal(streamed_neighbours(source, shifted, 10), brute_force(database, shifted))
+    flat = build_candidate(source, "Flat")  # storage reserved, added block by block
+    assert flat.ntotal == 2001 and np.array_equal(flat.search(shifted, 10)[1], brute_force(database, shifted))
+    for budget in (Budget(max_memory=250_000, target_ms=1000.0, target_recall=0.9),  # IVF44,SQ8 only: streamed
+                   Budget(max_memory=10**9, target_ms=1000.0, target_recall=1.01)):  # Flat fits; nothing reaches
+        a = choose_index(database, budget, queries=Queries(shifted, "q"), progress=False)
+        b = choose_index(source, budget, queries=Queries(shifted, "q"), progress=False)
+        assert a.factory == b.factory and a.search_params == b.search_params
+        rows = lambda c: [(e["factory"], [(s["search_params"], s["recall@10_student_queries"],  # noqa: E731
+                                           s["recall@10_database_queries"]) for s in e.get("settings", [])])
+                          for e in c.report["candidates"]]
+        # equal, but for HNSW: its graph depends on how the vectors arrive (one add, or block by block)
+        plain = lambda c: [r for r in rows(c) if not r[0].startswith("HNSW")]  # noqa: E731
+        assert plain(a) == plain(b)
+        for (fa, sa), (fb, sb) in zip(rows(a), rows(b)):
+            assert fa == fb and all(abs(x[1] - y[1]) <= 0.02 for x, y in zip(sa, sb)), (sa, sb)
+        assert b.index.ntotal == 2001
+    assert a.report["exact_timing"].startswith("measured") and "Flat" == a.factory  # recall 1 is the best here
+    over = choose_index(source, Budget(250_000, 1000.0, 0.9), queries=Queries(shifted, "q"), progress=False)
+    assert over.report["exact_timing"].startswith("estimated") and over.report["candidates"][0]["skipped"]
+    with open(tmp_path / "short.npy", "wb") as f:  # a header promising more rows than the file holds
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (3000, 32)})
+        f.write(database.tobytes())
+    with pytest.raises(auto.UserError, match="ends early"):
+        list(VectorSource.of_npy(tmp_path / "short.npy").blocks())
+
+
+def test_streaming_never_copies_the_whole_database_in_numpy(tmp_path):
+    """The exact neighbours and a candidate built from a file take numpy memory for one block at a time, not for
+    the database (tracemalloc sees numpy's allocations; faiss's own storage is not numpy's)."""
+    import tracemalloc
+
+    from asymsearch.index.auto import VectorSource, build_candidate, streamed_neighbours
+    rng = np.random.default_rng(0)
+    database = rng.normal(size=(20_000, 64)).astype(np.float32)  # 5.1 MB
+    np.save(tmp_path / "db.npy", database)
+    source = VectorSource.of_npy(tmp_path / "db.npy", block_rows=1000)  # 0.26 MB blocks
+    queries = rng.normal(size=(20, 64)).astype(np.float32)
+    del database
+    tracemalloc.start()
+    try:
+        streamed_neighbours(source, queries, 10)
+        for factory in ("Flat", "HNSW16"):
+            build_candidate(source, factory)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.25 * 20_000 * 64 * 4, peak
