@@ -28,9 +28,11 @@ def register(commands: Commands) -> None:
     p.add_argument("--index", type=index_location("index folder"),
                    help="query this built index (a folder, or a Milvus location milvus://... / milvus-lite://...) "
                         "for the asymmetric setting instead of an in-memory database")
-    p.add_argument("--classes", default="all",
-                   help=CONFIG_HELP["classes"] + "; the project's protocol evaluates on second-half, and a warning "
-                        "names the classes a model trained or validated on (default: %(default)s)")
+    p.add_argument("--classes", default="unseen",
+                   help=CONFIG_HELP["classes"] + ", or unseen: every class no given model trained or validated on "
+                        "(as their manifests record; all classes, with a note, when none records them). The "
+                        "project's protocol evaluates on second-half; a warning names the classes a model trained "
+                        "or validated on (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--multiscale", action="store_true",
                    help="embed every image (queries and database) at scales 1, 1/sqrt(2), 1/2 of the model's size, "
@@ -41,6 +43,47 @@ def register(commands: Commands) -> None:
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.set_defaults(func=run, parser=p)
     bind_config(p)  # every option is a key: --config FILE.yaml and KEY=VALUE
+
+
+def _recorded_classes(models) -> dict[str, set]:
+    """{model file name: the classes it trained or validated on} for the ONNX `models` whose manifests record
+    them (training writes them into the checkpoint, export into the manifest's extra)."""
+    from pathlib import Path
+
+    from asymsearch.core.errors import ManifestError
+    from asymsearch.core.manifest import ModelManifest, manifest_path_for
+    seen: dict[str, set] = {}
+    for model in sorted({str(m) for m in models if m is not None}):
+        try:
+            extra = ModelManifest.load(manifest_path_for(Path(model))).extra
+        except ManifestError:
+            continue
+        if "train_classes" in extra or "val_classes" in extra:
+            seen[Path(model).name] = set(extra.get("train_classes", []) + extra.get("val_classes", []))
+    return seen
+
+
+def resolve_classes(data, classes: str, models) -> tuple[str, str | None]:
+    """(the class spec to evaluate on, a note for stderr or None). `unseen`: the class folders of `data` that no
+    model of `models` records having trained or validated on, as a comma-separated list; every class, with a
+    note, when no model records its classes. Other specs pass through. `UserError` when every class was seen."""
+    from asymsearch.core.data import class_names
+    from asymsearch.core.errors import UserError
+    if classes != "unseen":
+        return classes, None
+    names = class_names(data)
+    seen = _recorded_classes(models)
+    if not seen:
+        return "all", (f"note: no model records the classes it trained on: evaluating on all {len(names)} "
+                       f"classes (--classes second-half is the project's protocol)")
+    used = set().union(*seen.values())
+    unseen = [c for c in names if c not in used]
+    if not unseen:
+        raise UserError(f"every class of {data} was seen in training by {', '.join(seen)}: nothing unseen to "
+                        f"evaluate on (give --classes explicitly, or a folder of other classes)")
+    if any("," in c for c in unseen):
+        raise UserError("a class folder name holds a comma: give --classes second-half or a list explicitly")
+    return ",".join(unseen), f"note: evaluating on the {len(unseen)} of {len(names)} classes no model trained on"
 
 
 def seen_classes_warning(data, classes: str, models) -> str | None:
@@ -75,8 +118,11 @@ def run(args: argparse.Namespace) -> int:
 
     from asymsearch.index.evaluate import evaluate, evaluate_pair, evaluate_revisited, format_table
     if args.revisited is None:
-        warning = seen_classes_warning(args.data, args.classes, [args.teacher, args.student, args.query_model,
-                                                                 args.database_model])
+        models = [args.teacher, args.student, args.query_model, args.database_model]
+        args.classes, note = resolve_classes(args.data, args.classes, models)
+        if note and not args.json:
+            print(note, file=sys.stderr)
+        warning = seen_classes_warning(args.data, args.classes, models)
         if warning:
             print(warning, file=sys.stderr)
     pair = args.query_model is not None or args.database_model is not None

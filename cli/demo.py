@@ -28,23 +28,32 @@ def _opt(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+# the real recipe's input sizes, chosen on validation classes (experiments/recipe_sizes.py,
+# docs/results/recipe.md): a teacher above Lite0's own 224 px and a student at 160
+RECIPE_SIZES = {"teacher": 288, "student": 160}
+
+
 @dataclasses.dataclass
 class DemoConfig:
     workdir: str = dataclasses.field(metadata={"help": "folder for every artifact and summary.json"})
     data: str | None = _opt(None, "a labelled image folder ROOT/<class>/<image>: run the real recipe on it (its "
                                   "first half of class folders trains, the second half is the database and the "
                                   "queries); unset: a generated synthetic set and small CNNs")
-    budget_min: float = _opt(20.0, "with --data: the time the whole run may take, in minutes; training epochs are "
+    budget_min: float = _opt(30.0, "with --data: the time the whole run may take, in minutes; training epochs are "
                                    "fitted into it after the fixed passes over the images, and a run whose fixed "
                                    "passes alone exceed it is refused before it starts")
-    teacher_backbone: str = _opt("efficientnet_lite0", "with --data: the teacher, ImageNet-pretrained, at its own "
-                                                       "resolution (efficientnet_lite0/1/2)")
-    student_size: int = _opt(128, "with --data: the student's input size in pixels; it starts as the teacher at "
-                                  "that size (--from-teacher), 128 px from Lite0's 224 is about 3x fewer FLOPs")
+    teacher_backbone: str = _opt("efficientnet_lite0", "with --data: the teacher, ImageNet-pretrained "
+                                                       "(efficientnet_lite0/1/2)")
+    teacher_size: int | None = _opt(RECIPE_SIZES["teacher"], "with --data: the teacher's input size in pixels (it "
+                                                             "embeds the database once, offline); unset: the "
+                                                             "backbone's own")
+    student_size: int = _opt(RECIPE_SIZES["student"], "with --data: the student's input size in pixels; it starts "
+                                                      "as the teacher at that size (--from-teacher); Lite0 at 160 "
+                                                      "px against 288 is 3.2x fewer FLOPs, counted on the graphs")
     teacher_epochs: int | None = _opt(None, "teacher training epochs (unset: 12 on the synthetic set; with --data "
-                                            "fitted into the budget, at most 4)")
+                                            "fitted into the budget, at most 3)")
     student_epochs: int | None = _opt(None, "student training epochs (unset: 30 on the synthetic set; with --data "
-                                            "fitted into the budget, at most 8)")
+                                            "fitted into the budget, at most 6)")
     image_size: int | None = _opt(None, "the synthetic set only: the teacher's input size (unset: 64); the student "
                                         "runs at 9/16 of it. With --data the teacher runs at its backbone's own "
                                         "resolution and --student-size sets the student's")
@@ -58,13 +67,14 @@ class DemoConfig:
 SYNTHETIC = {"backbone": "tiny_cnn", "dim": 64, "image_size": 64, "student_size": 36, "teacher_epochs": 12,
              "student_epochs": 30}
 # the real recipe (--data): a pretrained EfficientNet-Lite teacher whose last units train on cached trunk maps,
-# the zero-shot floor first; the student starts as the teacher at a smaller size and regresses onto it
-TEACHER_RECIPE = {"head": "gem", "dim": 512, "pretrained": "imagenet", "tune_units": 6, "loss": "proxy-anchor",
+# starting as the zero-shot model (average pooling, identity projection) so that the floor can keep a WiSE-FT mix
+# of the two (training.floor); the student starts as the teacher at a smaller size and regresses onto it
+TEACHER_RECIPE = {"head": "gem:init=zero-shot", "dim": 1280, "pretrained": "imagenet", "tune_units": 6, "loss": "proxy-anchor",
                   "classes_per_batch": 16, "per_class": 4, "lr": 5e-4, "backbone_lr": 5e-5, "warmup_epochs": 0.5,
                   "val_fraction": 0.2}
 STUDENT_RECIPE = {"from_teacher": True, "tune_units": 9, "loss": "reg", "lr": 2e-4, "backbone_lr": 1e-4,
                   "batch_size": 64, "val_fraction": 0.2, "keep_start": True}
-MAX_EPOCHS = {"teacher": 4, "student": 8}
+MAX_EPOCHS = {"teacher": 3, "student": 6}
 
 
 class _Timer:
@@ -126,13 +136,18 @@ def run_demo(cfg: DemoConfig) -> dict:
         for ckpt, onnx_path in ((teacher_ckpt, teacher_onnx), (student_ckpt, student_onnx)):
             m = export_checkpoint(ckpt, onnx_path)
             print(f"   {onnx_path.name}: {m.role}, dim {m.dim}, {m.input_size} px, teacher id {m.teacher_id}")
-        zero_shot_onnx = None
+        zero_shot_onnx = zero_shot_own_onnx = None
         if cfg.data is not None:
             zero_shot_onnx = work / "zero_shot.onnx"
             if _arch(teacher_ckpt)["head"] == "gap" and _arch(teacher_ckpt).get("pretrained"):
                 zero_shot_onnx = teacher_onnx  # the floor held: the teacher is the zero-shot model
             else:
                 export_checkpoint(_zero_shot_checkpoint(teacher_ckpt, work / "zero_shot.pt"), zero_shot_onnx)
+            own_size = _own_size(cfg.teacher_backbone)
+            if _crop(teacher_ckpt) != own_size:  # also the zero-shot model at the backbone's own resolution
+                zero_shot_own_onnx = work / f"zero_shot_{own_size}.onnx"
+                export_checkpoint(_zero_shot_checkpoint(teacher_ckpt, work / f"zero_shot_{own_size}.pt",
+                                                        size=own_size), zero_shot_own_onnx)
     with timer.stage("index", "index the evaluation classes with the teacher"):
         index_dir = work / "index"
         manifest = build_index(teacher_onnx, data, index_dir, classes="second-half", overwrite=True)
@@ -173,6 +188,9 @@ def run_demo(cfg: DemoConfig) -> dict:
             result = {"zero_shot_teacher": result["teacher_teacher"] if zero_shot_onnx == teacher_onnx else
                       evaluate_pair(data, zero_shot_onnx, zero_shot_onnx, classes="second-half", progress=shown),
                       **result}
+        if zero_shot_own_onnx is not None:
+            result = {"zero_shot_own_size": evaluate_pair(data, zero_shot_own_onnx, zero_shot_own_onnx,
+                                                          classes="second-half", progress=shown), **result}
         chance = _chance_recall_at_1(list_image_folder(data, eval_classes))
         print(format_table(result))
         print(f"   chance Recall@1 for a random embedding: {chance:.3f}")
@@ -181,7 +199,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     gflops = {"teacher": onnx_gflops(teacher_onnx, t_size), "student": onnx_gflops(student_onnx, s_size)}
     cost_ratio = gflops["teacher"] / gflops["student"] if gflops["student"] else None
     timer.seconds["total"] = round(time.perf_counter() - started, 2)
-    table = _final_table(result, gflops, cost_ratio, t_size, s_size)
+    if zero_shot_own_onnx is not None:
+        gflops["zero_shot_own_size"] = onnx_gflops(zero_shot_own_onnx, _own_size(cfg.teacher_backbone))
+    table = _final_table(result, gflops, cost_ratio, t_size, s_size,
+                         _own_size(cfg.teacher_backbone) if cfg.data is not None else None)
     print("\n" + table)
     summary = {"eval": result, "seconds": timer.seconds, "chance_recall@1": chance, "queries": answered,
                "gflops": gflops, "cost_ratio": cost_ratio, "estimate": estimate,
@@ -191,6 +212,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                "artifacts": {"teacher_checkpoint": str(teacher_ckpt), "student_checkpoint": str(student_ckpt),
                              "teacher_onnx": str(teacher_onnx), "student_onnx": str(student_onnx),
                              "zero_shot_onnx": str(zero_shot_onnx) if zero_shot_onnx else None,
+                             "zero_shot_own_size_onnx": str(zero_shot_own_onnx) if zero_shot_own_onnx else None,
                              "index": str(index_dir)}}
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n== seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in timer.seconds.items()))
@@ -216,23 +238,33 @@ def _crop(ckpt: Path) -> int:
     return int(load_checkpoint(ckpt)["preprocessing"]["crop"])
 
 
-def _zero_shot_checkpoint(teacher_ckpt: Path, out: Path) -> Path:
+def _own_size(backbone: str) -> int:
+    from asymsearch.training.models import backbone_preprocessing
+    return int(backbone_preprocessing(backbone)["image_size"])
+
+
+def _zero_shot_checkpoint(teacher_ckpt: Path, out: Path, size: int | None = None) -> Path:
     """The zero-shot teacher of `teacher_ckpt`: its backbone with the pretrained weights and average pooling, at
-    its preprocessing (`training.floor.zero_shot_model`), as a checkpoint."""
+    its preprocessing (`training.floor.zero_shot_model`), or at `size` px with the same normalisation, as a
+    checkpoint."""
     from asymsearch.core.manifest import Preprocessing
     from asymsearch.training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
     from asymsearch.training.floor import zero_shot_model
     ckpt = load_checkpoint(teacher_ckpt)
     model, arch = zero_shot_model(ckpt["arch"]["backbone"], ckpt["arch"]["pretrained"] or "imagenet")
     config = {k: ckpt["config"][k] for k in ("train_classes", "val_classes") if k in ckpt["config"]}
-    save_checkpoint(make_checkpoint(model, role="teacher", arch=arch,
-                                    preprocessing=Preprocessing.from_dict(ckpt["preprocessing"]),
+    spec = Preprocessing.from_dict(ckpt["preprocessing"])
+    if size is not None:
+        spec = dataclasses.replace(spec, crop=size, resize=round(spec.resize * size / spec.crop))
+    save_checkpoint(make_checkpoint(model, role="teacher", arch=arch, preprocessing=spec,
                                     config={**config, "zero_shot": True}), out)
     return out
 
 
-def _final_table(result: dict, gflops: dict, ratio: float | None, t_size: int, s_size: int) -> str:
-    rows = [("zero_shot_teacher", f"zero-shot teacher -> teacher ({t_size} px)", gflops["teacher"]),
+def _final_table(result: dict, gflops: dict, ratio: float | None, t_size: int, s_size: int,
+                 own_size: int | None = None) -> str:
+    rows = [("zero_shot_own_size", f"zero-shot teacher -> teacher ({own_size} px)", gflops.get("zero_shot_own_size")),
+            ("zero_shot_teacher", f"zero-shot teacher -> teacher ({t_size} px)", gflops["teacher"]),
             ("teacher_teacher", f"trained teacher -> teacher ({t_size} px)", gflops["teacher"]),
             ("student_teacher", f"served student ({s_size} px) -> teacher index", gflops["student"])]
     lines = [f"{'':44}  {'R@1':>6}  {'mAP':>6}  {'GFLOPs/query':>12}"]
@@ -275,10 +307,12 @@ def _train_recipe(cfg: DemoConfig, data: Path, work: Path, timer: _Timer, estima
     from asymsearch.training.config import StudentConfig, TeacherConfig
     from asymsearch.training.student import train_student
     from asymsearch.training.teacher import train_teacher
-    with timer.stage("train_teacher", f"train teacher ({cfg.teacher_backbone}, pretrained, its own resolution; "
-                                      f"zero-shot floor first), {estimate['teacher_epochs']} epochs"):
+    with timer.stage("train_teacher", f"train teacher ({cfg.teacher_backbone}, pretrained, "
+                                      f"{estimate['sizes']['teacher']} px; zero-shot floor first), "
+                                      f"{estimate['teacher_epochs']} epochs"):
         teacher_ckpt = train_teacher(TeacherConfig(
             data=str(data), out=str(work / "teacher.pt"), backbone=cfg.teacher_backbone, classes="first-half",
+            image_size=cfg.teacher_size,
             epochs=estimate["teacher_epochs"], seed=cfg.seed, workers=0, trunk_cache=cfg.trunk_cache,
             **TEACHER_RECIPE))
     arch = _arch(teacher_ckpt)
@@ -293,7 +327,7 @@ def _train_recipe(cfg: DemoConfig, data: Path, work: Path, timer: _Timer, estima
 
 # per-image cost of the passes, in units of one forward pass of the network at that size, measured on this
 # machine by `estimate_recipe` (calibrated on CUB-100 runs, docs/results/recipe.md)
-PASS_COST = {"teacher_epoch": 0.45, "student_epoch": 0.6, "fixed_seconds": 60.0}
+PASS_COST = {"teacher_epoch": 0.45, "teacher_tail": 0.15, "student_epoch": 0.6, "fixed_seconds": 60.0}
 
 
 def estimate_recipe(data: Path, cfg: DemoConfig) -> dict:
@@ -312,7 +346,8 @@ def estimate_recipe(data: Path, cfg: DemoConfig) -> dict:
     from asymsearch.training.config import TeacherConfig
     first = list_image_folder(data, select_classes(data, "first-half"))
     second = list_image_folder(data, select_classes(data, "second-half"))
-    spec = teacher_preprocessing(TeacherConfig(data=str(data), out="", backbone=cfg.teacher_backbone))
+    spec = teacher_preprocessing(TeacherConfig(data=str(data), out="", backbone=cfg.teacher_backbone,
+                                               image_size=cfg.teacher_size))
     small = dataclasses.replace(spec, crop=cfg.student_size, resize=round(spec.resize * cfg.student_size / spec.crop))
     if cfg.student_size >= spec.crop:
         raise UserError(f"--student-size {cfg.student_size} is not smaller than the teacher's {spec.crop} px: the "
@@ -335,7 +370,12 @@ def estimate_recipe(data: Path, cfg: DemoConfig) -> dict:
 
     t_big, t_small = per_image(spec), per_image(small)
     n1, n2 = len(first), len(second)
-    fixed = (2 * n1 + 3 * n2) * t_big + (n1 + n2) * t_small + PASS_COST["fixed_seconds"]
+    own = _own_size(cfg.teacher_backbone)
+    t_own = t_big * (own / spec.crop) ** 2 if own != spec.crop else 0.0  # the zero-shot row at the own size
+    # the teacher's trunk maps of the training half (its embeddings for the student run its tail on them), the
+    # index, the evaluation and the zero-shot evaluation at its size; the student's maps and evaluation at its own
+    fixed = ((1 + PASS_COST["teacher_tail"]) * n1 + 3 * n2) * t_big + n2 * t_own + (n1 + n2) * t_small \
+        + PASS_COST["fixed_seconds"]
     teacher_epoch = PASS_COST["teacher_epoch"] * n1 * t_big
     student_epoch = PASS_COST["student_epoch"] * n1 * t_small
     budget = cfg.budget_min * 60
@@ -354,7 +394,8 @@ def estimate_recipe(data: Path, cfg: DemoConfig) -> dict:
               f"{student_epochs} epochs")
     return {"minutes": total / 60, "seconds": total, "teacher_epochs": teacher_epochs,
             "student_epochs": student_epochs, "seconds_per_image": {"teacher": t_big, "student": t_small},
-            "images": {"train": n1, "database": n2}, "detail": detail}
+            "images": {"train": n1, "database": n2}, "sizes": {"teacher": spec.crop, "student": cfg.student_size},
+            "detail": detail}
 
 
 def _pick_queries(items, n: int):

@@ -56,6 +56,29 @@ def test_eval_json_is_exactly_one_object(pipeline, image_folder, capsys):
         assert setting["recall@1"] <= setting["recall@2"] <= setting["recall@4"] <= setting["recall@8"]
 
 
+def test_eval_defaults_to_the_classes_no_model_trained_on(pipeline, image_folder, tiny_models, capsys):
+    """--classes defaults to `unseen`: the models trained and validated on the first half (their manifests say
+    so), so eval without --classes evaluates the second half, the same figures as --classes second-half; an
+    explicit --classes all warns that it includes classes seen in training; models that record nothing fall
+    back to every class, with a note."""
+    models = ["--teacher", str(pipeline["teacher.onnx"]), "--student", str(pipeline["student.onnx"])]
+    capsys.readouterr()
+    assert main(["eval", "--data", str(image_folder), *models, "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--data", str(image_folder), *models, "--classes", "second-half", "--json"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert default == second
+    assert main(["eval", "--data", str(image_folder), *models]) == 0
+    half = len(select_classes(image_folder, "second-half"))
+    assert f"evaluating on the {half} of {2 * half} classes no model trained on" in capsys.readouterr().err
+    assert main(["eval", "--data", str(image_folder), *models, "--classes", "all", "--json"]) == 0
+    every = capsys.readouterr()
+    assert "were seen in training" in every.err and json.loads(every.out) != second
+    assert main(["eval", "--data", str(image_folder), "--teacher", str(tiny_models["teacher"]), "--student",
+                 str(tiny_models["student"])]) == 0
+    assert "no model records the classes it trained on: evaluating on all" in capsys.readouterr().err
+
+
 def test_serve_and_query_over_the_cli(pipeline, image_folder, capsys):
     engine = QueryEngine.open(pipeline["index"], pipeline["student.onnx"])
     server, port = create_server(engine, port=0)

@@ -7,6 +7,10 @@ know the difference. Averaging only works between models that started from the s
 shared start keeps them in one basin, while two random initialisations of the head are unrelated. Teachers record
 their start as (pretrained weights, `init_seed`, else `seed`); `train teacher --init-seed S --seed i` trains the
 members. Members whose recorded starts differ are refused.
+
+`interpolate` is WiSE-FT's weight-space ensemble (Wortsman et al., "Robust fine-tuning of zero-shot models",
+CVPR 2022, eq. 1): θ_α = (1 − α)·θ_zero-shot + α·θ_fine-tuned, between a model and the zero-shot model it was
+fine-tuned from (`training.floor`: the teacher's floor chooses α on validation classes).
 """
 from __future__ import annotations
 
@@ -52,4 +56,21 @@ def average_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike) 
     return save_checkpoint(ckpt, out)
 
 
-__all__ = ["average_checkpoints", "starting_point"]
+def interpolate(start: dict, end: dict, alpha: float) -> dict:
+    """WiSE-FT: the state dict (1 - alpha) * start + alpha * end, tensor by tensor (computed in float64, cast back);
+    non-floating tensors (counters) are end's. The two must have the same keys and shapes."""
+    if set(start) != set(end):
+        raise ValueError(f"the two models differ in their weights: {sorted(set(start) ^ set(end))[:3]}")
+    out = {}
+    for key, value in end.items():
+        if value.is_floating_point():
+            if start[key].shape != value.shape:
+                raise ValueError(f"{key}: shapes {tuple(start[key].shape)} and {tuple(value.shape)} differ")
+            mixed = (1.0 - alpha) * start[key].double().to(value.device) + alpha * value.double()
+            out[key] = mixed.to(value.dtype)
+        else:
+            out[key] = value.clone()
+    return out
+
+
+__all__ = ["average_checkpoints", "interpolate", "starting_point"]

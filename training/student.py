@@ -191,10 +191,10 @@ def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
     log = tqdm.write
     if not ctx.is_main:
         ctx.barrier()  # rank 0 fills the teacher cache first; the others read it
+    teacher_net, teacher_set = _teacher_source(teacher, teacher_ckpt, teacher_spec, class_to_idx, cfg, device)
     teacher_pool = torch.from_numpy(teacher_embeddings(
-        teacher, teacher_id, teacher_spec, train_items, ImageDataset(train_items, class_to_idx,
-                                                                     eval_transform(teacher_spec)),
-        cache_dir, device, workers=cfg.workers, log=log)).to(device)
+        teacher_net, teacher_id, teacher_spec, train_items, teacher_set(train_items), cache_dir, device,
+        workers=cfg.workers, log=log)).to(device)
     if ctx.is_main:
         ctx.barrier()
     def student_set(items, views=1):
@@ -213,8 +213,7 @@ def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
     val_set, val_teacher = None, None
     if val_items and ctx.is_main:  # rank 0 alone validates
         val_set = student_set(val_items)
-        val_teacher = teacher_embeddings(teacher, teacher_id, teacher_spec, val_items,
-                                         ImageDataset(val_items, class_to_idx, eval_transform(teacher_spec)),
+        val_teacher = teacher_embeddings(teacher_net, teacher_id, teacher_spec, val_items, teacher_set(val_items),
                                          cache_dir, device, workers=cfg.workers, log=log)
 
     if cfg.backbone_lr is not None and cfg.backbone_lr < 0:
@@ -269,6 +268,25 @@ def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
         save_checkpoint(ckpt, out)
     ctx.barrier()  # every rank returns once the checkpoint is there
     return out
+
+
+def _teacher_source(teacher, teacher_ckpt: dict, spec: Preprocessing, class_to_idx: dict, cfg: StudentConfig,
+                    device):
+    """(module, items -> dataset) the teacher's embeddings are computed with. A teacher trained with tune_units
+    (its trunk is the pretrained one, unchanged) runs its tail on its trunk's cached maps (`training.trunk`, in the
+    teacher's own trunk cache, where its training computed them), which saves a pass of the whole network over
+    the training images; otherwise the whole teacher on the images."""
+    t_cfg, arch = teacher_ckpt.get("config", {}), teacher_ckpt["arch"]
+    units = int(t_cfg.get("tune_units") or 0)
+    if not units or "members" in arch or not t_cfg.get("pretrained") or not arch.get("pretrained"):
+        return teacher, lambda items: ImageDataset(items, class_to_idx, eval_transform(spec))
+    net = TailNet(teacher, units).eval()
+
+    def maps(items):
+        views = trunk_maps(items, arch["backbone"], t_cfg["pretrained"], spec, units,
+                           t_cfg.get("trunk_cache") or cfg.trunk_cache, device, log=tqdm.write)
+        return MapsDataset(views, [class_to_idx[it.label] for it in items])
+    return net, maps
 
 
 def _floors(teacher_ckpt: dict, val_items, val_teacher, labels, start: dict, asymmetric) -> dict:

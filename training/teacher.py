@@ -39,7 +39,7 @@ from asymsearch.training.common import embed_dataset, loader_kwargs, output_path
 from asymsearch.training.config import TeacherConfig
 from asymsearch.training.data import ImageDataset, eval_transform, train_transform
 from asymsearch.training.distributed import DistContext, DistributedMPerClassSampler
-from asymsearch.training.floor import decide, format_metrics, zero_shot_model
+from asymsearch.training.floor import WISE_ALPHAS, choose, decide, format_metrics, starts_zero_shot, zero_shot_model
 from asymsearch.training.inputs import check_training_items
 from asymsearch.training.engine import (Engine, EpochLog, OnEpochDone, OnEpochStart, SymmetricObjective,
                                         WeightAverage, read_training_state, save_training_state)
@@ -119,6 +119,9 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
                          classes_per_batch=cfg.classes_per_batch, role="teacher")
     arch = {"backbone": cfg.backbone, "head": cfg.head, "dim": cfg.dim, "pretrained": cfg.pretrained}
     model = build_model(arch).to(device)
+    # a model that starts as the zero-shot one: the floor also tries WiSE-FT interpolations with that start
+    wise_start = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                  if cfg.floor and cfg.pretrained and starts_zero_shot(cfg.head) else None)
     # Metrix / OSM + CAA / message passing (training.addons): their modules train beside the model, never in it
     addons = TrainingAddOns(cfg.addons, dim=cfg.dim, num_classes=len(class_to_idx), seed=cfg.seed).to(device)
 
@@ -216,6 +219,8 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
     if floor is not None:
         best = next((h for h in history if h["epoch"] == best_epoch), {})
         verdict = decide(floor, {"recall@1": best.get("val_recall@1"), "map": best.get("val_map")})
+        if wise_start is not None:  # WiSE-FT (training.floor.choose): the mix of start and trained weights
+            verdict = _wise_ft(model, wise_start, kept_net, val_set, floor, device, workers)
         config["zero_shot_floor"] = verdict.to_dict()
         if verdict.keep == "zero-shot":
             tqdm.write(f"teacher: {verdict.reason}; writing the zero-shot teacher ({cfg.backbone}, pretrained, average "
@@ -235,6 +240,26 @@ def train_teacher(cfg: TeacherConfig, ctx: DistContext | None = None) -> Path:
         save_checkpoint(ckpt, out)
     ctx.barrier()  # every rank returns once the checkpoint is there
     return out
+
+
+def _wise_ft(model, start: dict, net, val_set, floor: dict, device, workers: int):
+    """Measure the WiSE-FT interpolations (training.soup.interpolate) of `model`'s trained weights with its
+    zero-shot `start` on the validation classes, leave `model` holding the chosen one (the trained weights when
+    none beats the zero-shot floor: the caller then writes the zero-shot model) and return the verdict."""
+    from asymsearch.training.soup import interpolate
+    end = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    candidates = {}
+    for alpha in WISE_ALPHAS:
+        model.load_state_dict(interpolate(start, end, alpha))
+        model.eval()
+        emb = embed_dataset(net, val_set, device, workers)
+        m = retrieval_metrics(emb, val_set.labels, emb, val_set.labels, exclude_self=True)
+        candidates[alpha] = {"recall@1": m["recall@1"], "map": m["map"]}
+        tqdm.write(f"WiSE-FT alpha {alpha:g} (0: zero-shot, 1: trained): {format_metrics(candidates[alpha])}")
+    verdict = choose(floor, candidates)
+    model.load_state_dict(interpolate(start, end, verdict.alpha) if verdict.alpha is not None else end)
+    model.eval()
+    return verdict
 
 
 def training_classes(train_items, val_items) -> dict:
