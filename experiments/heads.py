@@ -67,8 +67,9 @@ def _metrics(emb: np.ndarray, labels: list) -> dict:
 
 def train_head_on_maps(spec: str, cfg, channels: int, train_maps: np.ndarray,
                        train_labels: list[int], val_maps: np.ndarray, val_labels: list[int], seed: int,
-                       log=print, addons=None, name: str | None = None) -> tuple[object, list[dict]]:
+                       log=print, addons=None, name: str | None = None, head=None) -> tuple[object, list[dict]]:
     """Train head `spec` on cached maps; return (head with the best-validation weights, per-epoch history).
+    `head`: train this module (built by the caller, e.g. a head holding backbone units) instead of building `spec`.
 
     `cfg` is a `HeadsExperimentConfig` or any config with its training fields (`xbm` may be absent: off);
     `addons` the training add-ons' options (`training.addons.AddOnOptions`, default all off: plain ℓ_C)."""
@@ -81,7 +82,7 @@ def train_head_on_maps(spec: str, cfg, channels: int, train_maps: np.ndarray,
 
     seed_everything(seed)
     name = name or spec
-    head = create_head(spec, channels, cfg.dim).train()
+    head = (create_head(spec, channels, cfg.dim) if head is None else head).train()
     extras = TrainingAddOns(addons or AddOnOptions(), dim=cfg.dim, num_classes=int(max(train_labels)) + 1,
                             seed=seed).train()
     miner, criterion = HardNegativeMiner(cfg.num_negatives), ContrastiveLoss(cfg.margin)
@@ -491,3 +492,383 @@ def canonical_command(cfg: HeadsExperimentConfig) -> str:
 def main_from_cli(cfg: HeadsExperimentConfig) -> dict:
     cfg.command = cfg.command or canonical_command(cfg)
     return run_heads_experiment(cfg)
+
+
+# ------------------------------------------------------------------------------- the sources' orderings
+#
+# `python -m experiments.heads orderings --data A --data B ...`: the orderings GLAM's, GLAP's and DIABLO's papers
+# report, re-measured on a frozen pretrained backbone over several datasets and seeds, with the DIABLO paper's model
+# selection protocol: for each seed a *random* split of the training half's classes into fit and validation
+# classes (Jacob et al. 2020, §4.2: random train/val class splits of the training set), the best epoch chosen on
+# the validation classes, the evaluation half scored once per run. Heads on the final map train on its cached
+# maps; the paper-form DIABLO heads (which hold the backbone's units after their split point) train on the cached
+# mid-level maps. All map sets come from one pass of the backbone: the earliest split's maps are computed by the
+# feature cache, the later ones (and the final map) by running the next units over them (float16 in between).
+
+ORDERING_HEADS = ("gem", "glam:form=paper,channels=256", "glam:form=paper,channels=256,global=false",
+                  "glam:form=paper,channels=256,local=false", "glam:channels=256", "glap", "diablo:channels=256")
+ORDERING_MID_HEADS = ("diablo:form=paper,words=1,attention=post", "diablo:form=paper,attention=post")
+
+
+@dataclass(kw_only=True)
+class OrderingsConfig:
+    data: tuple = ()  # image folders (class subfolders; first half trains, second half evaluates)
+    out: str = "docs/results/heads_paper"
+    backbone: str = "efficientnet_lite0"
+    pretrained: str = "imagenet"
+    image_size: int | None = None
+    heads: tuple = ORDERING_HEADS  # heads on the final map
+    mid_heads: tuple = ORDERING_MID_HEADS  # diablo:form=paper heads, on the mid-level maps
+    mid_data: tuple | None = None  # the folders (among data) the mid heads run on (None: all)
+    seeds: tuple = (0, 1, 2)
+    dim: int = 512
+    epochs: int = 4
+    mid_epochs: int | None = None  # epochs of the mid heads (None: epochs)
+    classes_per_batch: int = 8
+    per_class: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    margin: float = 0.5
+    num_negatives: int = 5
+    val_fraction: float = 0.2
+    flip: bool = True
+    xbm: int = 0
+    xbm_weight: float = 1.0
+    cache_dir: str = "~/.cache/asymsearch/featmaps"
+    threads: int = 1
+    argv: tuple = ()
+
+
+def random_class_split(classes: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(fit, val) classes: round(val_fraction * n) (at least 2) drawn at random with `seed` (the DIABLO paper's
+    random train/val class splits), both lists in the sorted order."""
+    import random
+
+    n_val = max(2, round(val_fraction * len(classes)))
+    if len(classes) - n_val < 2:
+        raise UserError(f"{len(classes)} training classes are too few to hold out {n_val} for validation")
+    val = set(random.Random(f"class-split-{seed}").sample(sorted(classes), n_val))
+    return [c for c in classes if c not in val], [c for c in classes if c in val]
+
+
+def _derived_maps(source: np.ndarray, units: list, key: str, cache_dir: Path, log, batch: int = 64) -> np.ndarray:
+    """units(source maps), float16, cached as CACHE/<key>.npy (computed once, in eval mode)."""
+    import torch
+    from torch import nn
+
+    path = cache_dir / f"{key}.npy"
+    if path.is_file():
+        log(f"derived maps: cached {path}")
+        return np.load(path, mmap_mode="r")
+    net = nn.Sequential(*units).eval()
+    tmp = cache_dir / f".{key}.{os.getpid()}.tmp.npy"
+    start, out = time.perf_counter(), None
+    with torch.no_grad():
+        for lo in range(0, len(source), batch):
+            y = net(torch.from_numpy(np.asarray(source[lo:lo + batch], np.float32))).numpy()
+            if out is None:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(source), *y.shape[1:]))
+            out[lo:lo + len(y)] = y.astype(np.float16)
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    log(f"derived maps {key}: {len(source)} in {time.perf_counter() - start:.0f} s")
+    return np.load(path, mmap_mode="r")
+
+
+def _dataset_maps(cfg: OrderingsConfig, data: str, splits: list[int], log) -> dict:
+    """Items, labels, the class lists and {split unit index (or "final"): maps} of one folder."""
+    from asymsearch.core.data import list_image_folder, select_classes
+    from asymsearch.core.manifest import Preprocessing
+    from asymsearch.training.backbones import backbone_units
+    from asymsearch.training.featcache import cache_key, feature_maps
+    from asymsearch.training.models import backbone_preprocessing, create_backbone
+
+    pre = backbone_preprocessing(cfg.backbone)
+    size = cfg.image_size or pre["image_size"]
+    spec = Preprocessing(resize=size, crop=size, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+    train_classes, eval_classes = select_classes(data, "first-half"), select_classes(data, "second-half")
+    items = list_image_folder(data, train_classes + eval_classes)
+    pretrained = None if str(cfg.pretrained).lower() in ("", "none") else cfg.pretrained
+    backbone, _ = create_backbone(cfg.backbone, pretrained)
+    units = backbone_units(backbone.eval())
+    cuts = sorted(set(splits)) + [len(units)]
+    cache = Path(cfg.cache_dir).expanduser()
+    first = feature_maps(items, cfg.backbone, pretrained, spec, cache, log=log, tail_units=len(units) - cuts[0])
+    maps = {cuts[0]: first.maps}
+    key = cache_key(cfg.backbone, pretrained, spec, items, len(units) - cuts[0])
+    for a, b in zip(cuts, cuts[1:]):
+        maps[b] = _derived_maps(maps[a], units[a:b], f"{key}-units{a}-{b}", cache, log)
+    maps["final"] = maps.pop(len(units))
+    labels = np.array([{c: i for i, c in enumerate(train_classes + eval_classes)}[it.label] for it in items])
+    return {"items": items, "labels": labels, "train_classes": train_classes, "eval_classes": eval_classes,
+            "maps": maps, "size": size, "spec": spec.to_dict(), "data_key": cache_key(cfg.backbone, pretrained, spec,
+                                                                                        items),
+            "backbone_seconds": first.seconds}
+
+
+def _subset(maps: np.ndarray, labels: np.ndarray, class_ids: set[int]) -> tuple[np.ndarray, list[int]]:
+    idx = np.array([i for i in range(len(labels)) if labels[i] in class_ids])
+    return np.asarray(maps[idx], np.float32), labels[idx].tolist()
+
+
+def _mid_split(cfg: OrderingsConfig, spec: str) -> int:
+    from asymsearch.training.backbones import mid_level_split
+    from asymsearch.training.models import parse_head_spec
+
+    return mid_level_split(cfg.backbone, parse_head_spec(spec)[1].get("attention", "pre"))[0]
+
+
+def _ordering_run(cfg: OrderingsConfig, ds: dict, spec: str, seed: int, mid: bool, log) -> dict:
+    """Train one (head, seed) run on its random class split; score the evaluation half once."""
+    from asymsearch.training.common import seed_everything
+    from asymsearch.training.models import build_model
+
+    cls = {c: i for i, c in enumerate(ds["train_classes"] + ds["eval_classes"])}
+    fit_classes, val_classes = random_class_split(ds["train_classes"], cfg.val_fraction, seed)
+    maps = ds["maps"][_mid_split(cfg, spec)] if mid else ds["maps"]["final"]
+    fit = _subset(maps, ds["labels"], {cls[c] for c in fit_classes})
+    val = _subset(maps, ds["labels"], {cls[c] for c in val_classes})
+    evaluation = _subset(maps, ds["labels"], {cls[c] for c in ds["eval_classes"]})
+    head = None
+    if mid:  # the head with its backbone units, from the pretrained backbone (the trunk is not needed: maps are)
+        seed_everything(seed)
+        head = build_model({"backbone": cfg.backbone, "head": spec, "dim": cfg.dim, "pretrained": cfg.pretrained}).head
+    run_cfg = cfg if not (mid and cfg.mid_epochs) else _with(cfg, epochs=cfg.mid_epochs)
+    start = time.perf_counter()
+    head, history = train_head_on_maps(spec, run_cfg, fit[0].shape[1], fit[0], fit[1], val[0], val[1], seed,
+                                       log=log, head=head)
+    metrics = _metrics(embed_maps(head, evaluation[0]), evaluation[1])
+    log(f"{spec} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return {"seed": seed, "val_classes": val_classes, "metrics": metrics, "history": history,
+            "train_seconds": time.perf_counter() - start}
+
+
+def _with(cfg, **changes):
+    import dataclasses
+    return dataclasses.replace(cfg, **changes)
+
+
+def _ordering_costs(cfg: OrderingsConfig, specs: list[str], size: int) -> dict[str, dict]:
+    """Parameters (whole model, and beyond the backbone) and GFLOPs (torch.utils.flop_counter, one image at `size`,
+    multiply-adds x 2) of backbone + head for every spec, eval mode, random weights."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from asymsearch.training.models import build_model, create_backbone
+
+    backbone, channels = create_backbone(cfg.backbone)
+    backbone_params = sum(p.numel() for p in backbone.parameters())
+    out = {}
+    for spec in specs:
+        model = build_model({"backbone": cfg.backbone, "head": spec, "pretrained": None,
+                             "dim": channels if spec == "gap" else cfg.dim}).eval()
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(torch.zeros(1, 3, size, size))
+        total = sum(p.numel() for p in model.parameters())
+        out[spec] = {"params": total, "params_beyond_backbone": total - backbone_params,
+                     "gflops": counter.get_total_flops() / 1e9}
+    return out
+
+
+# (name, better spec, worse spec): "better ≥ worse" is what the source reports
+ORDERINGS = (
+    ("GLAM local+global ≥ local only (Song et al. 2022)", "glam:form=paper,channels=256",
+     "glam:form=paper,channels=256,global=false"),
+    ("GLAM local+global ≥ global only (Song et al. 2022)", "glam:form=paper,channels=256",
+     "glam:form=paper,channels=256,local=false"),
+    ("GLAP ≥ GeM (Roig et al. 2020)", "glap", "gem"),
+    ("DIABLO paper form (dimension-wise, post-attention, N=8) ≥ its baseline (same units, N=1) (Jacob et al. "
+     "2020)", "diablo:form=paper,attention=post", "diablo:form=paper,words=1,attention=post"),
+    ("DIABLO paper form (dimension-wise, pre-attention, N=8) ≥ its baseline (same units, N=1) (Jacob et al. "
+     "2020)", "diablo:form=paper", "diablo:form=paper,words=1"),
+    ("DIABLO light form (dimension-wise, pre-attention) ≥ GeM on the same final map", "diablo:channels=256", "gem"),
+    ("GLAM paper form ≥ the earlier gate form", "glam:form=paper,channels=256", "glam:channels=256"),
+)
+
+
+def _ordering_verdicts(rows: dict[str, dict]) -> list[dict]:
+    """Each ordering whose two heads ran: the mean Recall@1 (and mAP) difference, how many seeds it holds on
+    (paired by seed, i.e. by class split), and a verdict: holds (mean difference ≥ 0 and ≥ 0 on every seed), does
+    not hold (< 0 on every seed), or unsettled."""
+    out = []
+    for name, better, worse in ORDERINGS:
+        if better not in rows or worse not in rows:
+            continue
+        a = {r["seed"]: r["metrics"] for r in rows[better]["runs"]}
+        b = {r["seed"]: r["metrics"] for r in rows[worse]["runs"]}
+        seeds = sorted(set(a) & set(b))
+        d1 = [a[s]["recall@1"] - b[s]["recall@1"] for s in seeds]
+        dm = [a[s]["map"] - b[s]["map"] for s in seeds]
+        verdict = "holds" if min(d1) >= 0 else ("does not hold" if max(d1) < 0 else "unsettled")
+        out.append({"ordering": name, "better": better, "worse": worse, "seeds": seeds,
+                    "recall@1_diff": {"mean": statistics.fmean(d1), "min": min(d1), "max": max(d1)},
+                    "map_diff": {"mean": statistics.fmean(dm), "min": min(dm), "max": max(dm)},
+                    "holds_on_seeds": sum(d >= 0 for d in d1), "verdict": verdict})
+    return out
+
+
+def run_orderings(cfg: OrderingsConfig, log=print) -> dict:
+    import torch
+
+    from asymsearch.core.provenance import provenance
+    from asymsearch.training.models import create_head, parse_head_spec
+
+    torch.set_num_threads(max(1, cfg.threads))
+    if not cfg.data:
+        raise UserError("give at least one --data folder")
+    for d in cfg.data:
+        if not Path(d).is_dir():
+            raise UserError(f"data folder not found: {d}")
+    for spec in cfg.heads:
+        create_head(spec, 16, cfg.dim)  # fails before any computation
+    from asymsearch.training.diablo import adopt_backbone
+    for spec in cfg.mid_heads:
+        base, options = parse_head_spec(spec)
+        if base != "diablo" or options.get("form") != "paper":
+            raise UserError(f"--mid-head takes diablo:form=paper heads, not {spec}")
+        adopt_backbone(cfg.backbone, None, cfg.dim, **options)
+    out = Path(cfg.out)
+    journal = journal_path(out)
+    done = read_journal(journal)
+    result = {"what": "the orderings the sources report, re-measured (frozen backbone, random class splits)",
+              "provenance": provenance(list(cfg.argv) or None), "config": asdict(cfg), "datasets": {}}
+    t0 = time.perf_counter()
+    for data in cfg.data:
+        mid = cfg.mid_heads if cfg.mid_data is None or data in cfg.mid_data else ()
+        ds = _dataset_maps(cfg, data, [_mid_split(cfg, s) for s in mid], log)
+        final = ds["maps"]["final"]
+        eval_idx = np.flatnonzero(ds["labels"] >= len(ds["train_classes"]))
+        zero_shot = embed_maps(create_head("gap", final.shape[1], final.shape[1]), np.asarray(final[eval_idx]))
+        rows = {"gap": {"runs": [{"seed": None, "metrics": _metrics(zero_shot, ds["labels"][eval_idx].tolist())}]}}
+        for spec, is_mid in [(s, False) for s in cfg.heads] + [(s, True) for s in mid]:
+            runs = []
+            for seed in cfg.seeds:
+                what = {k: v for k, v in asdict(cfg).items()
+                        if k not in ("out", "argv", "heads", "mid_heads", "mid_data", "seeds", "cache_dir", "data",
+                                     "threads")}
+                if not is_mid:
+                    what.pop("mid_epochs")
+                what.update(data_key=ds["data_key"], spec=spec, seed=seed)
+                key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+                if key in done:
+                    run = {k: v for k, v in done[key].items() if k != "spec"}
+                    log(f"{spec} seed {seed}: from the journal")
+                else:
+                    run = _ordering_run(cfg, ds, spec, seed, is_mid, lambda m: log(m))
+                    append_journal(journal, key, spec, run)
+                runs.append(run)
+            rows[spec] = {"runs": runs, "on": "mid-level maps" if is_mid else "final map"}
+        costs = _ordering_costs(cfg, list(rows), ds["size"])
+        for spec, row in rows.items():
+            row["summary"] = _summary(row["runs"])
+            row.update(costs[spec])
+            row["train_seconds"] = sum(r.get("train_seconds", 0.0) for r in row["runs"])
+        result["datasets"][data] = {"rows": rows, "verdicts": _ordering_verdicts(rows), "image_size": ds["size"],
+                                    "preprocessing": ds["spec"],
+                                    "maps": {str(k): list(v.shape[1:]) for k, v in ds["maps"].items()},
+                                    "images": {"train": int((ds["labels"] < len(ds["train_classes"])).sum()),
+                                               "eval": int((ds["labels"] >= len(ds["train_classes"])).sum()),
+                                               "train_classes": len(ds["train_classes"]),
+                                               "eval_classes": len(ds["eval_classes"])},
+                                    "backbone_seconds": ds["backbone_seconds"]}
+    result["seconds"] = time.perf_counter() - t0
+    write_orderings(result, out)
+    journal.unlink(missing_ok=True)
+    return result
+
+
+def write_orderings(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    cfg, prov = result["config"], result["provenance"]
+    lines = [f"# The sources' head orderings, re-measured ({cfg['backbone']}, frozen)", "",
+             f"Command: `{prov.get('command')}`  ", f"Commit {prov.get('commit')}"
+             f"{' (with uncommitted changes)' if prov.get('dirty') else ''}, {prov.get('date')}, machine: "
+             f"{json.dumps(prov.get('machine'))}.", "",
+             f"Protocol: backbone `{cfg['backbone']}` with `{cfg['pretrained']}` weights, **frozen**, its maps cached "
+             f"once (serving preprocessing, centre crop). For each seed the training half's classes are split at "
+             f"random into fit and validation classes ({cfg['val_fraction']:.0%} validation; Jacob et al. 2020, "
+             "§4.2); the model is chosen on validation classes carved from the training half (best epoch by "
+             "validation Recall@1), and the evaluation half is reported once per run (each image queries all "
+             f"others). {cfg['epochs']} epochs (mid-level heads: {cfg['mid_epochs'] or cfg['epochs']}), batches of "
+             f"{cfg['classes_per_batch']} classes x {cfg['per_class']}, contrastive loss (margin {cfg['margin']}) "
+             f"with {cfg['num_negatives']} in-batch hard negatives, AdamW lr {cfg['lr']}, warm-up "
+             f"{cfg['warmup_epochs']} epoch + cosine, dim {cfg['dim']}, random flip of the cached map. Mean ± std "
+             f"over seeds {', '.join(map(str, cfg['seeds']))} (each seed its own class split). Heads on the final "
+             "map train on its cached maps; `diablo:form=paper` heads hold the backbone's units after their split "
+             "point (φ a copy, ψ the units themselves, batch norm at the pretrained statistics) and train them, "
+             "on the cached mid-level maps. GFLOPs: backbone + head, one image, multiply-adds x 2; params: the "
+             "whole model, and beyond the backbone's own.", ""]
+    for data, ds in result["datasets"].items():
+        im = ds["images"]
+        lines += [f"## {data}", "",
+                  f"{im['train_classes']} training classes ({im['train']} images), {im['eval_classes']} evaluation "
+                  f"classes ({im['eval']} images); {ds['image_size']} px; maps {ds['maps']}.", "",
+                  "| head | on | R@1 | R@2 | R@4 | R@8 | mAP | params | beyond backbone | GFLOPs | train s (all seeds) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for spec, row in ds["rows"].items():
+            s = row["summary"]
+            name = "gap (zero-shot, no training)" if spec == "gap" else spec
+            lines.append(f"| `{name}` | {row.get('on', 'final map')} | {_fmt(s['recall@1'])} | {_fmt(s['recall@2'])} | "
+                         f"{_fmt(s['recall@4'])} | {_fmt(s['recall@8'])} | {_fmt(s['map'])} | "
+                         f"{row['params'] / 1e6:.2f} M | {row['params_beyond_backbone'] / 1e6:.2f} M | "
+                         f"{row['gflops']:.2f} | {row['train_seconds']:.0f} |")
+        lines += ["", "| ordering | R@1 difference, mean (min, max over seeds) | mAP difference, mean (min, max) | "
+                  "holds on seeds | verdict |", "|---|---|---|---|---|"]
+        for v in ds["verdicts"]:
+            r, m = v["recall@1_diff"], v["map_diff"]
+            lines.append(f"| {v['ordering']} | {r['mean']:+.4f} ({r['min']:+.4f}, {r['max']:+.4f}) | "
+                         f"{m['mean']:+.4f} ({m['min']:+.4f}, {m['max']:+.4f}) | {v['holds_on_seeds']} of "
+                         f"{len(v['seeds'])} | {v['verdict']} |")
+        lines.append("")
+    lines += [f"Total {result['seconds'] / 60:.1f} min. Per-seed figures, class splits and epoch logs: "
+              f"`{out.with_suffix('.json').name}`.", ""]
+    out.with_suffix(".md").write_text("\n".join(lines))
+
+
+def _orderings_main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m experiments.heads orderings",
+                                description="The sources' head orderings on a frozen backbone, random class splits.")
+    p.add_argument("--data", action="append", required=True, help="image folder; repeat for several")
+    p.add_argument("--out", default=OrderingsConfig.out)
+    p.add_argument("--backbone", default=OrderingsConfig.backbone)
+    p.add_argument("--head", dest="heads", action="append", default=None,
+                   help=f"a head on the final map; repeat (default: {' '.join(ORDERING_HEADS)})")
+    p.add_argument("--mid-head", dest="mid_heads", action="append", default=None,
+                   help=f"a diablo:form=paper head; repeat (default: {' '.join(ORDERING_MID_HEADS)}; 'none': none)")
+    p.add_argument("--mid-data", action="append", default=None, help="folders the mid heads run on (default: all)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", type=int, default=OrderingsConfig.epochs)
+    p.add_argument("--mid-epochs", type=int, default=None)
+    p.add_argument("--cache-dir", default=OrderingsConfig.cache_dir)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    mid = () if args.mid_heads == ["none"] else tuple(args.mid_heads or ORDERING_MID_HEADS)
+    cfg = OrderingsConfig(data=tuple(args.data), out=args.out, backbone=args.backbone,
+                          heads=tuple(args.heads or ORDERING_HEADS), mid_heads=mid,
+                          mid_data=tuple(args.mid_data) if args.mid_data else None,
+                          seeds=tuple(int(s) for s in args.seeds.split(",")), epochs=args.epochs,
+                          mid_epochs=args.mid_epochs, cache_dir=args.cache_dir, threads=args.threads,
+                          argv=tuple(["python", "-m", "experiments.heads", "orderings"] + list(
+                              sys.argv[2:] if argv is None else argv)))
+    try:
+        run_orderings(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] != ["orderings"]:
+        print("usage: python -m experiments.heads orderings --data DIR [--data DIR ...] (python -m experiments heads "
+              "for the head comparison)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(_orderings_main(sys.argv[2:]))
