@@ -865,10 +865,58 @@ def _orderings_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+COST_VARIANTS = ("gem", "glam:channels=256", "glam:form=paper,channels=256", "glam", "glam:form=paper", "glap",
+                 "diablo:channels=256", "diablo", "diablo:form=paper,words=1", "diablo:form=paper",
+                 "diablo:form=paper,words=16", "diablo:form=paper,select=feature",
+                 "diablo:form=paper,words=1,attention=post", "diablo:form=paper,attention=post",
+                 "diablo:form=paper,select=feature,attention=post")
+
+
+def _costs_main(argv: list[str]) -> int:
+    """`python -m experiments.heads costs [--backbone B ...] [--out OUT]`: params and GFLOPs of every variant."""
+    import argparse
+
+    from asymsearch.core.provenance import provenance
+    from asymsearch.training.models import backbone_preprocessing
+
+    p = argparse.ArgumentParser(prog="python -m experiments.heads costs")
+    p.add_argument("--backbone", action="append", default=None)
+    p.add_argument("--out", default="docs/results/heads_paper_costs")
+    args = p.parse_args(argv)
+    backbones = args.backbone or ["efficientnet_lite0", "efficientnet_lite2"]
+    result = {"what": "parameters and GFLOPs of backbone + head per head variant (torch.utils.flop_counter, one "
+                      "image at the backbone's own size, multiply-adds x 2; random weights)",
+              "provenance": provenance(["python", "-m", "experiments.heads", "costs", *argv]), "backbones": {}}
+    for name in backbones:
+        size = backbone_preprocessing(name)["image_size"]
+        result["backbones"][name] = {"image_size": size,
+                                     "rows": _ordering_costs(OrderingsConfig(backbone=name), list(COST_VARIANTS), size)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    prov = result["provenance"]
+    lines = ["# Cost of each head variant, paper forms and earlier forms", "",
+             f"Command: `{prov.get('command')}`; commit {prov.get('commit')}, {prov.get('date')}.", "",
+             result["what"] + ". *Beyond backbone*: the model's parameters minus the backbone's own (for "
+             "`diablo:form=paper` ψ is the backbone's own units, φ a copy of some: the copy, the dictionary and the "
+             "embeddings count).", ""]
+    for name, b in result["backbones"].items():
+        lines += [f"## {name} at {b['image_size']} px", "", "| head | params | beyond backbone | GFLOPs |",
+                  "|---|---|---|---|"]
+        for spec, row in b["rows"].items():
+            lines.append(f"| `{spec}` | {row['params'] / 1e6:.2f} M | {row['params_beyond_backbone'] / 1e6:.2f} M | "
+                         f"{row['gflops']:.2f} |")
+        lines.append("")
+    out.with_suffix(".md").write_text("\n".join(lines))
+    print(f"wrote {out}.md and {out}.json")
+    return 0
+
+
 if __name__ == "__main__":
     import sys
-    if sys.argv[1:2] != ["orderings"]:
-        print("usage: python -m experiments.heads orderings --data DIR [--data DIR ...] (python -m experiments heads "
-              "for the head comparison)", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(_orderings_main(sys.argv[2:]))
+    commands = {"orderings": _orderings_main, "costs": _costs_main}
+    if sys.argv[1:2] and sys.argv[1] in commands:
+        sys.exit(commands[sys.argv[1]](sys.argv[2:]))
+    print("usage: python -m experiments.heads orderings --data DIR [--data DIR ...] | costs [--backbone B] "
+          "(python -m experiments heads: the head comparison)", file=sys.stderr)
+    sys.exit(2)
