@@ -175,3 +175,161 @@ def write_filter_results(path_md: Path, command: str, rows: list[dict[str, Any]]
               "(what filtering after the search returns). The exact-subset rule and the ANN path are described in "
               "`asymsearch/index/store.py` and docs/index.md (filters).", ""]
     path_md.write_text("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- the same filters on Milvus (issue 24)
+
+MILVUS_DEFAULT = "milvus-lite:///tmp/asymsearch-bench-filter/filter.db"
+MILVUS_FACTORIES = [("Flat", {}), ("IVF1024,Flat", {"nprobe": 16})]
+
+
+def _reindex(index: Any, factory: str, params: dict[str, float]) -> Any:
+    """The same collection under another vector index (release, drop the index, create the new one, load) and its
+    manifest rewritten with that factory: no second insert of the rows. Returns the reopened `MilvusIndex`."""
+    import dataclasses
+
+    from asymsearch.index import milvus
+    client, loc, collection = index._client, index.location, index.version
+    kind, build, _ = milvus.milvus_index(factory, params)
+    client.release_collection(collection)
+    client.drop_index(collection, "vector")
+    client.create_index(collection, milvus._index_params(client, kind, build))
+    client.load_collection(collection)
+    m = index.manifest
+    milvus.write_manifest(client, loc, collection, dataclasses.replace(
+        m, factory=factory, search_params=dict(params),
+        build={**m.build, "milvus": {"collection": collection, "index_type": kind, "params": build}}))
+    return milvus.MilvusIndex.open(loc)
+
+
+def bench_filters_milvus(n: int = 1_000_000, dim: int = 32, queries: int = 100, factories: list | None = None,
+                         location: str = MILVUS_DEFAULT, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The faiss bench's items, metadata, queries and filters in a Milvus collection (`milvus.publish_blocks`, the
+    rows `index build` writes: id, vector, path, label, the metadata columns), each filter parsed by
+    `core.filters.parse_filter` against the collection's fields and searched through `MilvusIndex.search` (the
+    Milvus expression `Filter.to_milvus()` builds); the reference is the same numpy brute force over the rows the
+    generator's formula selects. The collection is indexed with each of `factories` in turn (one insert) and
+    dropped at the end."""
+    from asymsearch.core.filters import parse_filter
+    from asymsearch.index import milvus
+    x = synthetic_vectors(n, dim, seed=0)
+    q = synthetic_vectors(queries, dim, seed=99)
+    ids = np.arange(n, dtype=np.int64)
+    subsets = [(text, np.flatnonzero(rule(ids))) for text, rule in FILTERS]
+    reference = {text: brute_force(x, rows, q, K) for text, rows in subsets}
+    base = milvus.parse_location(location)
+    loc = milvus.parse_location(f"milvus-lite://{base.uri}/filterbench" if base.lite else
+                                f"milvus://{base.uri.removeprefix('http://')}/filterbench")
+    factories = factories or MILVUS_FACTORIES
+    first, first_params = factories[0]
+    manifest = IndexManifest(teacher_id="bench", dim=dim, metric="inner_product", factory=first, count=0,
+                             teacher_model={}, build={"synthetic": True, "metadata_columns": ["price", "shop"]},
+                             search_params=dict(first_params))
+
+    def blocks():
+        for lo in range(0, n, 10_000):
+            hi = min(n, lo + 10_000)
+            yield (ids[lo:hi], x[lo:hi], [(f"/synthetic/{i}.jpg", f"class_{i % 100:03d}",
+                                           {"shop": f"s{(i // 7) % 100:02d}", "price": str(i % 100)})
+                                          for i in range(lo, hi)])
+            if hi % 100_000 == 0:
+                log(f"  inserted {hi} rows ({time.perf_counter() - start:.0f} s)")
+    start = time.perf_counter()
+    _, collection = milvus.publish_blocks(loc, manifest, blocks(), keep=1)
+    insert_s = time.perf_counter() - start
+    log(f"Milvus: {n} rows inserted, flushed, indexed ({first}) and loaded in {insert_s:.0f} s")
+    index = milvus.MilvusIndex.open(loc)
+    rows_out: list[dict[str, Any]] = []
+    try:
+        for j, (factory, params) in enumerate(factories):
+            if j:
+                t0 = time.perf_counter()
+                index = _reindex(index, factory, params)
+                log(f"  reindexed as {factory} in {time.perf_counter() - t0:.0f} s")
+            for text, rows in subsets:
+                f = parse_filter(text, index.filter_fields)
+                lat, got_i, got_s = [], [], []
+                for jq in range(queries):
+                    t1 = time.perf_counter()
+                    s, i = index.search(q[jq:jq + 1], K, filter=f)
+                    lat.append((time.perf_counter() - t1) * 1e3)
+                    got_i.append(i[0])
+                    got_s.append(s[0])
+                got_i, got_s = np.stack(got_i), np.stack(got_s)
+                want_s, want_i = reference[text]
+                exact_rows = int(sum(np.array_equal(a, b) for a, b in zip(got_i, want_i)))
+                recall = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(got_i, want_i)]))
+                _, plain = index.search(q, K)
+                allowed = np.zeros(n, bool)
+                allowed[rows] = True
+                post = float(np.mean([allowed[r[r >= 0]].sum() for r in plain]))
+                row = {"backend": "milvus-lite" if loc.lite else "milvus", "factory": factory,
+                       "milvus_index": index.manifest.build["milvus"], "search_params": params, "filter": text,
+                       "milvus_expression": f.to_milvus(), "n": n, "dim": dim, "matching": int(len(rows)),
+                       "matching_fraction": len(rows) / n, "queries": queries, "k": K,
+                       "all_k_results": bool((got_i >= 0).all() and got_i.shape == (queries, K)),
+                       "queries_equal_brute_force": exact_rows, "recall_at_10_vs_brute_force": round(recall, 4),
+                       "max_score_diff": float(np.abs(np.where(got_i >= 0, got_s, 0) -
+                                                      np.where(got_i >= 0, want_s, 0)).max()),
+                       "latency_ms_median": round(statistics.median(lat), 2),
+                       "latency_ms_p90": round(float(np.percentile(lat, 90)), 2),
+                       "post_filter_results_mean": round(post, 2), "insert_index_load_s": round(insert_s, 1)}
+                rows_out.append(row)
+                log(f"  Milvus {factory} {text!r}: {row['matching']} match, all k: {row['all_k_results']}, equal "
+                    f"to brute force {exact_rows}/{queries}, recall {recall:.4f}, {row['latency_ms_median']} ms, "
+                    f"post-filter would leave {post:.2f}")
+    finally:
+        client = index._client
+        try:
+            client.drop_alias(loc.name)
+            client.drop_collection(collection)
+        except Exception:  # noqa: BLE001 - best effort: the bench's own scratch collection
+            log(f"could not drop {collection} at {loc.address}")
+    return rows_out
+
+
+def write_milvus_filter_results(path_md: Path, command: str, rows: list[dict[str, Any]], about: str = "") -> None:
+    path_md.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command, "about": about, "filters": rows,
+               "machine": {"cpu_count": os.cpu_count(), "faiss": faiss.__version__}, "provenance": provenance()}
+    path_md.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    lines = ["# bench index: filtered queries on Milvus Lite", "", f"Command: `{command}`", "", about, "",
+             "| index | filter | matching | all k results | = brute force | recall@10 | median ms | p90 ms | "
+             "post-filter would leave |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['milvus_index']['index_type']} {r['search_params'] or ''} | `{r['filter']}` | "
+                     f"{r['matching']} ({100 * r['matching_fraction']:.1f}%) | "
+                     f"{'yes' if r['all_k_results'] else 'NO'} | {r['queries_equal_brute_force']}/{r['queries']} | "
+                     f"{r['recall_at_10_vs_brute_force']:.4f} | {r['latency_ms_median']} | {r['latency_ms_p90']} | "
+                     f"{r['post_filter_results_mean']} |")
+    path_md.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m asymsearch.bench.index_filter --milvus LOCATION [--size N] [--queries Q] --out MD"""
+    import argparse
+    import shlex
+    import sys
+    p = argparse.ArgumentParser(description="the filtered-query bench on Milvus (Milvus Lite by default)")
+    p.add_argument("--milvus", default=MILVUS_DEFAULT, help="Milvus location (default: %(default)s)")
+    p.add_argument("--size", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--factories", default="Flat;IVF1024,Flat:nprobe=16",
+                   help="FACTORY[:param=value] separated by ';' (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("docs/results/bench_index_filter_milvus.md"))
+    args = p.parse_args(argv)
+    factories = []
+    for part in filter(None, args.factories.split(";")):
+        name, _, rest = part.partition(":")
+        factories.append((name, {k: float(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)}))
+    command = "python -m asymsearch.bench.index_filter " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    rows = bench_filters_milvus(args.size, args.dim, args.queries, factories, args.milvus,
+                                log=lambda m: print(m, file=sys.stderr, flush=True))
+    write_milvus_filter_results(args.out, command, rows)
+    print(args.out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,6 +29,13 @@ Factories map onto Milvus index types: `Flat` -> FLAT, `IVF<n>,Flat` -> IVF_FLAT
 IVF_SQ8, `HNSW<M>` -> HNSW (M, efConstruction 40, faiss's default); search parameters `nprobe` -> nprobe,
 `efSearch` -> ef.
 
+Filters: a FLAT collection scores every row the filter keeps (exact, k results whenever k rows match). IVF and
+HNSW with a filter follow faiss's rule (`asymsearch.index.store`): Milvus searches only nprobe lists / the graph
+and drops what the filter rejects, so it can miss matches (IVF) or return fewer than k (HNSW, measured at 1%
+selectivity); a filter keeping at most `store.SUBSET_EXACT_MAX` rows is searched exactly (IVF with every list
+probed; HNSW over the kept rows' vectors, read once per expression and cached), a larger one approximately and each
+query that came back short again exactly. The match count per expression is one `count(*)` query, cached.
+
 Errors: an address that does not answer is `MilvusUnavailable` (a `UserError`) naming the address, after
 `CONNECT_ATTEMPTS` tries with doubling back-off; a search that fails because Milvus went away is also
 `MilvusUnavailable` (the server answers UNAVAILABLE).
@@ -43,6 +50,7 @@ import os
 import re
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -70,6 +78,8 @@ HIDDEN_FIELDS = ("vector", NUMBERS_FIELD)
 PROBE_SUFFIX = "__probe"  # the side collection of a version's probe set: NAME__v000001__probe
 PROBE_CHUNK = 60_000  # base64 characters of the probe .npz per side-collection row (a VARCHAR holds 65,535)
 PROBE_ROWS_PER_CALL = 64  # side-collection rows per insert / query call (about 4 MB)
+FILTER_CACHE_BYTES = 64 * 2**20  # per filter expression: match counts and (HNSW) the matching rows' vectors
+FILTER_CACHE_ENTRIES = 64
 
 
 def row_of(i: int, vector: np.ndarray, path: str, label: str, extra: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -440,6 +450,8 @@ class MilvusIndex:
         self._client = client
         self._kind, self._build, self._search = milvus_index(manifest.factory, manifest.search_params)
         self._closed = False
+        self._cache: OrderedDict[tuple, Any] = OrderedDict()  # per filter expression: match counts, subsets
+        self._cache_lock = threading.Lock()
         # what a filter may name: label and the user metadata columns the builds and adds recorded
         self.filter_fields: tuple[str, ...] = ("label", *(str(c) for c in manifest.build.get("metadata_columns", [])
                                                           if c not in MILVUS_FIELDS))
@@ -497,15 +509,90 @@ class MilvusIndex:
                 raise UserError(f"filter field {unknown[0]!r} is not in this index; the fields are: "
                                 f"{', '.join(self.filter_fields)}")
             expr = filter.to_milvus()
+        vectors = np.asarray(vectors, np.float32)
+        if not expr or self._kind == "FLAT":  # FLAT scores every row the filter keeps: exact, k whenever k match
+            return self._raw_search(vectors, kk, expr, self._search)
+        # IVF / HNSW with a filter: Milvus searches its lists / graph and drops what the filter rejects, which can
+        # miss matches or come back with fewer than k; the same rule as faiss's (`index.store`): a subset of at
+        # most SUBSET_EXACT_MAX is searched exactly, a larger one approximately and its short queries again exactly
+        from asymsearch.index.store import SUBSET_EXACT_MAX
+        matches = self._count(expr)
+        want = min(kk, matches)
+        if want == 0:
+            return np.full((len(vectors), kk), -np.inf, np.float32), np.full((len(vectors), kk), -1, np.int64)
+        if matches <= SUBSET_EXACT_MAX:
+            return self._exact(vectors, kk, expr)
+        scores, ids = self._raw_search(vectors, kk, expr, self._search)
+        short = np.flatnonzero((ids >= 0).sum(axis=1) < want)
+        if len(short):
+            log.info("filtered search on %s: %d of %d queries found fewer than %d of the %d matches; searched again "
+                     "exactly", self.version, len(short), len(vectors), want, matches)
+            scores[short], ids[short] = self._exact(vectors[short], kk, expr)
+        return scores, ids
+
+    def _raw_search(self, vectors: np.ndarray, kk: int, expr: str, params: Mapping[str, Any]
+                    ) -> tuple[np.ndarray, np.ndarray]:
         rows = _call(self.location, f"search in {self.version}", self._client.search, self.version,
-                     data=np.asarray(vectors, np.float32).tolist(), limit=max(kk, 1), filter=expr,
-                     output_fields=[], search_params={"metric_type": "IP", "params": dict(self._search)})
+                     data=vectors.tolist(), limit=max(kk, 1), filter=expr,
+                     output_fields=[], search_params={"metric_type": "IP", "params": dict(params)})
         scores = np.full((len(vectors), kk), -np.inf, np.float32)
         ids = np.full((len(vectors), kk), -1, np.int64)
         for q, hits in enumerate(rows):
             for j, hit in enumerate(list(hits)[:kk]):
                 ids[q, j], scores[q, j] = int(hit["id"]), float(hit["distance"])
         return scores, ids
+
+    def _exact(self, vectors: np.ndarray, kk: int, expr: str) -> tuple[np.ndarray, np.ndarray]:
+        """Exact over the rows `expr` keeps: IVF with every list probed (Milvus scores every kept row), HNSW over
+        the kept rows' vectors read from the collection (cached per expression) and scored here."""
+        if self._kind.startswith("IVF"):
+            return self._raw_search(vectors, kk, expr, {**self._search, "nprobe": int(self._build["nlist"])})
+        ids, stored = self._subset(expr)
+        scores = vectors @ stored.T
+        k = min(kk, len(ids))
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, 1)
+        out_s = np.full((len(vectors), kk), -np.inf, np.float32)
+        out_i = np.full((len(vectors), kk), -1, np.int64)
+        out_s[:, :k], out_i[:, :k] = np.take_along_axis(scores, top, 1), ids[top]
+        return out_s, out_i
+
+    def _cached(self, key: tuple, make):
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        value = make()
+        with self._cache_lock:
+            self._cache[key] = value
+            size = lambda v: sum(getattr(a, "nbytes", 8) for a in (v if isinstance(v, tuple) else (v,)))  # noqa: E731
+            while len(self._cache) > 1 and (len(self._cache) > FILTER_CACHE_ENTRIES or
+                                            sum(size(v) for v in self._cache.values()) > FILTER_CACHE_BYTES):
+                self._cache.popitem(last=False)
+        return value
+
+    def _count(self, expr: str) -> int:
+        """How many rows `expr` keeps (cached per expression: this handle's collection only changes in place by
+        `index add` / `remove`, after which the server opens a new handle)."""
+        return self._cached(("count", expr), lambda: int(_call(
+            self.location, f"count(*) of {self.version}", self._client.query, self.version, filter=expr,
+            output_fields=["count(*)"])[0]["count(*)"]))
+
+    def _subset(self, expr: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of the rows `expr` keeps (cached per expression, least recently used dropped)."""
+        def read() -> tuple[np.ndarray, np.ndarray]:
+            it = _call(self.location, f"query_iterator of {self.version}", self._client.query_iterator,
+                       self.version, batch_size=INSERT_BATCH, filter=expr, output_fields=["id", "vector"])
+            ids, vecs = [], []
+            try:
+                while rows := it.next():
+                    ids += [int(r["id"]) for r in rows]
+                    vecs += [r["vector"] for r in rows]
+            finally:
+                it.close()
+            return np.asarray(ids, np.int64), np.asarray(vecs, np.float32).reshape(len(ids), self.dim)
+        return self._cached(("subset", expr), read)
 
     def lookup_records(self, ids: Sequence[int]) -> list[dict[str, Any]]:
         """{"id", "path", "label", plus the user's metadata columns} per id, in order; `KeyError` for an id the

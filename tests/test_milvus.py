@@ -581,3 +581,40 @@ def test_the_probe_set_lives_beside_each_version_and_gates_students_on_milvus(li
     with open_index(loc) as damaged, pytest.raises(UserError, match="not the one its index recorded"):
         require_probe(damaged)
     assert main(["student", "check", "--index", built["loc"], "--student", str(tiny_models["student"])]) == 0
+
+
+def test_filtered_ivf_and_hnsw_on_milvus_return_k_results_equal_to_brute_force_over_the_subset(lite, monkeypatch):
+    """Milvus searches only nprobe lists / the graph and drops what a filter rejects (at 1% selectivity its HNSW
+    came back with fewer than k, its IVF missed matches); MilvusIndex searches a small subset exactly, and a large
+    one approximately with each short query again exactly: k results, equal to numpy brute force over the rows the
+    filter keeps."""
+    from asymsearch.core.filters import parse_filter
+    from asymsearch.core.manifest import IndexManifest
+    from asymsearch.index import store
+    rng = np.random.default_rng(5)
+    n, dim = 20_000, 16
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = rng.normal(size=(20, dim)).astype(np.float32)
+    labels = np.array([f"class_{i % 100:03d}" for i in range(n)])
+    for factory, params in (("HNSW8", {"efSearch": 16}), ("IVF64,Flat", {"nprobe": 1})):
+        name = factory.split(",")[0].lower()
+        manifest = IndexManifest(teacher_id="t", dim=dim, metric="inner_product", factory=factory, count=0,
+                                 teacher_model={}, build={}, search_params=params)
+        blocks = [(np.arange(lo, lo + 5000), x[lo:lo + 5000], [("p", str(labels[i]), None)
+                                                              for i in range(lo, lo + 5000)])
+                  for lo in range(0, n, 5000)]
+        milvus.publish_blocks(milvus.parse_location(f"{lite}/{name}"), manifest, blocks)
+        with open_index(f"{lite}/{name}") as index:
+            for text, limit in (('label = "class_042"', store.SUBSET_EXACT_MAX),  # 200 rows: exact subset
+                                ('label in ("class_001", "class_002", "class_003")', 100)):  # 600 > 100: ANN
+                monkeypatch.setattr(store, "SUBSET_EXACT_MAX", limit)
+                f = parse_filter(text, index.filter_fields)
+                rows = np.flatnonzero(np.array([f.matches({"label": label}) for label in labels]))
+                scores, ids = index.search(q, 10, filter=f)
+                assert (ids >= 0).all() and ids.shape == (20, 10), (factory, text)
+                assert np.isin(ids, rows).all()
+                brute = rows[np.argsort(-(q @ x[rows].T), axis=1, kind="stable")[:, :10]]
+                if limit >= len(rows):
+                    assert np.array_equal(ids, brute), (factory, text)
+                    np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, brute, 1), atol=1e-5)
