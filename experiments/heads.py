@@ -524,6 +524,7 @@ class OrderingsConfig:
     dim: int = 512
     epochs: int = 4
     mid_epochs: int | None = None  # epochs of the mid heads (None: epochs)
+    mid_seeds: tuple | None = None  # seeds of the mid heads (None: seeds)
     classes_per_batch: int = 8
     per_class: int = 4
     lr: float = 1e-4
@@ -609,8 +610,9 @@ def _dataset_maps(cfg: OrderingsConfig, data: str, splits: list[int], log) -> di
 
 
 def _subset(maps: np.ndarray, labels: np.ndarray, class_ids: set[int]) -> tuple[np.ndarray, list[int]]:
+    """The rows of those classes, float16 as cached (batches are made float32 as they are read)."""
     idx = np.array([i for i in range(len(labels)) if labels[i] in class_ids])
-    return np.asarray(maps[idx], np.float32), labels[idx].tolist()
+    return np.asarray(maps[idx]), labels[idx].tolist()
 
 
 def _mid_split(cfg: OrderingsConfig, spec: str) -> int:
@@ -736,38 +738,56 @@ def run_orderings(cfg: OrderingsConfig, log=print) -> dict:
     result = {"what": "the orderings the sources report, re-measured (frozen backbone, random class splits)",
               "provenance": provenance(list(cfg.argv) or None), "config": asdict(cfg), "datasets": {}}
     t0 = time.perf_counter()
+    datasets, rows = {}, {}
     for data in cfg.data:
         mid = cfg.mid_heads if cfg.mid_data is None or data in cfg.mid_data else ()
-        ds = _dataset_maps(cfg, data, [_mid_split(cfg, s) for s in mid], log)
+        ds = datasets[data] = _dataset_maps(cfg, data, [_mid_split(cfg, s) for s in mid], log)
         final = ds["maps"]["final"]
         eval_idx = np.flatnonzero(ds["labels"] >= len(ds["train_classes"]))
         zero_shot = embed_maps(create_head("gap", final.shape[1], final.shape[1]), np.asarray(final[eval_idx]))
-        rows = {"gap": {"runs": [{"seed": None, "metrics": _metrics(zero_shot, ds["labels"][eval_idx].tolist())}]}}
-        for spec, is_mid in [(s, False) for s in cfg.heads] + [(s, True) for s in mid]:
-            runs = []
-            for seed in cfg.seeds:
-                what = {k: v for k, v in asdict(cfg).items()
-                        if k not in ("out", "argv", "heads", "mid_heads", "mid_data", "seeds", "cache_dir", "data",
-                                     "threads")}
-                if not is_mid:
-                    what.pop("mid_epochs")
-                what.update(data_key=ds["data_key"], spec=spec, seed=seed)
-                key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
-                if key in done:
-                    run = {k: v for k, v in done[key].items() if k != "spec"}
-                    log(f"{spec} seed {seed}: from the journal")
-                else:
-                    run = _ordering_run(cfg, ds, spec, seed, is_mid, lambda m: log(m))
-                    append_journal(journal, key, spec, run)
-                runs.append(run)
-            rows[spec] = {"runs": runs, "on": "mid-level maps" if is_mid else "final map"}
-        costs = _ordering_costs(cfg, list(rows), ds["size"])
-        for spec, row in rows.items():
+        rows[data] = {"gap": {"runs": [{"seed": None, "metrics": _metrics(zero_shot,
+                                                                          ds["labels"][eval_idx].tolist())}]}}
+    # the heads on the final map on every dataset first, then the (much dearer) mid-level heads; the results so
+    # far are written after each head, so that an interrupted experiment still leaves its finished rows
+    tasks = [(data, spec, False, cfg.seeds) for data in cfg.data for spec in cfg.heads]
+    tasks += [(data, spec, True, cfg.mid_seeds or cfg.seeds) for data in cfg.data for spec in cfg.mid_heads
+              if cfg.mid_data is None or data in cfg.mid_data]
+    for data, spec, is_mid, seeds in tasks:
+        runs = []
+        for seed in seeds:
+            what = {k: v for k, v in asdict(cfg).items()
+                    if k not in ("out", "argv", "heads", "mid_heads", "mid_data", "seeds", "mid_seeds", "cache_dir",
+                                 "data", "threads")}
+            if not is_mid:
+                what.pop("mid_epochs")
+            what.update(data_key=datasets[data]["data_key"], spec=spec, seed=seed)
+            key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+            if key in done:
+                run = {k: v for k, v in done[key].items() if k != "spec"}
+                log(f"{spec} seed {seed}: from the journal")
+            else:
+                run = _ordering_run(cfg, datasets[data], spec, seed, is_mid, log)
+                append_journal(journal, key, spec, run)
+            runs.append(run)
+        rows[data][spec] = {"runs": runs, "on": "mid-level maps" if is_mid else "final map"}
+        _collect(cfg, result, datasets, rows, t0)
+        write_orderings(result, out)
+    _collect(cfg, result, datasets, rows, t0, costs=True)
+    write_orderings(result, out)
+    journal.unlink(missing_ok=True)
+    return result
+
+
+def _collect(cfg: OrderingsConfig, result: dict, datasets: dict, rows: dict, t0: float, costs: bool = False) -> None:
+    """Summaries, verdicts (and with `costs`, the cost columns) of every row so far, into `result`."""
+    for data, ds in datasets.items():
+        prices = _ordering_costs(cfg, list(rows[data]), ds["size"]) if costs else {}
+        for spec, row in rows[data].items():
             row["summary"] = _summary(row["runs"])
-            row.update(costs[spec])
+            row.update(prices.get(spec, {}))
             row["train_seconds"] = sum(r.get("train_seconds", 0.0) for r in row["runs"])
-        result["datasets"][data] = {"rows": rows, "verdicts": _ordering_verdicts(rows), "image_size": ds["size"],
-                                    "preprocessing": ds["spec"],
+        result["datasets"][data] = {"rows": rows[data], "verdicts": _ordering_verdicts(rows[data]),
+                                    "image_size": ds["size"], "preprocessing": ds["spec"],
                                     "maps": {str(k): list(v.shape[1:]) for k, v in ds["maps"].items()},
                                     "images": {"train": int((ds["labels"] < len(ds["train_classes"])).sum()),
                                                "eval": int((ds["labels"] >= len(ds["train_classes"])).sum()),
@@ -775,9 +795,6 @@ def run_orderings(cfg: OrderingsConfig, log=print) -> dict:
                                                "eval_classes": len(ds["eval_classes"])},
                                     "backbone_seconds": ds["backbone_seconds"]}
     result["seconds"] = time.perf_counter() - t0
-    write_orderings(result, out)
-    journal.unlink(missing_ok=True)
-    return result
 
 
 def write_orderings(result: dict, out: Path) -> None:
@@ -814,8 +831,9 @@ def write_orderings(result: dict, out: Path) -> None:
             name = "gap (zero-shot, no training)" if spec == "gap" else spec
             lines.append(f"| `{name}` | {row.get('on', 'final map')} | {_fmt(s['recall@1'])} | {_fmt(s['recall@2'])} | "
                          f"{_fmt(s['recall@4'])} | {_fmt(s['recall@8'])} | {_fmt(s['map'])} | "
-                         f"{row['params'] / 1e6:.2f} M | {row['params_beyond_backbone'] / 1e6:.2f} M | "
-                         f"{row['gflops']:.2f} | {row['train_seconds']:.0f} |")
+                         + (f"{row['params'] / 1e6:.2f} M | {row['params_beyond_backbone'] / 1e6:.2f} M | "
+                            f"{row['gflops']:.2f} |" if "params" in row else " | | |")
+                         + f" {row['train_seconds']:.0f} |")
         lines += ["", "| ordering | R@1 difference, mean (min, max over seeds) | mAP difference, mean (min, max) | "
                   "holds on seeds | verdict |", "|---|---|---|---|---|"]
         for v in ds["verdicts"]:
@@ -846,6 +864,7 @@ def _orderings_main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=OrderingsConfig.epochs)
     p.add_argument("--mid-epochs", type=int, default=None)
+    p.add_argument("--mid-seeds", default=None, help="seeds of the mid heads (default: --seeds)")
     p.add_argument("--cache-dir", default=OrderingsConfig.cache_dir)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -854,7 +873,9 @@ def _orderings_main(argv: list[str] | None = None) -> int:
                           heads=tuple(args.heads or ORDERING_HEADS), mid_heads=mid,
                           mid_data=tuple(args.mid_data) if args.mid_data else None,
                           seeds=tuple(int(s) for s in args.seeds.split(",")), epochs=args.epochs,
-                          mid_epochs=args.mid_epochs, cache_dir=args.cache_dir, threads=args.threads,
+                          mid_epochs=args.mid_epochs,
+                          mid_seeds=tuple(int(v) for v in args.mid_seeds.split(",")) if args.mid_seeds else None,
+                          cache_dir=args.cache_dir, threads=args.threads,
                           argv=tuple(["python", "-m", "experiments.heads", "orderings"] + list(
                               sys.argv[2:] if argv is None else argv)))
     try:
