@@ -538,6 +538,7 @@ class OrderingsConfig:
     xbm_weight: float = 1.0
     cache_dir: str = "~/.cache/asymsearch/featmaps"
     threads: int = 1
+    cache_threads: int | None = None  # torch threads while the maps are computed (None: threads)
     argv: tuple = ()
 
 
@@ -739,6 +740,7 @@ def run_orderings(cfg: OrderingsConfig, log=print) -> dict:
               "provenance": provenance(list(cfg.argv) or None), "config": asdict(cfg), "datasets": {}}
     t0 = time.perf_counter()
     datasets, rows = {}, {}
+    torch.set_num_threads(max(1, cfg.cache_threads or cfg.threads))
     for data in cfg.data:
         mid = cfg.mid_heads if cfg.mid_data is None or data in cfg.mid_data else ()
         ds = datasets[data] = _dataset_maps(cfg, data, [_mid_split(cfg, s) for s in mid], log)
@@ -747,6 +749,7 @@ def run_orderings(cfg: OrderingsConfig, log=print) -> dict:
         zero_shot = embed_maps(create_head("gap", final.shape[1], final.shape[1]), np.asarray(final[eval_idx]))
         rows[data] = {"gap": {"runs": [{"seed": None, "metrics": _metrics(zero_shot,
                                                                           ds["labels"][eval_idx].tolist())}]}}
+    torch.set_num_threads(max(1, cfg.threads))
     # the heads on the final map on every dataset first, then the (much dearer) mid-level heads; the results so
     # far are written after each head, so that an interrupted experiment still leaves its finished rows
     tasks = [(data, spec, False, cfg.seeds) for data in cfg.data for spec in cfg.heads]
@@ -757,7 +760,7 @@ def run_orderings(cfg: OrderingsConfig, log=print) -> dict:
         for seed in seeds:
             what = {k: v for k, v in asdict(cfg).items()
                     if k not in ("out", "argv", "heads", "mid_heads", "mid_data", "seeds", "mid_seeds", "cache_dir",
-                                 "data", "threads")}
+                                 "data", "threads", "cache_threads")}
             if not is_mid:
                 what.pop("mid_epochs")
             what.update(data_key=datasets[data]["data_key"], spec=spec, seed=seed)
@@ -867,6 +870,7 @@ def _orderings_main(argv: list[str] | None = None) -> int:
     p.add_argument("--mid-seeds", default=None, help="seeds of the mid heads (default: --seeds)")
     p.add_argument("--cache-dir", default=OrderingsConfig.cache_dir)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache-threads", type=int, default=None, help="threads while the maps are computed")
     args = p.parse_args(argv)
     mid = () if args.mid_heads == ["none"] else tuple(args.mid_heads or ORDERING_MID_HEADS)
     cfg = OrderingsConfig(data=tuple(args.data), out=args.out, backbone=args.backbone,
@@ -876,6 +880,7 @@ def _orderings_main(argv: list[str] | None = None) -> int:
                           mid_epochs=args.mid_epochs,
                           mid_seeds=tuple(int(v) for v in args.mid_seeds.split(",")) if args.mid_seeds else None,
                           cache_dir=args.cache_dir, threads=args.threads,
+                          cache_threads=args.cache_threads,
                           argv=tuple(["python", "-m", "experiments.heads", "orderings"] + list(
                               sys.argv[2:] if argv is None else argv)))
     try:
