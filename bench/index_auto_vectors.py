@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True, help="CUB-100 image folder root (class folders)")
     p.add_argument("--work", type=Path, required=True, help="where models and vectors are written")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--fit-classes", type=int, default=FIT_CLASSES,
+                   help="training-half classes the ridge map is fitted on (default: %(default)s)")
+    p.add_argument("--validation-classes", type=int, default=VALIDATION_CLASSES,
+                   help="the training-half classes after them, which choose the ridge strength and give the tuning "
+                        "queries (default: %(default)s)")
     args = p.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     work = args.work
@@ -85,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     items = list_image_folder(root)
     classes = sorted({it.label for it in items})
     train_half, eval_half = classes[:len(classes) // 2], classes[len(classes) // 2:]
-    fit, validation = train_half[:FIT_CLASSES], train_half[FIT_CLASSES:FIT_CLASSES + VALIDATION_CLASSES]
+    fit = train_half[:args.fit_classes]
+    validation = train_half[args.fit_classes:args.fit_classes + args.validation_classes]
+    if not fit or not validation:
+        raise SystemExit(f"{len(train_half)} training-half classes: too few for {args.fit_classes} fit + "
+                         f"{args.validation_classes} validation classes")
     cache = work / "embeddings.npz"
     if cache.is_file():
         z = np.load(cache, allow_pickle=False)
