@@ -80,10 +80,9 @@ def _subset(source: Path, dst: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 23: not met yet. Measured 2026-12-03 on this subset: served student "
-                                       "R@1 0.852 / mAP 0.735 (with --keep-start; 0.833 / 0.699 without) against "
-                                       "the floor's 0.861 / 0.726: mAP above it, Recall@1 one query below; flip to "
-                                       "a plain test when the recipe beats both")
+@pytest.mark.xfail(strict=True, reason="issue 23: not met yet. Measured 2026-12-04 (288/160 px recipe, WiSE-FT "
+                                       "floor): served student R@1 0.917 / mAP 0.778 against the floor's (zero-shot "
+                                       "Lite0 at 160 px) 0.963 / 0.781; flip to a plain test when the recipe beats both")
 def test_served_student_beats_its_zero_shot_floor(tmp_path):
     from asymsearch.cli.demo import RECIPE_SIZES, STUDENT_RECIPE, TEACHER_RECIPE
     from asymsearch.core.manifest import Preprocessing
