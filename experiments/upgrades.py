@@ -47,14 +47,126 @@ def embed(ckpt: dict, items, cache: str) -> np.ndarray:
 
 def run_prefill(args) -> None:
     items = prepare_data(args.data, args.classes, 0.0)[0]
+    old = load_checkpoint(args.mix_old) if args.mix_old else None
     for path in args.teacher:
         ckpt = load_checkpoint(path)
         spec = Preprocessing.from_dict(ckpt["preprocessing"])
         tid = ckpt["model_id"]
         key = {"kind": "teacher-embeddings", "teacher_id": tid, "preprocessing": spec.to_dict(),
                "augmentation": "none", "items": items_fingerprint(items), "count": len(items)}
-        cached_array(args.cache_dir, f"teacher-{tid}", key, lambda: embed(ckpt, items, args.trunk_cache),
-                     log=print)
+
+        def compute(ckpt=ckpt) -> np.ndarray:
+            t = embed(ckpt, items, args.trunk_cache)
+            if old is None:
+                return t
+            # the student's regression target: the direction of t_new + w * t_old, i.e. the minimiser of
+            # |s - t_new|^2 + w |s - t_old|^2 over unit s (a student that must query the old index as well)
+            mixed = t + args.mix_weight * embed(old, items, args.trunk_cache)
+            return (mixed / np.linalg.norm(mixed, axis=1, keepdims=True)).astype(np.float32)
+        cached_array(args.cache_dir, f"teacher-{tid}", key, compute, log=print)
+
+
+def fit_val_items(data: str):
+    """(training-half items, the fit items, the validation items): validation = every 5th class of the training
+    half (`training.common.prepare_data` with 0.2), fit = the other 40; the lists `--classes A,B,...` gives."""
+    train_items = prepare_data(data, "first-half", 0.0)[0]
+    fit_items, val_items, _ = prepare_data(data, "first-half", 0.2)
+    return train_items, fit_items, val_items
+
+
+def run_split_cache(args) -> None:
+    """Write the trunk-map caches of the fit and validation classes as slices of the training half's, so runs on
+    the 40 fit classes (`--classes A,B,...`) find their maps without a second pass of the trunk."""
+    from asymsearch.training.featcache import cache_key, feature_maps
+    train_items, fit_items, val_items = fit_val_items(args.data)
+    rows = {str(it.path): i for i, it in enumerate(train_items)}
+    for path in args.checkpoint:
+        ckpt = load_checkpoint(path)
+        cfg, spec = ckpt["config"], Preprocessing.from_dict(ckpt["preprocessing"])
+        backbone, tune = ckpt["arch"]["backbone"], int(cfg["tune_units"])
+        full = feature_maps(train_items, backbone, cfg["pretrained"], spec, args.trunk_cache, tail_units=tune)
+        cache = Path(args.trunk_cache)
+        for items in (fit_items, val_items):
+            key = cache_key(backbone, cfg["pretrained"], spec, items, tune)
+            if (cache / f"{key}.npy").is_file():
+                continue
+            sub = np.asarray(full.maps[[rows[str(it.path)] for it in items]])
+            np.save(cache / f".{key}.tmp.npy", sub)
+            (cache / f".{key}.tmp.npy").rename(cache / f"{key}.npy")
+            (cache / f"{key}.json").write_text(json.dumps({"backbone": backbone, "pretrained": cfg["pretrained"],
+                                                           "spec": spec.to_dict(), "tail_units": tune, "view": 0,
+                                                           "paths": [str(it.path) for it in items],
+                                                           "sliced_from": "training half"}, indent=1))
+            print(f"{path}: {len(items)} maps sliced into {key}")
+
+
+def run_prefill_old(args) -> None:
+    """The old teacher's embeddings that `train teacher --compatible-with OLD.onnx` reads (`training.compat.
+    old_embeddings`, its cache beside --trunk-cache), computed from the cached trunk maps instead of a pass of the
+    ONNX model over the images (the two agree to cosine 1.0000; docs/results/upgrades.md)."""
+    from asymsearch.core.ort import OnnxEmbedder
+    ckpt = load_checkpoint(args.old)
+    manifest = OnnxEmbedder(args.onnx, warmup=False).manifest
+    if manifest.teacher_id != ckpt["model_id"] or manifest.preprocessing.to_dict() != ckpt["preprocessing"]:
+        raise SystemExit(f"{args.onnx} is not the export of {args.old}")
+    train_items, fit_items, _ = fit_val_items(args.data)
+    for items in ([train_items] if args.classes == "first-half" else [fit_items] if args.classes == "fit" else
+                  [train_items, fit_items]):
+        key = {"kind": "old-teacher-embeddings", "teacher_id": manifest.teacher_id,
+               "preprocessing": manifest.preprocessing.to_dict(), "augmentation": "none",
+               "items": items_fingerprint(items), "count": len(items)}
+        cached_array(Path(args.trunk_cache).expanduser().parent / "old-teacher", f"old-teacher-{manifest.teacher_id}",
+                     key, lambda items=items: embed(ckpt, items, args.trunk_cache), log=print)
+
+
+def run_select_student(args) -> None:
+    """The weight of OLD's vectors in the target of the compatible teacher's student, chosen on the validation
+    classes among students trained on the other 40: the candidate with the best Recall@1 on the compatible
+    teacher's vectors among those whose Recall@1 on OLD's vectors is >= OLD's own student's there (no regression on
+    the old index); when none is, the one best on OLD's vectors."""
+    _, _, val_items = fit_val_items(args.data)
+    labels = np.array([it.label for it in val_items])
+    old = embed(load_checkpoint(args.old), val_items, args.trunk_cache)
+    newc = embed(load_checkpoint(args.newc), val_items, args.trunk_cache)
+    bar = metrics(embed(load_checkpoint(args.old_student), val_items, args.trunk_cache), labels, old, labels)
+    out = {"what": "weight of OLD's vectors in the compatible teacher's student's target, chosen on validation "
+                   "classes carved from the training half (students trained on the other 40 classes)",
+           "old_student_to_old": bar, "candidates": {}, "provenance": provenance()}
+    for path in args.candidates:
+        q = embed(load_checkpoint(path), val_items, args.trunk_cache)
+        out["candidates"][path] = {"to_old": metrics(q, labels, old, labels), "to_newc": metrics(q, labels, newc,
+                                                                                                  labels)}
+    c = out["candidates"]
+    ok = [k for k in c if c[k]["to_old"]["recall@1"] >= bar["recall@1"]]
+    out["chosen"] = (max(ok, key=lambda k: (c[k]["to_newc"]["recall@1"], c[k]["to_old"]["recall@1"])) if ok else
+                     max(c, key=lambda k: (c[k]["to_old"]["recall@1"], c[k]["to_old"]["map"])))
+    print(json.dumps(out, indent=1))
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
+
+def run_select(args) -> None:
+    """The compatibility weight, chosen on the validation classes (every 5th class of the training half) among
+    teachers trained on the other 40: each candidate's new-to-old Recall@1 (its queries against OLD's vectors of
+    the validation images) and its own Recall@1 against the unconstrained NEW trained on the same 40 classes; the
+    candidate with the best new-to-old Recall@1 among those keeping >= 0.98x NEW's."""
+    _, _, val_items = fit_val_items(args.data)
+    labels = np.array([it.label for it in val_items])
+    old = embed(load_checkpoint(args.old), val_items, args.trunk_cache)
+    new = embed(load_checkpoint(args.new), val_items, args.trunk_cache)
+    out = {"what": "compatibility weight chosen on validation classes carved from the training half (every 5th "
+                   "class; the candidates and NEW trained on the other 40 classes)",
+           "val_classes": sorted(set(labels.tolist())), "old_old": metrics(old, labels, old, labels),
+           "new_new": metrics(new, labels, new, labels), "new_old": metrics(new, labels, old, labels),
+           "candidates": {}, "provenance": provenance()}
+    for path in args.candidates:
+        e = embed(load_checkpoint(path), val_items, args.trunk_cache)
+        own, cross = metrics(e, labels, e, labels), metrics(e, labels, old, labels)
+        out["candidates"][path] = {"self": own, "to_old": cross,
+                                   "self_ratio": round(own["recall@1"] / out["new_new"]["recall@1"], 4)}
+    ok = {k: v for k, v in out["candidates"].items() if v["self_ratio"] >= 0.98}
+    out["chosen"] = max(ok, key=lambda k: (ok[k]["to_old"]["recall@1"], ok[k]["to_old"]["map"])) if ok else None
+    print(json.dumps(out, indent=1))
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 
 
 def metrics(q, ql, db, dbl) -> dict:
@@ -108,7 +220,10 @@ def run_evaluate(args) -> None:
               "seeds": {}, "provenance": provenance()}
     for seed in args.seeds:
         ck = {name: load_checkpoint(root / f"{name}_s{seed}.pt") for name in
-              ("old", "new", "newc", "st_old", "st_new", "st_newc")}
+              ("old", "new", "newc", "st_old", "st_newc")}
+        for name in ("st_new", "st_newcp", "newr", "st_newr"):  # present in some runs only
+            if (root / f"{name}_s{seed}.pt").is_file():
+                ck[name] = load_checkpoint(root / f"{name}_s{seed}.pt")
         e = {name: embed(c, eval_items, args.trunk_cache) for name, c in ck.items()}
         r = {
             "OLD -> OLD (teacher, reference)": metrics(e["old"], labels, e["old"], labels),
@@ -118,29 +233,38 @@ def run_evaluate(args) -> None:
             "NEW -> OLD index (unconstrained, new-to-old)": metrics(e["new"], labels, e["old"], labels),
             "OLD's student -> OLD index": metrics(e["st_old"], labels, e["old"], labels),
             "NEWc's student -> OLD index": metrics(e["st_newc"], labels, e["old"], labels),
-            "NEW's student -> OLD index (not compatible)": metrics(e["st_new"], labels, e["old"], labels),
             "NEWc's student -> NEWc index": metrics(e["st_newc"], labels, e["newc"], labels),
-            "NEW's student -> NEW index (re-embedded)": metrics(e["st_new"], labels, e["new"], labels),
         }
-        if (root / f"newr_s{seed}.pt").is_file():  # the variant with regression (--compat-regression 1)
-            for name in ("newr", "st_newr"):
-                ck[name] = load_checkpoint(root / f"{name}_s{seed}.pt")
-                e[name] = embed(ck[name], eval_items, args.trunk_cache)
+        if "st_newcp" in e:  # NEWc's student regressed onto NEWc alone (no OLD vectors in its target)
+            r["NEWc's plain student -> OLD index"] = metrics(e["st_newcp"], labels, e["old"], labels)
+            r["NEWc's plain student -> NEWc index"] = metrics(e["st_newcp"], labels, e["newc"], labels)
+        if "st_new" in e:
+            r["NEW's student -> OLD index (not compatible)"] = metrics(e["st_new"], labels, e["old"], labels)
+            r["NEW's student -> NEW index (re-embedded)"] = metrics(e["st_new"], labels, e["new"], labels)
+        if "newr" in e:
             r.update({
                 "NEWr -> NEWr (compatible + regression)": metrics(e["newr"], labels, e["newr"], labels),
                 "NEWr -> OLD index (teacher, new-to-old)": metrics(e["newr"], labels, e["old"], labels),
-                "NEWr's student -> OLD index": metrics(e["st_newr"], labels, e["old"], labels),
-                "NEWr's student -> NEWr index": metrics(e["st_newr"], labels, e["newr"], labels),
             })
+        if "st_newr" in e:
+            r["NEWr's student -> OLD index"] = metrics(e["st_newr"], labels, e["old"], labels)
+        targets = {"newc_self_over_new": round(r["NEWc -> NEWc (compatible teacher)"]["recall@1"]
+                                               / r["NEW -> NEW (unconstrained teacher)"]["recall@1"], 4),
+                   "newc_student_on_old_minus_old_student": round(r["NEWc's student -> OLD index"]["recall@1"]
+                                                                  - r["OLD's student -> OLD index"]["recall@1"], 4)}
+        result["seeds"][str(seed)] = {"rows": r, "targets": targets,
+                                      "teacher_ids": {k: c["model_id"] for k, c in ck.items()}}
+        if "st_new" not in ck:
+            print(json.dumps(result["seeds"][str(seed)], indent=1))
+            continue
         m, choice, chosen, fit_s = learn_map(ck, args, seed)
         start = time.perf_counter()
         mapped = m(e["old"])
         apply_s = time.perf_counter() - start
         r["NEW's student -> OLD index transformed to NEW"] = metrics(e["st_new"], labels, mapped, labels)
         r["NEW -> OLD index transformed to NEW (teacher)"] = metrics(e["new"], labels, mapped, labels)
-        result["seeds"][str(seed)] = {"rows": r, "map_validation": choice, "map_chosen": chosen,
-                                      "map_fit_seconds": fit_s, "map_apply_seconds": apply_s,
-                                      "teacher_ids": {k: c["model_id"] for k, c in ck.items()}}
+        result["seeds"][str(seed)].update(map_validation=choice, map_chosen=chosen, map_fit_seconds=fit_s,
+                                          map_apply_seconds=apply_s)
         print(json.dumps(result["seeds"][str(seed)], indent=1))
         if args.save_map:
             m.save(root / f"map_s{seed}.npz")
@@ -190,10 +314,42 @@ def main(argv=None) -> None:
     a.add_argument("--teacher", nargs="+", required=True)
     a.add_argument("--cache-dir", required=True)
     a.add_argument("--trunk-cache", required=True)
+    a.add_argument("--mix-old", help="old teacher checkpoint: write normalise(t + w * t_old) instead of t")
+    a.add_argument("--mix-weight", type=float, default=1.0)
     a.set_defaults(func=run_prefill)
+    sc = sub.add_parser("split-cache")
+    sc.add_argument("--data", required=True)
+    sc.add_argument("--checkpoint", nargs="+", required=True)
+    sc.add_argument("--trunk-cache", required=True)
+    sc.set_defaults(func=run_split_cache)
+    po = sub.add_parser("prefill-old")
+    po.add_argument("--data", required=True)
+    po.add_argument("--old", required=True, help="the old teacher's checkpoint")
+    po.add_argument("--onnx", required=True, help="its export, as --compatible-with takes it")
+    po.add_argument("--classes", choices=("first-half", "fit", "both"), default="both")
+    po.add_argument("--trunk-cache", required=True)
+    po.set_defaults(func=run_prefill_old)
+    se = sub.add_parser("select")
+    se.add_argument("--data", required=True)
+    se.add_argument("--old", required=True)
+    se.add_argument("--new", required=True, help="the unconstrained NEW trained on the 40 fit classes")
+    se.add_argument("--candidates", nargs="+", required=True)
+    se.add_argument("--trunk-cache", required=True)
+    se.add_argument("--out", required=True)
+    se.set_defaults(func=run_select)
+    ss = sub.add_parser("select-student")
+    ss.add_argument("--data", required=True)
+    ss.add_argument("--old", required=True, help="OLD's teacher checkpoint")
+    ss.add_argument("--old-student", required=True, help="OLD's student trained on the 40 fit classes")
+    ss.add_argument("--newc", required=True, help="the compatible teacher the candidates are students of")
+    ss.add_argument("--candidates", nargs="+", required=True)
+    ss.add_argument("--trunk-cache", required=True)
+    ss.add_argument("--out", required=True)
+    ss.set_defaults(func=run_select_student)
     b = sub.add_parser("evaluate")
     b.add_argument("--data", required=True)
-    b.add_argument("--runs", required=True, help="folder with {old,new,newc,st_old,st_new,st_newc}_sS.pt")
+    b.add_argument("--runs", required=True, help="folder with {old,new,newc,st_old,st_newc}_sS.pt (and optionally st_new, st_newcp, newr, "
+                                          "st_newr)")
     b.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
     b.add_argument("--trunk-cache", required=True)
     b.add_argument("--save-map", action="store_true")
