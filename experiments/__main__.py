@@ -246,7 +246,8 @@ def add_addons(sub: argparse._SubParsersAction) -> None:
                                 "set them too)")
     for f in dataclasses.fields(AddOnOptions):  # the one list of add-on options (training.config.AddOnOptions)
         if f.name in BASE_OPTIONS:
-            base.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=float, default=f.default,
+            base.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
+                              type=type(f.default) if isinstance(f.default, str) else float,
                               help=f.metadata["help"] + " (default: %(default)s)")
     add_cached_maps_options(p, "variant")
     p.set_defaults(func=run_addons)
