@@ -29,49 +29,13 @@ form's: local / global (the ablation), reduction, kernel, channels (a 1x1 conv +
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from asymsearch.core.errors import UserError
+from asymsearch.training.heads import GLAMHead, _flat
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(2)
-
-
-class GLAMPaperHead(nn.Module):
-    """GLAM in the paper's form (see the module doc), then GeM, a projection to `dim` and L2 normalisation."""
-
-    def __init__(self, in_channels: int, dim: int, local: bool = True, global_: bool = True,
-                 reduction: int = 8, kernel: int = 3, channels: int = 0) -> None:
-        super().__init__()
-        if not (local or global_):
-            raise UserError("head glam needs local=true or global=true (both false is plain GeM: use --head gem)")
-        if kernel < 1 or kernel % 2 == 0 or reduction < 1:
-            raise UserError(f"head glam: kernel must be odd and positive, reduction positive (got {kernel}, "
-                            f"{reduction})")
-        if channels < 0:
-            raise UserError(f"head glam: channels must be 0 (keep) or positive, not {channels}")
-        from asymsearch.training.heads import GeM
-
-        self.reduce = (nn.Sequential(nn.Conv2d(in_channels, channels, 1), nn.ReLU(inplace=False)) if channels
-                       else nn.Identity())
-        c = channels or in_channels
-        cr = max(1, c // reduction)
-        self.use_local, self.use_global = bool(local), bool(global_)
-        if self.use_local:
-            self.lc_conv = nn.Conv1d(1, 1, kernel, padding=kernel // 2, bias=False)
-            self.ls_reduce = nn.Conv2d(c, cr, 1)
-            self.ls_dilated = nn.ModuleList(nn.Conv2d(cr, cr, 3, padding=d, dilation=d) for d in (1, 3, 5))
-            self.ls_out = nn.Conv2d(4 * cr, 1, 1)
-        if self.use_global:
-            self.gc_q = nn.Conv1d(1, 1, kernel, padding=kernel // 2, bias=False)
-            self.gc_k = nn.Conv1d(1, 1, kernel, padding=kernel // 2, bias=False)
-            self.gs_q, self.gs_k, self.gs_v = (nn.Conv2d(c, cr, 1) for _ in range(3))
-            self.gs_out = nn.Conv2d(cr, c, 1)
-        self.fusion = nn.Parameter(torch.zeros(1 + self.use_local + self.use_global))
-        self.pool = GeM()
-        self.proj = nn.Linear(c, dim)
+class GLAMPaperHead(GLAMHead):
+    """GLAM in the paper's form (see the module doc), then GeM, a projection to `dim` and L2 normalisation. The
+    parameters, their names and the fusion are those of the gate form (`GLAMHead`), so only the two streams differ."""
 
     def local_stream(self, x: torch.Tensor) -> torch.Tensor:
         """F^l: local channel attention, then local spatial attention on the channel-attended map."""
@@ -101,13 +65,6 @@ class GLAMPaperHead(nn.Module):
         f_c = self.global_channel(x)
         return f_c * self.global_spatial(f_c) + f_c
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.reduce(x)
-        w = torch.softmax(self.fusion, dim=0)
-        streams = [x]
-        if self.use_local:
-            streams.append(self.local_stream(x))
-        if self.use_global:
-            streams.append(self.global_stream(x))
-        fused = sum(w[i] * s for i, s in enumerate(streams))
-        return F.normalize(self.proj(self.pool(fused)), p=2, dim=1)
+    local_attention = local_stream  # what GLAMHead.forward fuses
+
+    global_attention = global_stream
