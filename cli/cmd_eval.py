@@ -117,11 +117,10 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from asymsearch.index.evaluate import evaluate, evaluate_pair, evaluate_revisited, format_table
+    note = None
     if args.revisited is None:
         models = [args.teacher, args.student, args.query_model, args.database_model]
         args.classes, note = resolve_classes(args.data, args.classes, models)
-        if note and not args.json:
-            print(note, file=sys.stderr)
         warning = seen_classes_warning(args.data, args.classes, models)
         if warning:
             print(warning, file=sys.stderr)
@@ -146,5 +145,7 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate(args.data, args.teacher, args.student, index=args.index, classes=args.classes,
                           batch_size=args.batch_size, progress=not args.json, multiscale=args.multiscale,
                           flip=args.flip)
+    if note and not args.json:  # after the run, so that a refusal stays the one line it is
+        print(note, file=sys.stderr)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
