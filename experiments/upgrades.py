@@ -149,24 +149,39 @@ def run_select(args) -> None:
     teachers trained on the other 40: each candidate's new-to-old Recall@1 (its queries against OLD's vectors of
     the validation images) and its own Recall@1 against the unconstrained NEW trained on the same 40 classes; the
     candidate with the best new-to-old Recall@1 among those keeping >= 0.98x NEW's."""
-    _, _, val_items = fit_val_items(args.data)
+    _, fit_items, val_items = fit_val_items(args.data)
     labels = np.array([it.label for it in val_items])
-    old = embed(load_checkpoint(args.old), val_items, args.trunk_cache)
+    old_ckpt = load_checkpoint(args.old)
+    old = embed(old_ckpt, val_items, args.trunk_cache)
+    old_fit = embed(old_ckpt, fit_items, args.trunk_cache) if args.fit_cosines else None
     new = embed(load_checkpoint(args.new), val_items, args.trunk_cache)
     out = {"what": "compatibility weight chosen on validation classes carved from the training half (every 5th "
                    "class; the candidates and NEW trained on the other 40 classes)",
            "val_classes": sorted(set(labels.tolist())), "old_old": metrics(old, labels, old, labels),
            "new_new": metrics(new, labels, new, labels), "new_old": metrics(new, labels, old, labels),
-           "candidates": {}, "provenance": provenance()}
+           "new_cosine_to_old": same_image_cosine(new, old), "candidates": {}, "provenance": provenance()}
     for path in args.candidates:
-        e = embed(load_checkpoint(path), val_items, args.trunk_cache)
+        ckpt = load_checkpoint(path)
+        e = embed(ckpt, val_items, args.trunk_cache)
         own, cross = metrics(e, labels, e, labels), metrics(e, labels, old, labels)
         out["candidates"][path] = {"self": own, "to_old": cross,
-                                   "self_ratio": round(own["recall@1"] / out["new_new"]["recall@1"], 4)}
+                                   "self_ratio": round(own["recall@1"] / out["new_new"]["recall@1"], 4),
+                                   "cosine_to_old": same_image_cosine(e, old)}
+        if old_fit is not None:  # how closely the regression fit OLD's vectors of its own training images
+            out["candidates"][path]["cosine_to_old_fit_images"] = same_image_cosine(
+                embed(ckpt, fit_items, args.trunk_cache), old_fit)
     ok = {k: v for k, v in out["candidates"].items() if v["self_ratio"] >= 0.98}
     out["chosen"] = max(ok, key=lambda k: (ok[k]["to_old"]["recall@1"], ok[k]["to_old"]["map"])) if ok else None
     print(json.dumps(out, indent=1))
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
+
+def same_image_cosine(a: np.ndarray, b: np.ndarray) -> dict:
+    """How close two models' unit vectors of the same images are: the mean cosine of each image's pair, and the
+    share of images whose nearest vector in `b` (itself included) is its own (1 for a model regressed onto b)."""
+    sims = a @ b.T
+    return {"mean": round(float(np.mean(np.diag(sims))), 4),
+            "own_is_nearest": round(float(np.mean(np.argmax(sims, axis=1) == np.arange(len(a)))), 4)}
 
 
 def metrics(q, ql, db, dbl) -> dict:
@@ -336,6 +351,8 @@ def main(argv=None) -> None:
     se.add_argument("--candidates", nargs="+", required=True)
     se.add_argument("--trunk-cache", required=True)
     se.add_argument("--out", required=True)
+    se.add_argument("--fit-cosines", action="store_true",
+                    help="also the candidates' cosine to OLD on the images they trained on (the fit classes)")
     se.set_defaults(func=run_select)
     ss = sub.add_parser("select-student")
     ss.add_argument("--data", required=True)
