@@ -7,7 +7,8 @@ hits (`index.store.SearchIndex`) — with no gRPC, no queue, no admission and no
 `embed_batch` at a time (default 1: with EfficientNet-Lite on a CPU a larger batch costs as much or more per image)
 and faiss searches the whole batch in one call (a batched Flat search is cheaper per query), so the limit has the
 cheapest batching and the parallelism a server could at best have. It runs for a set time and
-reports queries per second and this process's CPU time per query.
+reports queries per second and this process's CPU time per query, and the thread CPU time of each stage (decode,
+embed, search) per query, as the server exports it.
 
 A limit is an upper bound: a server that beats it by more than noise means the limit does not do what the server
 does (`asymsearch.bench.serve.check_ratio` refuses such a ratio).
@@ -27,6 +28,7 @@ from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import check_pairing
 from asymsearch.core.ort import OnnxEmbedder
 from asymsearch.core.preprocess import decode_image, preprocess
+from asymsearch.bench.server import STAGES
 from asymsearch.index.store import SearchIndex
 
 
@@ -51,6 +53,9 @@ class InProcessLimit:
         self.index = SearchIndex.open(Path(index), gpu=False)
         check_pairing(self.student, self.index.manifest, query_name=str(student), database_name=str(index))
         self.spec = self.student.manifest.preprocessing
+        # thread CPU seconds per stage over a run (the server exports the same: asymsearch_stage_cpu_seconds)
+        self._stage_cpu = dict.fromkeys(STAGES, 0.0)
+        self._stage_lock = threading.Lock()
         try:
             import faiss
             faiss.omp_set_num_threads(1)  # the parallelism is the workers'; OpenMP on top would oversubscribe
@@ -59,18 +64,30 @@ class InProcessLimit:
 
     # the server's steps ------------------------------------------------------------------------------------------
 
+    def _count(self, stage: str, since: float) -> float:
+        """Add this thread's CPU time since `since` to `stage`; returns the thread's CPU time now."""
+        now = time.thread_time()
+        with self._stage_lock:
+            self._stage_cpu[stage] += now - since
+        return now
+
     def _search(self, vectors: np.ndarray) -> np.ndarray:
+        cpu = time.thread_time()
         vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
         _, ids = self.index.search(vectors.astype(np.float32), self.k)
         self.index.lookup_records(sorted({int(i) for i in ids.ravel() if i >= 0}))
+        self._count("search", cpu)
         return ids
 
     def image_batch(self, data: Sequence[bytes]) -> np.ndarray:
         """Encoded images -> the ids of their k best hits (Q, k), as the server finds them."""
+        cpu = time.thread_time()
         pixels = np.stack([preprocess(decode_image(d, min_side=self.spec.resize), self.spec) for d in data])
+        cpu = self._count("decode", cpu)
         e = self.embed_batch
-        return self._search(np.concatenate([self.student.embed_arrays(pixels[i:i + e])
-                                            for i in range(0, len(pixels), e)]))
+        vectors = np.concatenate([self.student.embed_arrays(pixels[i:i + e]) for i in range(0, len(pixels), e)])
+        self._count("embed", cpu)
+        return self._search(vectors)
 
     def vector_batch(self, vectors: Sequence[np.ndarray]) -> np.ndarray:
         return self._search(np.stack(vectors))
@@ -103,6 +120,7 @@ class InProcessLimit:
             with lock:
                 done[0] += mine
 
+        self._stage_cpu = dict.fromkeys(STAGES, 0.0)
         cpu0, wall0 = time.process_time(), time.perf_counter()
         workers = [threading.Thread(target=worker, args=(wall0 + seconds,)) for _ in range(self.threads)]
         for w in workers:
@@ -112,8 +130,9 @@ class InProcessLimit:
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         if errors:
             raise errors[0]
-        return {"queries": done[0], "seconds": wall, "qps": done[0] / wall,
-                "cpu_ms_per_query": cpu * 1e3 / max(1, done[0])}
+        n = max(1, done[0])
+        return {"queries": done[0], "seconds": wall, "qps": done[0] / wall, "cpu_ms_per_query": cpu * 1e3 / n,
+                "stage_cpu_ms_per_query": {k: v * 1e3 / n for k, v in self._stage_cpu.items() if v > 0}}
 
     def close(self) -> None:
         self.index.close()

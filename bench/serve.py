@@ -123,6 +123,10 @@ def median_of(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:
             out[key] = statistics.median(values)
+    stages = {stage for r in runs for stage in r.get("stage_cpu_ms_per_query", {})}
+    if stages:
+        out["stage_cpu_ms_per_query"] = {stage: statistics.median(r.get("stage_cpu_ms_per_query", {}).get(stage, 0.0)
+                                                                  for r in runs) for stage in sorted(stages)}
     errors: dict[str, int] = {}
     for r in runs:
         for code, n in (r.get("errors") or {}).items():
@@ -160,7 +164,10 @@ def _server_round(pool, server, kind: str, concurrency: int, payloads: list, cfg
     out = {"qps": result["finished_in_window"] / result["duration"], "ok": result["codes"].get("OK", 0),
            "errors": {c: n for c, n in result["codes"].items() if c != "OK"},
            "cpu_ms_per_query": (after["cpu_s"] - before["cpu_s"]) * 1e3 / max(1.0, answered),
-           "server_requests": answered, "cpu_source": after["cpu_source"], "rss_mb": after["rss_mb"]}
+           "server_requests": answered, "cpu_source": after["cpu_source"], "rss_mb": after["rss_mb"],
+           "stage_cpu_ms_per_query": {stage: (cpu - before["stage_cpu_s"].get(stage, 0.0)) * 1e3 / max(1.0, answered)
+                                      for stage, cpu in after.get("stage_cpu_s", {}).items()
+                                      if cpu > before["stage_cpu_s"].get(stage, 0.0)}}
     if len(lat):
         out.update({f"p{q}_ms": float(np.percentile(lat, q)) for q in (50, 95, 99)})
     return out
@@ -365,7 +372,7 @@ def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
         for name, vs in data["vs_limit"].items():
             if "refused" in vs:
                 lines += ["", f"**Refused:** {vs['refused']}"]
-        lines.append("")
+        lines += [""] + stage_table(data["medians"])
     idle = report.get("idle_streams")
     if idle:
         lines += ["## Idle streams", "",
@@ -392,6 +399,25 @@ def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
     for name, t in report["targets"].items():
         lines.append(f"| {name}: {t['target']} | `{json.dumps(t['measured'])}` | {'yes' if t['met'] else 'NO'} |")
     return "\n".join(lines) + "\n"
+
+
+def stage_table(medians: dict[str, dict[str, Any]]) -> list[str]:
+    """Where each candidate's CPU per query goes: the thread CPU of decode, embed and search (what the server exports
+    as asymsearch_stage_cpu_seconds, and the limit counts the same way) and the rest of the process CPU (in the
+    server: gRPC, asyncio, admission and the hand-offs between threads). Empty when no candidate has the stages."""
+    from asymsearch.bench.server import STAGES
+    rows = [(name, m) for name, m in medians.items() if m.get("stage_cpu_ms_per_query")]
+    if not rows:
+        return []
+    lines = ["Where the CPU goes (CPU ms per query, medians of the rounds; stages by thread CPU time, \"rest\" = "
+             "process CPU minus the stages):", "", "| candidate | " + " | ".join(STAGES) + " | rest | total |",
+             "|---" * (len(STAGES) + 3) + "|"]
+    for name, m in rows:
+        stages = m["stage_cpu_ms_per_query"]
+        rest = m["cpu_ms_per_query"] - sum(stages.get(s, 0.0) for s in STAGES)
+        lines.append(f"| {name} | " + " | ".join(_f(stages.get(s), ".2f") for s in STAGES)
+                     + f" | {rest:.2f} | {m['cpu_ms_per_query']:.2f} |")
+    return lines + [""]
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

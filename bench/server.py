@@ -54,6 +54,9 @@ def sample_sum(samples: Iterable[tuple[str, dict[str, str], float]], name: str, 
     return sum(values) if values else None
 
 
+STAGES = ("decode", "embed", "search")  # the pipeline stages whose thread CPU the server exports
+
+
 class ServerProcess:
     """`asymsearch serve` on 127.0.0.1 (ports chosen here) with /metrics on; ready when health says SERVING."""
 
@@ -111,6 +114,10 @@ class ServerProcess:
         out: dict[str, Any] = {kind: sample_sum(samples, "asymsearch_requests_total", method=m)
                                for kind, m in SEARCH_METHODS.items()}
         out["open_streams"] = sample_sum(samples, "asymsearch_open_streams")
+        # thread CPU of the pipeline's stages (a server of older code exports none: {})
+        out["stage_cpu_s"] = {stage: v for stage in STAGES
+                              if (v := sample_sum(samples, "asymsearch_stage_cpu_seconds_total", stage=stage))
+                              is not None}
         cpu = sample_sum(samples, "process_cpu_seconds_total")
         out["cpu_source"] = "/metrics process_cpu_seconds_total"
         if cpu is None:

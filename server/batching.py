@@ -82,6 +82,8 @@ class Metrics:
 
     def tier_embed(self, tier: str, seconds: float, n: int) -> None: ...
 
+    def stage_cpu(self, stage: str, seconds: float, n: int = 1) -> None: ...
+
     def tier_query(self, tier: str, kind: str, seconds: float) -> None: ...
 
 
@@ -355,7 +357,7 @@ class Pipeline:
             self.metrics.dropped("expired")
             job.fail(Expired("the deadline passed before the image was decoded"))
             return
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             job.pixels = self._with_tier(self.engine.prepare_image, data, job.tier)
         except InvalidQuery as e:
@@ -368,6 +370,7 @@ class Pipeline:
         finally:
             self._release_decoded(job)
         seconds = time.perf_counter() - start
+        self.metrics.stage_cpu("decode", time.thread_time() - cpu)
         job.decode_ms = seconds * 1e3
         self.metrics.stage("decode", seconds)
         self._report()
@@ -386,7 +389,9 @@ class Pipeline:
         for j in jobs:
             self.metrics.stage("queue", start - j.ready)
         tier = jobs[0].tier
+        cpu = time.thread_time()
         vectors = self._with_tier(self.engine.embed_prepared, np.stack([j.pixels for j in jobs]), tier)
+        self.metrics.stage_cpu("embed", time.thread_time() - cpu, len(jobs))
         seconds = time.perf_counter() - start
         self.metrics.stage("embed", seconds)
         self.metrics.tier_embed(getattr(tier, "name", ""), seconds, len(jobs))
@@ -404,8 +409,10 @@ class Pipeline:
         start = time.perf_counter()
         for j in jobs:
             self.metrics.stage("queue", start - j.ready)
+        cpu = time.thread_time()
         hits, version = self.engine.search_batch(np.stack([j.vector for j in jobs]), [j.k for j in jobs],
                                                  [j.filter for j in jobs])
+        self.metrics.stage_cpu("search", time.thread_time() - cpu, len(jobs))
         end = time.perf_counter()
         self.metrics.stage("search", end - start)
         for j, h in zip(jobs, hits):

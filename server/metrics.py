@@ -36,6 +36,13 @@ class ServerMetrics(Metrics):
                                          buckets=_LATENCY_BUCKETS, registry=r)
         self.stage_seconds = Histogram("asymsearch_stage_seconds", "time per stage: decode, queue, embed, search, "
                                        "total", ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        # thread CPU time (time.thread_time) of the pipeline's stages: the student and faiss run on the calling thread
+        # with one onnxruntime / OpenMP thread (serve's defaults), so with those settings this is each stage's whole
+        # CPU and the process CPU left over is gRPC, asyncio and the hand-offs between threads (bench serve: "rest")
+        self.stage_cpu_seconds = Counter("asymsearch_stage_cpu_seconds", "CPU time of the thread running each stage "
+                                         "(decode, embed, search)", ["stage"], registry=r)
+        self.stage_items = Counter("asymsearch_stage_items", "queries through each stage (the denominator of "
+                                   "asymsearch_stage_cpu_seconds)", ["stage"], registry=r)
         self.batch_size = Histogram("asymsearch_batch_size", "queries per batch", ["stage"], buckets=_BATCH_BUCKETS,
                                     registry=r)
         self.depth = Gauge("asymsearch_queue_depth", "queries admitted and not yet answered", registry=r)
@@ -57,6 +64,10 @@ class ServerMetrics(Metrics):
 
     def batch(self, stage: str, size: int) -> None:
         self.batch_size.labels(stage).observe(size)
+
+    def stage_cpu(self, stage: str, seconds: float, n: int = 1) -> None:
+        self.stage_cpu_seconds.labels(stage).inc(max(0.0, seconds))
+        self.stage_items.labels(stage).inc(n)
 
     def queue_depth(self, depth: int) -> None:
         self.depth.set(depth)

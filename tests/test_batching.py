@@ -19,7 +19,7 @@ from asymsearch.core.data import list_image_folder
 from asymsearch.core.preprocess import decode_image
 from asymsearch.index.build import build_index
 from asymsearch.protos.v1 import search_pb2, search_pb2_grpc
-from asymsearch.server.batching import BatchingConfig, Expired, Overloaded, Pipeline
+from asymsearch.server.batching import BatchingConfig, Expired, Metrics, Overloaded, Pipeline
 from asymsearch.server.engine import InvalidQuery, QueryEngine
 from asymsearch.server.service import create_server
 
@@ -114,6 +114,37 @@ def test_embed_workers_run_the_student_side_by_side(engine, images):
     finally:
         release.set()
         pipeline.close(5)
+
+
+class StageCpu(Metrics):
+    """Records the pipeline's stage_cpu reports."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, int]] = []
+        self._lock = threading.Lock()
+
+    def stage_cpu(self, stage: str, seconds: float, n: int = 1) -> None:
+        with self._lock:
+            self.calls.append((stage, seconds, n))
+
+
+def test_each_stage_reports_its_thread_cpu_for_the_queries_it_ran(engine, images):
+    """Every image is counted once by decode and embed, every query once by search, with a CPU time >= 0 taken on
+    the thread that ran the stage (what bench serve subtracts from the process CPU to find the rest)."""
+    metrics = StageCpu()
+    pipeline = Pipeline(engine, BatchingConfig(max_batch=4, max_delay_ms=5, max_queue=64, decode_workers=2,
+                                               max_embed_batch=2, embed_workers=2), metrics)
+    try:
+        futures = [pipeline.submit_image(d, 5) for d in images[:9]]
+        futures += [pipeline.submit_vector(engine.student.embed_images([decode_image(d)])[0], 5) for d in images[:3]]
+        for f in futures:
+            f.result(30)
+    finally:
+        pipeline.close(5)
+    count = {stage: sum(n for s, _, n in metrics.calls if s == stage) for stage in ("decode", "embed", "search")}
+    assert count == {"decode": 9, "embed": 9, "search": 12}
+    assert all(seconds >= 0 for _, seconds, _ in metrics.calls)
+    assert sum(seconds for s, seconds, _ in metrics.calls if s == "embed") > 0
 
 
 def test_full_queue_is_refused_at_once_and_frees_up(engine, images):

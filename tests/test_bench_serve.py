@@ -86,6 +86,14 @@ def test_bench_serve_end_to_end_at_toy_scale(tmp_path, image_folder, tiny_models
                 assert r["queries" if name == LIMIT else "server_requests"] > 0 and r["cpu_ms_per_query"] > 0
                 assert not r.get("errors")
         assert f"## {kind} queries" in page
+        # the thread CPU of each stage, from the server's /metrics and counted the same way in the limit: an image
+        # query goes through decode, embed and search, a vector query through search alone
+        want = {"decode", "embed", "search"} if kind == "image" else {"search"}
+        for name, runs in data["runs"].items():
+            for r in runs:
+                stages = r["stage_cpu_ms_per_query"]
+                assert set(stages) == want and all(v > 0 for v in stages.values()), (kind, name, stages)
+    assert page.count("Where the CPU goes") == 2
     assert report["index"]["count"] == 40  # the second half of the 8 classes of 10
     assert report["provenance"]["commit"] and report["provenance"]["machine"]["cores"] >= 1
     idle = report["idle_streams"]
