@@ -38,11 +38,15 @@ from pathlib import Path
 import numpy as np
 
 from asymsearch.core.errors import UserError
+from asymsearch.training.heads import explicit_head_spec, recorded_head_spec
 
 from experiments.common import MapsExperimentConfig, cache_maps, embed_maps, train_on_maps
 
+# glam: the paper's form (the default); diablo: its light form, the one that reads the final map these heads train
+# on (the paper form holds the backbone's later units: `python -m experiments.heads orderings --mid-head`)
 DEFAULT_HEADS = ("gem", "glam:channels=256", "glam:channels=256,global=false", "glam:channels=256,local=false",
-                 "glap", "diablo:channels=256", "diablo:channels=256,select=feature,attention=post")
+                 "glap", "diablo:form=light,channels=256",
+                 "diablo:form=light,channels=256,select=feature,attention=post")
 
 
 @dataclass(kw_only=True)
@@ -191,7 +195,7 @@ def run_fingerprint(cfg: HeadsExperimentConfig, data_key: str, spec: str, seed: 
     `data_key` (the feature-map cache key: backbone, weights, preprocessing and every image) and the run's own
     spec and seed."""
     what = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
-    what.update(data_key=data_key, spec=spec, seed=seed)
+    what.update(data_key=data_key, spec=explicit_head_spec(spec), seed=seed)  # `glam` is not what it was
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -316,7 +320,7 @@ def run_heads_experiment(cfg: HeadsExperimentConfig, log=print) -> dict:
     import torch
 
     from asymsearch.training.featcache import cache_key
-    from asymsearch.training.models import create_head, parse_head_spec
+    from asymsearch.training.models import HEADS, create_head, lookup, parse_head_spec
 
     # the maps are computed before the jobs fork: with every job's threads; each job then sets its own
     torch.set_num_threads(max(1, cfg.threads) * max(1, cfg.jobs))
@@ -325,7 +329,13 @@ def run_heads_experiment(cfg: HeadsExperimentConfig, log=print) -> dict:
     if not cfg.heads or not cfg.seeds:
         raise UserError("give at least one head and one seed")
     for spec in cfg.heads:  # fail before any computation
-        create_head(spec, 16, 1280 if parse_head_spec(spec)[0] == "gap" else cfg.dim)
+        base, options = parse_head_spec(spec)
+        adopt = getattr(lookup(HEADS, "head", base), "adopt_backbone", None)
+        if adopt is not None and adopt(cfg.backbone, None, cfg.dim, **options) is not None:
+            raise UserError(f"--head {spec}: this experiment trains heads on the backbone's final map, and {spec} "
+                            "holds the backbone's units after a mid-level split (DIABLO's paper form, the default): "
+                            f"use diablo:form=light here, or python -m experiments.heads orderings --mid-head {spec}")
+        create_head(spec, 16, 1280 if base == "gap" else cfg.dim)
     if cfg.tune_units:
         from asymsearch.training.teacher import check_teacher_config
         check_teacher_config(teacher_config(cfg, cfg.heads[0], cfg.seeds[0], "unused.pt"))
@@ -354,7 +364,7 @@ def run_heads_experiment(cfg: HeadsExperimentConfig, log=print) -> dict:
     by_task, reused = _journalled_runs(cfg, data_key, log)
     for spec in cfg.heads:
         runs = [by_task[(spec, seed)] for seed in cfg.seeds]
-        rows.append({"head": spec, "spec": spec, "runs": runs, "summary": _summary(runs)})
+        rows.append({"head": spec, "spec": explicit_head_spec(spec), "runs": runs, "summary": _summary(runs)})
     for row, cost in zip(rows, measure_costs(cfg, [r["spec"] for r in rows], size, channels)):
         row.update(cost)
     result = {"config": {k: v for k, v in asdict(cfg).items() if k != "results"}, "image_size": size,
@@ -458,8 +468,9 @@ def recost(out: str | Path, threads: int = 1, log=print) -> dict:
                                    for k, v in result["config"].items() if k in fields})
     channels = result["feature_map"][0]
     log(f"re-measuring the costs of {len(result['rows'])} rows side by side")
-    for row, cost in zip(result["rows"], measure_costs(cfg, [r["spec"] for r in result["rows"]],
-                                                       result["image_size"], channels)):
+    # a row's spec without its form was written before the paper forms became the defaults: the earlier form
+    specs = [recorded_head_spec(r["spec"]) for r in result["rows"]]
+    for row, cost in zip(result["rows"], measure_costs(cfg, specs, result["image_size"], channels)):
         row.update(cost)
     result["machine"] = result["machine"].rsplit(",", 1)[0] + f", {threads} thread(s)"
     result["recost_command"] = f"python -m experiments heads --recost --out {out} --threads {threads}"
@@ -506,7 +517,8 @@ def main_from_cli(cfg: HeadsExperimentConfig) -> dict:
 # feature cache, the later ones (and the final map) by running the next units over them (float16 in between).
 
 ORDERING_HEADS = ("gem", "glam:form=paper,channels=256", "glam:form=paper,channels=256,global=false",
-                  "glam:form=paper,channels=256,local=false", "glam:channels=256", "glap", "diablo:channels=256")
+                  "glam:form=paper,channels=256,local=false", "glam:form=gate,channels=256", "glap",
+                  "diablo:form=light,channels=256")
 ORDERING_MID_HEADS = ("diablo:form=paper,words=1,attention=post", "diablo:form=paper,attention=post")
 
 
@@ -687,8 +699,9 @@ ORDERINGS = (
      "2020)", "diablo:form=paper,attention=post", "diablo:form=paper,words=1,attention=post"),
     ("DIABLO paper form (dimension-wise, pre-attention, N=8) ≥ its baseline (same units, N=1) (Jacob et al. "
      "2020)", "diablo:form=paper", "diablo:form=paper,words=1"),
-    ("DIABLO light form (dimension-wise, pre-attention) ≥ GeM on the same final map", "diablo:channels=256", "gem"),
-    ("GLAM paper form ≥ the earlier gate form", "glam:form=paper,channels=256", "glam:channels=256"),
+    ("DIABLO light form (dimension-wise, pre-attention) ≥ GeM on the same final map",
+     "diablo:form=light,channels=256", "gem"),
+    ("GLAM paper form ≥ the earlier gate form", "glam:form=paper,channels=256", "glam:form=gate,channels=256"),
 )
 
 
@@ -730,7 +743,7 @@ def run_orderings(cfg: OrderingsConfig, log=print) -> dict:
     from asymsearch.training.diablo import adopt_backbone
     for spec in cfg.mid_heads:
         base, options = parse_head_spec(spec)
-        if base != "diablo" or options.get("form") != "paper":
+        if base != "diablo" or options.get("form", "paper") != "paper":
             raise UserError(f"--mid-head takes diablo:form=paper heads, not {spec}")
         adopt_backbone(cfg.backbone, None, cfg.dim, **options)
     out = Path(cfg.out)
@@ -763,7 +776,7 @@ def run_orderings(cfg: OrderingsConfig, log=print) -> dict:
                                  "data", "threads", "cache_threads")}
             if not is_mid:
                 what.pop("mid_epochs")
-            what.update(data_key=datasets[data]["data_key"], spec=spec, seed=seed)
+            what.update(data_key=datasets[data]["data_key"], spec=explicit_head_spec(spec), seed=seed)
             key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
             if key in done:
                 run = {k: v for k, v in done[key].items() if k != "spec"}
@@ -891,8 +904,9 @@ def _orderings_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-COST_VARIANTS = ("gem", "glam:channels=256", "glam:form=paper,channels=256", "glam", "glam:form=paper", "glap",
-                 "diablo:channels=256", "diablo", "diablo:form=paper,words=1", "diablo:form=paper",
+COST_VARIANTS = ("gem", "glam:form=gate,channels=256", "glam:form=paper,channels=256", "glam:form=gate",
+                 "glam:form=paper", "glap", "diablo:form=light,channels=256", "diablo:form=light",
+                 "diablo:form=paper,words=1", "diablo:form=paper",
                  "diablo:form=paper,words=16", "diablo:form=paper,select=feature",
                  "diablo:form=paper,words=1,attention=post", "diablo:form=paper,attention=post",
                  "diablo:form=paper,select=feature,attention=post")

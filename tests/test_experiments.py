@@ -86,11 +86,11 @@ def test_experiment_heads_command_writes_its_table(image_folder, tmp_path):
 
     out = tmp_path / "res" / "heads"
     args = ["heads", "--data", str(image_folder), "--out", str(out), "--backbone", "tiny_cnn_narrow",
-            "--pretrained", "none", "--image-size", "32", "--head", "gem", "--head", "diablo:words=2",
+            "--pretrained", "none", "--image-size", "32", "--head", "gem", "--head", "diablo:form=light,words=2",
             "--seeds", "0,1", "--epochs", "2", "--cache-dir", str(tmp_path / "cache"), "--val-fraction", "0.5"]
     assert main(args) == 0
     result = json.loads(out.with_suffix(".json").read_text())
-    assert [r["head"] for r in result["rows"]] == ["gap (zero-shot, no training)", "gem", "diablo:words=2"]
+    assert [r["head"] for r in result["rows"]] == ["gap (zero-shot, no training)", "gem", "diablo:form=light,words=2"]
     assert result["split"] == {"train": 20, "val": 20, "eval": 40, "train_classes": 2, "val_classes": 2,
                                "eval_classes": 4}
     gem = result["rows"][1]
@@ -98,7 +98,7 @@ def test_experiment_heads_command_writes_its_table(image_folder, tmp_path):
     r1 = [r["metrics"]["recall@1"] for r in gem["runs"]]
     assert gem["summary"]["recall@1"]["mean"] == pytest.approx(sum(r1) / 2)
     table = out.with_suffix(".md").read_text()
-    assert "| `diablo:words=2` |" in table and "Command: `python -m experiments heads" in table
+    assert "| `diablo:form=light,words=2` |" in table and "Command: `python -m experiments heads" in table
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
     assert main(args[:-2] + ["--val-fraction", "0.5", "--head", "diablo:words=3"]) == 2  # fails before training
     assert main(["heads", "--recost", "--out", str(out)]) == 0  # costs only, accuracy kept
@@ -111,7 +111,7 @@ def test_experiment_heads_command_writes_its_table(image_folder, tmp_path):
 def tiny_heads_config(image_folder, tmp_path, out: str, **kw):
     from experiments.heads import HeadsExperimentConfig
 
-    kw = {"heads": ("gem", "diablo:words=2"), "seeds": (0,), **kw}
+    kw = {"heads": ("gem", "diablo:form=light,words=2"), "seeds": (0,), **kw}
     return HeadsExperimentConfig(data=str(image_folder), out=str(tmp_path / out), backbone="tiny_cnn_narrow",
                                  pretrained="none", image_size=32, epochs=2, cache_dir=str(tmp_path / "cache"),
                                  val_fraction=0.5, **kw)
@@ -206,7 +206,7 @@ def test_experiment_heads_does_not_reuse_runs_of_other_settings(image_folder, tm
     trained = spy_on_training(monkeypatch)
     got = heads.run_heads_experiment(tiny_heads_config(image_folder, tmp_path, "res/heads", lr=1e-3),
                                      log=lambda *_: None)
-    assert trained == ["gem", "diablo:words=2"] and got["reused_runs"] == 0
+    assert trained == ["gem", "diablo:form=light,words=2"] and got["reused_runs"] == 0
     assert journal.read_text() == before
 
 

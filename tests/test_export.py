@@ -154,12 +154,14 @@ def test_every_backbone_exports_and_matches_onnxruntime(name, tmp_path):
 
 @pytest.mark.parametrize("head", sorted(HEADS))
 def test_every_head_exports_through_export_checkpoint(head, tmp_path):
+    from asymsearch.training.heads import explicit_head_spec
+
     torch.manual_seed(0)
     arch = {"backbone": "tiny_cnn_narrow", "head": head, "dim": 128, "pretrained": None}  # gap: dim = channels
     ckpt = make_checkpoint(build_model(arch).eval(), role="teacher", arch=arch,
                            preprocessing=Preprocessing(resize=32, crop=32))
     manifest = export_checkpoint(save_checkpoint(ckpt, tmp_path / "m.pt"), tmp_path / "m.onnx", samples=1)
-    assert manifest.architecture["head"] == head
+    assert manifest.architecture["head"] == explicit_head_spec(head)  # glam, diablo: with the form they were built as
     x = np.random.default_rng().normal(size=(2, 3, 48, 40)).astype(np.float32)  # fresh, another size
     got = OnnxEmbedder(tmp_path / "m.onnx", providers=["CPUExecutionProvider"]).embed_arrays(x)
     np.testing.assert_allclose(got, torch_embed(ckpt, x), atol=1e-4)

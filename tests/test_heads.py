@@ -1,6 +1,11 @@
-"""Pooling heads: each against a direct, unvectorised computation of its equations on a tiny input; the registry
-contract (shape, unit norm, finite, every parameter gets a gradient, any input size, ONNX with dynamic batch and
-spatial axes matching onnxruntime) over every registered head; bad options fail with one clear line."""
+"""Pooling heads: each against a direct, unvectorised computation of its equations on a tiny input -- the defaults
+`glam` and `diablo` against their papers' equations (Song, Han & Avrithis, "All the attention you need: global-local,
+spatial-channel attention for image retrieval", WACV 2022; Jacob, Picard, Histace & Klein, "DIABLO: Dictionary-based
+attention block for deep metric learning", Pattern Recognition Letters 2020), the earlier forms under their explicit
+`form=gate` / `form=light`; the registry contract (shape, unit norm, finite, every parameter gets a gradient, any
+input size, ONNX with dynamic batch and spatial axes matching onnxruntime) over every registered head; checkpoints
+that recorded a plain `glam` / `diablo` before the paper forms became the defaults load as the form they were
+trained as; bad options fail with one clear line."""
 from __future__ import annotations
 
 import math
@@ -10,19 +15,39 @@ import pytest
 import torch
 
 from asymsearch.core.errors import UserError
-from asymsearch.training.models import HEADS, build_model, create_head, parse_head_spec
+from asymsearch.training.models import HEADS, build_model, create_head, feature_channels, parse_head_spec
 
 C = 6  # channels of the contract tests' feature maps
+BACKBONE = "tiny_cnn_narrow"  # for a head that holds the backbone's later units (DIABLO's paper form)
 
 
 def dim_for(spec: str, channels: int = C) -> int:
     return channels if parse_head_spec(spec)[0] == "gap" else 8
 
 
-# every registered head, plus the variants the seeds ablate
-CONTRACT_SPECS = sorted(HEADS) + ["glam:local=false", "glam:global=false", "glam:channels=4", "glap:scale=1,heads=2",
-                                  "diablo:select=feature,attention=post", "diablo:select=dimension,attention=post",
-                                  "diablo:select=feature,attention=pre", "diablo:channels=4"]
+def holds_backbone_units(spec: str) -> bool:
+    base, options = parse_head_spec(spec)
+    adopt = getattr(HEADS[base], "adopt_backbone", None)
+    return adopt is not None and adopt(BACKBONE, None, dim_for(spec), **options) is not None
+
+
+def contract_head(spec: str) -> tuple[torch.nn.Module, int]:
+    """(head, the channels of the map it reads): a head on a C-channel map, or one that holds the backbone's later
+    units with the map of the trunk `build_model` cut for it."""
+    if not holds_backbone_units(spec):
+        return create_head(spec, C, dim_for(spec)), C
+    model = build_model({"backbone": BACKBONE, "head": spec, "dim": dim_for(spec), "pretrained": None})
+    return model.head, feature_channels(model.backbone)
+
+
+# every registered head (the defaults: glam and diablo in their papers' forms), plus the variants the seeds ablate
+# and the earlier forms
+CONTRACT_SPECS = sorted(HEADS) + ["glam:local=false", "glam:global=false", "glam:channels=4", "glam:form=gate",
+                                  "glam:form=gate,local=false", "glam:form=gate,channels=4", "glap:scale=1,heads=2",
+                                  "diablo:select=feature,attention=post", "diablo:words=1",
+                                  "diablo:form=light", "diablo:form=light,select=feature,attention=post",
+                                  "diablo:form=light,select=dimension,attention=post",
+                                  "diablo:form=light,select=feature,attention=pre", "diablo:form=light,channels=4"]
 
 
 def sig(v: float) -> float:
@@ -102,7 +127,18 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
 # ---------------------------------------------------------------------------------------------------- GLAM
 
 
-def glam_reference(head, x: torch.Tensor) -> list[float]:
+def glam_reference(head, x: torch.Tensor, form: str) -> list[float]:
+    """The descriptor of `head` on one (c,h,w) map, in plain loops. form="paper": Song, Han & Avrithis 2022 --
+    each stream channel attention, then spatial attention computed on the channel-attended map:
+        F^l_c = F ⊙ σ(conv1d(GAP F)) + F,  A^l_s = σ(W_s [R; D_1 R; D_3 R; D_5 R]), R = W_r F^l_c,
+        F^l = F^l_c ⊙ A^l_s + F^l_c;
+        A^g_c[i, j] = softmax_i(k_i q_j), G_c[j] = Σ_i A^g_c[i, j] F[i],  F^g_c = F ⊙ G_c + F;
+        A^g_s[u, v] = softmax_u(K_s[:, u] · Q_s[:, v]) with Q_s, K_s, V_s = W F^g_c,  G_s = W_o (V_s A^g_s),
+        F^g = F^g_c ⊙ G_s + F^g_c.
+    form="gate": this project's earlier form -- R = W_r F; A^g_c[i, j] = softmax_j(q_i k_j), F^g_c = F + G_c;
+    Q, K, V = W F, A^g_s[u, v] = softmax_v(Q_u · K_v / √c'), F^g = F^g_c ⊙ σ(G_s) + F^g_c.
+    Both: F^gl = softmax(w) · (F, F^l, F^g), GeM, Linear, L2."""
+    paper = form == "paper"
     c, h, w = x.shape
     f = as_dict(x)
     pos = [(y, z) for y in range(h) for z in range(w)]
@@ -111,7 +147,7 @@ def glam_reference(head, x: torch.Tensor) -> list[float]:
     if head.use_local:
         a_c = [sig(v) for v in conv1d_same(head.lc_conv.weight, gap)]
         f_c = {(i, y, z): f[(i, y, z)] * a_c[i] + f[(i, y, z)] for (i, y, z) in f}
-        r = conv1x1(head.ls_reduce.weight, head.ls_reduce.bias, f)
+        r = conv1x1(head.ls_reduce.weight, head.ls_reduce.bias, f_c if paper else f)
         cr = head.ls_reduce.weight.shape[0]
         cat = dict(r)
         for j, (conv, d) in enumerate(zip(head.ls_dilated, (1, 3, 5))):
@@ -123,19 +159,27 @@ def glam_reference(head, x: torch.Tensor) -> list[float]:
         q = [sig(v) for v in conv1d_same(head.gc_q.weight, gap)]
         k = [sig(v) for v in conv1d_same(head.gc_k.weight, gap)]
         f_c = {}
-        for i in range(c):
-            a = softmax([q[i] * k[j] for j in range(c)])
+        for j in range(c):  # output channel j
+            if paper:
+                a = softmax([k[i] * q[j] for i in range(c)])  # column j of softmax(K_cᵀ Q_c), over i
+            else:
+                a = softmax([q[j] * k[i] for i in range(c)])  # row j of softmax_j(q_i k_j)
             for y, z in pos:
-                f_c[(i, y, z)] = f[(i, y, z)] + sum(a[j] * f[(j, y, z)] for j in range(c))
-        qs, ks, vs = (conv1x1(m.weight, m.bias, f) for m in (head.gs_q, head.gs_k, head.gs_v))
+                g = sum(a[i] * f[(i, y, z)] for i in range(c))
+                f_c[(j, y, z)] = f[(j, y, z)] * g + f[(j, y, z)] if paper else f[(j, y, z)] + g
+        src = f_c if paper else f
+        qs, ks, vs = (conv1x1(m.weight, m.bias, src) for m in (head.gs_q, head.gs_k, head.gs_v))
         cr = head.gs_q.weight.shape[0]
         o = {}
-        for u in pos:
-            a = softmax([sum(qs[(t, *u)] * ks[(t, *v)] for t in range(cr)) / math.sqrt(cr) for v in pos])
+        for v in pos:  # output position v
+            if paper:
+                a = softmax([sum(ks[(t, *u)] * qs[(t, *v)] for t in range(cr)) for u in pos])  # over u
+            else:
+                a = softmax([sum(qs[(t, *v)] * ks[(t, *u)] for t in range(cr)) / math.sqrt(cr) for u in pos])
             for t in range(cr):
-                o[(t, *u)] = sum(a[n] * vs[(t, *v)] for n, v in enumerate(pos))
+                o[(t, *v)] = sum(a[n] * vs[(t, *u)] for n, u in enumerate(pos))
         g_s = conv1x1(head.gs_out.weight, head.gs_out.bias, o)
-        streams.append({key: f_c[key] * sig(g_s[key]) + f_c[key] for key in f})
+        streams.append({key: f_c[key] * (g_s[key] if paper else sig(g_s[key])) + f_c[key] for key in f})
     wts = softmax(head.fusion.detach().double().tolist())
     fused = {key: sum(wt * s[key] for wt, s in zip(wts, streams)) for key in f}
     p = float(head.pool.p.detach())
@@ -143,14 +187,28 @@ def glam_reference(head, x: torch.Tensor) -> list[float]:
     return linear_l2(head.proj, pooled)
 
 
-@pytest.mark.parametrize("spec", ["glam", "glam:local=false", "glam:global=false"])
-def test_glam_matches_its_equations(spec):
+@pytest.mark.parametrize("spec,form", [("glam", "paper"), ("glam:local=false", "paper"),
+                                       ("glam:global=false", "paper"), ("glam:form=gate", "gate"),
+                                       ("glam:form=gate,local=false", "gate"), ("glam:form=gate,global=false", "gate")])
+def test_glam_matches_its_equations(spec, form):
     head = create_head(spec, 4, 3, reduction=2).eval()
     randomise(head, 0)
     x = torch.rand(2, 4, 2, 3) + 0.1
     got = head(x)
     for n in range(2):
-        assert got[n].tolist() == pytest.approx(glam_reference(head, x[n]), abs=1e-4)
+        assert got[n].tolist() == pytest.approx(glam_reference(head, x[n], form), abs=1e-4)
+
+
+def test_glam_default_is_the_papers_form_not_the_gate_form():
+    from asymsearch.training.glam import GLAMPaperHead
+
+    head = create_head("glam", 4, 3, reduction=2).eval()
+    assert isinstance(head, GLAMPaperHead)
+    assert not isinstance(create_head("glam:form=gate", 4, 3), GLAMPaperHead)
+    randomise(head, 0)
+    x = torch.rand(1, 4, 2, 3) + 0.1
+    got, old = head(x)[0].tolist(), glam_reference(head, x[0], "gate")
+    assert max(abs(a - b) for a, b in zip(got, old)) > 1e-2  # the two forms differ on this input
 
 
 # ---------------------------------------------------------------------------------------------------- GLAP
@@ -207,6 +265,7 @@ def test_glap_matches_its_equations(spec):
 
 
 def diablo_reference(head, x: torch.Tensor) -> list[float]:
+    """The light form: φ = 1x1 conv, ReLU, 1x1 conv; ψ = 1x1 conv + ReLU; eq. 1-13 in loops."""
     c, h, w = x.shape
     f = as_dict(x)
     pos = [(y, z) for y in range(h) for z in range(w)]
@@ -249,13 +308,91 @@ def diablo_reference(head, x: torch.Tensor) -> list[float]:
 
 @pytest.mark.parametrize("select", ["dimension", "feature"])
 @pytest.mark.parametrize("attention", ["pre", "post"])
-def test_diablo_matches_equations_5_to_13(select, attention):
-    head = create_head(f"diablo:words=2,select={select},attention={attention},alpha=3,m=3,width=3", 4, 4).eval()
+def test_diablo_light_form_matches_equations_5_to_13(select, attention):
+    head = create_head(f"diablo:form=light,words=2,select={select},attention={attention},alpha=3,m=3,width=3",
+                       4, 4).eval()
     randomise(head, 2)
     x = torch.rand(2, 4, 2, 2)
     got = head(x)
     for n in range(2):
         assert got[n].tolist() == pytest.approx(diablo_reference(head, x[n]), abs=1e-4)
+
+
+def diablo_paper_reference(head, f: torch.Tensor) -> list[float]:
+    """Jacob et al. 2020 on the trunk's mid-level map f (c,h,w): φ and ψ are the backbone's later units (§4.1), run
+    as the modules they are; the rest in loops. s_n(u) = cos(φ(f_u), d^(n)) (eq. 5, feature-wise) or
+    s_{n,k}(u) = cos(φ(f_u), d^(n)_k) (eq. 10, dimension-wise); A^(n) = softmax_n(α s_n) (eq. 7 / 11);
+    pre (eq. 3-4): H^(n) = ψ(A^(n) ⊙ F); post (eq. 1-2): H^(n) = A^(n) ⊙ ψ(F); e_n = L2(W_n GAP(H^(n)) + b_n),
+    e = [e_1; ...; e_N] / √N. N = 1: e = L2(W GAP(ψ(F)) + b), no attention."""
+    def psi(t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return head.psi(t[None].float())[0].double()
+
+    def cos(a, b):
+        return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a)) / math.sqrt(sum(y * y for y in b))
+
+    words, pre = head.words, head.attention == "pre"
+    if words == 1:
+        hmaps = [psi(f)]
+    else:
+        with torch.no_grad():
+            phi = head.phi(f[None])[0].double()
+        d = head.dictionary.detach().double()
+        g = f.double() if pre else psi(f)
+        kdim, h, w = g.shape
+        assert phi.shape[1:] == g.shape[1:]
+        hmaps = []
+        att = {}
+        for y in range(h):
+            for x in range(w):
+                pv = phi[:, y, x].tolist()
+                for k in range(kdim if head.select == "dimension" else 1):
+                    dn = [d[n, k] if head.select == "dimension" else d[n] for n in range(words)]
+                    for n, a in enumerate(softmax([head.alpha * cos(pv, v.tolist()) for v in dn])):
+                        att[(n, k, y, x)] = a
+        for n in range(words):
+            merged = torch.zeros(kdim, h, w, dtype=torch.float64)
+            for k in range(kdim):
+                for y in range(h):
+                    for x in range(w):
+                        merged[k, y, x] = att[(n, k if head.select == "dimension" else 0, y, x)] * float(g[k, y, x])
+            hmaps.append(psi(merged) if pre else merged)
+    out = []
+    for n, hmap in enumerate(hmaps):
+        width, h, w = hmap.shape
+        pooled = [sum(float(hmap[j, y, x]) for y in range(h) for x in range(w)) / (h * w) for j in range(width)]
+        wn, bn = head.embed_w[n].detach().double(), head.embed_b[n].detach().double()
+        e = l2([sum(pooled[j] * float(wn[j, o]) for j in range(width)) + float(bn[o]) for o in range(wn.shape[1])])
+        out += [v / math.sqrt(words) for v in e]
+    return out
+
+
+@pytest.mark.parametrize("options", ["words=2", "words=2,select=feature", "words=2,attention=post",
+                                     "words=2,select=feature,attention=post", "words=1"])
+def test_diablo_default_is_the_papers_form_and_matches_its_equations(options):
+    """`diablo` (no form) cuts the backbone at its mid-level split and holds φ (a copy of the next units) and ψ
+    (the backbone's own later units); its descriptor follows the paper's equations on the trunk's map."""
+    from asymsearch.training.diablo import DIABLOPaperHead
+
+    torch.manual_seed(3)
+    model = build_model({"backbone": BACKBONE, "head": f"diablo:{options}", "dim": 4, "pretrained": None}).eval()
+    assert isinstance(model.head, DIABLOPaperHead)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        maps = model.backbone(images)
+        got = model(images)
+    assert maps.shape[1] == (64 if "post" not in options else 128)  # the mid-level map, not the final 128 @ stride 16
+    for n in range(2):
+        assert got[n].tolist() == pytest.approx(diablo_paper_reference(model.head, maps[n]), abs=1e-4)
+
+
+def test_diablo_light_options_on_the_default_say_which_form_takes_them():
+    with pytest.raises(UserError, match=r"does not take option\(s\) channels, m \(channels, m: option\(s\) of "
+                                        r"the light form, diablo:form=light"):
+        build_model({"backbone": BACKBONE, "head": "diablo:channels=4,m=3", "dim": 8, "pretrained": None})
+    with pytest.raises(UserError, match="on a bare feature map use diablo:form=light"):
+        create_head("diablo", 16, 8)
+    assert create_head("diablo:form=light,channels=4", 16, 8)(torch.rand(2, 16, 3, 3)).shape == (2, 8)
 
 
 # ------------------------------------------------------------------------------------------ registry contract
@@ -265,9 +402,10 @@ def test_diablo_matches_equations_5_to_13(select, attention):
 def test_every_head_contract_at_any_size(spec):
     torch.manual_seed(0)
     dim = dim_for(spec)
-    head = create_head(spec, C, dim).train()
+    head, channels = contract_head(spec)
+    head.train()
     for h, w in [(1, 1), (3, 5), (6, 4)]:
-        x = torch.rand(3, C, h, w)
+        x = torch.rand(3, channels, h, w)
         out = head(x)
         assert out.shape == (3, dim) and out.dtype == torch.float32
         assert torch.isfinite(out).all()
@@ -285,13 +423,14 @@ def test_every_head_exports_to_onnx_with_dynamic_spatial_axes(spec, tmp_path):
     import onnxruntime as ort
 
     torch.manual_seed(1)
-    head = create_head(spec, C, dim_for(spec)).eval()
+    head, channels = contract_head(spec)
+    head.eval()
     path = tmp_path / "head.onnx"
-    torch.onnx.export(head, (torch.rand(2, C, 4, 5),), str(path), dynamo=False, opset_version=17,
+    torch.onnx.export(head, (torch.rand(2, channels, 4, 5),), str(path), dynamo=False, opset_version=17,
                       input_names=["maps"], output_names=["emb"],
                       dynamic_axes={"maps": {0: "batch", 2: "height", 3: "width"}, "emb": {0: "batch"}})
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for shape in [(1, C, 3, 7), (4, C, 9, 6)]:
+    for shape in [(1, channels, 3, 7), (4, channels, 9, 6)]:
         x = torch.rand(*shape)
         got = sess.run(None, {"maps": x.numpy()})[0]
         with torch.no_grad():
@@ -299,7 +438,7 @@ def test_every_head_exports_to_onnx_with_dynamic_spatial_axes(spec, tmp_path):
         np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-@pytest.mark.parametrize("spec", ["gem", "glam", "glap", "diablo"])
+@pytest.mark.parametrize("spec", ["gem", "glam", "glam:form=gate", "glap", "diablo", "diablo:form=light"])
 def test_any_backbone_with_any_head(spec):
     model = build_model({"backbone": "tiny_cnn_narrow", "head": spec, "dim": 8, "pretrained": None}).eval()
     out = model(torch.rand(2, 3, 48, 40))
@@ -331,6 +470,73 @@ def test_bad_head_options_are_one_line_user_errors():
         create_head("gap", 16, 8)
     with pytest.raises(UserError, match="words=3 must divide"):  # before any backbone is built
         build_model({"backbone": "tiny_cnn", "head": "diablo:words=3", "dim": 8, "pretrained": "/no/such.pth"})
+
+
+# ---------------------------------------------------------------------------- specs recorded before the defaults
+
+
+def test_head_specs_name_their_form_when_recorded_and_old_ones_read_as_the_earlier_form():
+    from asymsearch.training.heads import explicit_head_spec, recorded_head_spec
+
+    assert explicit_head_spec("glam") == "glam:form=paper"
+    assert explicit_head_spec("diablo:words=4,select=feature") == "diablo:form=paper,words=4,select=feature"
+    assert recorded_head_spec("glam:channels=256,local=false") == "glam:form=gate,channels=256,local=false"
+    assert recorded_head_spec("diablo:words=2") == "diablo:form=light,words=2"
+    for spec in ("glam:form=paper", "diablo:words=2,form=light", "gem", "gem:init=zero-shot", "glap:heads=2"):
+        assert explicit_head_spec(spec) == recorded_head_spec(spec) == spec
+
+
+@pytest.mark.parametrize("old_spec,legacy_class,new_spec", [
+    ("glam:reduction=2", "GLAMHead", "glam:reduction=2"), ("diablo:words=2,m=3,width=4", "DIABLOHead", "diablo:words=2")])
+def test_a_checkpoint_that_recorded_a_plain_spec_loads_as_the_form_it_was_trained_as(tmp_path, old_spec, legacy_class,
+                                                                                      new_spec):
+    """Before the paper forms became the defaults, `glam` meant form=gate and `diablo` form=light, and checkpoints
+    recorded the spec as given. Such a checkpoint must still build that form (GLAM's paper form has the very same
+    parameter names, so it would load the weights and compute something else). New checkpoints name the form."""
+    from asymsearch.core.manifest import Preprocessing
+    from asymsearch.training import heads as heads_module
+    from asymsearch.training.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+    from asymsearch.training.ensemble import ensemble_arch
+    from asymsearch.training.heads import recorded_head_spec
+    from asymsearch.training.models import EnsembleNet
+
+    torch.manual_seed(0)
+    legacy_spec = recorded_head_spec(old_spec)
+    arch = {"backbone": BACKBONE, "head": legacy_spec, "dim": 8, "pretrained": None}
+    trained = build_model(arch).eval()
+    randomise(trained.head, 5)
+    pre = Preprocessing(resize=40, crop=40)
+    ckpt = make_checkpoint(trained, role="teacher", arch=arch, preprocessing=pre)
+    assert ckpt["arch"]["head"] == legacy_spec
+    ckpt["arch"]["head"] = old_spec  # as the code before the change recorded it
+    save_checkpoint(ckpt, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert loaded["arch"]["head"] == legacy_spec
+    model = model_from_checkpoint(loaded)
+    assert type(model.head) is getattr(heads_module, legacy_class)
+    x = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = trained(x)
+        assert torch.allclose(model(x), want, atol=1e-6)
+        if legacy_class == "GLAMHead":  # read as today's default, the same weights load and give another model
+            now = build_model({**arch, "head": old_spec}).eval()
+            now.load_state_dict(ckpt["state_dict"])
+            assert not torch.allclose(now(x), want, atol=1e-3)
+
+    # an ensemble's members too
+    ens = make_checkpoint(EnsembleNet([trained, trained]), role="teacher", arch=ensemble_arch([arch, arch]),
+                          preprocessing=pre)
+    for member in ens["arch"]["members"]:
+        member["head"] = old_spec
+    save_checkpoint(ens, tmp_path / "ens.pt")
+    assert [m["head"] for m in load_checkpoint(tmp_path / "ens.pt")["arch"]["members"]] == [legacy_spec] * 2
+
+    # a checkpoint written now names the default form, and loads as it
+    paper_arch = {**arch, "head": new_spec}
+    new = make_checkpoint(build_model(paper_arch), role="teacher", arch=paper_arch, preprocessing=pre)
+    assert new["arch"]["head"] == new_spec.replace(":", ":form=paper,")
+    save_checkpoint(new, tmp_path / "new.pt")
+    assert type(model_from_checkpoint(load_checkpoint(tmp_path / "new.pt")).head).__name__.endswith("PaperHead")
 
 
 # ------------------------------------------------------------------------------------------------ multi-scale

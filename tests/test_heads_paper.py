@@ -1,8 +1,9 @@
 """The paper forms of GLAM (Song, Han & Avrithis, WACV 2022) and DIABLO (Jacob et al. 2020), tested from the papers'
 equations: every expected value here is computed with plain Python loops over tiny explicit tensors whose weights
 are set to known values (nothing is shared with the implementation), and for each head one case shows the
-project's earlier form (glam form=gate, diablo form=light) giving a different answer on the same input, so that
-these tests fail on it. Plus: where the paper-form DIABLO cuts each backbone, parameters, ONNX export, bad input."""
+project's earlier form (glam form=gate, diablo form=light; the defaults are the paper forms) giving a different
+answer on the same input, so that these tests fail on it. Plus: where the paper-form DIABLO cuts each backbone,
+parameters, ONNX export, bad input."""
 from __future__ import annotations
 
 import math
@@ -142,7 +143,7 @@ def paper_glam_descriptor(head, f: list) -> list[float]:
 def glam_pair():
     """(paper form, gate form) with the same known weights, and a 3-channel 2x3 map."""
     paper = create_head("glam:form=paper,reduction=3", 3, 4).eval()
-    gate = create_head("glam:reduction=3", 3, 4).eval()
+    gate = create_head("glam:form=gate,reduction=3", 3, 4).eval()
     set_weights(paper, 7)
     gate.load_state_dict(paper.state_dict())  # same parameter names: the forms differ only in their equations
     x = torch.tensor([[[0.2, 1.0, 0.5], [0.9, 0.1, 0.4]],
@@ -320,7 +321,8 @@ def test_diablo_paper_attends_on_the_mid_level_map_and_its_stages_are_the_backbo
     assert torch.equal(model.head.psi[-3].weight, full[21].weight)
     model.train()
     assert not model.head.psi[1].training and model.backbone.training  # ψ's batch norms keep their statistics
-    light = build_model({"backbone": "tiny_cnn_narrow", "head": "diablo", "dim": 8, "pretrained": weights})
+    light = build_model({"backbone": "tiny_cnn_narrow", "head": "diablo:form=light", "dim": 8,
+                         "pretrained": weights})
     assert light.backbone(x).shape == (2, 128, 3, 3)
 
 
@@ -371,9 +373,9 @@ def test_bad_input_is_one_line_before_any_weights_load():
     with pytest.raises(UserError, match="words=3 must divide --dim 8"):
         build_model({"backbone": "tiny_cnn", "head": "diablo:form=paper,words=3", "dim": 8,
                      "pretrained": "/no/such.pth"})
-    with pytest.raises(UserError, match="form must be light .* or paper"):
+    with pytest.raises(UserError, match="form must be paper .* or light"):
         create_head("diablo:form=heavy", 16, 8)
-    with pytest.raises(UserError, match="form must be gate .* or paper"):
+    with pytest.raises(UserError, match="form must be paper .* or gate"):
         create_head("glam:form=other", 16, 8)
     with pytest.raises(UserError, match="does not take option.*m"):
         build_model({"backbone": "tiny_cnn", "head": "diablo:form=paper,m=4", "dim": 8, "pretrained": None})

@@ -8,6 +8,9 @@ entries); ψ = the fourth and fifth scales, shared by the N attended maps and in
 F goes up to the pooling between the fourth and fifth scales, φ = two fifth-scale blocks and ψ = the fifth scale.
 Each branch is average-pooled, embedded to dim/N and L2-normalised; the branches are concatenated.
 
+This is what `diablo` builds by default (`diablo:form=paper`); the project's earlier, light form on the final map
+(φ and ψ 1x1 convolutions, `training.heads.DIABLOHead`) is `diablo:form=light`.
+
 Here (`training.backbones.mid_level_split`) the same cut is made in our backbones: the model's backbone becomes
 the trunk F = units[:split], φ = a copy of units[split:phi_end] (with the backbone's weights), ψ = units[split:]
 (the backbone's own later units, moved into the head). `adopt_backbone` makes that cut for `build_model`.
@@ -96,17 +99,19 @@ def cut_backbone(backbone_name: str, backbone: nn.Module, attention: str, words:
     return trunk, BackboneStages(phi, psi, int(phi_shape[1]) if phi_shape else 0, int(psi_shape[1])), int(f_shape[1])
 
 
-def adopt_backbone(backbone_name: str, backbone: nn.Module | None, dim: int, form: str = "light", **options):
+def adopt_backbone(backbone_name: str, backbone: nn.Module | None, dim: int, form: str = "paper", **options):
     """`build_model`'s hook for a head that takes over the backbone's later units: None for the light form (the
-    head then reads the whole backbone's map, as every other head). For form=paper, with `backbone` None: check
-    the options and that `backbone_name` has a split point, before any weights load, and return (None, {});
-    with the built backbone: (trunk, the keyword arguments that give the head its stages)."""
+    head then reads the whole backbone's map, as every other head). For form=paper (the default), with `backbone`
+    None: check the options and that `backbone_name` has a split point, before any weights load, and return
+    (None, {}); with the built backbone: (trunk, the keyword arguments that give the head its stages)."""
     if form != "paper":
         return None
     unknown = set(options) - set(_PAPER_KEYS)
     if unknown:
-        raise UserError(f"head diablo:form=paper does not take option(s) {', '.join(sorted(unknown))}; "
-                        f"its options: {OPTIONS}")
+        light = sorted(unknown & set(_LIGHT_ONLY_KEYS))
+        hint = (f" ({', '.join(light)}: option(s) of the light form, diablo:form=light,...)" if light else "")
+        raise UserError(f"head diablo:form=paper (the default) does not take option(s) {', '.join(sorted(unknown))}"
+                        f"{hint}; its options: {OPTIONS}")
     check_options(dim, **options)
     attention, words = options.get("attention", "pre"), options.get("words", 8)
     if backbone is None:
@@ -118,6 +123,7 @@ def adopt_backbone(backbone_name: str, backbone: nn.Module | None, dim: int, for
 
 
 _PAPER_KEYS = ("words", "select", "attention", "alpha", "freeze_bn")
+_LIGHT_ONLY_KEYS = ("m", "width", "channels")
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -138,9 +144,9 @@ class DIABLOPaperHead(nn.Module):
         super().__init__()
         check_options(dim, words, select, attention, alpha, freeze_bn)
         if stages is None:
-            raise UserError("head diablo:form=paper takes over the backbone's later units: build it with its backbone "
-                            "(asymsearch train teacher --backbone ... --head diablo:form=paper); on a bare feature "
-                            "map use diablo (the light form)")
+            raise UserError("head diablo (form=paper, the default) takes over the backbone's later units: build it "
+                            "with its backbone (asymsearch train teacher --backbone ... --head diablo); on a bare "
+                            "feature map use diablo:form=light")
         if words > 1 and stages.phi is None:
             raise ValueError("words > 1 needs φ")
         self.words, self.select, self.attention, self.alpha = int(words), select, attention, float(alpha)

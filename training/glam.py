@@ -19,12 +19,13 @@ global spatial   Q_s, K_s, V_s = W_q F^g_c, W_k F^g_c, W_v F^g_c               (
 fusion           F^gl = w_l F^l + w_g F^g + w F,  (w_l, w_g, w) = softmax of three learned scalars
 descriptor       e = L2(W GeM(F^gl) + b)
 
-The talk in the seeds (file 001) gives the components (local / global × channel / spatial, hw×hw and c×c
-interactions) and the fusion with the input; the residual products above mirror the local stream for the global
-one, as the paper's figure draws both streams. The older form of this project (`glam`, form=gate) differs in
-three places: its local spatial attention reads F instead of F^l_c, its global spatial attention reads F instead
-of F^g_c and gates with σ(G_s) (scaled by 1/√c'), and its global channel step is F + G_c. Options as the gate
-form's: local / global (the ablation), reduction, kernel, channels (a 1x1 conv + ReLU to c0 channels first).
+This is what `glam` builds by default (`glam:form=paper`). The talk in the seeds (file 001) gives the components
+(local / global × channel / spatial, hw×hw and c×c interactions) and the fusion with the input; the residual
+products above mirror the local stream for the global one, as the paper's figure draws both streams. The older
+form of this project (`glam:form=gate`, the default until the paper form replaced it) differs in three places: its
+local spatial attention reads F instead of F^l_c, its global spatial attention reads F instead of F^g_c and gates
+with σ(G_s) (scaled by 1/√c'), and its global channel step is F + G_c. Options as the gate form's: local / global
+(the ablation), reduction, kernel, channels (a 1x1 conv + ReLU to c0 channels first).
 """
 from __future__ import annotations
 

@@ -87,8 +87,11 @@ register_head("gap")(GAPHead)
 
 
 class GLAMHead(nn.Module):
-    """GLAM, the global-local attention module (Song, Han & Avrithis, WACV 2022), then GeM, a
-    projection to `dim` and L2 normalisation. F is the (c,h,w) feature map; σ the sigmoid; ⊙ broadcast product.
+    """GLAM's earlier form in this project (`glam:form=gate`), after the global-local attention module of Song, Han
+    & Avrithis ("All the attention you need: global-local, spatial-channel attention for image retrieval", WACV
+    2022), then GeM, a projection to `dim` and L2 normalisation. The default `glam` is the paper's form,
+    `training.glam.GLAMPaperHead`, a subclass with the same parameters. F is the (c,h,w) feature map; σ the
+    sigmoid; ⊙ broadcast product.
 
     local channel   A^l_c = σ(conv1d_k(GAP(F)))                                          (c×1×1)
     local spatial   A^l_s = σ(W_s [F'; D_1(F'); D_3(F'); D_5(F')]),  F' = W_r F            (1×h×w)
@@ -107,7 +110,8 @@ class GLAMHead(nn.Module):
     reduction r (default 8), kernel k of the 1-D channel convolutions (default 3); channels=c0 first maps F
     to c0 channels by a 1x1 conv + ReLU (the global channel attention costs O(c²hw); 0 keeps c). Nothing
     depends on h, w.
-    The seed gives the components and the fusion; the precise residual forms above are this implementation's.
+    The seed gives the components and the fusion; the precise residual forms above are this implementation's:
+    both spatial attentions read F rather than the channel-attended map, and the global one gates with σ(G_s).
     """
 
     OPTIONS = "local=true|false, global=true|false, reduction=8, kernel=3, channels=0"
@@ -175,11 +179,45 @@ class GLAMHead(nn.Module):
         return _l2(self.proj(self.pool(fused)))
 
 
-def glam_head(in_channels: int, dim: int, form: str = "gate", **options) -> nn.Module:
-    """`glam`: form=gate (default) is `GLAMHead` above, this project's earlier form, kept so that existing specs and
-    checkpoints mean what they meant; form=paper is `training.glam.GLAMPaperHead`, the form of Song, Han & Avrithis
-    2022 (each stream channel then spatial attention, the global spatial one an hw×hw interaction on the
-    channel-attended map)."""
+# ------------------------------------------------------------------------------------- the forms of a spec
+
+# The heads with two forms: (the form a spec without `form=` builds, the form it built before the paper forms became
+# the defaults). A spec recorded without `form=` by then (in a checkpoint, a manifest, a results file) meant the
+# second; every spec recorded since names its form (`explicit_head_spec`), so a recorded spec without one is old.
+HEAD_FORMS = {"glam": ("paper", "gate"), "diablo": ("paper", "light")}
+
+
+def _with_form(spec: str, which: int) -> str:
+    name, colon, rest = spec.partition(":")
+    forms = HEAD_FORMS.get(name.strip())
+    if forms is None:
+        return spec
+    keys = {part.partition("=")[0].strip().replace("-", "_") for part in rest.split(",") if part.strip()}
+    if "form" in keys:
+        return spec
+    rest = rest.strip()
+    return f"{name.strip()}:form={forms[which]}" + (f",{rest}" if rest else "")
+
+
+def explicit_head_spec(spec: str) -> str:
+    """`spec` with its form named: `glam` -> `glam:form=paper`, `diablo:words=4` -> `diablo:form=paper,words=4`;
+    a spec that names its form, or of a head with one form, is returned as it is. What checkpoints record."""
+    return _with_form(spec, 0)
+
+
+def recorded_head_spec(spec: str) -> str:
+    """The head a *recorded* spec (read from a checkpoint, manifest or results file) was built as: one without
+    `form=` was written before the paper forms became the defaults and meant the earlier form (`glam` ->
+    `glam:form=gate`, `diablo:words=4` -> `diablo:form=light,words=4`)."""
+    return _with_form(spec, 1)
+
+
+def glam_head(in_channels: int, dim: int, form: str = "paper", **options) -> nn.Module:
+    """`glam`: form=paper (the default) is `training.glam.GLAMPaperHead`, the form of Song, Han & Avrithis, "All the
+    attention you need: global-local, spatial-channel attention for image retrieval" (WACV 2022): each stream
+    channel then spatial attention, the global spatial one an hw×hw interaction on the channel-attended map, fused
+    with the input. form=gate is `GLAMHead` above, this project's earlier form (the default before; checkpoints
+    that recorded a plain `glam` then load as it, `recorded_head_spec`)."""
     if form == "gate":
         return GLAMHead(in_channels, dim, **options)
     if form == "paper":
@@ -188,10 +226,11 @@ def glam_head(in_channels: int, dim: int, form: str = "gate", **options) -> nn.M
         if "global" in options:
             options["global_"] = options.pop("global")
         return GLAMPaperHead(in_channels, dim, **options)
-    raise UserError(f"head glam: form must be gate (the default, this project's earlier form) or paper, not {form!r}")
+    raise UserError(f"head glam: form must be paper (the default, Song, Han & Avrithis 2022) or gate (this "
+                    f"project's earlier form), not {form!r}")
 
 
-glam_head.OPTIONS = "form=gate|paper, " + GLAMHead.OPTIONS
+glam_head.OPTIONS = "form=paper|gate, " + GLAMHead.OPTIONS
 register_head("glam")(glam_head)
 
 
@@ -251,7 +290,9 @@ register_head("glap")(GLAPHead)
 
 
 class DIABLOHead(nn.Module):
-    """DIABLO, dictionary-based attention (Jacob et al. 2020), on a backbone feature map F (c,h,w).
+    """DIABLO's light form in this project (`diablo:form=light`): the dictionary-based attention of Jacob et al.
+    2020 on the backbone's *final* feature map F (c,h,w), with φ and ψ small 1x1 convolutions in place of the
+    backbone stages the paper uses. The default `diablo` is the paper's form (`training.diablo.DIABLOPaperHead`).
 
     φ: 1x1 conv c→m, ReLU, 1x1 conv m→m (the non-linear function of §3.2); ψ: 1x1 conv + ReLU to `width`
     channels, shared by the N branches (§3.5). A dictionary of N words (`words`) in R^m.
@@ -324,11 +365,13 @@ class DIABLOHead(nn.Module):
         return F.normalize(e, dim=2).flatten(1) / self.words ** 0.5
 
 
-def diablo_head(in_channels: int, dim: int, form: str = "light", stages=None, **options) -> nn.Module:
-    """`diablo`: form=light (default) is `DIABLOHead` above (φ, ψ small 1x1 convolutions on the backbone's final
-    map), kept so that existing specs and checkpoints mean what they meant; form=paper is
-    `training.diablo.DIABLOPaperHead`, on the backbone's mid-level map with φ and ψ the backbone's later units
-    (`build_model` cuts the backbone through `diablo_head.adopt_backbone`; `stages` are those units)."""
+def diablo_head(in_channels: int, dim: int, form: str = "paper", stages=None, **options) -> nn.Module:
+    """`diablo`: form=paper (the default) is `training.diablo.DIABLOPaperHead`, the form of Jacob, Picard, Histace &
+    Klein, "DIABLO: Dictionary-based attention block for deep metric learning" (Pattern Recognition Letters 2020):
+    on the backbone's mid-level map, φ and ψ the backbone's later units (`build_model` cuts the backbone through
+    `diablo_head.adopt_backbone`; `stages` are those units). form=light is `DIABLOHead` above (φ, ψ small 1x1
+    convolutions on the backbone's final map), this project's earlier form (the default before; checkpoints that
+    recorded a plain `diablo` then load as it, `recorded_head_spec`)."""
     if form == "light":
         if stages is not None:
             raise ValueError("the light DIABLO head takes no backbone stages")
@@ -336,8 +379,8 @@ def diablo_head(in_channels: int, dim: int, form: str = "light", stages=None, **
     if form == "paper":
         from asymsearch.training.diablo import DIABLOPaperHead
         return DIABLOPaperHead(in_channels, dim, stages=stages, **options)
-    raise UserError(f"head diablo: form must be light (the default, this project's earlier form) or paper, "
-                    f"not {form!r}")
+    raise UserError(f"head diablo: form must be paper (the default, Jacob et al. 2020) or light (this project's "
+                    f"earlier form), not {form!r}")
 
 
 def _adopt_backbone(*args, **kw):
@@ -345,7 +388,7 @@ def _adopt_backbone(*args, **kw):
     return adopt_backbone(*args, **kw)
 
 
-diablo_head.OPTIONS = "form=light|paper; light: " + DIABLOHead.OPTIONS + "; paper: words, select, attention, " \
-                                                                           "alpha, freeze_bn=true"
+diablo_head.OPTIONS = ("form=paper|light; paper: words=8, select=dimension|feature, attention=pre|post, alpha=10, "
+                       "freeze_bn=true; light: " + DIABLOHead.OPTIONS)
 diablo_head.adopt_backbone = _adopt_backbone
 register_head("diablo")(diablo_head)

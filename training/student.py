@@ -45,6 +45,7 @@ from asymsearch.training.data import ImageDataset, eval_transform
 from asymsearch.training.distributed import DistContext, DistributedMPerClassSampler
 from asymsearch.training.engine import Engine, StudentStepObjective
 from asymsearch.training.floor import format_metrics
+from asymsearch.training.heads import explicit_head_spec
 from asymsearch.training.inputs import check_training_items
 from asymsearch.training.losses import (ASYMMETRIC_ONLY, LOSSES, MINED_LOSSES, RELATIONAL_LOSSES, AMLLoss,
                                         create_loss)
@@ -173,7 +174,7 @@ def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
                         f"(or --from-teacher) and a value >= 0 (got {cfg.tune_units})")
     if cfg.from_teacher:  # the teacher's weights, at the student's own input size
         theirs = (teacher_ckpt["arch"]["backbone"], teacher_ckpt["arch"]["head"])
-        if (cfg.backbone, cfg.head) != theirs:
+        if (cfg.backbone, explicit_head_spec(cfg.head)) != theirs:
             raise UserError(f"--from-teacher starts the student as a copy of the teacher: give its backbone and head "
                             f"(--backbone {theirs[0]} --head {theirs[1]}), not {cfg.backbone} / {cfg.head}")
         arch["pretrained"] = None
