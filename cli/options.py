@@ -14,7 +14,9 @@ CONFIG_HELP = {
     "out": "checkpoint file to write",
     "teacher": "the frozen teacher's checkpoint",
     "backbone": "backbone name (an unknown name lists the valid ones)",
-    "head": "pooling head name",
+    "head": "pooling head spec, name[:key=value,...]: gem, gap, glap, glam (the paper form of Song, Han & Avrithis "
+            "2022; glam:form=gate the earlier one), diablo (the paper form of Jacob et al. 2020, on the backbone's "
+            "mid-level map; diablo:form=light the earlier one); docs/heads.md",
     "dim": "embedding dimension (a student's must equal its teacher's; default: the teacher's)",
     "pretrained": "imagenet (offline EfficientNet-Lite weights; torchvision DEFAULT otherwise, needs internet once), a torchvision weights name, or a local .pth state dict",
     "image_size": "square crop fed to the network, in pixels (default: the backbone's own)",
