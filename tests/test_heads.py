@@ -539,6 +539,33 @@ def test_a_checkpoint_that_recorded_a_plain_spec_loads_as_the_form_it_was_traine
     assert type(model_from_checkpoint(load_checkpoint(tmp_path / "new.pt")).head).__name__.endswith("PaperHead")
 
 
+def test_student_from_teacher_takes_the_teachers_head_as_spelled_then_or_now(image_folder, tmp_path):
+    """A teacher checkpoint written now records `glam:form=paper`: `--from-teacher --head glam` is the same head. An
+    old one that recorded a plain `glam` was the gate form: `--head glam` now means another head, refused in one line
+    that names the one to give."""
+    from asymsearch.core.manifest import Preprocessing
+    from asymsearch.training.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+    from asymsearch.training.config import StudentConfig
+    from asymsearch.training.student import train_student
+
+    torch.manual_seed(0)
+    arch = {"backbone": BACKBONE, "head": "glam:reduction=4", "dim": 8, "pretrained": None}
+    pre = Preprocessing(resize=32, crop=32)
+    save_checkpoint(make_checkpoint(build_model(arch).eval(), role="teacher", arch=arch, preprocessing=pre),
+                    tmp_path / "new.pt")
+    cfg = dict(data=str(image_folder), backbone=BACKBONE, head="glam:reduction=4", from_teacher=True, epochs=1,
+               batch_size=16, workers=0, image_size=24)
+    student = load_checkpoint(train_student(StudentConfig(teacher=str(tmp_path / "new.pt"),
+                                                          out=str(tmp_path / "s.pt"), **cfg)))
+    assert student["arch"]["head"] == "glam:form=paper,reduction=4"
+    gate = {**arch, "head": "glam:form=gate,reduction=4"}
+    old = make_checkpoint(build_model(gate).eval(), role="teacher", arch=gate, preprocessing=pre)
+    old["arch"]["head"] = "glam:reduction=4"  # as recorded before the paper form became the default
+    save_checkpoint(old, tmp_path / "old.pt")
+    with pytest.raises(UserError, match="--head glam:form=gate,reduction=4\\), not"):
+        train_student(StudentConfig(teacher=str(tmp_path / "old.pt"), out=str(tmp_path / "t.pt"), **cfg))
+
+
 # ------------------------------------------------------------------------------------------------ multi-scale
 
 
