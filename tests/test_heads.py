@@ -566,6 +566,31 @@ def test_student_from_teacher_takes_the_teachers_head_as_spelled_then_or_now(ima
         train_student(StudentConfig(teacher=str(tmp_path / "old.pt"), out=str(tmp_path / "t.pt"), **cfg))
 
 
+def test_experiment_heads_recosts_old_plain_specs_as_the_earlier_forms_and_refuses_the_paper_diablo(image_folder, tmp_path):
+    """`python -m experiments heads --recost` rebuilds every row's head from its recorded spec: a row written before
+    the paper forms became the defaults (`diablo:words=2,m=3`, the light form) must be re-costed as that form. The
+    experiment trains heads on cached final maps: the default `diablo`, which holds backbone units, is refused."""
+    import json
+
+    from experiments.heads import HeadsExperimentConfig, recost, run_heads_experiment
+
+    cfg = HeadsExperimentConfig(data=str(image_folder), out=str(tmp_path / "heads"), backbone=BACKBONE,
+                                pretrained="none", image_size=32, epochs=1, cache_dir=str(tmp_path / "cache"),
+                                val_fraction=0.5, heads=("diablo:form=light,words=2,m=3",), seeds=(0,))
+    result = run_heads_experiment(cfg, log=lambda *a: None)
+    light = result["rows"][1]
+    assert light["spec"] == "diablo:form=light,words=2,m=3"
+    path = tmp_path / "heads.json"
+    old = json.loads(path.read_text())
+    old["rows"][1]["spec"] = old["rows"][1]["head"] = "diablo:words=2,m=3"  # as a run before the change recorded it
+    old["config"]["heads"] = ["diablo:words=2,m=3"]
+    path.write_text(json.dumps(old))
+    again = recost(tmp_path / "heads", log=lambda *a: None)
+    assert again["rows"][1]["head_params"] == light["head_params"]
+    with pytest.raises(UserError, match="trains heads on the backbone's final map.*use diablo:form=light here"):
+        run_heads_experiment(HeadsExperimentConfig(**{**cfg.__dict__, "heads": ("diablo:words=2",)}))  # the default
+
+
 # ------------------------------------------------------------------------------------------------ multi-scale
 
 
