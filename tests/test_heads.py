@@ -487,7 +487,8 @@ def test_head_specs_name_their_form_when_recorded_and_old_ones_read_as_the_earli
 
 
 @pytest.mark.parametrize("old_spec,legacy_class,new_spec", [
-    ("glam:reduction=2", "GLAMHead", "glam:reduction=2"), ("diablo:words=2,m=3,width=4", "DIABLOHead", "diablo:words=2")])
+    ("glam:reduction=2", "GLAMHead", "glam:reduction=2"),
+    ("diablo:words=2,m=3,width=4", "DIABLOHead", "diablo:words=2")])
 def test_a_checkpoint_that_recorded_a_plain_spec_loads_as_the_form_it_was_trained_as(tmp_path, old_spec, legacy_class,
                                                                                       new_spec):
     """Before the paper forms became the defaults, `glam` meant form=gate and `diablo` form=light, and checkpoints
@@ -566,7 +567,8 @@ def test_student_from_teacher_takes_the_teachers_head_as_spelled_then_or_now(ima
         train_student(StudentConfig(teacher=str(tmp_path / "old.pt"), out=str(tmp_path / "t.pt"), **cfg))
 
 
-def test_experiment_heads_recosts_old_plain_specs_as_the_earlier_forms_and_refuses_the_paper_diablo(image_folder, tmp_path):
+def test_experiment_heads_recosts_old_plain_specs_as_earlier_forms_and_refuses_the_paper_diablo(image_folder,
+                                                                                                 tmp_path):
     """`python -m experiments heads --recost` rebuilds every row's head from its recorded spec: a row written before
     the paper forms became the defaults (`diablo:words=2,m=3`, the light form) must be re-costed as that form. The
     experiment trains heads on cached final maps: the default `diablo`, which holds backbone units, is refused."""
