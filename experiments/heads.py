@@ -710,7 +710,9 @@ def _ordering_verdicts(rows: dict[str, dict]) -> list[dict]:
     (paired by seed, i.e. by class split), and a verdict: holds (mean difference ≥ 0 and ≥ 0 on every seed), does
     not hold (< 0 on every seed), or unsettled."""
     out = []
+    rows = {explicit_head_spec(spec): row for spec, row in rows.items()}  # `glam:channels=256` is the paper form
     for name, better, worse in ORDERINGS:
+        better, worse = explicit_head_spec(better), explicit_head_spec(worse)
         if better not in rows or worse not in rows:
             continue
         a = {r["seed"]: r["metrics"] for r in rows[better]["runs"]}

@@ -593,6 +593,20 @@ def test_experiment_heads_recosts_old_plain_specs_as_earlier_forms_and_refuses_t
         run_heads_experiment(HeadsExperimentConfig(**{**cfg.__dict__, "heads": ("diablo:words=2",)}))  # the default
 
 
+def test_orderings_pair_heads_by_their_form_not_their_spelling():
+    from experiments.heads import _ordering_verdicts
+
+    def row(r1):
+        return {"runs": [{"seed": 0, "metrics": {"recall@1": r1, "map": r1}}]}
+
+    rows = {"glam:channels=256": row(0.5), "glam:form=gate,channels=256": row(0.4), "diablo:attention=post": row(0.3),
+            "diablo:form=paper,words=1,attention=post": row(0.35)}
+    got = {v["ordering"]: v["verdict"] for v in _ordering_verdicts(rows)}
+    assert got == {"GLAM paper form ≥ the earlier gate form": "holds",
+                   "DIABLO paper form (dimension-wise, post-attention, N=8) ≥ its baseline (same units, N=1) (Jacob et "
+                   "al. 2020)": "does not hold"}
+
+
 # ------------------------------------------------------------------------------------------------ multi-scale
 
 
