@@ -141,6 +141,30 @@ def test_resume_takes_a_state_saved_before_newer_options_as_their_defaults(image
         train_teacher(cfg(image_folder, out, epochs=2, proxy_lr=0.5, resume=str(path)))
 
 
+def test_resume_never_loads_one_glam_form_into_the_other(image_folder, tmp_path):
+    """A state saved before the paper forms became the defaults recorded a plain `glam` for the gate form; both forms
+    share parameter names, so only the recorded form tells them apart: such a state resumes as glam:form=gate, and a
+    plain (now paper) glam is refused. A state saved now records its form and resumes with the plain spec."""
+    out = tmp_path / "t.pt"
+    train_teacher(cfg(image_folder, out, epochs=1, head="glam"))
+    path = state_path(out)
+    state = torch.load(path, weights_only=False)
+    assert state["config"]["head"] == "glam:form=paper" and state["head_forms"] == "explicit"
+    resumed = load_checkpoint(train_teacher(cfg(image_folder, out, epochs=2, head="glam", resume=str(path))))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    old = tmp_path / "old.pt"
+    train_teacher(cfg(image_folder, old, epochs=1, head="glam:form=gate"))
+    state = torch.load(state_path(old), weights_only=False)
+    del state["head_forms"]
+    state["config"]["head"] = "glam"  # as the gate form was recorded before
+    torch.save(state, state_path(old))
+    with pytest.raises(UserError, match="differs in head"):
+        train_teacher(cfg(image_folder, old, epochs=2, head="glam", resume=str(state_path(old))))
+    resumed = load_checkpoint(train_teacher(cfg(image_folder, old, epochs=2, head="glam:form=gate",
+                                                resume=str(state_path(old)))))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+
+
 def test_bad_model_options_fail_before_training(image_folder, tmp_path):
     with pytest.raises(UserError, match="words=3 must divide --dim 8"):
         train_teacher(cfg(image_folder, tmp_path / "t.pt", head="diablo:words=3"))
