@@ -165,9 +165,9 @@ def _server_round(pool, server, kind: str, concurrency: int, payloads: list, cfg
            "errors": {c: n for c, n in result["codes"].items() if c != "OK"},
            "cpu_ms_per_query": (after["cpu_s"] - before["cpu_s"]) * 1e3 / max(1.0, answered),
            "server_requests": answered, "cpu_source": after["cpu_source"], "rss_mb": after["rss_mb"],
-           "stage_cpu_ms_per_query": {stage: (cpu - before["stage_cpu_s"].get(stage, 0.0)) * 1e3 / max(1.0, answered)
-                                      for stage, cpu in after.get("stage_cpu_s", {}).items()
-                                      if cpu > before["stage_cpu_s"].get(stage, 0.0)}}
+           "stage_cpu_ms_per_query": {stage: (cpu - was) * 1e3 / max(1.0, answered)
+                                      for stage, cpu in after["stage_cpu_s"].items()
+                                      if cpu > (was := before["stage_cpu_s"].get(stage, 0.0))}}
     if len(lat):
         out.update({f"p{q}_ms": float(np.percentile(lat, q)) for q in (50, 95, 99)})
     return out

@@ -22,7 +22,7 @@ from torch import nn
 
 from asymsearch.core.errors import UserError
 from asymsearch.core.manifest import Preprocessing
-from asymsearch.training.heads import explicit_head_spec, recorded_head_spec
+from asymsearch.training.heads import explicit_head_spec, recorded_head_spec, translate_head_specs
 from asymsearch.training.models import EmbeddingNet, EnsembleNet, build_model
 
 CHECKPOINT_FORMAT = 1
@@ -65,10 +65,10 @@ def make_checkpoint(model: EmbeddingNet | EnsembleNet, *, role: str, arch: dict,
     elif not teacher_id:
         raise ValueError("a student checkpoint needs its teacher's id")
     return {"format": CHECKPOINT_FORMAT, "role": role,
-            "arch": {"backbone": arch["backbone"], "head": explicit_head_spec(arch["head"]), "dim": int(arch["dim"]),
-                     "pretrained": arch.get("pretrained"),
-                     **({"members": [{**a, "head": explicit_head_spec(a["head"])} for a in arch["members"]]}
-                        if "members" in arch else {})},
+            "arch": translate_head_specs({"backbone": arch["backbone"], "head": arch["head"], "dim": int(arch["dim"]),
+                                          "pretrained": arch.get("pretrained"),
+                                          **({"members": [dict(a) for a in arch["members"]]}
+                                             if "members" in arch else {})}, explicit_head_spec),
             "preprocessing": preprocessing.to_dict(), "state_dict": state, "model_id": model_id,
             "teacher_id": teacher_id, "config": _plain(config or {}), "history": list(history or [])}
 
@@ -104,9 +104,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if ckpt["role"] not in ROLES:
         raise UserError(f"{path} has unknown role {ckpt['role']!r}")
     # a head spec recorded without its form predates the paper forms as defaults: it names the earlier form
-    for arch in [ckpt["arch"], *ckpt["arch"].get("members", [])]:
-        if isinstance(arch, dict) and isinstance(arch.get("head"), str):
-            arch["head"] = recorded_head_spec(arch["head"])
+    ckpt["arch"] = translate_head_specs(ckpt["arch"], recorded_head_spec)
     return ckpt
 
 

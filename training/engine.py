@@ -46,7 +46,7 @@ from asymsearch.training.checkpoint import save_checkpoint
 from asymsearch.training.common import BestEpoch, check_history_entry, report_epoch, weight_average
 from asymsearch.training.config import flat_config
 from asymsearch.training.distributed import DistContext
-from asymsearch.training.heads import explicit_head_spec, recorded_head_spec
+from asymsearch.training.heads import explicit_head_spec, recorded_head_spec, translate_head_specs
 
 
 @dataclass
@@ -342,22 +342,12 @@ STATE_FORMAT = 1
 
 def save_training_state(path: Path, engine: Engine, *, kind: str, config: Any) -> Path:
     """The engine's state as a file a run of the same `config` (a dataclass) resumes from."""
-    state = {"format": STATE_FORMAT, "kind": kind, "config": _head_specs(dataclasses.asdict(config), explicit_head_spec),
+    # head specs with their form: a plain glam / diablo built an earlier form before the papers' forms became the
+    # defaults, and both forms share parameter names (a resumed run must not load one form's weights into the other)
+    state = {"format": STATE_FORMAT, "kind": kind,
+             "config": translate_head_specs(dataclasses.asdict(config), explicit_head_spec),
              "head_forms": "explicit", **engine.state_dict()}
     return save_checkpoint(state, path)
-
-
-def _head_specs(value: Any, translate: Callable[[str], str]) -> Any:
-    """`value` (a config as plain dicts and lists) with every head spec (a string under a "head" key) translated:
-    a state records them with their form (`explicit_head_spec`), since a plain `glam` / `diablo` built an earlier
-    form before the papers' forms became the defaults and both forms share parameter names (a resumed run must not
-    load one form's weights into the other)."""
-    if isinstance(value, dict):
-        return {k: translate(v) if k == "head" and isinstance(v, str) else _head_specs(v, translate)
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [_head_specs(v, translate) for v in value]
-    return value
 
 
 def read_training_state(path: str | Path, *, kind: str, config: Any, resumable: set[str]) -> dict:
@@ -375,11 +365,12 @@ def read_training_state(path: str | Path, *, kind: str, config: Any, resumable: 
                         f"(OUT.state.pt)")
     required = {f.name: "" for f in dataclasses.fields(config) if f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING}
-    absent = flat_config(_head_specs(dataclasses.asdict(type(config)(**required)), explicit_head_spec))
+    def flat(d: dict, translate=explicit_head_spec) -> dict:
+        return flat_config(translate_head_specs(d, translate))
+    absent = flat(dataclasses.asdict(type(config)(**required)))
     # a state saved before it recorded head forms meant the earlier form by a plain glam / diablo
-    saved = flat_config(_head_specs(state["config"], explicit_head_spec if state.get("head_forms") == "explicit"
-                                    else recorded_head_spec))
-    changed = sorted(k for k, v in flat_config(_head_specs(dataclasses.asdict(config), explicit_head_spec)).items()
+    saved = flat(state["config"], explicit_head_spec if state.get("head_forms") == "explicit" else recorded_head_spec)
+    changed = sorted(k for k, v in flat(dataclasses.asdict(config)).items()
                      if k.split(".")[0] not in resumable and saved.get(k, absent.get(k)) != v)
     if changed:
         raise UserError(f"cannot resume {path}: the config differs in {', '.join(changed)}")

@@ -199,6 +199,18 @@ def _with_form(spec: str, which: int) -> str:
     return f"{name.strip()}:form={forms[which]}" + (f",{rest}" if rest else "")
 
 
+def translate_head_specs(value, translate):
+    """`value` (plain dicts and lists: a config, a checkpoint's arch and its ensemble members) with every head spec
+    (a string under a "head" key) passed through `translate` (`explicit_head_spec` to write, `recorded_head_spec`
+    to read what was written before forms were recorded)."""
+    if isinstance(value, dict):
+        return {k: translate(v) if k == "head" and isinstance(v, str) else translate_head_specs(v, translate)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [translate_head_specs(v, translate) for v in value]
+    return value
+
+
 def explicit_head_spec(spec: str) -> str:
     """`spec` with its form named: `glam` -> `glam:form=paper`, `diablo:words=4` -> `diablo:form=paper,words=4`;
     a spec that names its form, or of a head with one form, is returned as it is. What checkpoints record."""
