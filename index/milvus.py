@@ -594,9 +594,10 @@ class MilvusIndex:
             return np.asarray(ids, np.int64), np.asarray(vecs, np.float32).reshape(len(ids), self.dim)
         return self._cached(("subset", expr), read)
 
-    def lookup_records(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+    def lookup_records(self, ids: Sequence[int], *, skip_missing: bool = False) -> list[dict[str, Any]]:
         """{"id", "path", "label", plus the user's metadata columns} per id, in order; `KeyError` for an id the
-        collection does not hold."""
+        collection does not hold (left out instead with `skip_missing`: an in-place removal can land between a
+        search and its lookup)."""
         wanted = [int(i) for i in ids]
         if not wanted:
             return []
@@ -611,9 +612,9 @@ class MilvusIndex:
                        "id": int(rec["id"]), "path": rec["path"], "label": rec["label"]}
                 found[rec["id"]] = rec
         missing = [i for i in wanted if i not in found]
-        if missing:
+        if missing and not skip_missing:
             raise KeyError(f"ids not in index {self.location} ({self.version}): {missing[:10]}")
-        return [dict(found[i]) for i in wanted]
+        return [dict(found[i]) for i in wanted if i in found]
 
     def lookup(self, ids: Sequence[int]) -> list[tuple[str, str]]:
         return [(r["path"], r["label"]) for r in self.lookup_records(ids)]

@@ -317,9 +317,10 @@ class SearchIndex:
             raise KeyError(f"ids not in index {self.folder}: {missing[:10]}")
         return [found[i] for i in wanted]
 
-    def lookup_records(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+    def lookup_records(self, ids: Sequence[int], *, skip_missing: bool = False) -> list[dict[str, Any]]:
         """{"id", "path", "label", plus the user's metadata columns} for each id, in the given order; `KeyError`
-        for an id the index does not hold. User columns never shadow id, path or label."""
+        for an id the index does not hold (left out instead with `skip_missing`). User columns never shadow id,
+        path or label."""
         wanted = [int(i) for i in ids]
         if not wanted:
             return []
@@ -330,9 +331,9 @@ class SearchIndex:
             record.update(id=i, path=path, label=label)
             found[i] = record
         missing = [i for i in wanted if i not in found]
-        if missing:
+        if missing and not skip_missing:
             raise KeyError(f"ids not in index {self.folder}: {missing[:10]}")
-        return [dict(found[i]) for i in wanted]
+        return [dict(found[i]) for i in wanted if i in found]
 
     def ids(self) -> np.ndarray:
         """Every id the index holds, ascending (0..count-1 after a build; gaps after removals)."""

@@ -469,6 +469,8 @@ class QueryEngine:
             _, row_ids, row_scores = w
             hits = []
             for i, s in zip(row_ids.tolist(), row_scores.tolist()):
+                if i not in records:  # removed in place (Milvus) between the search and the lookup
+                    continue
                 path, label, meta = records[i]
                 hits.append(Hit(int(i), float(s), path, label, meta))
             out.append(hits)
@@ -535,9 +537,9 @@ def _filter_fields(index: Any) -> tuple[str, ...]:
 
 
 def _lookup(index: SearchIndex, ids: list[int]) -> dict[int, tuple[str, str, dict[str, str]]]:
-    """id -> (path, label, the user's other metadata columns as text)."""
+    """id -> (path, label, the user's other metadata columns as text); an id no longer held is left out."""
     out = {}
-    for rec in index.lookup_records(ids):
+    for rec in index.lookup_records(ids, skip_missing=True):
         i, path, label = int(rec.pop("id")), str(rec.pop("path")), str(rec.pop("label"))
         out[i] = (path, label, {str(k): "" if v is None else str(v) for k, v in rec.items()})
     return out

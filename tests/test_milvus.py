@@ -334,6 +334,39 @@ print("OK", m.count, time.perf_counter()-t)
 """
 
 
+def test_an_item_removed_in_place_between_a_search_and_its_lookup_is_left_out_not_an_error(lite, tiny_models,
+                                                                                        image_folder):
+    """On Milvus a removal deletes from the served collection itself (no new version to swap), so it can land
+    between a query's search and its path/label lookup; the query then answers without that item, and the next
+    query is served as usual (CI saw this race as INTERNAL once)."""
+    loc = f"{lite}/race"
+    build_index(tiny_models["teacher"], image_folder, loc, classes="first-half", progress=False)
+    engine = QueryEngine.open(loc, tiny_models["student"], max_k=50)
+    try:
+        with engine.using_index() as served:
+            index, search = served.index, served.index.search
+        removed: list[int] = []
+
+        def search_then_remove(vectors, k, **kw):
+            scores, ids = search(vectors, k, **kw)
+            if not removed:
+                removed.append(int(ids[0, 0]))
+                remove_ids(loc, removed)  # in place, after the search saw the item
+            return scores, ids
+
+        index.search = search_then_remove
+        query = np.ones(index.dim, np.float32)
+        result = engine.search_vector(query, 5)
+        assert removed and len(result.hits) == 4 and removed[0] not in {h.id for h in result.hits}
+        with pytest.raises(KeyError):
+            index.lookup_records(removed)  # the lookup the engine made: the item is gone
+        assert index.lookup_records([removed[0], result.hits[0].id], skip_missing=True)[0]["id"] == result.hits[0].id
+        again = engine.search_vector(query, 5)
+        assert len(again.hits) == 5 and removed[0] not in {h.id for h in again.hits}
+    finally:
+        engine.close()
+
+
 def test_a_ray_build_writes_from_the_workers_and_equals_the_local_build(tiny_models, image_folder, tmp_path):
     """In a fresh process: Ray must start before a Milvus Lite server's gRPC threads exist in the process (its
     fork of the GCS otherwise times out), so this build runs where Ray starts first."""
