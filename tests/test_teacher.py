@@ -285,3 +285,13 @@ def test_best_epoch_keeps_the_weights_of_the_best_validation_epoch():
             net.weight.fill_(10 * epoch)
         unvalidated.offer(net, {"epoch": epoch, "loss": 0.0, "val_recall@1": None})
     assert unvalidated.restore(net, []) is None and torch.all(net.weight == 20)  # the last epoch
+    tied, history = BestEpoch(), []  # a saturated Recall@1: the validation mAP decides, then the first epoch
+    for epoch, (recall, mean_ap) in enumerate([(0.9, 0.5), (0.99, 0.6), (0.99, 0.7), (0.99, 0.7), (0.98, 0.9)], 1):
+        with torch.no_grad():
+            net.weight.fill_(epoch)
+        history.append({"epoch": epoch, "loss": 0.0, "val_recall@1": recall, "val_map": mean_ap})
+        tied.offer(net, history[-1])
+    assert tied.restore(net, history) == 3 and torch.all(net.weight == 3)
+    resumed = BestEpoch(tied.score, tied.state, history[2]["val_map"])  # as a resumed state rebuilds it
+    resumed.offer(net, {"epoch": 6, "loss": 0.0, "val_recall@1": 0.99, "val_map": 0.65})
+    assert resumed.tie == 0.7  # a lower mAP at the same Recall@1 does not replace the kept epoch

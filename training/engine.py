@@ -321,7 +321,8 @@ class Engine:
                 handler.load_state_dict(state[handler.name])
         set_rng_state(state["rng"])
         self.start_epoch, self.history = state["epoch"] + 1, list(state["history"])
-        self.best = BestEpoch(state["best_recall"], state["best_state"])
+        marked = [h for h in state["history"] if h.get("best")]
+        self.best = BestEpoch(state["best_recall"], state["best_state"], marked[-1].get("val_map") if marked else None)
 
 
 def rng_state() -> dict:

@@ -227,8 +227,11 @@ def train_student(cfg: StudentConfig, ctx: DistContext | None = None) -> Path:
         queries = embed_dataset(net, val_set, device, workers)
         return retrieval_metrics(queries, val_set.labels, val_teacher, val_set.labels, exclude_self=True)
 
-    def validate():  # asymmetric Recall@1 of the student's queries against the teacher's embeddings (rank 0)
-        return None if val_set is None else asymmetric()["recall@1"]
+    def validate():  # asymmetric Recall@1 and mAP of the student's queries against the teacher's embeddings (rank 0)
+        if val_set is None:
+            return None
+        got = asymmetric()
+        return {"recall@1": got["recall@1"], "map": got["map"]}
 
     start = None
     if val_set is not None:  # the student as it starts (pretrained, or the teacher at the student's size)
