@@ -136,7 +136,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         for ckpt, onnx_path in ((teacher_ckpt, teacher_onnx), (student_ckpt, student_onnx)):
             m = export_checkpoint(ckpt, onnx_path)
             print(f"   {onnx_path.name}: {m.role}, dim {m.dim}, {m.input_size} px, teacher id {m.teacher_id}")
-        zero_shot_onnx = zero_shot_own_onnx = None
+        zero_shot_onnx = zero_shot_own_onnx = zero_shot_small_onnx = None
         if cfg.data is not None:
             zero_shot_onnx = work / "zero_shot.onnx"
             if _arch(teacher_ckpt)["head"] == "gap" and _arch(teacher_ckpt).get("pretrained"):
@@ -148,6 +148,12 @@ def run_demo(cfg: DemoConfig) -> dict:
                 zero_shot_own_onnx = work / f"zero_shot_{own_size}.onnx"
                 export_checkpoint(_zero_shot_checkpoint(teacher_ckpt, work / f"zero_shot_{own_size}.pt",
                                                         size=own_size), zero_shot_own_onnx)
+            # what serving at the student's cost gives without any training: the zero-shot model at the student's
+            # size, embedding its own database
+            small = _crop(student_ckpt)
+            zero_shot_small_onnx = work / f"zero_shot_{small}.onnx"
+            export_checkpoint(_zero_shot_checkpoint(teacher_ckpt, work / f"zero_shot_{small}.pt", size=small),
+                              zero_shot_small_onnx)
     with timer.stage("index", "index the evaluation classes with the teacher"):
         index_dir = work / "index"
         manifest = build_index(teacher_onnx, data, index_dir, classes="second-half", overwrite=True)
@@ -191,6 +197,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         if zero_shot_own_onnx is not None:
             result = {"zero_shot_own_size": evaluate_pair(data, zero_shot_own_onnx, zero_shot_own_onnx,
                                                           classes="second-half", progress=shown), **result}
+        if zero_shot_small_onnx is not None:
+            result = {**result, "zero_shot_student_size": evaluate_pair(
+                data, zero_shot_small_onnx, zero_shot_small_onnx, classes="second-half", progress=shown)}
         chance = _chance_recall_at_1(list_image_folder(data, eval_classes))
         print(format_table(result))
         print(f"   chance Recall@1 for a random embedding: {chance:.3f}")
@@ -201,6 +210,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     timer.seconds["total"] = round(time.perf_counter() - started, 2)
     if zero_shot_own_onnx is not None:
         gflops["zero_shot_own_size"] = onnx_gflops(zero_shot_own_onnx, _own_size(cfg.teacher_backbone))
+    if zero_shot_small_onnx is not None:
+        gflops["zero_shot_student_size"] = onnx_gflops(zero_shot_small_onnx, s_size)
     table = _final_table(result, gflops, cost_ratio, t_size, s_size,
                          _own_size(cfg.teacher_backbone) if cfg.data is not None else None)
     print("\n" + table)
@@ -213,6 +224,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                              "teacher_onnx": str(teacher_onnx), "student_onnx": str(student_onnx),
                              "zero_shot_onnx": str(zero_shot_onnx) if zero_shot_onnx else None,
                              "zero_shot_own_size_onnx": str(zero_shot_own_onnx) if zero_shot_own_onnx else None,
+                             "zero_shot_student_size_onnx": str(zero_shot_small_onnx) if zero_shot_small_onnx
+                             else None,
                              "index": str(index_dir)}}
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n== seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in timer.seconds.items()))
@@ -266,7 +279,9 @@ def _final_table(result: dict, gflops: dict, ratio: float | None, t_size: int, s
     rows = [("zero_shot_own_size", f"zero-shot teacher -> teacher ({own_size} px)", gflops.get("zero_shot_own_size")),
             ("zero_shot_teacher", f"zero-shot teacher -> teacher ({t_size} px)", gflops["teacher"]),
             ("teacher_teacher", f"trained teacher -> teacher ({t_size} px)", gflops["teacher"]),
-            ("student_teacher", f"served student ({s_size} px) -> teacher index", gflops["student"])]
+            ("student_teacher", f"served student ({s_size} px) -> teacher index", gflops["student"]),
+            ("zero_shot_student_size", f"zero-shot at {s_size} px -> itself (same cost)",
+             gflops.get("zero_shot_student_size"))]
     lines = [f"{'':44}  {'R@1':>6}  {'mAP':>6}  {'GFLOPs/query':>12}"]
     for key, name, flops in rows:
         if key in result:
@@ -373,8 +388,9 @@ def estimate_recipe(data: Path, cfg: DemoConfig) -> dict:
     own = _own_size(cfg.teacher_backbone)
     t_own = t_big * (own / spec.crop) ** 2 if own != spec.crop else 0.0  # the zero-shot row at the own size
     # the teacher's trunk maps of the training half (its embeddings for the student run its tail on them), the
-    # index, the evaluation and the zero-shot evaluation at its size; the student's maps and evaluation at its own
-    fixed = ((1 + PASS_COST["teacher_tail"]) * n1 + 3 * n2) * t_big + n2 * t_own + (n1 + n2) * t_small \
+    # index, the evaluation and the zero-shot evaluation at its size; the student's maps and evaluation at its own,
+    # and the zero-shot evaluation at the student's size
+    fixed = ((1 + PASS_COST["teacher_tail"]) * n1 + 3 * n2) * t_big + n2 * t_own + (n1 + 2 * n2) * t_small \
         + PASS_COST["fixed_seconds"]
     teacher_epoch = PASS_COST["teacher_epoch"] * n1 * t_big
     student_epoch = PASS_COST["student_epoch"] * n1 * t_small
